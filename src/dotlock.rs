@@ -1,0 +1,786 @@
+//! Dovecot-compatible, NFS-safe dot-locks (`<file>.lock`).
+//!
+//! The algorithm follows Dovecot's `file_dotlock` so that Dovecot honours our locks and we
+//! honour Dovecot's, and Exim/liblockfile's "hitching post" for NFS:
+//! * link mode (default): write `<pid>:<host>` into a unique post file created with
+//!   `O_CREAT|O_EXCL`, `link()` it to the lock name, and if `link()` reports any failure,
+//!   trust the post's link count (2 = the link was made, only the reply was lost);
+//! * O_EXCL mode: create the lock itself with `O_CREAT|O_EXCL` (Dovecot's `dotlock_use_excl`);
+//! * stale locks: a lock naming a dead pid on this host (older than 2 s) is broken at once;
+//!   otherwise only when neither the lock nor the protected file changed for the stale
+//!   timeout. A lock naming a live local pid, or a lock this process holds, is never broken.
+//! * release only removes the lock if its dev/ino are still ours.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use crate::sysexits::{self, ExitCode};
+
+/// Dovecot's default stale timeout for `dovecot-uidlist.lock` (MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT).
+pub const UIDLIST_STALE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default stale timeout for generic lock files (`--file`), as for mbox dotlocks.
+pub const GENERIC_STALE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Dovecot touches a held uidlist lock this often (MAILDIR_LOCK_TOUCH_SECS).
+pub const TOUCH_INTERVAL: Duration = Duration::from_secs(10);
+/// Younger locks are not judged by their pid: the holder most likely just created them.
+const STALE_PID_CHECK_SECS: i64 = 2;
+/// Longest sleep between two checks while waiting.
+const MAX_WAIT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Error)]
+pub enum LockError {
+    #[error("timed out after {waited:.1?} waiting for lock {path} (held by {holder})")]
+    Timeout { path: PathBuf, waited: Duration, holder: String },
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+    #[error("lock path {path} is {kind}, not a lock file; refusing to use or remove it")]
+    NotAFile { path: PathBuf, kind: &'static str },
+}
+
+impl LockError {
+    fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        LockError::Io { op, path: path.to_path_buf(), source }
+    }
+}
+
+impl ExitCode for LockError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            LockError::Timeout { .. } => sysexits::EX_TEMPFAIL,
+            LockError::Io { source, .. } => sysexits::for_io_error(source),
+            LockError::NotAFile { .. } => sysexits::EX_DATAERR,
+        }
+    }
+}
+
+/// How to take a lock. The defaults are Dovecot's for `dovecot-uidlist`.
+#[derive(Debug, Clone)]
+pub struct LockSettings {
+    /// How long to wait for the lock; zero means try once.
+    pub timeout: Duration,
+    /// Break a lock nobody changed for this long; zero means never break by age.
+    pub stale_timeout: Duration,
+    /// Create the lock with O_EXCL instead of link() (Dovecot's `dotlock_use_excl`).
+    pub use_excl: bool,
+    /// Flush NFS attribute caches before judging a lock (Dovecot's `mail_nfs_storage`).
+    pub nfs_flush: bool,
+    /// Wake on inotify events instead of only polling.
+    pub use_notify: bool,
+}
+
+impl Default for LockSettings {
+    fn default() -> Self {
+        LockSettings {
+            timeout: Duration::from_secs(122),
+            stale_timeout: UIDLIST_STALE_TIMEOUT,
+            use_excl: false,
+            nfs_flush: false,
+            use_notify: true,
+        }
+    }
+}
+
+/// What release found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    Released,
+    /// Someone deleted our lock while we held it.
+    Deleted,
+    /// Someone replaced our lock with their own; it was left alone.
+    Overridden,
+}
+
+/// The host name Dovecot writes into its locks (honours `DOVECOT_HOSTNAME` like Dovecot).
+pub fn my_hostname() -> &'static str {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
+        if let Ok(h) = std::env::var("DOVECOT_HOSTNAME") {
+            if !h.is_empty() {
+                return h;
+            }
+        }
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".to_string())
+    })
+}
+
+/// The content of a lock made by this process: `<pid>:<hostname>`, no newline (Dovecot's format).
+pub fn lock_content() -> String {
+    format!("{}:{}", std::process::id(), my_hostname())
+}
+
+/// `<path>.lock`
+pub fn lock_path_for(path: &Path) -> PathBuf {
+    let mut s: OsString = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+/// Locks this process holds, by (dev, ino): a lock naming our own pid is ours to keep, not
+/// stale, as long as it is in here (Dovecot, single-threaded, would break it).
+fn held_by_us() -> &'static Mutex<HashSet<(u64, u64)>> {
+    static HELD: OnceLock<Mutex<HashSet<(u64, u64)>>> = OnceLock::new();
+    HELD.get_or_init(|| Mutex::new(HashSet::new()))
+}
+
+fn registry_insert(id: (u64, u64)) {
+    held_by_us().lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+}
+fn registry_remove(id: (u64, u64)) {
+    held_by_us().lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+}
+fn registry_contains(id: (u64, u64)) -> bool {
+    held_by_us().lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
+}
+
+/// Identity and change stamp of a file, as Dovecot compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: i64,
+    mtime: i64,
+}
+
+impl Stamp {
+    fn of(md: &fs::Metadata) -> Stamp {
+        Stamp { dev: md.dev(), ino: md.ino(), size: md.size(), ctime: md.ctime(), mtime: md.mtime() }
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Who holds a lock, parsed from its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: i32,
+    pub host: String,
+}
+
+impl Holder {
+    /// Parses `<pid>:<host>` (a trailing newline is allowed); None for anything else.
+    pub fn parse(content: &[u8]) -> Option<Holder> {
+        let text = std::str::from_utf8(content).ok()?;
+        let text = text.strip_suffix('\n').unwrap_or(text);
+        let (pid, host) = text.split_once(':')?;
+        let pid: i32 = pid.parse().ok()?;
+        if pid <= 0 || host.is_empty() {
+            return None;
+        }
+        Some(Holder { pid, host: host.to_string() })
+    }
+
+    fn is_local(&self) -> bool {
+        self.host == my_hostname()
+    }
+}
+
+fn read_lock_content(lock_path: &Path) -> Option<Vec<u8>> {
+    // O_NOFOLLOW: never read through a symlink planted as a lock.
+    let mut f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(lock_path).ok()?;
+    let mut buf = Vec::with_capacity(64);
+    Read::by_ref(&mut f).take(512).read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
+/// A readable description of a lock's holder, for messages.
+pub fn describe_holder(lock_path: &Path) -> String {
+    match read_lock_content(lock_path) {
+        None => "nobody (lock vanished)".to_string(),
+        Some(c) => match Holder::parse(&c) {
+            Some(h) => format!("pid {} on host {}", h.pid, h.host),
+            None if c.is_empty() => "an empty lock file".to_string(),
+            None => format!("unrecognised content {:?}", String::from_utf8_lossy(&c[..c.len().min(64)])),
+        },
+    }
+}
+
+/// A process exists (or we may not signal it, which also means it exists).
+fn pid_alive(pid: i32) -> bool {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e != nix::errno::Errno::ESRCH,
+    }
+}
+
+/// NFS clients cache attributes; a no-op chown forces the client to revalidate them
+/// (what Dovecot does on Linux). Errors are irrelevant: this only refreshes a cache.
+fn nfs_flush_attr_cache(path: &Path) {
+    let _ = nix::unistd::fchownat(None, path, None, None, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
+    if let Some(dir) = path.parent() {
+        // Opening the directory revalidates its cached entries (close-to-open consistency).
+        let _ = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir });
+    }
+}
+
+fn lstat_lock(lock_path: &Path) -> Result<Option<fs::Metadata>, LockError> {
+    match fs::symlink_metadata(lock_path) {
+        Ok(md) => {
+            let ft = md.file_type();
+            if ft.is_file() {
+                Ok(Some(md))
+            } else {
+                let kind = if ft.is_dir() {
+                    "a directory"
+                } else if ft.is_symlink() {
+                    "a symlink"
+                } else {
+                    "a special file"
+                };
+                Err(LockError::NotAFile { path: lock_path.to_path_buf(), kind })
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LockError::io("lstat", lock_path, e)),
+    }
+}
+
+/// What a waiter knows about someone else's lock (Dovecot's `lock_info`).
+struct Judge<'a> {
+    set: &'a LockSettings,
+    path: &'a Path,
+    lock_path: &'a Path,
+    lock_seen: Option<Stamp>,
+    file_seen: Option<Stamp>,
+    last_change: i64,
+    pid_read: bool,
+    holder_pid: Option<i32>,
+    stated_once: bool,
+}
+
+enum Verdict {
+    /// No lock file: try to create one.
+    Free,
+    /// Someone holds it; wait.
+    Held,
+}
+
+impl<'a> Judge<'a> {
+    fn new(set: &'a LockSettings, path: &'a Path, lock_path: &'a Path) -> Self {
+        Judge {
+            set,
+            path,
+            lock_path,
+            lock_seen: None,
+            file_seen: None,
+            last_change: 0,
+            pid_read: false,
+            holder_pid: None,
+            stated_once: false,
+        }
+    }
+
+    /// Records a file's stamp; true if it changed since last seen. The first sighting counts
+    /// as a change at the file's own mtime/ctime, so an old untouched lock is stale at once.
+    fn note_change(seen: &mut Option<Stamp>, last_change: &mut i64, md: &fs::Metadata, now: i64, check_ctime: bool) -> bool {
+        let st = Stamp::of(md);
+        let changed = match seen {
+            None => true,
+            Some(old) => {
+                old.dev != st.dev
+                    || old.ino != st.ino
+                    || old.size != st.size
+                    || old.mtime != st.mtime
+                    || (check_ctime && old.ctime != st.ctime)
+            }
+        };
+        if changed {
+            let when = if seen.is_none() {
+                if st.mtime <= now && (st.mtime > st.ctime || !check_ctime) { st.mtime } else { st.ctime }
+            } else {
+                now
+            };
+            if *last_change < when {
+                *last_change = when;
+            }
+            *seen = Some(st);
+        }
+        changed
+    }
+
+    /// lstat the lock; None if it is gone. Also tells whether it changed.
+    fn observe_lock(&mut self, now: i64) -> Result<Option<bool>, LockError> {
+        if self.set.nfs_flush && self.stated_once {
+            nfs_flush_attr_cache(self.lock_path);
+        }
+        self.stated_once = true;
+        match lstat_lock(self.lock_path)? {
+            None => Ok(None),
+            Some(md) => Ok(Some(Self::note_change(&mut self.lock_seen, &mut self.last_change, &md, now, !self.set.nfs_flush))),
+        }
+    }
+
+    fn read_local_pid(&self) -> Option<i32> {
+        let content = read_lock_content(self.lock_path)?;
+        let holder = Holder::parse(&content)?;
+        holder.is_local().then_some(holder.pid)
+    }
+
+    fn check(&mut self, now: i64) -> Result<Verdict, LockError> {
+        let changed = match self.observe_lock(now)? {
+            None => return Ok(Verdict::Free),
+            Some(c) => c,
+        };
+        if changed || !self.pid_read {
+            let mtime = self.lock_seen.map(|s| s.mtime).unwrap_or(now);
+            if mtime >= now - STALE_PID_CHECK_SECS {
+                // Just created: its holder is most likely alive; do not judge the pid yet.
+                self.pid_read = false;
+                self.holder_pid = None;
+            } else {
+                self.holder_pid = self.read_local_pid();
+                self.pid_read = true;
+            }
+        } else if self.holder_pid.is_some() {
+            // Re-read: a rapidly recreated lock may keep its times but name a new pid.
+            self.holder_pid = self.read_local_pid();
+        }
+
+        if let Some(pid) = self.holder_pid {
+            let ours = pid == std::process::id() as i32;
+            if ours {
+                if let Some(st) = self.lock_seen {
+                    if registry_contains((st.dev, st.ino)) {
+                        return Ok(Verdict::Held); // held by another thread of ours: never break it
+                    }
+                }
+            } else if pid_alive(pid) {
+                return Ok(Verdict::Held);
+            }
+            // The holder is dead: break it unless it was just replaced.
+            let before = self.lock_seen;
+            match self.observe_lock(now)? {
+                None => return Ok(Verdict::Free),
+                Some(true) => return Ok(Verdict::Held),
+                Some(false) => {
+                    return self.break_lock(before);
+                }
+            }
+        }
+
+        if self.set.stale_timeout.is_zero() {
+            return Ok(Verdict::Held);
+        }
+        let stale = self.set.stale_timeout.as_secs() as i64;
+        if now > self.last_change + stale {
+            // Looks stale; the protected file changing also counts as the holder being alive.
+            if self.set.nfs_flush {
+                nfs_flush_attr_cache(self.path);
+            }
+            match fs::metadata(self.path) {
+                Ok(md) => {
+                    Self::note_change(&mut self.file_seen, &mut self.last_change, &md, now, !self.set.nfs_flush);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(LockError::io("stat", self.path, e)),
+            }
+        }
+        if now > self.last_change + stale {
+            let seen = self.lock_seen;
+            return self.break_lock(seen);
+        }
+        Ok(Verdict::Held)
+    }
+
+    /// Removes a stale lock, but only the one we judged (same dev/ino).
+    fn break_lock(&mut self, judged: Option<Stamp>) -> Result<Verdict, LockError> {
+        if let (Some(judged), Some(md)) = (judged, lstat_lock(self.lock_path)?) {
+            if md.dev() != judged.dev || md.ino() != judged.ino {
+                return Ok(Verdict::Held);
+            }
+        }
+        match fs::remove_file(self.lock_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LockError::io("unlink stale lock", self.lock_path, e)),
+        }
+        // Another breaker that judged the same stale lock may unlink right after us; give it
+        // time to do so before we create ours (Dovecot sleeps the same 0.1-0.2 s).
+        thread::sleep(random_pause());
+        self.lock_seen = None;
+        self.pid_read = false;
+        self.holder_pid = None;
+        Ok(Verdict::Free)
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        // Never fatal: uniqueness also comes from host and pid in the name.
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        return t ^ ((std::process::id() as u64) << 32);
+    }
+    u64::from_ne_bytes(b)
+}
+
+fn random_pause() -> Duration {
+    Duration::from_micros(100_000 + random_u64() % 100_000)
+}
+
+/// The unique "hitching post" we link to the lock name.
+struct Post {
+    path: PathBuf,
+    file: File,
+}
+
+impl Post {
+    fn create(lock_path: &Path, nfs_flush: bool) -> Result<Post, LockError> {
+        let dir = lock_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = format!(".temp.{}.{}.{:016x}", my_hostname(), std::process::id(), random_u64());
+        let path = dir.join(name);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o666)
+            .open(&path)
+            .map_err(|e| LockError::io("create lock post", &path, e))?;
+        let post = Post { path, file: file.try_clone().map_err(|e| LockError::io("dup", lock_path, e))? };
+        write_content(&mut file, &post.path, nfs_flush)?;
+        Ok(post)
+    }
+}
+
+impl Drop for Post {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+fn write_content(file: &mut File, path: &Path, nfs_flush: bool) -> Result<(), LockError> {
+    file.write_all(lock_content().as_bytes()).map_err(|e| LockError::io("write", path, e))?;
+    if nfs_flush {
+        file.sync_data().map_err(|e| LockError::io("fdatasync", path, e))?;
+    }
+    Ok(())
+}
+
+/// Test seam: `MAILDIR_BACKUP_TEST_LINK_LIES=1` makes a successful link() report failure,
+/// the lost-reply case NFS produces, so tests can show it is handled.
+fn link_lies() -> bool {
+    static LIES: OnceLock<bool> = OnceLock::new();
+    *LIES.get_or_init(|| std::env::var_os("MAILDIR_BACKUP_TEST_LINK_LIES").is_some())
+}
+
+/// One attempt to create the lock. Ok(Some(file)) = created, Ok(None) = someone has it.
+fn try_create(lock_path: &Path, set: &LockSettings, post: &mut Option<Post>) -> Result<Option<File>, LockError> {
+    if set.use_excl {
+        let res = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o666)
+            .open(lock_path);
+        return match res {
+            Ok(mut f) => {
+                write_content(&mut f, lock_path, set.nfs_flush)?;
+                Ok(Some(f))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(LockError::io("create lock (O_EXCL)", lock_path, e)),
+        };
+    }
+
+    if post.is_none() {
+        *post = Some(Post::create(lock_path, set.nfs_flush)?);
+    }
+    let p = post.as_ref().expect("post was just created");
+    let mut result = fs::hard_link(&p.path, lock_path);
+    if result.is_ok() && link_lies() {
+        result = Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    match result {
+        Ok(()) => {}
+        Err(e) => {
+            // Whatever link() said, the post's link count tells the truth.
+            let nlink = p.file.metadata().map_err(|e2| LockError::io("fstat lock post", &p.path, e2))?.nlink();
+            if nlink != 2 {
+                return if e.kind() == io::ErrorKind::AlreadyExists {
+                    Ok(None)
+                } else {
+                    Err(LockError::io("link lock post to", lock_path, e))
+                };
+            }
+        }
+    }
+    let taken = post.take().expect("post exists");
+    let file = taken.file.try_clone().map_err(|e| LockError::io("dup", lock_path, e))?;
+    drop(taken); // unlinks the post; the lock keeps the inode
+    Ok(Some(file))
+}
+
+/// A held dot-lock. Dropping it releases it (with a warning on stderr if it was overridden).
+#[derive(Debug)]
+pub struct DotLock {
+    path: PathBuf,
+    lock_path: PathBuf,
+    dev: u64,
+    ino: u64,
+    locked_at: Instant,
+    released: bool,
+}
+
+impl DotLock {
+    /// Locks `path` by creating `path.lock`, waiting up to `set.timeout`.
+    pub fn acquire(path: &Path, set: &LockSettings) -> Result<DotLock, LockError> {
+        let lock_path = lock_path_for(path);
+        let start = Instant::now();
+        let deadline = start + set.timeout;
+        let mut judge = Judge::new(set, path, &lock_path);
+        let mut post: Option<Post> = None;
+        let mut wait = Duration::ZERO;
+        let mut prev_change = 0i64;
+        let mut first = true;
+        loop {
+            if !first {
+                // Back off while nothing changes; start over when the lock changes hands.
+                if prev_change != judge.last_change || wait.is_zero() {
+                    wait = random_pause();
+                    prev_change = judge.last_change;
+                } else if wait < MAX_WAIT {
+                    wait = (wait + wait / 2).min(MAX_WAIT);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                wait_for_change(&lock_path, wait.min(left), set.use_notify);
+            }
+            first = false;
+            if let Verdict::Free = judge.check(now_secs())? {
+                if let Some(file) = try_create(&lock_path, set, &mut post)? {
+                    return DotLock::adopt(path, lock_path, file);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(LockError::Timeout {
+                    holder: describe_holder(&lock_path),
+                    path: lock_path,
+                    waited: start.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// One attempt, no waiting (stale locks are still broken). Ok(None) if someone holds it.
+    pub fn try_acquire(path: &Path, set: &LockSettings) -> Result<Option<DotLock>, LockError> {
+        let once = LockSettings { timeout: Duration::ZERO, ..set.clone() };
+        match DotLock::acquire(path, &once) {
+            Ok(l) => Ok(Some(l)),
+            Err(LockError::Timeout { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn adopt(path: &Path, lock_path: PathBuf, file: File) -> Result<DotLock, LockError> {
+        let md = file.metadata().map_err(|e| LockError::io("fstat", &lock_path, e))?;
+        drop(file);
+        // Make sure the name still points at what we created (Dovecot's sanity check).
+        match lstat_lock(&lock_path)? {
+            Some(now) if now.dev() == md.dev() && now.ino() == md.ino() => {}
+            _ => {
+                return Err(LockError::io(
+                    "verify new lock",
+                    &lock_path,
+                    io::Error::new(io::ErrorKind::Other, "lock was replaced right after we created it"),
+                ))
+            }
+        }
+        registry_insert((md.dev(), md.ino()));
+        Ok(DotLock {
+            path: path.to_path_buf(),
+            lock_path,
+            dev: md.dev(),
+            ino: md.ino(),
+            locked_at: Instant::now(),
+            released: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn lock_path(&self) -> &Path {
+        &self.lock_path
+    }
+    pub fn held_for(&self) -> Duration {
+        self.locked_at.elapsed()
+    }
+
+    /// Is the lock file still the one we created?
+    pub fn is_ours(&self) -> bool {
+        matches!(lstat_lock(&self.lock_path), Ok(Some(md)) if md.dev() == self.dev && md.ino() == self.ino)
+    }
+
+    /// Refreshes the lock's mtime so it never looks stale; only if it is still ours.
+    pub fn touch(&self) -> Result<bool, LockError> {
+        touch_if_ours(&self.lock_path, self.dev, self.ino)
+    }
+
+    /// Keeps the lock fresh from a background thread until the returned guard is dropped.
+    pub fn keep_fresh(&self, every: Duration) -> Refresher {
+        Refresher::start(self.lock_path.clone(), self.dev, self.ino, every)
+    }
+
+    /// Releases the lock; never removes a lock that is no longer ours.
+    pub fn release(mut self) -> Result<ReleaseOutcome, LockError> {
+        self.release_inner()
+    }
+
+    fn release_inner(&mut self) -> Result<ReleaseOutcome, LockError> {
+        self.released = true;
+        registry_remove((self.dev, self.ino));
+        match lstat_lock(&self.lock_path) {
+            Ok(None) => Ok(ReleaseOutcome::Deleted),
+            Ok(Some(md)) if md.dev() != self.dev || md.ino() != self.ino => Ok(ReleaseOutcome::Overridden),
+            Ok(Some(_)) => match fs::remove_file(&self.lock_path) {
+                Ok(()) => Ok(ReleaseOutcome::Released),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ReleaseOutcome::Deleted),
+                Err(e) => Err(LockError::io("unlink", &self.lock_path, e)),
+            },
+            Err(LockError::NotAFile { .. }) => Ok(ReleaseOutcome::Overridden),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The warning a mail admin should see when a held lock was taken away.
+pub fn release_warning(lock_path: &Path, outcome: ReleaseOutcome, held: Duration) -> Option<String> {
+    match outcome {
+        ReleaseOutcome::Released => None,
+        ReleaseOutcome::Deleted => Some(format!(
+            "warning: our lock {} was deleted by someone else while we held it ({:.1?}); the copy may not be consistent",
+            lock_path.display(),
+            held
+        )),
+        ReleaseOutcome::Overridden => Some(format!(
+            "warning: our lock {} was overridden by someone else while we held it ({:.1?}); left their lock in place",
+            lock_path.display(),
+            held
+        )),
+    }
+}
+
+impl Drop for DotLock {
+    fn drop(&mut self) {
+        if !self.released {
+            let held = self.held_for();
+            match self.release_inner() {
+                Ok(outcome) => {
+                    if let Some(w) = release_warning(&self.lock_path, outcome, held) {
+                        eprintln!("{w}");
+                    }
+                }
+                Err(e) => eprintln!("warning: releasing lock: {e}"),
+            }
+        }
+    }
+}
+
+fn touch_if_ours(lock_path: &Path, dev: u64, ino: u64) -> Result<bool, LockError> {
+    match lstat_lock(lock_path)? {
+        Some(md) if md.dev() == dev && md.ino() == ino => {
+            nix::sys::stat::utimensat(
+                None,
+                lock_path,
+                &nix::sys::time::TimeSpec::UTIME_NOW,
+                &nix::sys::time::TimeSpec::UTIME_NOW,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .map_err(|e| LockError::io("utimensat", lock_path, io::Error::from(e)))?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Background toucher of a held lock.
+pub struct Refresher {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Refresher {
+    fn start(lock_path: PathBuf, dev: u64, ino: u64, every: Duration) -> Refresher {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let (lock, cv) = &*flag;
+            let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let (guard, _) = cv.wait_timeout(stopped, every).unwrap_or_else(|p| p.into_inner());
+                stopped = guard;
+                if *stopped {
+                    return;
+                }
+                match touch_if_ours(&lock_path, dev, ino) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        eprintln!("warning: lock {} is no longer ours; stopped refreshing it", lock_path.display());
+                        return;
+                    }
+                    Err(e) => eprintln!("warning: refreshing lock: {e}"),
+                }
+            }
+        });
+        Refresher { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Refresher {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sleeps up to `max`, waking early when the lock file is removed, renamed or touched.
+fn wait_for_change(lock_path: &Path, max: Duration, use_notify: bool) {
+    if max.is_zero() {
+        return;
+    }
+    if use_notify && wait_inotify(lock_path, max) {
+        return;
+    }
+    thread::sleep(max);
+}
+
+/// True if inotify could be used (whether or not an event came).
+fn wait_inotify(lock_path: &Path, max: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::fd::AsFd;
+
+    let Ok(ino) = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK) else { return false };
+    let flags = AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_ATTRIB
+        | AddWatchFlags::IN_MODIFY
+        | AddWatchFlags::IN_DONT_FOLLOW;
+    match ino.add_watch(lock_path, flags) {
+        Ok(_) => {}
+        Err(nix::errno::Errno::ENOENT) => return true, // already gone: check again at once
+        Err(_) => return false,
+    }
+    let ms = max.as_millis().min(i32::MAX as u128) as i32;
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
+    let _ = poll(&mut fds, timeout);
+    true
+}

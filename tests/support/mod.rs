@@ -1,0 +1,21 @@
+//! Shared integration-test harness: a private, real Dovecot 2.3 on 127.0.0.1 and a small IMAP client.
+//!
+//! Every `tests/*.rs` file does `mod support;` and uses a subset of this, hence `dead_code` is allowed.
+//!
+//! Environment:
+//! - `MB_TEST_TMP`: parent directory for test directories (default `/tmp`). It must be traversable by the
+//!   `vmail` user (Dovecot's mail processes run as vmail), and short: Dovecot puts unix sockets under it.
+//! - `MB_KEEP_TEST_DIRS`: when set, instance directories are kept (and their path printed) instead of removed.
+//!
+//! Requirements: running as root, Dovecot 2.3 installed (`dovecot`, `doveadm`, `/usr/lib/dovecot/dovecot-lda`),
+//! `useradd` (the `vmail` system user is created on first use if missing).
+#![allow(dead_code)]
+
+pub mod dovecot;
+pub mod imap;
+
+pub use dovecot::{
+    chown_vmail_recursive, ensure_vmail, fake_uidlist_lock, free_port, message, populate, populate_flags,
+    tempdir, Dovecot, DovecotOptions, FakeLock, LDA_BIN, PASSWORD,
+};
+pub use imap::{imap_quote, is_timeout, mutf7_encode, Imap};
