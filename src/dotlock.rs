@@ -631,7 +631,7 @@ impl DotLock {
 
     /// Keeps the lock fresh from a background thread until the returned guard is dropped.
     pub fn keep_fresh(&self, every: Duration) -> Refresher {
-        Refresher::start(self.lock_path.clone(), self.dev, self.ino, every)
+        Refresher::start(vec![(self.lock_path.clone(), self.dev, self.ino)], every)
     }
 
     /// Releases the lock; never removes a lock that is no longer ours.
@@ -706,14 +706,19 @@ fn touch_if_ours(lock_path: &Path, dev: u64, ino: u64) -> Result<bool, LockError
     }
 }
 
-/// Background toucher of a held lock.
+/// Background toucher of held locks (one thread for any number of them).
 pub struct Refresher {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
+/// Keeps all of `locks` fresh from one background thread until the guard is dropped.
+pub fn keep_all_fresh(locks: &[DotLock], every: Duration) -> Refresher {
+    Refresher::start(locks.iter().map(|l| (l.lock_path.clone(), l.dev, l.ino)).collect(), every)
+}
+
 impl Refresher {
-    fn start(lock_path: PathBuf, dev: u64, ino: u64, every: Duration) -> Refresher {
+    fn start(mut targets: Vec<(PathBuf, u64, u64)>, every: Duration) -> Refresher {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = stop.clone();
         let thread = thread::spawn(move || {
@@ -725,14 +730,17 @@ impl Refresher {
                 if *stopped {
                     return;
                 }
-                match touch_if_ours(&lock_path, dev, ino) {
-                    Ok(true) => {}
+                targets.retain(|(path, dev, ino)| match touch_if_ours(path, *dev, *ino) {
+                    Ok(true) => true,
                     Ok(false) => {
-                        eprintln!("warning: lock {} is no longer ours; stopped refreshing it", lock_path.display());
-                        return;
+                        eprintln!("warning: lock {} is no longer ours; stopped refreshing it", path.display());
+                        false
                     }
-                    Err(e) => eprintln!("warning: refreshing lock: {e}"),
-                }
+                    Err(e) => {
+                        eprintln!("warning: refreshing lock: {e}");
+                        true
+                    }
+                });
             }
         });
         Refresher { stop, thread: Some(thread) }

@@ -4,3 +4,8 @@
 
 pub mod dotlock;
 pub mod sysexits;
+pub mod maildir;
+pub mod engine;
+pub mod manifest;
+pub mod staging;
+pub mod verify;

@@ -1,5 +1,6 @@
 //! Subcommands of the CLI.
 
+mod backup;
 mod lock;
 
 use std::time::Duration;
@@ -15,12 +16,16 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    Backup(backup::BackupArgs),
+    Verify(backup::VerifyArgs),
     Lock(lock::LockArgs),
     Maildirlock(lock::MaildirlockArgs),
 }
 
 pub fn run(cli: Cli) -> i32 {
     match cli.command {
+        Command::Backup(a) => backup::run_backup(a),
+        Command::Verify(a) => backup::run_verify(a),
         Command::Lock(a) => lock::run_lock(a),
         Command::Maildirlock(a) => lock::run_maildirlock(a),
     }

@@ -14,8 +14,10 @@
 pub mod dovecot;
 pub mod imap;
 
+#[allow(unused_imports)]
 pub use dovecot::{
-    chown_vmail_recursive, ensure_vmail, fake_uidlist_lock, free_port, message, populate, populate_flags,
-    tempdir, Dovecot, DovecotOptions, FakeLock, LDA_BIN, PASSWORD,
+    chown_vmail_recursive, ensure_vmail, fake_uidlist_lock, free_port, message, normalize_flags,
+    populate, populate_flags, tempdir, Dovecot, DovecotOptions, FakeLock, LDA_BIN, PASSWORD,
 };
+#[allow(unused_imports)]
 pub use imap::{imap_quote, is_timeout, mutf7_encode, Imap};

@@ -1,0 +1,185 @@
+//! The reconcile phase: hold the uidlist lock of every folder at once, bring the copy to
+//! exactly what the source holds at that instant, copy the control files, release.
+//!
+//! Locks are taken in a fixed order, each with a short wait; if one is busy, all are
+//! released and the attempt repeated after a random pause, so we never hold one lock while
+//! waiting for another that Dovecot holds.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::copy::{copy_file, CopyError};
+use super::scan::{dir_stamps, list_folder, Listing};
+use super::sync::{FolderState, Tree};
+use super::BackupError;
+use crate::dotlock::{self, DotLock, LockError, LockSettings};
+use crate::maildir::{Folder, FOLDER_CONTROL_FILES, UIDLIST};
+
+/// How long to wait for any one folder's lock before backing off from all of them.
+const PER_LOCK_WAIT: Duration = Duration::from_millis(1000);
+
+pub struct HeldLocks {
+    pub locks: Vec<DotLock>,
+    pub since: Instant,
+    _refresher: dotlock::Refresher,
+}
+
+impl HeldLocks {
+    /// Releases all locks; warns (in `warnings`) about any that was taken from us.
+    pub fn release(self, warnings: &mut Vec<String>) -> Duration {
+        let held = self.since.elapsed();
+        drop(self._refresher);
+        for lock in self.locks {
+            let path = lock.lock_path().to_path_buf();
+            let dir_gone = path.parent().map(|p| !p.exists()).unwrap_or(false);
+            match lock.release() {
+                Ok(outcome) if !dir_gone => warnings.extend(dotlock::release_warning(&path, outcome, held)),
+                Ok(_) => {} // the folder was deleted while we held it: its lock went with it
+                Err(e) => warnings.push(format!("releasing {}: {e}", path.display())),
+            }
+        }
+        held
+    }
+}
+
+fn jitter(attempt: u32) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::getrandom(&mut b);
+    let base = 20u64 * u64::from(attempt.min(10));
+    Duration::from_millis(base + u64::from(u16::from_ne_bytes(b)) % (50 + base * 2))
+}
+
+/// Locks the uidlist of every folder. Folders whose control dir does not exist yet (Dovecot
+/// never opened them) have nothing to protect and are skipped.
+pub fn lock_all(folders: &[Folder], set: &LockSettings, attempts: &mut u32) -> Result<HeldLocks, LockError> {
+    let mut order: Vec<&Folder> = folders.iter().filter(|f| f.control_dir.is_dir()).collect();
+    order.sort_by(|a, b| a.control_dir.cmp(&b.control_dir));
+    let deadline = Instant::now() + set.timeout;
+    loop {
+        *attempts += 1;
+        let mut held = Vec::with_capacity(order.len());
+        let mut busy = None;
+        let since = Instant::now();
+        for f in &order {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let quick = LockSettings { timeout: left.min(PER_LOCK_WAIT), ..set.clone() };
+            match DotLock::acquire(&f.control_dir.join(UIDLIST), &quick) {
+                Ok(l) => held.push(l),
+                Err(e @ LockError::Timeout { .. }) => {
+                    busy = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match busy {
+            None => {
+                let refresher = dotlock::keep_all_fresh(&held, dotlock::TOUCH_INTERVAL);
+                return Ok(HeldLocks { locks: held, since, _refresher: refresher });
+            }
+            Some(e) => {
+                drop(held); // back off completely: never hold one lock while waiting for another
+                if Instant::now() >= deadline {
+                    return Err(e);
+                }
+                std::thread::sleep(jitter(*attempts).min(deadline.saturating_duration_since(Instant::now())));
+            }
+        }
+    }
+}
+
+/// True if a folder's cur/ and new/ are provably unchanged since it was last listed: same
+/// stamps, and they were already older than a second when taken (so a change in the same
+/// clock tick cannot hide). Never trusted on NFS, where directory times are cached.
+pub fn unchanged_since_listing(state: &FolderState, nfs: bool) -> bool {
+    if nfs {
+        return false;
+    }
+    let Some(listed_at) = state.listed_at else { return false };
+    let now = dir_stamps(&state.folder.mail_dir);
+    if now != state.stamps || now.iter().any(|s| s.is_none()) {
+        return false;
+    }
+    let fresh_limit = listed_at.checked_sub(Duration::from_secs(1)).unwrap_or(SystemTime::UNIX_EPOCH);
+    let limit = fresh_limit.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    ["cur", "new"].iter().all(|sub| {
+        fs::symlink_metadata(state.folder.mail_dir.join(sub))
+            .map(|md| std::os::unix::fs::MetadataExt::mtime(&md) < limit)
+            .unwrap_or(false)
+    })
+}
+
+/// Lists the folders that may have changed; unchanged ones are left out (no work under
+/// the lock for folders nobody touched).
+pub fn relist(tree: &Tree, folders: &[Folder], nfs: bool, force: bool) -> Result<Vec<(Folder, Option<Listing>)>, BackupError> {
+    let mut out = Vec::new();
+    for f in folders {
+        if !force {
+            if let Some(state) = tree.folders.get(&f.rel) {
+                if unchanged_since_listing(state, nfs) {
+                    continue;
+                }
+            }
+        }
+        out.push((f.clone(), listing_or_gone(f)?));
+    }
+    // Folders we have but the source no longer has.
+    for (rel, state) in &tree.folders {
+        if !folders.iter().any(|f| &f.rel == rel) {
+            out.push((state.folder.clone(), None));
+        }
+    }
+    Ok(out)
+}
+
+/// A folder's listing, or None if the folder has been deleted.
+pub fn listing_or_gone(f: &Folder) -> Result<Option<Listing>, BackupError> {
+    match list_folder(&f.mail_dir) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Copies `src` over `dst` if `src` exists; returns whether it did.
+fn copy_replacing(src: &Path, dst: &Path, keep_owner: bool) -> Result<bool, BackupError> {
+    match fs::remove_file(dst) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(BackupError::Io { op: "remove", path: dst.to_path_buf(), source: e }),
+    }
+    match copy_file(src, dst, keep_owner) {
+        Ok(_) => Ok(true),
+        Err(CopyError::SourceVanished) => Ok(false),
+        Err(CopyError::Source(e)) => Err(BackupError::Io { op: "read control file", path: src.to_path_buf(), source: e }),
+        Err(CopyError::Dest(e)) => Err(BackupError::Io { op: "write control file", path: dst.to_path_buf(), source: e }),
+    }
+}
+
+/// Copies each folder's dovecot-uidlist and dovecot-keywords (from its control dir) and
+/// maildirfolder into the folder itself, and the per-user files into the root, so that the
+/// backup is a self-contained Maildir. Called with the locks held.
+pub fn copy_control_files(tree: &Tree, control_root: &Path) -> Result<(), BackupError> {
+    for (rel, state) in &tree.folders {
+        let dst_dir = tree.staged_dir(rel);
+        for name in FOLDER_CONTROL_FILES {
+            copy_replacing(&state.folder.control_dir.join(name), &dst_dir.join(name), tree.keep_owner)?;
+        }
+        copy_replacing(&state.folder.mail_dir.join("maildirfolder"), &dst_dir.join("maildirfolder"), tree.keep_owner)?;
+    }
+    let rd = match fs::read_dir(control_root) {
+        Ok(rd) => rd,
+        Err(e) => return Err(BackupError::Io { op: "read directory", path: control_root.to_path_buf(), source: e }),
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let n = name.to_string_lossy();
+        let wanted = n == "subscriptions" || n == "dovecot-uidvalidity" || n.starts_with("dovecot-uidvalidity.");
+        if wanted && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            copy_replacing(&entry.path(), &tree.staging.join(&name), tree.keep_owner)?;
+        }
+    }
+    Ok(())
+}
