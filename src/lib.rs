@@ -9,3 +9,6 @@ pub mod engine;
 pub mod manifest;
 pub mod staging;
 pub mod verify;
+pub mod template;
+#[cfg(feature = "doveadm-plugin")]
+pub mod plugin;

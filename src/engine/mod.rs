@@ -20,7 +20,32 @@ use crate::manifest::{FolderRecord, Header, Manifest, ManifestError, MessageReco
 use crate::staging::{Staging, StagingError};
 use crate::sysexits::{self, ExitCode};
 
+pub use reconcile::HeldLocks;
 pub use sync::{PassStats, Reuse, Tree};
+
+/// Where a backup's folders come from and how they are locked: walking the Maildir with
+/// our own dot-lock (the CLI), or Dovecot's mailbox list with Dovecot's lock (the plugin).
+pub trait Mailboxes {
+    /// The folders as they are now (asked again during the backup).
+    fn folders(&self, warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError>;
+    /// Locks every folder's uidlist, all or none; returns when the successful round began.
+    fn lock_all<'a>(&'a self, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32)
+        -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError>;
+}
+
+impl Mailboxes for MailLocation {
+    fn folders(&self, warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError> {
+        let (found, w) = folders::discover(self)?;
+        warnings.extend(w);
+        Ok(found)
+    }
+
+    fn lock_all<'a>(&'a self, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32)
+        -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError> {
+        let (set, since) = reconcile::dotlock_all(folders, &opts.lock, attempts)?;
+        Ok((Box::new(set), since))
+    }
+}
 
 /// Catch-up passes stop once a pass changes no more than this many messages.
 const SMALL_PASS: u64 = 20;
@@ -48,6 +73,8 @@ pub enum BackupError {
     Folders(#[from] FolderError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error("could not lock all folders within {waited:.1?} ({attempts} attempts); last busy: {why}")]
+    LockTimeout { waited: Duration, attempts: u32, why: String },
     #[error("the source kept changing: folders were still being created after {0} attempts to lock them all")]
     Unstable(u32),
 }
@@ -68,7 +95,7 @@ impl ExitCode for BackupError {
             BackupError::Scan(scan::ScanError::NonUtf8(_)) => sysexits::EX_DATAERR,
             BackupError::Folders(e) => sysexits::for_io_error(&e.source),
             BackupError::Manifest(_) => sysexits::EX_IOERR,
-            BackupError::Unstable(_) => sysexits::EX_TEMPFAIL,
+            BackupError::Unstable(_) | BackupError::LockTimeout { .. } => sysexits::EX_TEMPFAIL,
         }
     }
 }
@@ -117,6 +144,16 @@ pub struct BackupReport {
     /// Unix time of the reconcile instant.
     pub taken_at: i64,
     pub warnings: Vec<String>,
+    /// Per folder: name, path in the backup, messages, bytes.
+    pub folder_details: Vec<FolderSummary>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FolderSummary {
+    pub name: String,
+    pub path: String,
+    pub messages: u64,
+    pub bytes: u64,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackupError + 'a {
@@ -151,14 +188,15 @@ pub fn check_paths(source: &MailLocation, dest: &Path) -> Result<(), BackupError
 pub fn backup(source: &MailLocation, dest: &Path, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupReport, BackupError> {
     check_paths(source, dest)?;
     let staging = Staging::prepare(dest)?;
-    let mut report = copy_into(source, staging.path(), opts, None, progress)?;
+    let mut report = copy_into(source, source, staging.path(), opts, None, progress)?;
     staging.publish()?;
     report.destination = dest.to_path_buf();
     Ok(report)
 }
 
-fn discover(source: &MailLocation, tree: &mut Tree) -> Result<Vec<Folder>, BackupError> {
-    let (found, warnings) = folders::discover(source)?;
+fn discover(mailboxes: &dyn Mailboxes, tree: &mut Tree) -> Result<Vec<Folder>, BackupError> {
+    let mut warnings = Vec::new();
+    let found = mailboxes.folders(&mut warnings)?;
     for w in warnings {
         tree.warn(&w);
     }
@@ -169,6 +207,7 @@ fn discover(source: &MailLocation, tree: &mut Tree) -> Result<Vec<Folder>, Backu
 /// `reuse` offers earlier copies to hard-link instead of reading the source.
 pub fn copy_into(
     source: &MailLocation,
+    mailboxes: &dyn Mailboxes,
     out: &Path,
     opts: &BackupOptions,
     reuse: Option<&dyn Reuse>,
@@ -185,7 +224,7 @@ pub fn copy_into(
 
     // Bulk: everything, no lock.
     progress.phase("copying");
-    let found = discover(source, &mut tree)?;
+    let found = discover(mailboxes, &mut tree)?;
     let mut listings = Vec::with_capacity(found.len());
     for f in &found {
         listings.push((f.clone(), reconcile::listing_or_gone(f)?));
@@ -200,7 +239,7 @@ pub fn copy_into(
     let mut lock_rounds = 0u32;
     let (held, taken_at) = loop {
         for _ in 0..MAX_CATCH_UP_PASSES {
-            let found = discover(source, &mut tree)?;
+            let found = discover(mailboxes, &mut tree)?;
             let listings = reconcile::relist(&tree, &found, nfs, false)?;
             let s = tree.apply(listings, &pool, reuse, progress)?;
             passes += 1;
@@ -212,15 +251,17 @@ pub fn copy_into(
         }
 
         progress.phase("reconciling");
-        let found = discover(source, &mut tree)?;
-        let locks = reconcile::lock_all(&found, &opts.lock, &mut attempts)?;
+        let found = discover(mailboxes, &mut tree)?;
+        let (locks, since) = mailboxes.lock_all(&found, opts, &mut attempts)?;
         lock_rounds += 1;
         // A folder created after we listed the folders is not locked: start over.
-        let now_found = discover(source, &mut tree)?;
+        let now_found = discover(mailboxes, &mut tree)?;
         if now_found.iter().any(|f| !found.contains(f)) {
             let mut w = Vec::new();
             locks.release(&mut w);
-            tree.warnings.extend(w);
+            for x in w {
+                tree.warn(&x);
+            }
             if lock_rounds >= 10 {
                 return Err(BackupError::Unstable(lock_rounds));
             }
@@ -233,6 +274,7 @@ pub fn copy_into(
             for _ in 0..5 {
                 let listings = reconcile::relist(&tree, &now_found, nfs, force)?;
                 let s = tree.apply(listings, &pool, reuse, progress)?;
+                locks.touch();
                 passes += 1;
                 changed += s.changes();
                 total.add(&s);
@@ -246,8 +288,11 @@ pub fn copy_into(
             Ok(taken_at)
         })();
         let mut w = Vec::new();
-        let held = locks.release(&mut w);
-        tree.warnings.extend(w);
+        locks.release(&mut w);
+        let held = since.elapsed();
+        for x in w {
+            tree.warn(&x);
+        }
         break (held, result?);
     };
 
@@ -274,6 +319,16 @@ pub fn copy_into(
         changed_during_backup: changed,
         taken_at,
         warnings: tree.warnings.clone(),
+        folder_details: manifest
+            .folders
+            .iter()
+            .map(|f| FolderSummary {
+                name: f.name.clone(),
+                path: f.path.clone(),
+                messages: f.messages,
+                bytes: manifest.messages.iter().filter(|m| m.folder == f.path).map(|m| m.size).sum(),
+            })
+            .collect(),
     })
 }
 

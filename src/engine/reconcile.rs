@@ -20,28 +20,12 @@ use crate::maildir::{Folder, FOLDER_CONTROL_FILES, UIDLIST};
 /// How long to wait for any one folder's lock before backing off from all of them.
 const PER_LOCK_WAIT: Duration = Duration::from_millis(1000);
 
-pub struct HeldLocks {
-    pub locks: Vec<DotLock>,
-    pub since: Instant,
-    _refresher: dotlock::Refresher,
-}
-
-impl HeldLocks {
-    /// Releases all locks; warns (in `warnings`) about any that was taken from us.
-    pub fn release(self, warnings: &mut Vec<String>) -> Duration {
-        let held = self.since.elapsed();
-        drop(self._refresher);
-        for lock in self.locks {
-            let path = lock.lock_path().to_path_buf();
-            let dir_gone = path.parent().map(|p| !p.exists()).unwrap_or(false);
-            match lock.release() {
-                Ok(outcome) if !dir_gone => warnings.extend(dotlock::release_warning(&path, outcome, held)),
-                Ok(_) => {} // the folder was deleted while we held it: its lock went with it
-                Err(e) => warnings.push(format!("releasing {}: {e}", path.display())),
-            }
-        }
-        held
-    }
+/// Locks held on every folder for the reconcile, however they were taken.
+pub trait HeldLocks {
+    /// Refreshes the locks so a long reconcile never looks stale.
+    fn touch(&self) {}
+    /// Releases everything; warnings say if a lock was taken from us.
+    fn release(self: Box<Self>, warnings: &mut Vec<String>);
 }
 
 fn jitter(attempt: u32) -> Duration {
@@ -51,43 +35,80 @@ fn jitter(attempt: u32) -> Duration {
     Duration::from_millis(base + u64::from(u16::from_ne_bytes(b)) % (50 + base * 2))
 }
 
-/// Locks the uidlist of every folder. Folders whose control dir does not exist yet (Dovecot
-/// never opened them) have nothing to protect and are skipped.
-pub fn lock_all(folders: &[Folder], set: &LockSettings, attempts: &mut u32) -> Result<HeldLocks, LockError> {
-    let mut order: Vec<&Folder> = folders.iter().filter(|f| f.control_dir.is_dir()).collect();
-    order.sort_by(|a, b| a.control_dir.cmp(&b.control_dir));
-    let deadline = Instant::now() + set.timeout;
+/// Takes `n` locks all or none. `try_one(i, wait)` gives the lock (dropping it releases it),
+/// or `Err(why)` if it is busy after `wait`. If one is busy, all taken are released and the
+/// round repeated after a random pause, until `timeout`: never hold one while waiting for
+/// another that Dovecot holds. Returns the locks and when the successful round began.
+pub fn lock_all_or_none<T>(
+    n: usize,
+    timeout: Duration,
+    attempts: &mut u32,
+    mut try_one: impl FnMut(usize, Duration) -> Result<Result<T, String>, BackupError>,
+) -> Result<(Vec<T>, Instant), BackupError> {
+    let started = Instant::now();
+    let deadline = started + timeout;
     loop {
         *attempts += 1;
-        let mut held = Vec::with_capacity(order.len());
-        let mut busy = None;
         let since = Instant::now();
-        for f in &order {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let quick = LockSettings { timeout: left.min(PER_LOCK_WAIT), ..set.clone() };
-            match DotLock::acquire(&f.control_dir.join(UIDLIST), &quick) {
-                Ok(l) => held.push(l),
-                Err(e @ LockError::Timeout { .. }) => {
-                    busy = Some(e);
+        let mut held = Vec::with_capacity(n);
+        let mut busy = None;
+        for i in 0..n {
+            let wait = deadline.saturating_duration_since(Instant::now()).min(PER_LOCK_WAIT);
+            match try_one(i, wait)? {
+                Ok(lock) => held.push(lock),
+                Err(why) => {
+                    busy = Some(why);
                     break;
                 }
-                Err(e) => return Err(e),
             }
         }
-        match busy {
-            None => {
-                let refresher = dotlock::keep_all_fresh(&held, dotlock::TOUCH_INTERVAL);
-                return Ok(HeldLocks { locks: held, since, _refresher: refresher });
-            }
-            Some(e) => {
-                drop(held); // back off completely: never hold one lock while waiting for another
-                if Instant::now() >= deadline {
-                    return Err(e);
-                }
-                std::thread::sleep(jitter(*attempts).min(deadline.saturating_duration_since(Instant::now())));
+        let Some(why) = busy else { return Ok((held, since)) };
+        drop(held);
+        if Instant::now() >= deadline {
+            return Err(BackupError::LockTimeout { waited: started.elapsed(), attempts: *attempts, why });
+        }
+        std::thread::sleep(jitter(*attempts).min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// Dot-locks on every folder's dovecot-uidlist, refreshed from one background thread.
+pub struct DotLockSet {
+    locks: Vec<DotLock>,
+    _refresher: dotlock::Refresher,
+}
+
+impl HeldLocks for DotLockSet {
+    fn release(self: Box<Self>, warnings: &mut Vec<String>) {
+        let DotLockSet { locks, _refresher } = *self;
+        drop(_refresher);
+        for lock in locks {
+            let held = lock.held_for();
+            let path = lock.lock_path().to_path_buf();
+            let dir_gone = path.parent().map(|p| !p.exists()).unwrap_or(false);
+            match lock.release() {
+                Ok(outcome) if !dir_gone => warnings.extend(dotlock::release_warning(&path, outcome, held)),
+                Ok(_) => {} // the folder was deleted while we held it: its lock went with it
+                Err(e) => warnings.push(format!("releasing {}: {e}", path.display())),
             }
         }
     }
+}
+
+/// Locks the uidlist of every folder with our own dot-lock. Folders whose control dir does
+/// not exist yet (Dovecot never opened them) have nothing to protect and are skipped.
+pub fn dotlock_all(folders: &[Folder], set: &LockSettings, attempts: &mut u32) -> Result<(DotLockSet, Instant), BackupError> {
+    let mut order: Vec<&Folder> = folders.iter().filter(|f| f.control_dir.is_dir()).collect();
+    order.sort_by(|a, b| a.control_dir.cmp(&b.control_dir));
+    let (locks, since) = lock_all_or_none(order.len(), set.timeout, attempts, |i, wait| {
+        let quick = LockSettings { timeout: wait, ..set.clone() };
+        match DotLock::acquire(&order[i].control_dir.join(UIDLIST), &quick) {
+            Ok(l) => Ok(Ok(l)),
+            Err(e @ LockError::Timeout { .. }) => Ok(Err(e.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    })?;
+    let refresher = dotlock::keep_all_fresh(&locks, dotlock::TOUCH_INTERVAL);
+    Ok((DotLockSet { locks, _refresher: refresher }, since))
 }
 
 /// True if a folder's cur/ and new/ are provably unchanged since it was last listed: same

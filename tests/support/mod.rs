@@ -13,6 +13,7 @@
 
 pub mod dovecot;
 pub mod imap;
+pub mod plugin;
 
 #[allow(unused_imports)]
 pub use dovecot::{

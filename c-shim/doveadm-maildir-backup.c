@@ -1,0 +1,336 @@
+/* doveadm maildir-backup: registration and Dovecot calls only. The copying is done by the
+   Rust core (mb_backup_user); this file finds the user's mailboxes and their paths through
+   Dovecot's mailbox-list API and lends it Dovecot's own uidlist lock. Builds against
+   Dovecot 2.3 and 2.4 headers. */
+
+#include "config.h"
+#include "lib.h"
+#include "array.h"
+#include "str.h"
+#include "mail-namespace.h"
+#include "mail-storage-private.h"
+#include "mailbox-list-private.h"
+#include "mailbox-list-iter.h"
+#include "maildir-storage.h"
+#include "maildir-uidlist.h"
+#include "doveadm.h"
+#include "doveadm-cmd.h"
+#include "doveadm-mail.h"
+#include "doveadm-print.h"
+#include "maildir-backup-shim.h"
+
+#ifndef DOVECOT_PREREQ
+#  define DOVECOT_PREREQ(maj, min, micro) 0
+#endif
+
+struct maildir_backup_cmd_context {
+	struct doveadm_mail_cmd_context ctx;
+};
+
+/* What the lock and output callbacks need for one user. */
+struct lock_ctx {
+	struct doveadm_mail_cmd_context *cmd;
+	struct mailbox *const *boxes;
+	unsigned int count;
+	unsigned char *locked;
+	const char *username;
+};
+
+static struct maildir_uidlist *box_uidlist(struct mailbox *box)
+{
+	struct maildir_mailbox *mbox = MAILDIR_MAILBOX(box);
+
+	return mbox->uidlist;
+}
+
+static int cb_try_lock(void *context, unsigned int i)
+{
+	struct lock_ctx *lc = context;
+	int ret;
+
+	i_assert(i < lc->count && !lc->locked[i]);
+	/* Dovecot's own lock with the mailbox's own settings (stale timeout, O_EXCL,
+	   NFS flushing), never waiting: the core backs off and retries. */
+	ret = maildir_uidlist_try_lock(box_uidlist(lc->boxes[i]));
+	if (ret > 0)
+		lc->locked[i] = 1;
+	return ret > 0 ? 1 : (ret == 0 ? 0 : -1);
+}
+
+static void cb_unlock(void *context, unsigned int i)
+{
+	struct lock_ctx *lc = context;
+
+	if (lc->locked[i]) {
+		maildir_uidlist_unlock(box_uidlist(lc->boxes[i]));
+		lc->locked[i] = 0;
+	}
+}
+
+static void cb_touch(void *context, unsigned int i)
+{
+	struct lock_ctx *lc = context;
+
+	if (lc->locked[i])
+		(void)maildir_uidlist_lock_touch(box_uidlist(lc->boxes[i]));
+}
+
+static void cb_row(void *context, const char *mailbox, uint64_t messages,
+		   uint64_t bytes, double lock_ms, const char *status)
+{
+	struct lock_ctx *lc = context;
+
+	doveadm_print(lc->username);
+	doveadm_print(mailbox);
+	doveadm_print_num(messages);
+	doveadm_print_num(bytes);
+	doveadm_print(t_strdup_printf("%.1f", lock_ms));
+	doveadm_print(status);
+}
+
+static void cb_error(void *context, const char *message)
+{
+	struct lock_ctx *lc = context;
+
+	i_error("maildir-backup: user %s: %s", lc->username, message);
+}
+
+static void print_failed_box(const char *username, const char *vname, const char *why)
+{
+	doveadm_print(username);
+	doveadm_print(vname);
+	doveadm_print("0");
+	doveadm_print("0");
+	doveadm_print("0");
+	doveadm_print(why);
+}
+
+static const char *get_setting(struct mail_user *user, const char *name)
+{
+#if DOVECOT_PREREQ(2,4,0)
+	(void)user; (void)name;
+	return NULL; /* 2.4: see maildir-backup-settings.c */
+#else
+	return mail_user_plugin_getenv(user, name);
+#endif
+}
+
+static int
+cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *user)
+{
+	const char *const all[] = { "*", NULL };
+	const char *const *patterns = all;
+	const char *dest = NULL, *timeout_str = NULL, *value;
+	int64_t jobs = 0;
+	bool with_indexes = FALSE;
+	struct mailbox_list_iterate_context *iter;
+	const struct mailbox_info *info;
+	struct mail_namespace *inbox_ns;
+	ARRAY(struct mailbox *) boxes;
+	ARRAY(struct mb_folder) folders;
+	struct mb_user_job job;
+	struct lock_ctx lc;
+	struct mailbox *box;
+	const char *root, *control_root, *index_root;
+	int ret = 0, code;
+
+	(void)doveadm_cmd_param_array(ctx->cctx, "mailbox", &patterns);
+	(void)doveadm_cmd_param_str(ctx->cctx, "destination", &dest);
+	(void)doveadm_cmd_param_str(ctx->cctx, "lock-timeout", &timeout_str);
+	(void)doveadm_cmd_param_int64(ctx->cctx, "jobs", &jobs);
+	(void)doveadm_cmd_param_bool(ctx->cctx, "with-indexes", &with_indexes);
+
+	/* Settings from dovecot.conf; the command line wins. */
+	if (dest == NULL)
+		dest = get_setting(user, "maildir_backup_dest");
+	if (timeout_str == NULL)
+		timeout_str = get_setting(user, "maildir_backup_lock_timeout");
+	if (jobs == 0 && (value = get_setting(user, "maildir_backup_jobs")) != NULL &&
+	    str_to_int64(value, &jobs) < 0) {
+		i_error("maildir-backup: invalid maildir_backup_jobs: %s", value);
+		ctx->exit_code = EX_CONFIG;
+		return -1;
+	}
+	if (!with_indexes && (value = get_setting(user, "maildir_backup_with_indexes")) != NULL)
+		with_indexes = strcasecmp(value, "yes") == 0 || strcmp(value, "1") == 0;
+
+	inbox_ns = mail_namespace_find_inbox(user->namespaces);
+	if (inbox_ns == NULL ||
+	    !mailbox_list_get_root_path(inbox_ns->list, MAILBOX_LIST_PATH_TYPE_MAILBOX, &root)) {
+		i_error("maildir-backup: user %s has no INBOX namespace with a mail root",
+			user->username);
+		ctx->exit_code = EX_CONFIG;
+		return -1;
+	}
+	if (!mailbox_list_get_root_path(inbox_ns->list, MAILBOX_LIST_PATH_TYPE_CONTROL, &control_root))
+		control_root = NULL;
+	if (!mailbox_list_get_root_path(inbox_ns->list, MAILBOX_LIST_PATH_TYPE_INDEX, &index_root))
+		index_root = NULL;
+
+	t_array_init(&boxes, 16);
+	t_array_init(&folders, 16);
+	iter = mailbox_list_iter_init_namespaces(user->namespaces, patterns,
+						 MAIL_NAMESPACE_TYPE_PRIVATE,
+						 MAILBOX_LIST_ITER_RETURN_NO_FLAGS |
+						 MAILBOX_LIST_ITER_SKIP_ALIASES);
+	while ((info = mailbox_list_iter_next(iter)) != NULL) {
+		struct mb_folder *f;
+		const char *path;
+
+		if ((info->flags & (MAILBOX_NOSELECT | MAILBOX_NONEXISTENT)) != 0)
+			continue;
+		box = mailbox_alloc(info->ns->list, info->vname, 0);
+		if (mailbox_open(box) < 0) {
+			enum mail_error error;
+			const char *errstr = mailbox_get_last_internal_error(box, &error);
+
+			i_error("maildir-backup: user %s: open mailbox %s: %s",
+				user->username, info->vname, errstr);
+			print_failed_box(user->username, info->vname, errstr);
+			doveadm_mail_failed_error(ctx, error);
+			mailbox_free(&box);
+			ret = -1;
+			continue;
+		}
+		if (strcmp(box->storage->name, MAILDIR_STORAGE_NAME) != 0) {
+			const char *why = t_strdup_printf(
+				"not a Maildir mailbox (storage %s); maildir-backup only copies Maildir",
+				box->storage->name);
+			i_error("maildir-backup: user %s: mailbox %s: %s",
+				user->username, info->vname, why);
+			print_failed_box(user->username, info->vname, why);
+			ctx->exit_code = EX_DATAERR;
+			mailbox_free(&box);
+			ret = -1;
+			continue;
+		}
+		f = array_append_space(&folders);
+		f->vname = p_strdup(ctx->pool, info->vname);
+		if (mailbox_get_path_to(box, MAILBOX_LIST_PATH_TYPE_MAILBOX, &path) > 0)
+			f->mail_dir = p_strdup(ctx->pool, path);
+		if (mailbox_get_path_to(box, MAILBOX_LIST_PATH_TYPE_CONTROL, &path) > 0)
+			f->control_dir = p_strdup(ctx->pool, path);
+		if (mailbox_get_path_to(box, MAILBOX_LIST_PATH_TYPE_INDEX, &path) > 0)
+			f->index_dir = p_strdup(ctx->pool, path);
+		array_push_back(&boxes, &box);
+	}
+	if (mailbox_list_iter_deinit(&iter) < 0) {
+		i_error("maildir-backup: user %s: listing mailboxes failed", user->username);
+		doveadm_mail_failed_error(ctx, MAIL_ERROR_TEMP);
+		ret = -1;
+	}
+
+	i_zero(&lc);
+	lc.cmd = ctx;
+	lc.boxes = array_front(&boxes);
+	lc.count = array_count(&boxes);
+	lc.locked = t_malloc0(lc.count + 1);
+	lc.username = user->username;
+
+	i_zero(&job);
+	job.username = user->username;
+	job.dest_template = dest;
+	job.root_dir = root;
+	job.control_root = control_root != NULL && strcmp(control_root, root) != 0 ? control_root : NULL;
+	job.index_root = index_root != NULL && strcmp(index_root, root) != 0 ? index_root : NULL;
+	job.layout = inbox_ns->list->name;
+	job.folders = array_front(&folders);
+	job.folder_count = array_count(&folders);
+	job.lock_timeout_secs = -1;
+	if (timeout_str != NULL) {
+		double secs;
+		char *end;
+
+		secs = strtod(timeout_str, &end);
+		if (*end != '\0' || secs < 0) {
+			i_error("maildir-backup: invalid lock timeout: %s", timeout_str);
+			ctx->exit_code = EX_USAGE;
+			ret = -1;
+			goto out;
+		}
+		job.lock_timeout_secs = secs;
+	}
+	job.jobs = jobs > 0 ? (unsigned int)jobs : 0;
+	job.with_indexes = with_indexes ? 1 : 0;
+	job.ctx = &lc;
+	job.try_lock = cb_try_lock;
+	job.unlock = cb_unlock;
+	job.touch = cb_touch;
+	job.row = cb_row;
+	job.error = cb_error;
+
+	code = mb_backup_user(&job);
+	if (code != 0) {
+		ctx->exit_code = code;
+		ret = -1;
+	}
+out:
+	for (unsigned int i = 0; i < lc.count; i++)
+		cb_unlock(&lc, i);
+	array_foreach_elem(&boxes, box)
+		mailbox_free(&box);
+	return ret;
+}
+
+#if DOVECOT_PREREQ(2,4,0)
+static void cmd_maildir_backup_init(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED)
+#else
+static void cmd_maildir_backup_init(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED,
+				    const char *const args[] ATTR_UNUSED)
+#endif
+{
+	doveadm_print_header_simple("user");
+	doveadm_print_header_simple("mailbox");
+	doveadm_print_header("messages", "messages", DOVEADM_PRINT_HEADER_FLAG_RIGHT_JUSTIFY);
+	doveadm_print_header("bytes", "bytes", DOVEADM_PRINT_HEADER_FLAG_RIGHT_JUSTIFY);
+	doveadm_print_header("lock_ms", "lock_ms", DOVEADM_PRINT_HEADER_FLAG_RIGHT_JUSTIFY);
+	doveadm_print_header_simple("status");
+}
+
+#if !DOVECOT_PREREQ(2,4,0)
+/* 2.3 passes every short option through parse_arg; values are read from cctx in run(). */
+static bool cmd_maildir_backup_parse_arg(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED,
+					 int c ATTR_UNUSED)
+{
+	return TRUE;
+}
+#endif
+
+static struct doveadm_mail_cmd_context *cmd_maildir_backup_alloc(void)
+{
+	struct maildir_backup_cmd_context *ctx;
+
+	ctx = doveadm_mail_cmd_alloc(struct maildir_backup_cmd_context);
+	ctx->ctx.v.init = cmd_maildir_backup_init;
+	ctx->ctx.v.run = cmd_maildir_backup_run;
+#if !DOVECOT_PREREQ(2,4,0)
+	ctx->ctx.v.parse_arg = cmd_maildir_backup_parse_arg;
+	ctx->ctx.getopt_args = "m:t:j:i";
+#endif
+	doveadm_print_init(DOVEADM_PRINT_TYPE_TABLE);
+	return &ctx->ctx;
+}
+
+static struct doveadm_cmd_ver2 maildir_backup_cmd = {
+	.name = "maildir-backup",
+	.mail_cmd = cmd_maildir_backup_alloc,
+	.usage = DOVEADM_CMD_MAIL_USAGE_PREFIX
+		"[-m <mailbox>]... [-t <lock timeout secs>] [-j <jobs>] [-i] [<destination template>]",
+DOVEADM_CMD_PARAMS_START
+DOVEADM_CMD_MAIL_COMMON
+DOVEADM_CMD_PARAM('m', "mailbox", CMD_PARAM_ARRAY, 0)
+DOVEADM_CMD_PARAM('t', "lock-timeout", CMD_PARAM_STR, 0)
+DOVEADM_CMD_PARAM('j', "jobs", CMD_PARAM_INT64, 0)
+DOVEADM_CMD_PARAM('i', "with-indexes", CMD_PARAM_BOOL, 0)
+DOVEADM_CMD_PARAM('\0', "destination", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
+DOVEADM_CMD_PARAMS_END
+};
+
+void mb_shim_init(void)
+{
+	doveadm_cmd_register_ver2(&maildir_backup_cmd);
+}
+
+void mb_shim_deinit(void)
+{
+}

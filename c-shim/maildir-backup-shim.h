@@ -1,0 +1,48 @@
+/* The interface between the C shim (which speaks Dovecot) and the Rust core (which copies).
+   Plain C types only: bindgen reads this file, and it must not need Dovecot's headers. */
+#ifndef MAILDIR_BACKUP_SHIM_H
+#define MAILDIR_BACKUP_SHIM_H
+
+#include <stdint.h>
+
+/* One mailbox, with the paths Dovecot itself uses for it. */
+struct mb_folder {
+	const char *vname;       /* mailbox name, for output */
+	const char *mail_dir;    /* MAILBOX path: holds cur/ new/ tmp/ */
+	const char *control_dir; /* CONTROL path: holds dovecot-uidlist and its lock */
+	const char *index_dir;   /* INDEX path, or NULL */
+};
+
+/* What the shim hands the core for one user. Callbacks run on the calling thread only. */
+struct mb_user_job {
+	const char *username;
+	const char *dest_template; /* may hold %u %n %d / %{user}...; NULL: none given */
+	const char *root_dir;      /* the user's Maildir root (INBOX) */
+	const char *control_root;  /* NULL unless control files live elsewhere */
+	const char *index_root;    /* NULL unless index files live elsewhere */
+	const char *layout;        /* "maildir++" or "fs" */
+	const struct mb_folder *folders;
+	unsigned int folder_count;
+	double lock_timeout_secs;  /* < 0: default */
+	unsigned int jobs;         /* 0: default */
+	int with_indexes;          /* 0 or 1 */
+
+	void *ctx;
+	/* Dovecot's own uidlist lock of folders[i]: 1 locked, 0 busy, -1 error */
+	int (*try_lock)(void *ctx, unsigned int folder);
+	void (*unlock)(void *ctx, unsigned int folder);
+	void (*touch)(void *ctx, unsigned int folder);
+	/* One output row per folder; status is "ok" or an error text. */
+	void (*row)(void *ctx, const char *mailbox, uint64_t messages,
+		    uint64_t bytes, double lock_ms, const char *status);
+	void (*error)(void *ctx, const char *message);
+};
+
+/* Implemented in Rust: backs up one user; returns a sysexits code (0 = success). */
+int mb_backup_user(const struct mb_user_job *job);
+
+/* Implemented in C: registration with doveadm. */
+void mb_shim_init(void);
+void mb_shim_deinit(void);
+
+#endif

@@ -1,0 +1,270 @@
+//! The doveadm plugin's Rust side: FFI only. The C shim (`c-shim/`) finds a user's mailboxes
+//! through Dovecot and lends us Dovecot's own uidlist lock; this file turns that into a call
+//! of the same core the CLI uses, and the result back into output rows and an exit code.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::engine::{self, BackupError, BackupOptions, HeldLocks, Mailboxes, NoProgress};
+use crate::maildir::{Folder, Layout, MailLocation};
+use crate::sysexits::{self, ExitCode};
+
+#[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
+mod ffi {
+    include!(concat!(env!("OUT_DIR"), "/shim_bindings.rs"));
+}
+
+/// `doveadm_<name>_plugin_version`: a `const char *` holding the ABI string of the Dovecot
+/// whose headers the shim was compiled against, so another release refuses the plugin.
+#[repr(transparent)]
+pub struct AbiVersion(*const c_char);
+// SAFETY: points at an immutable, 'static, NUL-terminated string.
+unsafe impl Sync for AbiVersion {}
+
+#[no_mangle]
+pub static doveadm_maildir_backup_plugin_version: AbiVersion =
+    AbiVersion(concat!(env!("MB_DOVECOT_ABI_VERSION"), "\0").as_ptr() as *const c_char);
+
+#[no_mangle]
+pub extern "C" fn doveadm_maildir_backup_plugin_init(_module: *mut c_void) {
+    // SAFETY: called once by doveadm's module loader on its main thread.
+    unsafe { ffi::mb_shim_init() }
+}
+
+#[no_mangle]
+pub extern "C" fn doveadm_maildir_backup_plugin_deinit() {
+    // SAFETY: as above.
+    unsafe { ffi::mb_shim_deinit() }
+}
+
+/// # Safety
+/// `p` is NULL or a valid NUL-terminated string for the duration of the call.
+unsafe fn opt_str(p: *const c_char) -> Option<String> {
+    (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+}
+
+/// Dovecot's mailboxes of one user, locked with Dovecot's own lock through the shim.
+struct DovecotMailboxes<'j> {
+    job: &'j ffi::mb_user_job,
+    folders: Vec<Folder>,
+    /// Index into the job's folder array for each of `folders`.
+    index: Vec<u32>,
+}
+
+struct DovecotLocks<'j> {
+    job: &'j ffi::mb_user_job,
+    held: Vec<u32>,
+}
+
+impl DovecotLocks<'_> {
+    fn unlock_all(&mut self) {
+        if let Some(unlock) = self.job.unlock {
+            for i in self.held.drain(..) {
+                // SAFETY: the shim's callback, on the thread that called us.
+                unsafe { unlock(self.job.ctx, i) }
+            }
+        }
+    }
+}
+
+impl HeldLocks for DovecotLocks<'_> {
+    fn touch(&self) {
+        if let Some(touch) = self.job.touch {
+            for &i in &self.held {
+                // SAFETY: as above.
+                unsafe { touch(self.job.ctx, i) }
+            }
+        }
+    }
+    fn release(mut self: Box<Self>, _warnings: &mut Vec<String>) {
+        self.unlock_all();
+    }
+}
+
+impl Drop for DovecotLocks<'_> {
+    fn drop(&mut self) {
+        self.unlock_all();
+    }
+}
+
+/// One lock taken through the shim; dropping it releases it (used while gathering all).
+struct OneLock<'j> {
+    job: &'j ffi::mb_user_job,
+    i: u32,
+}
+
+impl Drop for OneLock<'_> {
+    fn drop(&mut self) {
+        if let Some(unlock) = self.job.unlock {
+            // SAFETY: as above.
+            unsafe { unlock(self.job.ctx, self.i) }
+        }
+    }
+}
+
+impl Mailboxes for DovecotMailboxes<'_> {
+    fn folders(&self, _warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError> {
+        Ok(self.folders.clone())
+    }
+
+    fn lock_all<'a>(&'a self, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32)
+        -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError> {
+        let order: Vec<u32> = folders
+            .iter()
+            .filter_map(|f| self.folders.iter().position(|g| g == f).map(|p| self.index[p]))
+            .collect();
+        let try_lock = self.job.try_lock.ok_or(BackupError::Unstable(0))?;
+        let (locks, since) = engine::reconcile::lock_all_or_none(order.len(), opts.lock.timeout, attempts, |n, wait| {
+            // Dovecot's try-lock never waits; poll it for up to `wait` before backing off.
+            let until = Instant::now() + wait;
+            loop {
+                // SAFETY: the shim's callback, on the thread that called us.
+                match unsafe { try_lock(self.job.ctx, order[n]) } {
+                    1 => return Ok(Ok(OneLock { job: self.job, i: order[n] })),
+                    0 if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
+                    0 => return Ok(Err(format!("Dovecot holds the uidlist lock of {}", folders[n].name))),
+                    _ => {
+                        return Err(BackupError::Io {
+                            op: "lock (Dovecot maildir_uidlist_try_lock)",
+                            path: folders[n].control_dir.clone(),
+                            source: std::io::Error::other("see Dovecot's error log line above"),
+                        })
+                    }
+                }
+            }
+        })?;
+        let held = locks.iter().map(|l| l.i).collect();
+        std::mem::forget(locks); // ownership passes to DovecotLocks, which unlocks them
+        Ok((Box::new(DovecotLocks { job: self.job, held }), since))
+    }
+}
+
+fn report_error(job: &ffi::mb_user_job, msg: &str) {
+    if let (Some(error), Ok(c)) = (job.error, CString::new(msg.replace('\0', " "))) {
+        // SAFETY: the shim's callback with a valid C string.
+        unsafe { error(job.ctx, c.as_ptr()) }
+    }
+}
+
+fn row(job: &ffi::mb_user_job, mailbox: &str, messages: u64, bytes: u64, lock_ms: f64, status: &str) {
+    if let (Some(row), Ok(m), Ok(s)) = (job.row, CString::new(mailbox), CString::new(status)) {
+        // SAFETY: as above.
+        unsafe { row(job.ctx, m.as_ptr(), messages, bytes, lock_ms, s.as_ptr()) }
+    }
+}
+
+/// Backs up one user for `doveadm maildir-backup`; returns a sysexits code.
+#[no_mangle]
+pub extern "C" fn mb_backup_user(job: *const ffi::mb_user_job) -> c_int {
+    if job.is_null() {
+        return sysexits::EX_SOFTWARE;
+    }
+    // SAFETY: the shim passes a job that lives for this call.
+    let job = unsafe { &*job };
+    match std::panic::catch_unwind(|| backup_user(job)) {
+        Ok(code) => code,
+        Err(_) => {
+            report_error(job, "internal error (panic) in maildir-backup; nothing was published");
+            sysexits::EX_SOFTWARE
+        }
+    }
+}
+
+fn backup_user(job: &ffi::mb_user_job) -> c_int {
+    // SAFETY: the shim's strings live for this call.
+    let (user, template, root, control, index, layout) = unsafe {
+        (
+            opt_str(job.username).unwrap_or_default(),
+            opt_str(job.dest_template),
+            opt_str(job.root_dir).unwrap_or_default(),
+            opt_str(job.control_root),
+            opt_str(job.index_root),
+            opt_str(job.layout).unwrap_or_default(),
+        )
+    };
+    let Some(template) = template else {
+        report_error(job, "no destination: give one on the command line or set maildir_backup_dest");
+        return sysexits::EX_USAGE;
+    };
+    let dest = match crate::template::expand(&template, &user) {
+        Ok(d) => PathBuf::from(d),
+        Err(e) => {
+            report_error(job, &e.to_string());
+            return sysexits::EX_USAGE;
+        }
+    };
+    let location = MailLocation {
+        root: PathBuf::from(&root),
+        control: control.map(PathBuf::from),
+        index: index.map(PathBuf::from),
+        layout: Layout::parse(&layout).unwrap_or(Layout::MaildirPlusPlus),
+    };
+
+    let mut mailboxes = DovecotMailboxes { job, folders: Vec::new(), index: Vec::new() };
+    let raw: &[ffi::mb_folder] = if job.folders.is_null() || job.folder_count == 0 {
+        &[]
+    } else {
+        // SAFETY: the shim passes folder_count valid entries.
+        unsafe { std::slice::from_raw_parts(job.folders, job.folder_count as usize) }
+    };
+    let mut code = 0;
+    for (i, f) in raw.iter().enumerate() {
+        // SAFETY: as above.
+        let (name, mail_dir, control_dir, index_dir) =
+            unsafe { (opt_str(f.vname).unwrap_or_default(), opt_str(f.mail_dir), opt_str(f.control_dir), opt_str(f.index_dir)) };
+        let Some(mail_dir) = mail_dir.map(PathBuf::from) else { continue };
+        let Ok(rel) = mail_dir.strip_prefix(&root).map(Path::to_path_buf) else {
+            let why = format!("its directory {} is outside the user's Maildir {root}; not backed up", mail_dir.display());
+            report_error(job, &format!("mailbox {name}: {why}"));
+            row(job, &name, 0, 0, 0.0, &why);
+            code = sysexits::EX_DATAERR;
+            continue;
+        };
+        mailboxes.folders.push(Folder {
+            control_dir: control_dir.map(PathBuf::from).unwrap_or_else(|| mail_dir.clone()),
+            index_dir: index_dir.map(PathBuf::from).unwrap_or_else(|| mail_dir.clone()),
+            mail_dir,
+            rel,
+            name,
+        });
+        mailboxes.index.push(i as u32);
+    }
+
+    let mut opts = BackupOptions::default();
+    if job.lock_timeout_secs >= 0.0 {
+        opts.lock.timeout = Duration::from_secs_f64(job.lock_timeout_secs);
+    }
+    if job.jobs > 0 {
+        opts.jobs = job.jobs as usize;
+    }
+    opts.with_indexes = job.with_indexes != 0;
+
+    if let Some(parent) = dest.parent() {
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            report_error(job, &format!("create {}: {e}", parent.display()));
+            return sysexits::for_io_error(&e);
+        }
+    }
+    let result = engine::check_paths(&location, &dest).and_then(|()| {
+        let staging = crate::staging::Staging::prepare(&dest)?;
+        let report = engine::copy_into(&location, &mailboxes, staging.path(), &opts, None, &NoProgress)?;
+        staging.publish()?;
+        Ok(report)
+    });
+    match result {
+        Ok(report) => {
+            for w in &report.warnings {
+                report_error(job, &format!("warning: {w}"));
+            }
+            for f in &report.folder_details {
+                row(job, &f.name, f.messages, f.bytes, report.lock_hold_ms, "ok");
+            }
+            code
+        }
+        Err(e) => {
+            report_error(job, &format!("{e}; nothing was published at {}", dest.display()));
+            e.exit_code()
+        }
+    }
+}
