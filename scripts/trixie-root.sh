@@ -155,14 +155,22 @@ if stamp_ok; then
 fi
 
 PARTIAL=$ROOT.partial
+DEBOOTSTRAP_PID=
 cleanup() {
     local rc=$?
+    if [ -n "$DEBOOTSTRAP_PID" ]; then
+        kill -TERM -- "-$DEBOOTSTRAP_PID" 2>/dev/null || true
+        wait "$DEBOOTSTRAP_PID" 2>/dev/null || true
+    fi
     umount_below "$PARTIAL"
     if [ $rc -ne 0 ]; then
         log "build failed (exit $rc); $PARTIAL is left for inspection and will be rebuilt next time"
     fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 if [ -e "$ROOT" ]; then
     log "$ROOT exists but is not complete (no valid $STAMP_NAME); rebuilding"
@@ -185,8 +193,17 @@ log "building Debian $SUITE in $PARTIAL from $MIRROR (packages: $PACKAGES)"
 start=$(date +%s)
 mkdir -p "$PARTIAL"
 DEBOOTSTRAP_LOG=$(dirname "$ROOT")/$(basename "$ROOT").debootstrap.log
-if ! debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$PARTIAL" "$MIRROR" \
-    >"$DEBOOTSTRAP_LOG" 2>&1; then
+# debootstrap runs in its own process group, in the background, so that a SIGINT/SIGTERM to this script
+# interrupts `wait` at once; the trap then stops that process group and unmounts what debootstrap mounted.
+# It inherits the lock fd on purpose: if this script is SIGKILLed, the orphaned debootstrap keeps the lock
+# until it ends, so the next run cannot delete ROOT.partial under it (it waits, then rebuilds).
+setsid debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$PARTIAL" "$MIRROR" \
+    >"$DEBOOTSTRAP_LOG" 2>&1 </dev/null &
+DEBOOTSTRAP_PID=$!
+rc=0
+wait "$DEBOOTSTRAP_PID" || rc=$?
+DEBOOTSTRAP_PID=
+if [ $rc -ne 0 ]; then
     tail -n 30 "$DEBOOTSTRAP_LOG" >&2
     [ -f "$PARTIAL/debootstrap/debootstrap.log" ] && tail -n 30 "$PARTIAL/debootstrap/debootstrap.log" >&2
     log "debootstrap failed; full log in $DEBOOTSTRAP_LOG"

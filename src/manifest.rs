@@ -36,6 +36,10 @@ pub struct FolderRecord {
     pub name: String,
     /// First line of the folder's dovecot-uidlist at the reconcile instant.
     pub uidlist_header: Option<String>,
+    /// Unique names the uidlist still lists but that had no file at the reconcile instant:
+    /// messages Dovecot expunged and has not yet dropped from its uidlist.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uidlist_expunged: Vec<String>,
     pub messages: u64,
 }
 

@@ -118,7 +118,7 @@ pub fn verify(dir: &Path, jobs: usize) -> Result<VerifyReport, VerifyError> {
                     }
                     for entry in &u.entries {
                         let unique = entry.unique.split(':').next().unwrap_or(&entry.unique);
-                        if !uniques.contains(unique) {
+                        if !uniques.contains(unique) && f.uidlist_expunged.binary_search_by(|x| x.as_str().cmp(unique)).is_err() {
                             problems.push(format!(
                                 "{}: uid {} names {} but no such message file exists",
                                 uidlist_path.display(),

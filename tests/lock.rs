@@ -480,6 +480,29 @@ fn lock_of_live_local_pid_is_never_broken_by_age() {
 }
 
 #[test]
+fn young_lock_of_live_local_pid_is_not_broken_by_a_short_stale_timeout() {
+    // A lock younger than 2 s is not judged by its pid yet (Dovecot's rule: its creator most likely
+    // just made it); that must not let the age rule break it when the stale timeout is shorter
+    // than the wait. The holder is alive the whole time.
+    let d = tmp();
+    let out = tmp();
+    let lock = d.path().join(LOCK);
+    let ran = out.path().join("ran");
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let content = format!("{}:{}", sleeper.id(), host());
+    write_lock(&lock, &content);
+    let done = run(
+        lock_cmd(d.path(), &["--stale-timeout", "1", "--timeout", "3"], &["touch", ran.to_str().unwrap()]),
+        secs(20.0),
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(done.code(), Some(EX_TEMPFAIL), "live holder's young lock was broken: {}", done.show());
+    assert!(!ran.exists());
+    assert_eq!(fs::read_to_string(&lock).ok(), Some(content));
+}
+
+#[test]
 fn lock_of_other_host_is_broken_only_by_age() {
     let d = tmp();
     let out = tmp();

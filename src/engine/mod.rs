@@ -6,6 +6,7 @@ pub mod reconcile;
 pub mod scan;
 pub mod sync;
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -394,8 +395,17 @@ fn build_manifest(source: &MailLocation, tree: &Tree, taken_at: i64, held: Durat
     for (rel, state) in &tree.folders {
         let path = rel.to_string_lossy().into_owned();
         let uidlist_path = tree.staged_dir(rel).join(UIDLIST);
-        let uidlist_header = if uidlist_path.exists() { Uidlist::read(&uidlist_path).ok().map(|u| u.header) } else { None };
+        let uidlist = if uidlist_path.exists() { Uidlist::read(&uidlist_path).ok() } else { None };
         let mut entries: Vec<_> = state.entries.values().collect();
+        let uniques: HashSet<&str> = entries.iter().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
+        let mut uidlist_expunged: Vec<String> = uidlist
+            .iter()
+            .flat_map(|u| u.entries.iter())
+            .map(|e| e.unique.split(':').next().unwrap_or(&e.unique))
+            .filter(|u| !uniques.contains(u))
+            .map(str::to_string)
+            .collect();
+        uidlist_expunged.sort();
         entries.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
         for e in &entries {
             let name = MessageName::parse(&e.name);
@@ -410,7 +420,13 @@ fn build_manifest(source: &MailLocation, tree: &Tree, taken_at: i64, held: Durat
                 blake3: e.blake3.clone(),
             });
         }
-        folders.push(FolderRecord { path, name: state.folder.name.clone(), uidlist_header, messages: entries.len() as u64 });
+        folders.push(FolderRecord {
+            path,
+            name: state.folder.name.clone(),
+            uidlist_header: uidlist.map(|u| u.header),
+            uidlist_expunged,
+            messages: entries.len() as u64,
+        });
     }
     Ok(Manifest {
         header: Header {

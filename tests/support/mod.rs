@@ -11,6 +11,7 @@
 //! `useradd` (the `vmail` system user is created on first use if missing).
 #![allow(dead_code)]
 
+pub mod churn;
 pub mod dovecot;
 pub mod imap;
 pub mod plugin;

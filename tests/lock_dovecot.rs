@@ -1,0 +1,514 @@
+//! `maildir-backup lock` / `maildirlock` against a real Dovecot 2.3 (tests/support): Dovecot waits for
+//! our lock, and we wait for Dovecot's.
+//!
+//! To have a *real* Dovecot process hold its own uidlist lock for as long as a test needs, the imap
+//! processes get a tiny LD_PRELOAD shim (HOLD_SHIM below, passed through Dovecot's
+//! `import_environment`): it changes nothing, except that once "armed" (a file `arm` in MB_HOLD_DIR)
+//! the first process that creates a `dovecot-uidlist.lock` (Dovecot's own file_dotlock code: O_EXCL
+//! open + write of `<pid>:<host>`, or link() of a written temp file) pauses right after the lock is
+//! complete, reports `held.<pid>`, and goes on when the test creates `release`. So the lock is made,
+//! held and removed by Dovecot itself. (/usr/lib/dovecot/maildirlock, the obvious tool, is broken in
+//! 2.3.19.1: its child panics at once and locks nothing.)
+
+mod support;
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::{message, Dovecot, DovecotOptions, Imap};
+
+const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
+const LOCK: &str = "dovecot-uidlist.lock";
+const EX_TEMPFAIL: i32 = 75;
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn host() -> String {
+    nix::unistd::gethostname().expect("gethostname").to_string_lossy().into_owned()
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+fn mb() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("DOVECOT_HOSTNAME").env_remove("MAILDIR_BACKUP_TEST_LINK_LIES").env_remove("LD_PRELOAD");
+    c.stdin(Stdio::null());
+    c
+}
+
+fn lock_cmd<S: AsRef<std::ffi::OsStr>>(dir: &Path, opts: &[&str], command: &[S]) -> Command {
+    let mut c = mb();
+    c.arg("lock").args(opts).arg(dir).arg("--").args(command);
+    c
+}
+
+struct Running {
+    child: Child,
+    err: File,
+    started: Instant,
+    what: String,
+}
+
+struct Done {
+    status: ExitStatus,
+    stderr: String,
+    elapsed: Duration,
+    what: String,
+}
+
+impl Done {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+    fn show(&self) -> String {
+        format!("{}\n  status: {:?} after {:.2?}\n  stderr: {}", self.what, self.status, self.elapsed, self.stderr)
+    }
+}
+
+fn spawn(mut cmd: Command) -> Running {
+    let err = tempfile::tempfile().unwrap();
+    cmd.stdout(Stdio::null()).stderr(err.try_clone().unwrap());
+    let what = format!("{cmd:?}");
+    let started = Instant::now();
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    Running { child, err, started, what }
+}
+
+impl Running {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    fn wait(mut self, limit: Duration) -> Done {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                self.err.seek(SeekFrom::Start(0)).unwrap();
+                self.err.read_to_string(&mut stderr).unwrap();
+                return Done { status, stderr, elapsed: self.started.elapsed(), what: self.what };
+            }
+            if self.started.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{} still running after {limit:?}", self.what);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn run(cmd: Command, limit: Duration) -> Done {
+    spawn(cmd).wait(limit)
+}
+
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir).map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+}
+
+/// Appends one unflagged message (it lands in new/, so the next SELECT must sync, i.e. take the
+/// uidlist lock) and returns the mailbox's control dir, where `dovecot-uidlist` now exists.
+fn prepare_mailbox(d: &Dovecot, mailbox: &str) -> PathBuf {
+    let mut imap = d.imap("alice");
+    if mailbox != "INBOX" {
+        imap.create(mailbox).unwrap_or_else(|e| panic!("CREATE {mailbox}: {e}"));
+    }
+    imap.append(mailbox, "", &message(1, 300)).unwrap_or_else(|e| panic!("APPEND: {e}\n{}", d.log_tail()));
+    imap.logout();
+    let control = d.mailbox_path("alice", mailbox, "control");
+    assert!(control.join("dovecot-uidlist").exists(), "no uidlist in {}: {:?}", control.display(), files_in(&control));
+    let maildir = d.mailbox_path("alice", mailbox, "mailbox");
+    assert!(!files_in(&maildir.join("new")).is_empty(), "the appended message is not in new/");
+    control
+}
+
+/// Sends SELECT on a fresh connection; the caller polls for its completion.
+fn start_select(d: &Dovecot, mailbox: &str) -> (Imap, String) {
+    let mut imap = d.imap("alice");
+    let tag = imap.send_raw(&format!("SELECT {}", support::imap_quote(mailbox)));
+    (imap, tag)
+}
+
+fn assert_no_dovecot_errors(d: &Dovecot) {
+    let log = fs::read_to_string(d.dir().join("dovecot.log")).unwrap_or_default();
+    for bad in ["Panic:", "Fatal:", "Error:"] {
+        assert!(!log.contains(bad), "dovecot log has {bad}\n{}", d.log_tail());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dovecot waits for our lock
+
+fn dovecot_waits_for_our_lock(opts: DovecotOptions, mailbox: &str) {
+    let d = Dovecot::start(opts);
+    let control = prepare_mailbox(&d, mailbox);
+    let lock = control.join(LOCK);
+    let out = support::tempdir();
+    let inside = out.path().join("inside");
+    let release = out.path().join("release");
+
+    let holder = spawn(lock_cmd(
+        &control,
+        &[],
+        &["sh", "-c", r#"touch "$1"; while [ ! -e "$2" ]; do sleep 0.05; done"#, "sh", inside.to_str().unwrap(), release.to_str().unwrap()],
+    ));
+    assert!(wait_until(secs(10.0), || inside.exists()), "holder did not get the lock");
+    assert_eq!(fs::read_to_string(&lock).unwrap(), format!("{}:{}", holder.pid(), host()));
+
+    let (mut imap, tag) = start_select(&d, mailbox);
+    let blocked = imap.poll_tagged(&tag, secs(2.5));
+    let still_ours = fs::read_to_string(&lock).ok();
+    fs::write(&release, "").unwrap();
+    assert!(blocked.is_none(), "SELECT completed while we held the lock: {blocked:?}");
+    assert_eq!(still_ours, Some(format!("{}:{}", holder.pid(), host())), "Dovecot took our lock away");
+
+    let released_at = Instant::now();
+    let h = holder.wait(secs(10.0));
+    assert_eq!(h.code(), Some(0), "{}", h.show());
+    assert!(h.stderr.is_empty(), "holder warned: {}", h.show());
+    let r = imap.poll_tagged(&tag, secs(10.0)).expect("SELECT still blocked 10 s after our release");
+    let lines = r.unwrap_or_else(|e| panic!("SELECT failed: {e}\n{}", d.log_tail()));
+    assert!(lines.iter().any(|l| l.ends_with(" EXISTS")), "{lines:?}");
+    eprintln!("SELECT completed {:.2?} after our release", released_at.elapsed());
+    assert!(wait_until(secs(5.0), || !lock.exists()), "a lock is left");
+    imap.logout();
+    assert_no_dovecot_errors(&d);
+}
+
+#[test]
+fn dovecot_waits_for_our_lock_inbox() {
+    dovecot_waits_for_our_lock(DovecotOptions::default(), "INBOX");
+}
+
+#[test]
+fn dovecot_waits_for_our_lock_folder_with_control_dir() {
+    dovecot_waits_for_our_lock(DovecotOptions { control: true, excl: false, ..DovecotOptions::default() }, "Archive");
+}
+
+#[test]
+fn dovecot_waits_for_our_maildirlock() {
+    let d = Dovecot::start(DovecotOptions::default());
+    let control = prepare_mailbox(&d, "INBOX");
+    let lock = control.join(LOCK);
+    let errs = support::tempdir();
+
+    // pid=$(maildir-backup maildirlock DIR 10)
+    let mut child = mb()
+        .arg("maildirlock")
+        .arg(&control)
+        .arg("10")
+        .stdout(Stdio::piped())
+        .stderr(File::create(errs.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut pid = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut pid).unwrap();
+    assert!(child.wait().unwrap().success(), "{}", fs::read_to_string(errs.path().join("err")).unwrap());
+    let pid: i32 = pid.parse().unwrap_or_else(|_| panic!("not a pid: {pid:?}"));
+    assert_eq!(fs::read_to_string(&lock).unwrap(), format!("{pid}:{}", host()));
+
+    let (mut imap, tag) = start_select(&d, "INBOX");
+    let blocked = imap.poll_tagged(&tag, secs(2.5));
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    assert!(blocked.is_none(), "SELECT completed while maildirlock held the lock: {blocked:?}");
+    let r = imap.poll_tagged(&tag, secs(10.0)).expect("SELECT still blocked after kill -TERM");
+    r.unwrap_or_else(|e| panic!("SELECT failed: {e}"));
+    assert!(wait_until(secs(5.0), || !lock.exists()));
+    assert_eq!(fs::read_to_string(errs.path().join("err")).unwrap(), "");
+    assert_no_dovecot_errors(&d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// We wait for Dovecot's lock
+
+/// LD_PRELOAD shim for Dovecot's processes: pauses the first armed creator of a uidlist lock while
+/// it holds the lock (see the module comment). Inert unless MB_HOLD_DIR/arm exists.
+const HOLD_SHIM: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char suffix[] = "/dovecot-uidlist.lock";
+static int lock_fd = -1;
+
+static int is_uidlist_lock(const char *p)
+{
+	size_t n = p == NULL ? 0 : strlen(p), s = sizeof(suffix) - 1;
+	return n >= s && strcmp(p + n - s, suffix) == 0;
+}
+
+static void *real(const char *name)
+{
+	void *f = dlsym(RTLD_NEXT, name);
+	if (f == NULL)
+		abort();
+	return f;
+}
+
+/* The lock is complete (content written): pause if armed. */
+static void hold(void)
+{
+	const char *dir = getenv("MB_HOLD_DIR");
+	char arm[4096], rel[4096], held[4096];
+	int saved = errno;
+
+	if (dir == NULL)
+		return;
+	snprintf(arm, sizeof(arm), "%s/arm", dir);
+	snprintf(rel, sizeof(rel), "%s/release", dir);
+	snprintf(held, sizeof(held), "%s/held.%ld", dir, (long)getpid());
+	if (unlink(arm) < 0) { /* not armed, or another process won */
+		errno = saved;
+		return;
+	}
+	int (*creat_real)(const char *, int, ...) = (int (*)(const char *, int, ...))real("open");
+	int fd = creat_real(held, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+	if (fd >= 0)
+		close(fd);
+	while (access(rel, F_OK) != 0) {
+		struct timespec ts = { 0, 20 * 1000 * 1000 };
+		nanosleep(&ts, NULL);
+	}
+	errno = saved;
+}
+
+static int after_open(const char *path, int flags, int fd)
+{
+	if (fd >= 0 && (flags & O_CREAT) && (flags & O_EXCL) && is_uidlist_lock(path))
+		lock_fd = fd;
+	return fd;
+}
+
+#define OPEN_WRAPPER(name)                                                    \
+	int name(const char *path, int flags, ...)                            \
+	{                                                                     \
+		static int (*r)(const char *, int, ...);                      \
+		mode_t mode = 0;                                              \
+		if (flags & O_CREAT) {                                        \
+			va_list ap;                                           \
+			va_start(ap, flags);                                  \
+			mode = va_arg(ap, int);                               \
+			va_end(ap);                                           \
+		}                                                             \
+		if (r == NULL)                                                \
+			r = (int (*)(const char *, int, ...))real(#name);     \
+		return after_open(path, flags, r(path, flags, mode));         \
+	}
+OPEN_WRAPPER(open)
+OPEN_WRAPPER(open64)
+
+ssize_t write(int fd, const void *buf, size_t n)
+{
+	static ssize_t (*r)(int, const void *, size_t);
+	if (r == NULL)
+		r = (ssize_t (*)(int, const void *, size_t))real("write");
+	ssize_t ret = r(fd, buf, n);
+	if (ret > 0 && fd == lock_fd) {
+		lock_fd = -1;
+		hold(); /* O_EXCL mode: the lock has its content now */
+	}
+	return ret;
+}
+
+int close(int fd)
+{
+	static int (*r)(int);
+	if (r == NULL)
+		r = (int (*)(int))real("close");
+	if (fd == lock_fd)
+		lock_fd = -1;
+	return r(fd);
+}
+
+int link(const char *oldpath, const char *newpath)
+{
+	static int (*r)(const char *, const char *);
+	if (r == NULL)
+		r = (int (*)(const char *, const char *))real("link");
+	int ret = r(oldpath, newpath);
+	if (ret == 0 && is_uidlist_lock(newpath))
+		hold(); /* link mode: the temp file was written before the link */
+	return ret;
+}
+
+int linkat(int od, const char *oldpath, int nd, const char *newpath, int flags)
+{
+	static int (*r)(int, const char *, int, const char *, int);
+	if (r == NULL)
+		r = (int (*)(int, const char *, int, const char *, int))real("linkat");
+	int ret = r(od, oldpath, nd, newpath, flags);
+	if (ret == 0 && is_uidlist_lock(newpath))
+		hold();
+	return ret;
+}
+"#;
+
+/// A Dovecot whose processes carry HOLD_SHIM. Dropping `HoldCtl` releases any held lock.
+struct HoldCtl {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl HoldCtl {
+    fn arm(&self) {
+        let _ = fs::remove_file(self.path.join("release"));
+        fs::write(self.path.join("arm"), "").unwrap();
+    }
+    fn release(&self) {
+        fs::write(self.path.join("release"), "").unwrap();
+    }
+    /// pid of the Dovecot process holding the lock, once it does.
+    fn holder(&self, limit: Duration) -> Option<i32> {
+        let mut pid = None;
+        wait_until(limit, || {
+            pid = files_in(&self.path).iter().find_map(|n| n.strip_prefix("held.").and_then(|p| p.parse().ok()));
+            pid.is_some()
+        });
+        pid
+    }
+}
+
+impl Drop for HoldCtl {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path.join("release"), "");
+    }
+}
+
+fn dovecot_with_hold_shim(mut opts: DovecotOptions) -> (Dovecot, HoldCtl) {
+    let dir = support::tempdir();
+    let so = dir.path().join("hold.so");
+    let src = dir.path().join("hold.c");
+    fs::write(&src, HOLD_SHIM).unwrap();
+    let o = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .arg("-ldl")
+        .output()
+        .expect("run cc");
+    assert!(o.status.success(), "cc hold shim: {}", String::from_utf8_lossy(&o.stderr));
+    let ctl = dir.path().join("ctl");
+    fs::create_dir(&ctl).unwrap();
+    fs::set_permissions(&ctl, fs::Permissions::from_mode(0o777)).unwrap(); // imap runs as vmail
+    fs::set_permissions(&so, fs::Permissions::from_mode(0o755)).unwrap();
+    opts.extra_conf.push_str(&format!(
+        "import_environment = TZ LD_PRELOAD={} MB_HOLD_DIR={}\n",
+        so.display(),
+        ctl.display()
+    ));
+    let d = Dovecot::start(opts);
+    (d, HoldCtl { _dir: dir, path: ctl })
+}
+
+fn support_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn proc_comm(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
+}
+
+fn we_wait_for_dovecots_lock(excl: bool) {
+    let (d, hold) = dovecot_with_hold_shim(DovecotOptions { excl, ..DovecotOptions::default() });
+    let control = prepare_mailbox(&d, "INBOX");
+    let lock = control.join(LOCK);
+    let out = support::tempdir();
+    let ran = out.path().join("ran");
+
+    // A client's SELECT makes its imap process lock the uidlist (to move the new message to cur/).
+    hold.arm();
+    let (mut imap, tag) = start_select(&d, "INBOX");
+    let Some(dpid) = hold.holder(secs(10.0)) else {
+        panic!("no Dovecot process took the uidlist lock (is the shim loaded?)\n{}", d.log_tail())
+    };
+    assert_eq!(proc_comm(dpid), "imap", "the lock holder should be Dovecot's imap process");
+    let content = fs::read_to_string(&lock).expect("Dovecot's lock file");
+    assert_eq!(content, format!("{dpid}:{}", host()), "Dovecot's lock format");
+    let ino = fs::metadata(&lock).unwrap().ino();
+
+    // Our lock waits and gives up with 75, leaving Dovecot's lock alone: while the lock is young
+    // (not yet judged by its pid, as in Dovecot) even with a stale timeout shorter than the wait,
+    // with the defaults, and once it is old, again with a tiny stale timeout. A live local pid is
+    // never overridden.
+    for (opts, min_age) in [
+        (&["--stale-timeout", "1", "--timeout", "2.5"][..], 0),
+        (&["--timeout", "2"][..], 0),
+        (&["--stale-timeout", "1", "--timeout", "2"][..], 4),
+    ] {
+        let mtime = fs::metadata(&lock).unwrap().mtime();
+        while support_now() < mtime + min_age {
+            thread::sleep(secs(0.1));
+        }
+        let done = run(lock_cmd(&control, opts, &["touch", ran.to_str().unwrap()]), secs(20.0));
+        assert_eq!(done.code(), Some(EX_TEMPFAIL), "{opts:?}: {}", done.show());
+        assert!(done.elapsed >= secs(1.9), "{}", done.show());
+        assert!(done.stderr.contains(&format!("pid {dpid}")), "message should name Dovecot's pid: {}", done.show());
+        assert!(!ran.exists(), "{opts:?}: our command ran while Dovecot held the lock");
+        assert_eq!(fs::read_to_string(&lock).ok().as_ref(), Some(&content), "{opts:?}: Dovecot's lock was broken");
+        assert_eq!(fs::metadata(&lock).unwrap().ino(), ino, "{opts:?}: Dovecot's lock was replaced");
+    }
+
+    // While we wait, our lock post sits in the control dir (here the Maildir root): Dovecot must
+    // not take it for a mailbox.
+    let waiter = spawn(lock_cmd(&control, &["--timeout", "3"], &["true"]));
+    assert!(
+        wait_until(secs(2.0), || files_in(&control).iter().any(|n| n.contains("temp."))),
+        "no lock post while waiting: {:?}",
+        files_in(&control)
+    );
+    let list = d.doveadm_ok(&["mailbox", "list", "-u", "alice"]);
+    let w = waiter.wait(secs(20.0));
+    assert_eq!(w.code(), Some(EX_TEMPFAIL), "{}", w.show());
+    assert_eq!(list.split_whitespace().collect::<Vec<_>>(), vec!["INBOX"], "mailboxes while our post existed");
+    assert!(!files_in(&control).iter().any(|n| n.contains("temp.")), "post left: {:?}", files_in(&control));
+
+    // Dovecot finishes; its SELECT completes and it removes its lock; now we get it.
+    assert!(imap.poll_tagged(&tag, secs(0.1)).is_none(), "SELECT finished while its process was paused?");
+    hold.release();
+    let r = imap.poll_tagged(&tag, secs(10.0)).expect("SELECT did not complete after the hold");
+    r.unwrap_or_else(|e| panic!("SELECT failed: {e}\n{}", d.log_tail()));
+    assert!(wait_until(secs(5.0), || !lock.exists()), "Dovecot did not remove its lock");
+    let done = run(lock_cmd(&control, &["--timeout", "5"], &["touch", ran.to_str().unwrap()]), secs(20.0));
+    assert_eq!(done.code(), Some(0), "{}", done.show());
+    assert!(ran.exists());
+    imap.logout();
+    assert_no_dovecot_errors(&d);
+}
+
+#[test]
+fn we_wait_for_dovecots_lock_excl_mode() {
+    we_wait_for_dovecots_lock(true);
+}
+
+#[test]
+fn we_wait_for_dovecots_lock_link_mode() {
+    we_wait_for_dovecots_lock(false);
+}
