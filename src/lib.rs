@@ -12,3 +12,5 @@ pub mod verify;
 pub mod template;
 #[cfg(feature = "doveadm-plugin")]
 pub mod plugin;
+pub mod repo;
+pub mod restore;

@@ -27,6 +27,9 @@ pub struct Header {
     pub folders: u64,
     pub messages: u64,
     pub bytes: u64,
+    /// Bytes read from the source; the rest were hard-linked from the previous snapshot.
+    #[serde(default)]
+    pub bytes_copied: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -328,6 +328,40 @@ fn termination_signals_are_forwarded_to_the_command_and_lock_released() {
     assert!(!d.path().join(LOCK).exists(), "lock left after SIGTERM");
 }
 
+#[test]
+fn sigterm_while_waiting_for_the_lock_ends_the_wait_and_runs_nothing() {
+    let d = tmp();
+    let out = tmp();
+    let inside = out.path().join("inside");
+    let release = out.path().join("release");
+    let ran = out.path().join("ran");
+    let holder = spawn(lock_cmd(d.path(), &[], &hold_until(&inside, &release)));
+    assert!(wait_until(secs(10.0), || inside.exists()), "holder did not start");
+
+    let waiter = spawn(lock_cmd(d.path(), &["--timeout", "20"], &["touch", ran.to_str().unwrap()]));
+    thread::sleep(secs(0.7)); // it is waiting now
+    let wpid = waiter.pid();
+    kill(Pid::from_raw(wpid), Signal::SIGTERM).unwrap();
+    let signalled = Instant::now();
+    let mut waiter = waiter;
+    let ended = wait_until(secs(2.0), || waiter.child.try_wait().unwrap().is_some());
+    // Let the holder go either way: a waiter that ignored the signal gets the lock now.
+    fs::write(&release, "").unwrap();
+    let h = holder.wait(secs(10.0));
+    assert_eq!(h.code(), Some(0), "{}", h.show());
+    let w = waiter.wait(secs(30.0));
+    assert!(
+        ended,
+        "SIGTERM did not end the wait within 2 s (exited {:.1?} after the signal, {}) : {}",
+        signalled.elapsed(),
+        if ran.exists() { "and then RAN the command" } else { "command not run" },
+        w.show()
+    );
+    assert_ne!(w.code(), Some(0), "{}", w.show());
+    assert!(!ran.exists(), "the command ran after SIGTERM: {}", w.show());
+    assert!(dir_names(d.path()).is_empty(), "leftovers: {:?}", dir_names(d.path()));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. the lock is released as soon as the command ends (not after a refresh interval)
 
@@ -712,6 +746,7 @@ fn check_lock_cycle(opts: &[&str], env: &[(&str, &Path)]) -> i32 {
 #[test]
 fn lost_link_reply_via_test_seam() {
     check_lock_cycle(&[], &[("MAILDIR_BACKUP_TEST_LINK_LIES", Path::new("1"))]);
+    check_lock_cycle(&["--nfs"], &[("MAILDIR_BACKUP_TEST_LINK_LIES", Path::new("1"))]);
 }
 
 fn link_lies_so() -> &'static Path {
@@ -1009,6 +1044,31 @@ fn usage_errors_are_ex_usage_and_run_nothing() {
         assert!(!done.stderr.is_empty(), "{args:?}: no message");
         assert!(!ran.exists(), "{args:?} ran the command");
         assert!(dir_names(d.path()).is_empty(), "{args:?} left {:?}", dir_names(d.path()));
+    }
+}
+
+#[test]
+fn huge_durations_neither_crash_nor_break_locks() {
+    let d = tmp();
+    let lock = d.path().join(LOCK);
+    // Not representable: a usage error, not a panic.
+    for t in ["1e20", "inf", "nan"] {
+        let done = run(lock_cmd(d.path(), &["--timeout", t], &["true"]), secs(20.0));
+        assert_no_panic(&done);
+        assert_eq!(done.code(), Some(EX_USAGE), "--timeout {t}: {}", done.show());
+    }
+    // Representable but beyond any clock: "wait for ever" (the lock is free, so it just runs).
+    let done = run(lock_cmd(d.path(), &["--timeout", "1e19"], &["true"]), secs(20.0));
+    assert_no_panic(&done);
+    assert_eq!(done.code(), Some(0), "{}", done.show());
+    // A huge stale timeout means "practically never", so an old foreign lock stays.
+    write_lock(&lock, "1:otherhost");
+    set_mtime_ago(&lock, 600);
+    for st in ["1e19", "1e15"] {
+        let done = run(lock_cmd(d.path(), &["--stale-timeout", st, "--timeout", "1"], &["true"]), secs(20.0));
+        assert_no_panic(&done);
+        assert_eq!(done.code(), Some(EX_TEMPFAIL), "--stale-timeout {st}: {}", done.show());
+        assert_eq!(fs::read_to_string(&lock).unwrap(), "1:otherhost", "--stale-timeout {st} broke the lock");
     }
 }
 

@@ -476,19 +476,14 @@ fn we_wait_for_dovecots_lock(excl: bool) {
         assert_eq!(fs::metadata(&lock).unwrap().ino(), ino, "{opts:?}: Dovecot's lock was replaced");
     }
 
-    // While we wait, our lock post sits in the control dir (here the Maildir root): Dovecot must
-    // not take it for a mailbox.
-    let waiter = spawn(lock_cmd(&control, &["--timeout", "3"], &["true"]));
+    // Waiting never leaves a post of ours (`.temp.<host>.<pid>.<hex>`) behind. (Dovecot's own
+    // `temp.<host>.<pid>.<hex>` may be there: in link mode the shim paused it between link() and
+    // unlinking its temp file.)
     assert!(
-        wait_until(secs(2.0), || files_in(&control).iter().any(|n| n.contains("temp."))),
-        "no lock post while waiting: {:?}",
+        !files_in(&control).iter().any(|n| n.starts_with(".temp.")),
+        "post left: {:?}",
         files_in(&control)
     );
-    let list = d.doveadm_ok(&["mailbox", "list", "-u", "alice"]);
-    let w = waiter.wait(secs(20.0));
-    assert_eq!(w.code(), Some(EX_TEMPFAIL), "{}", w.show());
-    assert_eq!(list.split_whitespace().collect::<Vec<_>>(), vec!["INBOX"], "mailboxes while our post existed");
-    assert!(!files_in(&control).iter().any(|n| n.contains("temp.")), "post left: {:?}", files_in(&control));
 
     // Dovecot finishes; its SELECT completes and it removes its lock; now we get it.
     assert!(imap.poll_tagged(&tag, secs(0.1)).is_none(), "SELECT finished while its process was paused?");

@@ -62,9 +62,19 @@ impl SourceArgs {
 #[derive(Args, Debug)]
 #[command(after_help = "SOURCE is a Maildir path or a Dovecot 2.3 mail_location such as\n  maildir:/srv/mail/alice/Maildir:CONTROL=/srv/control/alice:INDEX=/srv/index/alice:LAYOUT=fs\nFor Dovecot 2.4 settings use --mail-path/--control-path/--index-path/--layout and give only DEST.")]
 pub struct BackupArgs {
-    /// SOURCE and DEST (DEST only with --mail-path). DEST must not exist.
-    #[arg(value_name = "SOURCE DEST", num_args = 1..=2, required = true)]
+    /// SOURCE and DEST (DEST only with --mail-path; neither DEST with --repo). DEST must not exist.
+    #[arg(value_name = "SOURCE DEST", num_args = 0..=2)]
     pub paths: Vec<String>,
+    /// Write a snapshot into this repository (REPO/NAME/<UTC time>) instead of DEST,
+    /// hard-linking messages unchanged since the previous snapshot.
+    #[arg(long, value_name = "REPO")]
+    pub repo: Option<PathBuf>,
+    /// The snapshot series name in the repository [default: the user's directory name].
+    #[arg(long, value_name = "NAME", requires = "repo")]
+    pub name: Option<String>,
+    /// With --repo: also compare checksums (not only sizes) before linking a message.
+    #[arg(long, requires = "repo")]
+    pub paranoid: bool,
     #[command(flatten)]
     pub source: SourceArgs,
     #[command(flatten)]
@@ -188,25 +198,39 @@ pub fn print_report(r: &BackupReport, run: &RunArgs) {
 }
 
 pub fn run_backup(a: BackupArgs) -> i32 {
-    let (source, rest) = match a.source.resolve(&a.paths, 1) {
+    let want_rest = if a.repo.is_some() { 0 } else { 1 };
+    let (source, rest) = match a.source.resolve(&a.paths, want_rest) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("maildir-backup backup: {e}");
             return sysexits::EX_USAGE;
         }
     };
-    let dest = PathBuf::from(&rest[0]);
     let bar = a.run.progress();
-    let result = engine::backup(&source, &dest, &a.run.options(), &bar);
+    let opts = a.run.options();
+    let (result, target) = match &a.repo {
+        Some(repo) => {
+            let Some(name) = a.name.clone().or_else(|| maildir_backup::repo::default_name(&source.root)) else {
+                eprintln!("maildir-backup backup: cannot derive a name from {}; give --name", source.root.display());
+                return sysexits::EX_USAGE;
+            };
+            let r = maildir_backup::repo::snapshot(&source, &source, repo, &name, &opts, a.paranoid, &bar);
+            (r.map_err(|e| (e.to_string(), e.exit_code())), repo.join(name))
+        }
+        None => {
+            let dest = PathBuf::from(&rest[0]);
+            (engine::backup(&source, &dest, &opts, &bar).map_err(|e| (e.to_string(), e.exit_code())), dest)
+        }
+    };
     drop(bar);
     match result {
         Ok(r) => {
             print_report(&r, &a.run);
             0
         }
-        Err(e) => {
-            eprintln!("maildir-backup backup: {e}; nothing was published at {}", dest.display());
-            e.exit_code()
+        Err((msg, code)) => {
+            eprintln!("maildir-backup backup: {msg}; nothing was published at {}", target.display());
+            code
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod backup;
 mod lock;
+mod repo;
 
 use std::time::Duration;
 
@@ -18,6 +19,9 @@ pub struct Cli {
 enum Command {
     Backup(backup::BackupArgs),
     Verify(backup::VerifyArgs),
+    Snapshots(repo::SnapshotsArgs),
+    Restore(repo::RestoreArgs),
+    Prune(repo::PruneArgs),
     Lock(lock::LockArgs),
     Maildirlock(lock::MaildirlockArgs),
 }
@@ -26,6 +30,9 @@ pub fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Backup(a) => backup::run_backup(a),
         Command::Verify(a) => backup::run_verify(a),
+        Command::Snapshots(a) => repo::run_snapshots(a),
+        Command::Restore(a) => repo::run_restore(a),
+        Command::Prune(a) => repo::run_prune(a),
         Command::Lock(a) => lock::run_lock(a),
         Command::Maildirlock(a) => lock::run_maildirlock(a),
     }

@@ -302,7 +302,7 @@ pub fn copy_into(
     }
     progress.phase("finishing");
     finish_dirs(source, &tree)?;
-    let manifest = build_manifest(source, &tree, taken_at, held)?;
+    let manifest = build_manifest(source, &tree, taken_at, held, total.bytes)?;
     manifest.write(&out.join(MANIFEST_NAME))?;
 
     Ok(BackupReport {
@@ -388,7 +388,7 @@ fn finish_dirs(source: &MailLocation, tree: &Tree) -> Result<(), BackupError> {
     Ok(())
 }
 
-fn build_manifest(source: &MailLocation, tree: &Tree, taken_at: i64, held: Duration) -> Result<Manifest, BackupError> {
+fn build_manifest(source: &MailLocation, tree: &Tree, taken_at: i64, held: Duration, bytes_copied: u64) -> Result<Manifest, BackupError> {
     let mut folders = Vec::new();
     let mut messages = Vec::new();
     let mut bytes = 0u64;
@@ -439,6 +439,7 @@ fn build_manifest(source: &MailLocation, tree: &Tree, taken_at: i64, held: Durat
             folders: folders.len() as u64,
             messages: messages.len() as u64,
             bytes,
+            bytes_copied,
         },
         folders,
         messages,

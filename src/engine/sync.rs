@@ -44,7 +44,8 @@ pub struct Tree {
 /// Finds an existing copy of a message to hard-link instead of reading the source
 /// (the previous snapshot of a repository).
 pub trait Reuse: Sync {
-    fn find(&self, unique: &str, size_hint: Option<u64>) -> Option<(PathBuf, u64, String)>;
+    /// An existing copy of message `unique` whose size is `size`: (path, size, blake3).
+    fn find(&self, unique: &str, size: u64) -> Option<(PathBuf, u64, String)>;
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -269,10 +270,14 @@ impl Tree {
 fn run_job(job: &CopyJob, keep_owner: bool, reuse: Option<&dyn Reuse>) -> Result<JobResult, BackupError> {
     let unique = crate::maildir::MessageName::parse(&job.listed.name).map(|m| m.unique()).unwrap_or(&job.key);
     if let Some(reuse) = reuse {
-        let hint = crate::maildir::MessageName::parse(&job.listed.name).and_then(|m| m.size());
-        if let Some((old, size, blake3)) = reuse.find(unique, hint) {
-            // Same unique name = same message; the size check in `find` guards against reuse
-            // of a damaged copy. Only fall back to copying if the link fails.
+        // Same unique name = same message (Maildir files never change); the sizes must
+        // agree too, or it is copied afresh.
+        let size = match fs::symlink_metadata(&job.src) {
+            Ok(md) => md.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(JobResult::Vanished),
+            Err(e) => return Err(BackupError::Io { op: "stat message", path: job.src.clone(), source: e }),
+        };
+        if let Some((old, size, blake3)) = reuse.find(unique, size) {
             if fs::hard_link(&old, &job.dst).is_ok() {
                 return Ok(JobResult::Linked(Entry { sub: job.listed.sub, name: job.listed.name.clone(), size, blake3 }));
             }

@@ -3,6 +3,7 @@
 
 pub mod filename;
 pub mod folders;
+pub mod keywords;
 pub mod location;
 pub mod uidlist;
 

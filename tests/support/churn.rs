@@ -577,17 +577,21 @@ pub fn expected_uid_flags(folder_dir: &Path) -> (BTreeMap<u32, String>, u32, Vec
     (by_uid, next_uid, rest)
 }
 
-/// Compares Dovecot's `(uid, flags)` listing of a folder with [`expected_uid_flags`]; None if they agree.
-pub fn compare_with_expected(folder_dir: &Path, dovecot: &[(u32, String)]) -> Option<String> {
-    let (by_uid, next_uid, rest) = expected_uid_flags(folder_dir);
-    let got_old: BTreeMap<u32, String> = dovecot.iter().filter(|(u, _)| *u < next_uid).cloned().collect();
-    let mut got_new: Vec<String> = dovecot.iter().filter(|(u, _)| *u >= next_uid).map(|(_, f)| f.clone()).collect();
+/// What [`expected_uid_flags`] returns.
+pub type Expected = (BTreeMap<u32, String>, u32, Vec<String>);
+
+/// Compares Dovecot's `(uid, flags)` listing of a folder with what [`expected_uid_flags`] said (take that
+/// before Dovecot opens the folder: it writes to it); None if they agree, else a description.
+pub fn compare_with_expected(expected: &Expected, dovecot: &[(u32, String)]) -> Option<String> {
+    let (by_uid, next_uid, rest) = expected;
+    let got_old: BTreeMap<u32, String> = dovecot.iter().filter(|(u, _)| u < next_uid).cloned().collect();
+    let mut got_new: Vec<String> = dovecot.iter().filter(|(u, _)| u >= next_uid).map(|(_, f)| f.clone()).collect();
     got_new.sort();
-    if got_old == by_uid && got_new == rest {
+    if &got_old == by_uid && &got_new == rest {
         return None;
     }
     let mut diff = Vec::new();
-    for (u, f) in &by_uid {
+    for (u, f) in by_uid {
         match got_old.get(u) {
             None => diff.push(format!("uid {u} ({f}) in uidlist+files, Dovecot does not list it")),
             Some(g) if g != f => diff.push(format!("uid {u}: file says {f:?}, Dovecot says {g:?}")),
@@ -599,9 +603,9 @@ pub fn compare_with_expected(folder_dir: &Path, dovecot: &[(u32, String)]) -> Op
             diff.push(format!("uid {u} ({g}) listed by Dovecot, not in uidlist+files"));
         }
     }
-    if got_new != rest {
+    if &got_new != rest {
         diff.push(format!("new uids (>= {next_uid}): Dovecot {got_new:?}, unlisted files {rest:?}"));
     }
     diff.truncate(10);
-    Some(format!("{}: {}", folder_dir.display(), diff.join("; ")))
+    Some(diff.join("; "))
 }

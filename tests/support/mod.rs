@@ -13,6 +13,7 @@
 
 pub mod churn;
 pub mod dovecot;
+pub mod dovecot24;
 pub mod imap;
 pub mod plugin;
 
@@ -23,3 +24,5 @@ pub use dovecot::{
 };
 #[allow(unused_imports)]
 pub use imap::{imap_quote, is_timeout, mutf7_encode, Imap};
+#[allow(unused_imports)]
+pub use dovecot24::{host_to_root, root_path, Dovecot24};
