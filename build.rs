@@ -47,13 +47,39 @@ fn main() {
     println!("cargo:rustc-env=MB_DOVECOT_ABI_VERSION={abi}");
     println!("cargo:rerun-if-changed={}", config_h.display());
 
+    let major: u32 = read_define_raw(&config_h, "DOVECOT_VERSION_MAJOR").and_then(|v| v.parse().ok()).unwrap_or(2);
+    let minor: u32 = read_define_raw(&config_h, "DOVECOT_VERSION_MINOR").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let is_24 = (major, minor) >= (2, 4);
+    println!("cargo:rustc-env=MB_DOVECOT_RELEASE={major}.{minor}");
+
     let mut build = cc::Build::new();
     build.file("c-shim/doveadm-maildir-backup.c").include("c-shim").define("HAVE_CONFIG_H", None).flag_if_supported("-std=gnu99");
     build.flag_if_supported("-Wno-unused-parameter");
+    if is_24 {
+        build.file("c-shim/maildir-backup-settings.c");
+    }
     for dir in &includes {
         build.include(dir);
     }
     build.compile("maildir_backup_shim");
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+
+    if is_24 {
+        // Dovecot 2.4's config process learns our settings only from a module of its own.
+        let so = out.join("libmaildir_backup_settings.so");
+        let mut cmd = cc::Build::new().get_compiler().to_command();
+        cmd.args(["-shared", "-fPIC", "-std=gnu99", "-DHAVE_CONFIG_H", "-Ic-shim"]);
+        for dir in &includes {
+            cmd.arg(format!("-I{}", dir.display()));
+        }
+        cmd.arg("c-shim/maildir-backup-settings.c").arg("-o").arg(&so);
+        let status = cmd.status().expect("run the C compiler for the settings module");
+        assert!(status.success(), "building libmaildir_backup_settings.so failed");
+        // Next to the plugin (target/<profile>/), where the Makefile and the tests look.
+        if let Some(profile_dir) = out.ancestors().nth(3) {
+            let _ = fs::copy(&so, profile_dir.join("libmaildir_backup_settings.so"));
+        }
+    }
 
     let bindings = bindgen::Builder::default()
         .header("c-shim/maildir-backup-shim.h")
@@ -61,7 +87,6 @@ fn main() {
         .allowlist_function("mb_shim_.*")
         .generate()
         .expect("bindgen: c-shim/maildir-backup-shim.h");
-    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     bindings.write_to_file(out.join("shim_bindings.rs")).expect("write shim_bindings.rs");
 }
 
@@ -81,6 +106,15 @@ fn read_dovecot_config(path: &Path) -> HashMap<String, String> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches(|c| c == '"' || c == '\'').to_string()))
         .collect()
+}
+
+/// The raw value of `#define NAME value` in a header.
+fn read_define_raw(path: &Path, name: &str) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("#define ")?.trim_start().strip_prefix(name)?;
+        rest.starts_with(char::is_whitespace).then(|| rest.trim().to_string())
+    })
 }
 
 /// The string value of `#define NAME "value"` in a header.

@@ -18,6 +18,10 @@
 #include "doveadm-mail.h"
 #include "doveadm-print.h"
 #include "maildir-backup-shim.h"
+#if DOVECOT_PREREQ(2,4,0)
+#  include "settings.h"
+#  include "maildir-backup-settings.h"
+#endif
 
 #ifndef DOVECOT_PREREQ
 #  define DOVECOT_PREREQ(maj, min, micro) 0
@@ -105,14 +109,40 @@ static void print_failed_box(const char *username, const char *vname, const char
 	doveadm_print(why);
 }
 
-static const char *get_setting(struct mail_user *user, const char *name)
+/* The plugin's settings from dovecot.conf, as strings (NULL: not set). */
+struct backup_settings {
+	const char *dest, *lock_timeout, *jobs;
+	bool with_indexes;
+};
+
+static int get_settings(struct mail_user *user, struct backup_settings *set_r)
 {
 #if DOVECOT_PREREQ(2,4,0)
-	(void)user; (void)name;
-	return NULL; /* 2.4: see maildir-backup-settings.c */
+	const struct maildir_backup_settings *set;
+	const char *error;
+
+	if (settings_get(user->event, &maildir_backup_setting_parser_info, 0,
+			 &set, &error) < 0) {
+		i_error("maildir-backup: settings: %s", error);
+		return -1;
+	}
+	set_r->dest = set->maildir_backup_dest[0] == '\0' ? NULL :
+		t_strdup(set->maildir_backup_dest);
+	set_r->lock_timeout = dec2str(set->maildir_backup_lock_timeout);
+	set_r->jobs = dec2str(set->maildir_backup_jobs);
+	set_r->with_indexes = set->maildir_backup_with_indexes;
+	settings_free(set);
 #else
-	return mail_user_plugin_getenv(user, name);
+	const char *value;
+
+	set_r->dest = mail_user_plugin_getenv(user, "maildir_backup_dest");
+	set_r->lock_timeout = mail_user_plugin_getenv(user, "maildir_backup_lock_timeout");
+	set_r->jobs = mail_user_plugin_getenv(user, "maildir_backup_jobs");
+	value = mail_user_plugin_getenv(user, "maildir_backup_with_indexes");
+	set_r->with_indexes = value != NULL &&
+		(strcasecmp(value, "yes") == 0 || strcmp(value, "1") == 0);
 #endif
+	return 0;
 }
 
 static int
@@ -120,7 +150,8 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 {
 	const char *const all[] = { "*", NULL };
 	const char *const *patterns = all;
-	const char *dest = NULL, *timeout_str = NULL, *value;
+	const char *dest = NULL, *timeout_str = NULL;
+	struct backup_settings set;
 	int64_t jobs = 0;
 	bool with_indexes = FALSE;
 	struct mailbox_list_iterate_context *iter;
@@ -141,18 +172,21 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 	(void)doveadm_cmd_param_bool(ctx->cctx, "with-indexes", &with_indexes);
 
 	/* Settings from dovecot.conf; the command line wins. */
-	if (dest == NULL)
-		dest = get_setting(user, "maildir_backup_dest");
-	if (timeout_str == NULL)
-		timeout_str = get_setting(user, "maildir_backup_lock_timeout");
-	if (jobs == 0 && (value = get_setting(user, "maildir_backup_jobs")) != NULL &&
-	    str_to_int64(value, &jobs) < 0) {
-		i_error("maildir-backup: invalid maildir_backup_jobs: %s", value);
+	if (get_settings(user, &set) < 0) {
 		ctx->exit_code = EX_CONFIG;
 		return -1;
 	}
-	if (!with_indexes && (value = get_setting(user, "maildir_backup_with_indexes")) != NULL)
-		with_indexes = strcasecmp(value, "yes") == 0 || strcmp(value, "1") == 0;
+	if (dest == NULL)
+		dest = set.dest;
+	if (timeout_str == NULL)
+		timeout_str = set.lock_timeout;
+	if (jobs == 0 && set.jobs != NULL && str_to_int64(set.jobs, &jobs) < 0) {
+		i_error("maildir-backup: invalid maildir_backup_jobs: %s", set.jobs);
+		ctx->exit_code = EX_CONFIG;
+		return -1;
+	}
+	if (!with_indexes)
+		with_indexes = set.with_indexes;
 
 	inbox_ns = mail_namespace_find_inbox(user->namespaces);
 	if (inbox_ns == NULL ||

@@ -16,6 +16,7 @@ pub mod dovecot;
 pub mod dovecot24;
 pub mod imap;
 pub mod plugin;
+pub mod plugin_users;
 
 #[allow(unused_imports)]
 pub use dovecot::{

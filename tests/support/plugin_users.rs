@@ -47,7 +47,7 @@ pub fn add_userdb_user(d: &Dovecot, user: &str, extra: &str) {
         let out = d.doveadm(&["user", user]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let ok = out.status.success()
-            && want_mail.as_ref().is_none_or(|m| text.lines().any(|l| l.starts_with("mail") && l.ends_with(m.as_str())));
+            && want_mail.as_ref().map_or(true, |m| text.lines().any(|l| l.starts_with("mail") && l.ends_with(m.as_str())));
         if ok {
             return;
         }
@@ -318,12 +318,14 @@ pub fn letters_to_imap(letters: &str, kw: &BTreeMap<u32, String>) -> String {
     normalize_flags(&v.join(" "))
 }
 
-/// What a folder's own files promise a reader: message files (unique → IMAP flags), the uidlist's
-/// uid → unique (only lines whose file exists) and the first uid a reader may give unlisted files.
+/// What a folder's own files promise a reader: message files (unique name → IMAP flags), the uidlist's
+/// uid → (unique name, GUID) for lines whose file exists (the GUID is the line's `G` extension if it has
+/// one — Dovecot keeps a message's GUID across COPY/MOVE — else the unique name), and the first uid a
+/// reader may give files the uidlist does not list.
 #[derive(Debug, Clone)]
 pub struct FolderView {
     pub files: BTreeMap<String, String>,
-    pub listed: BTreeMap<u32, String>,
+    pub listed: BTreeMap<u32, (String, String)>,
     pub next_uid: u32,
 }
 
@@ -353,12 +355,14 @@ pub fn folder_view(folder_dir: &Path) -> FolderView {
             }
         }
         for l in lines {
-            let Some((left, name)) = l.split_once(" :").or_else(|| l.split_once(':')) else { continue };
-            let Ok(uid) = left.split(' ').next().unwrap_or("").parse::<u32>() else { continue };
+            let Some((left, name)) = l.split_once(" :") else { continue };
+            let mut fields = left.split(' ');
+            let Ok(uid) = fields.next().unwrap_or("").parse::<u32>() else { continue };
             next_uid = next_uid.max(uid + 1);
             let unique = name.split(':').next().unwrap_or(name).to_string();
+            let guid = fields.find_map(|f| f.strip_prefix('G')).map(str::to_string).unwrap_or_else(|| unique.clone());
             if files.contains_key(&unique) {
-                listed.insert(uid, unique);
+                listed.insert(uid, (unique, guid));
             }
         }
     }
@@ -366,34 +370,42 @@ pub fn folder_view(folder_dir: &Path) -> FolderView {
 }
 
 /// Compares what Dovecot lists for a folder with [`folder_view`] of its files (taken before Dovecot
-/// opened it): every file exactly once, listed ones under their uidlist uid, unlisted ones with new uids,
-/// flags from the file names. Returns the differences (empty: consistent).
+/// opened it): every file exactly once, listed ones under their uidlist uid and GUID, unlisted ones with
+/// new uids, flags from the file names. Returns the differences (empty: consistent).
 pub fn compare_view(view: &FolderView, got: &[Msg]) -> Vec<String> {
     let mut problems = Vec::new();
-    let mut seen: HashMap<&str, u32> = HashMap::new();
+    let mut seen: HashMap<String, u32> = HashMap::new();
     for m in got {
-        if let Some(prev) = seen.insert(m.guid.as_str(), m.uid) {
-            problems.push(format!("{} listed twice (uids {prev} and {})", m.guid, m.uid));
+        // Which file Dovecot means: the uidlist's for listed uids, the GUID (= file name) otherwise.
+        let unique = match view.listed.get(&m.uid) {
+            Some((unique, guid)) => {
+                if *guid != m.guid {
+                    problems.push(format!("uid {}: uidlist says GUID {guid} ({unique}), Dovecot says {}", m.uid, m.guid));
+                }
+                unique.clone()
+            }
+            None => {
+                if m.uid < view.next_uid {
+                    problems.push(format!("uid {} {}: below next uid {} but not in the uidlist", m.uid, m.guid, view.next_uid));
+                }
+                if view.listed.values().any(|(u, _)| *u == m.guid) {
+                    problems.push(format!("uid {} {}: the uidlist gives this file another uid", m.uid, m.guid));
+                }
+                m.guid.clone()
+            }
+        };
+        if let Some(prev) = seen.insert(unique.clone(), m.uid) {
+            problems.push(format!("{unique} listed twice (uids {prev} and {})", m.uid));
         }
-        match view.files.get(&m.guid) {
-            None => problems.push(format!("uid {} {}: Dovecot lists it, there is no such file", m.uid, m.guid)),
-            Some(f) if *f != m.flags => problems.push(format!("uid {} {}: file says {f:?}, Dovecot says {:?}", m.uid, m.guid, m.flags)),
+        match view.files.get(&unique) {
+            None => problems.push(format!("uid {} {unique}: Dovecot lists it, there is no such file", m.uid)),
+            Some(f) if *f != m.flags => problems.push(format!("uid {} {unique}: file says {f:?}, Dovecot says {:?}", m.uid, m.flags)),
             Some(_) => {}
-        }
-        match view.listed.get(&m.uid) {
-            Some(u) if *u != m.guid => problems.push(format!("uid {}: uidlist says {u}, Dovecot says {}", m.uid, m.guid)),
-            None if m.uid < view.next_uid => problems.push(format!("uid {} {}: below next uid {} but not in the uidlist", m.uid, m.guid, view.next_uid)),
-            _ => {}
         }
     }
     for u in view.files.keys() {
-        if !seen.contains_key(u.as_str()) {
+        if !seen.contains_key(u) {
             problems.push(format!("file {u}: Dovecot does not list it"));
-        }
-    }
-    for (uid, u) in &view.listed {
-        if seen.get(u.as_str()).is_some_and(|got| got != uid) {
-            problems.push(format!("{u}: uidlist gives uid {uid}, Dovecot uid {}", seen[u.as_str()]));
         }
     }
     problems.truncate(20);
