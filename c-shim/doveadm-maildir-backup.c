@@ -145,6 +145,28 @@ static int get_settings(struct mail_user *user, struct backup_settings *set_r)
 	return 0;
 }
 
+/* The user's Maildir root and, when they live elsewhere, its control and index roots. */
+static int get_roots(struct mail_user *user, struct mail_namespace **ns_r,
+		     const char **root_r, const char **control_r, const char **index_r)
+{
+	struct mail_namespace *ns = mail_namespace_find_inbox(user->namespaces);
+
+	if (ns == NULL ||
+	    !mailbox_list_get_root_path(ns->list, MAILBOX_LIST_PATH_TYPE_MAILBOX, root_r)) {
+		i_error("maildir-backup: user %s has no INBOX namespace with a mail root",
+			user->username);
+		return -1;
+	}
+	if (!mailbox_list_get_root_path(ns->list, MAILBOX_LIST_PATH_TYPE_CONTROL, control_r) ||
+	    strcmp(*control_r, *root_r) == 0)
+		*control_r = NULL;
+	if (!mailbox_list_get_root_path(ns->list, MAILBOX_LIST_PATH_TYPE_INDEX, index_r) ||
+	    strcmp(*index_r, *root_r) == 0)
+		*index_r = NULL;
+	*ns_r = ns;
+	return 0;
+}
+
 static int
 cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *user)
 {
@@ -188,18 +210,10 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 	if (!with_indexes)
 		with_indexes = set.with_indexes;
 
-	inbox_ns = mail_namespace_find_inbox(user->namespaces);
-	if (inbox_ns == NULL ||
-	    !mailbox_list_get_root_path(inbox_ns->list, MAILBOX_LIST_PATH_TYPE_MAILBOX, &root)) {
-		i_error("maildir-backup: user %s has no INBOX namespace with a mail root",
-			user->username);
+	if (get_roots(user, &inbox_ns, &root, &control_root, &index_root) < 0) {
 		ctx->exit_code = EX_CONFIG;
 		return -1;
 	}
-	if (!mailbox_list_get_root_path(inbox_ns->list, MAILBOX_LIST_PATH_TYPE_CONTROL, &control_root))
-		control_root = NULL;
-	if (!mailbox_list_get_root_path(inbox_ns->list, MAILBOX_LIST_PATH_TYPE_INDEX, &index_root))
-		index_root = NULL;
 
 	t_array_init(&boxes, 16);
 	t_array_init(&folders, 16);
@@ -265,8 +279,8 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 	job.username = user->username;
 	job.dest_template = dest;
 	job.root_dir = root;
-	job.control_root = control_root != NULL && strcmp(control_root, root) != 0 ? control_root : NULL;
-	job.index_root = index_root != NULL && strcmp(index_root, root) != 0 ? index_root : NULL;
+	job.control_root = control_root;
+	job.index_root = index_root;
 	job.layout = inbox_ns->list->name;
 	job.folders = array_front(&folders);
 	job.folder_count = array_count(&folders);
@@ -360,9 +374,121 @@ DOVEADM_CMD_PARAM('\0', "destination", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
 DOVEADM_CMD_PARAMS_END
 };
 
+/* doveadm maildir-backup-restore */
+
+struct restore_row_ctx {
+	const char *username;
+};
+
+static void cb_restore_row(void *context, const char *mode, uint64_t restored,
+			   uint64_t skipped, const char *status)
+{
+	struct restore_row_ctx *rc = context;
+
+	doveadm_print(rc->username);
+	doveadm_print(mode);
+	doveadm_print_num(restored);
+	doveadm_print_num(skipped);
+	doveadm_print(status);
+}
+
+static void cb_restore_error(void *context, const char *message)
+{
+	struct restore_row_ctx *rc = context;
+
+	i_error("maildir-backup-restore: user %s: %s", rc->username, message);
+}
+
+static int
+cmd_maildir_backup_restore_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *user)
+{
+	struct mb_restore_job job;
+	struct restore_row_ctx rc;
+	struct mail_namespace *ns;
+	const char *root, *control_root, *index_root;
+	bool dry_run = FALSE;
+	int code;
+
+	i_zero(&job);
+	if (!doveadm_cmd_param_str(ctx->cctx, "snapshot", &job.snapshot_template)) {
+		i_error("maildir-backup-restore: no snapshot given");
+		ctx->exit_code = EX_USAGE;
+		return -1;
+	}
+	(void)doveadm_cmd_param_array(ctx->cctx, "folder", &job.folders);
+	(void)doveadm_cmd_param_array(ctx->cctx, "message", &job.messages);
+	(void)doveadm_cmd_param_array(ctx->cctx, "uid", &job.uids);
+	(void)doveadm_cmd_param_bool(ctx->cctx, "dry-run", &dry_run);
+	if (get_roots(user, &ns, &root, &control_root, &index_root) < 0) {
+		ctx->exit_code = EX_CONFIG;
+		return -1;
+	}
+	rc.username = user->username;
+	job.username = user->username;
+	job.root_dir = root;
+	job.control_root = control_root;
+	job.index_root = index_root;
+	job.layout = ns->list->name;
+	job.dry_run = dry_run ? 1 : 0;
+	job.ctx = &rc;
+	job.row = cb_restore_row;
+	job.error = cb_restore_error;
+	code = mb_restore_user(&job);
+	if (code != 0) {
+		ctx->exit_code = code;
+		return -1;
+	}
+	return 0;
+}
+
+#if DOVECOT_PREREQ(2,4,0)
+static void cmd_maildir_backup_restore_init(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED)
+#else
+static void cmd_maildir_backup_restore_init(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED,
+					    const char *const args[] ATTR_UNUSED)
+#endif
+{
+	doveadm_print_header_simple("user");
+	doveadm_print_header_simple("mode");
+	doveadm_print_header("restored", "restored", DOVEADM_PRINT_HEADER_FLAG_RIGHT_JUSTIFY);
+	doveadm_print_header("skipped", "skipped", DOVEADM_PRINT_HEADER_FLAG_RIGHT_JUSTIFY);
+	doveadm_print_header_simple("status");
+}
+
+static struct doveadm_mail_cmd_context *cmd_maildir_backup_restore_alloc(void)
+{
+	struct doveadm_mail_cmd_context *ctx;
+
+	ctx = doveadm_mail_cmd_alloc(struct doveadm_mail_cmd_context);
+	ctx->v.init = cmd_maildir_backup_restore_init;
+	ctx->v.run = cmd_maildir_backup_restore_run;
+#if !DOVECOT_PREREQ(2,4,0)
+	ctx->v.parse_arg = cmd_maildir_backup_parse_arg;
+	ctx->getopt_args = "m:g:U:n";
+#endif
+	doveadm_print_init(DOVEADM_PRINT_TYPE_TABLE);
+	return ctx;
+}
+
+static struct doveadm_cmd_ver2 maildir_backup_restore_cmd = {
+	.name = "maildir-backup-restore",
+	.mail_cmd = cmd_maildir_backup_restore_alloc,
+	.usage = DOVEADM_CMD_MAIL_USAGE_PREFIX
+		"[-m <folder>]... [-g <unique name>]... [-U <folder>:<uid>]... [-n] <snapshot | repo:REPO>",
+DOVEADM_CMD_PARAMS_START
+DOVEADM_CMD_MAIL_COMMON
+DOVEADM_CMD_PARAM('m', "folder", CMD_PARAM_ARRAY, 0)
+DOVEADM_CMD_PARAM('g', "message", CMD_PARAM_ARRAY, 0)
+DOVEADM_CMD_PARAM('U', "uid", CMD_PARAM_ARRAY, 0)
+DOVEADM_CMD_PARAM('n', "dry-run", CMD_PARAM_BOOL, 0)
+DOVEADM_CMD_PARAM('\0', "snapshot", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
+DOVEADM_CMD_PARAMS_END
+};
+
 void mb_shim_init(void)
 {
 	doveadm_cmd_register_ver2(&maildir_backup_cmd);
+	doveadm_cmd_register_ver2(&maildir_backup_restore_cmd);
 }
 
 void mb_shim_deinit(void)

@@ -38,8 +38,29 @@ struct mb_user_job {
 	void (*error)(void *ctx, const char *message);
 };
 
+/* A restore for one user, into the mail location Dovecot gives for that user. */
+struct mb_restore_job {
+	const char *username;
+	const char *snapshot_template; /* a backup/snapshot dir, or repo:REPO for its latest */
+	const char *root_dir;
+	const char *control_root;
+	const char *index_root;
+	const char *layout;
+	const char *const *folders;   /* NULL-terminated, may be NULL */
+	const char *const *messages;  /* unique names, NULL-terminated, may be NULL */
+	const char *const *uids;      /* FOLDER:UID, NULL-terminated, may be NULL */
+	int dry_run;
+
+	void *ctx;
+	void (*row)(void *ctx, const char *mode, uint64_t restored, uint64_t skipped,
+		    const char *status);
+	void (*error)(void *ctx, const char *message);
+};
+
 /* Implemented in Rust: backs up one user; returns a sysexits code (0 = success). */
 int mb_backup_user(const struct mb_user_job *job);
+/* Implemented in Rust: restores into one user; returns a sysexits code. */
+int mb_restore_user(const struct mb_restore_job *job);
 
 /* Implemented in C: registration with doveadm. */
 void mb_shim_init(void);

@@ -187,6 +187,11 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
         report_error(job, "no destination: give one on the command line or set maildir_backup_dest");
         return sysexits::EX_USAGE;
     };
+    // "repo:REPO" writes a dated snapshot into REPO/<user>/ instead of a plain backup.
+    let (repo_mode, template) = match template.strip_prefix("repo:") {
+        Some(rest) => (true, rest.to_string()),
+        None => (false, template),
+    };
     let dest = match crate::template::expand(&template, &user) {
         Ok(d) => PathBuf::from(d),
         Err(e) => {
@@ -194,12 +199,7 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
             return sysexits::EX_USAGE;
         }
     };
-    let location = MailLocation {
-        root: PathBuf::from(&root),
-        control: control.map(PathBuf::from),
-        index: index.map(PathBuf::from),
-        layout: Layout::parse(&layout).unwrap_or(Layout::MaildirPlusPlus),
-    };
+    let location = location_from(&root, control, index, &layout);
 
     let mut mailboxes = DovecotMailboxes { job, folders: Vec::new(), index: Vec::new() };
     let raw: &[ffi::mb_folder] = if job.folders.is_null() || job.folder_count == 0 {
@@ -240,18 +240,25 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
     }
     opts.with_indexes = job.with_indexes != 0;
 
-    if let Some(parent) = dest.parent() {
+    let parent = if repo_mode { Some(dest.as_path()) } else { dest.parent() };
+    if let Some(parent) = parent {
         if let Err(e) = std::fs::create_dir_all(parent) {
             report_error(job, &format!("create {}: {e}", parent.display()));
             return sysexits::for_io_error(&e);
         }
     }
-    let result = engine::check_paths(&location, &dest).and_then(|()| {
-        let staging = crate::staging::Staging::prepare(&dest)?;
-        let report = engine::copy_into(&location, &mailboxes, staging.path(), &opts, None, &NoProgress)?;
-        staging.publish()?;
-        Ok(report)
-    });
+    let result: Result<_, (String, i32)> = if repo_mode {
+        crate::repo::snapshot(&location, &mailboxes, &dest, &user, &opts, false, &NoProgress).map_err(|e| (e.to_string(), e.exit_code()))
+    } else {
+        engine::check_paths(&location, &dest)
+            .and_then(|()| {
+                let staging = crate::staging::Staging::prepare(&dest)?;
+                let report = engine::copy_into(&location, &mailboxes, staging.path(), &opts, None, &NoProgress)?;
+                staging.publish()?;
+                Ok(report)
+            })
+            .map_err(|e| (e.to_string(), e.exit_code()))
+    };
     match result {
         Ok(report) => {
             for w in &report.warnings {
@@ -262,9 +269,112 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
             }
             code
         }
-        Err(e) => {
-            report_error(job, &format!("{e}; nothing was published at {}", dest.display()));
-            e.exit_code()
+        Err((msg, code)) => {
+            report_error(job, &format!("{msg}; nothing was published at {}", dest.display()));
+            code
         }
     }
+}
+
+fn location_from(root: &str, control: Option<String>, index: Option<String>, layout: &str) -> MailLocation {
+    MailLocation {
+        root: PathBuf::from(root),
+        control: control.map(PathBuf::from),
+        index: index.map(PathBuf::from),
+        layout: Layout::parse(layout).unwrap_or(Layout::MaildirPlusPlus),
+    }
+}
+
+/// # Safety
+/// `p` is NULL or a NULL-terminated array of valid C strings.
+unsafe fn str_array(mut p: *const *const c_char) -> Vec<String> {
+    let mut out = Vec::new();
+    if p.is_null() {
+        return out;
+    }
+    while !(*p).is_null() {
+        out.push(CStr::from_ptr(*p).to_string_lossy().into_owned());
+        p = p.add(1);
+    }
+    out
+}
+
+/// Restores into one user for `doveadm maildir-backup-restore`; returns a sysexits code.
+#[no_mangle]
+pub extern "C" fn mb_restore_user(job: *const ffi::mb_restore_job) -> c_int {
+    if job.is_null() {
+        return sysexits::EX_SOFTWARE;
+    }
+    // SAFETY: the shim passes a job that lives for this call.
+    let job = unsafe { &*job };
+    let report = |msg: &str| {
+        if let (Some(error), Ok(c)) = (job.error, CString::new(msg.replace('\0', " "))) {
+            // SAFETY: the shim's callback with a valid C string.
+            unsafe { error(job.ctx, c.as_ptr()) }
+        }
+    };
+    let row = |mode: &str, restored: u64, skipped: u64, status: &str| {
+        if let (Some(row), Ok(m), Ok(s)) = (job.row, CString::new(mode), CString::new(status)) {
+            // SAFETY: as above.
+            unsafe { row(job.ctx, m.as_ptr(), restored, skipped, s.as_ptr()) }
+        }
+    };
+    let run = || -> c_int {
+        // SAFETY: the shim's strings and arrays live for this call.
+        let (user, template, root, control, index, layout, folders, messages, uids) = unsafe {
+            (
+                opt_str(job.username).unwrap_or_default(),
+                opt_str(job.snapshot_template).unwrap_or_default(),
+                opt_str(job.root_dir).unwrap_or_default(),
+                opt_str(job.control_root),
+                opt_str(job.index_root),
+                opt_str(job.layout).unwrap_or_default(),
+                str_array(job.folders),
+                str_array(job.messages),
+                str_array(job.uids),
+            )
+        };
+        let snapshot = match template.strip_prefix("repo:") {
+            Some(repo) => match crate::template::expand(repo, &user) {
+                Ok(r) => match crate::repo::latest(&Path::new(&r).join(&user)) {
+                    Some(s) => s,
+                    None => {
+                        report(&format!("no snapshot of {user} in repository {r}"));
+                        return sysexits::EX_NOINPUT;
+                    }
+                },
+                Err(e) => {
+                    report(&e.to_string());
+                    return sysexits::EX_USAGE;
+                }
+            },
+            None => match crate::template::expand(&template, &user) {
+                Ok(s) => PathBuf::from(s),
+                Err(e) => {
+                    report(&e.to_string());
+                    return sysexits::EX_USAGE;
+                }
+            },
+        };
+        let target = location_from(&root, control, index, &layout);
+        let req = crate::restore::RestoreRequest { folders, messages, uids, dry_run: job.dry_run != 0, ..Default::default() };
+        match crate::restore::restore(&snapshot, &target, &req) {
+            Ok(r) => {
+                for w in &r.warnings {
+                    report(&format!("warning: {w}"));
+                }
+                row(&r.mode, r.restored, r.skipped, if req.dry_run { "dry run" } else { "ok" });
+                0
+            }
+            Err(e) => {
+                report(&e.to_string());
+                row("-", 0, 0, "failed");
+                e.exit_code()
+            }
+        }
+    };
+    std::panic::catch_unwind(run).unwrap_or_else(|_| {
+        report("internal error (panic) in maildir-backup restore");
+        sysexits::EX_SOFTWARE
+    })
 }
