@@ -17,6 +17,7 @@ pub mod dovecot24;
 pub mod imap;
 pub mod plugin;
 pub mod plugin_users;
+pub mod repo_helpers;
 
 #[allow(unused_imports)]
 pub use dovecot::{

@@ -1,0 +1,299 @@
+//! Helpers for the repository (`backup --repo`, `snapshots`, `prune`, `verify`) and `restore` tests:
+//! running the CLI, reading a manifest independently of the crate (plain `serde_json`), hard-link facts,
+//! full listings of a tree (to prove a target was not touched), byte flipping, IMAP views by Message-ID.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::churn::message_id_in;
+use super::dovecot::{normalize_flags, Dovecot};
+use super::imap::{mutf7_encode, Imap};
+
+/// The CLI under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
+
+/// One finished CLI run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub cmdline: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// stdout parsed as JSON (panics with everything if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.describe()))
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "$ {}\nexit {} after {:.2?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.cmdline, self.code, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `maildir-backup ARGS...`.
+pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> Run {
+    let t = Instant::now();
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        cmdline: std::iter::once("maildir-backup".to_string())
+            .chain(args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(" "),
+        elapsed: t.elapsed(),
+    }
+}
+
+/// [`cli`], panicking unless it exits 0.
+pub fn cli_ok<S: AsRef<OsStr>>(args: &[S]) -> Run {
+    let r = cli(args);
+    assert_eq!(r.code, 0, "command failed:\n{}", r.describe());
+    r
+}
+
+/// `backup --json --repo REPO --name NAME [EXTRA...] SOURCE`; returns (snapshot dir, JSON report).
+pub fn take_snapshot(source: &str, repo: &Path, name: &str, extra: &[&str]) -> (PathBuf, serde_json::Value) {
+    let mut args: Vec<String> = vec!["backup".into(), "--json".into(), "--repo".into(), repo.display().to_string(), "--name".into(), name.into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push(source.to_string());
+    let r = cli_ok(&args);
+    let json = r.json();
+    let dest = PathBuf::from(json["destination"].as_str().unwrap_or_else(|| panic!("no destination:\n{}", r.describe())));
+    assert!(dest.join("maildir-backup.manifest").is_file(), "{} has no manifest", dest.display());
+    (dest, json)
+}
+
+/// `verify DIR` → the run (exit 0 = whole).
+pub fn verify(dir: &Path) -> Run {
+    cli(&[OsStr::new("verify"), dir.as_os_str()])
+}
+
+pub fn assert_verifies(dir: &Path) {
+    let r = verify(dir);
+    assert_eq!(r.code, 0, "verify of {} failed:\n{}", dir.display(), r.describe());
+}
+
+/// One message record of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestMsg {
+    pub folder: String,
+    pub dir: String,
+    pub name: String,
+    pub unique: String,
+    pub flags: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+impl ManifestMsg {
+    /// The message file inside `snapshot`.
+    pub fn path_in(&self, snapshot: &Path) -> PathBuf {
+        snapshot.join(&self.folder).join(&self.dir).join(&self.name)
+    }
+}
+
+/// A manifest read line by line with plain serde_json.
+#[derive(Debug, Clone)]
+pub struct ManifestData {
+    pub header: serde_json::Value,
+    pub folders: Vec<serde_json::Value>,
+    pub messages: Vec<ManifestMsg>,
+}
+
+pub fn read_manifest(snapshot: &Path) -> ManifestData {
+    let p = snapshot.join("maildir-backup.manifest");
+    let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    let mut header = serde_json::Value::Null;
+    let (mut folders, mut messages) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", p.display()));
+        match v["kind"].as_str() {
+            Some("backup") => header = v,
+            Some("folder") => folders.push(v),
+            Some("message") => {
+                let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{}: no {k} in {line}", p.display())).to_string();
+                messages.push(ManifestMsg {
+                    folder: s("folder"),
+                    dir: s("dir"),
+                    name: s("name"),
+                    unique: s("unique"),
+                    flags: s("flags"),
+                    size: v["size"].as_u64().unwrap(),
+                    blake3: s("blake3"),
+                });
+            }
+            other => panic!("{}: unknown record kind {other:?}", p.display()),
+        }
+    }
+    assert!(!header.is_null(), "{}: no header record", p.display());
+    ManifestData { header, folders, messages }
+}
+
+/// The Maildir++ directory of IMAP folder `name` below a Maildir root (or a snapshot).
+pub fn folder_dir(root: &Path, name: &str) -> PathBuf {
+    if name.eq_ignore_ascii_case("INBOX") {
+        root.to_path_buf()
+    } else {
+        root.join(format!(".{}", mutf7_encode(name)))
+    }
+}
+
+pub fn nlink(p: &Path) -> u64 {
+    fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display())).nlink()
+}
+
+/// (dev, inode) of a file.
+pub fn inode(p: &Path) -> (u64, u64) {
+    let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    (md.dev(), md.ino())
+}
+
+/// Every regular file directly in a `cur/` or `new/` directory below `root`.
+pub fn message_files(root: &Path) -> Vec<PathBuf> {
+    super::churn::all_files(root)
+        .into_iter()
+        .filter(|f| {
+            let parent = f.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str());
+            matches!(parent, Some("cur") | Some("new")) && fs::symlink_metadata(f).map(|m| m.is_file()).unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The unique part of a Maildir file name (before `:`).
+pub fn unique_of(path: &Path) -> String {
+    let n = path.file_name().unwrap().to_string_lossy();
+    n.split(':').next().unwrap().to_string()
+}
+
+pub fn blake3_of(p: &Path) -> String {
+    let bytes = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    blake3::hash(&bytes).to_hex().to_string()
+}
+
+/// A full description of everything below `root` (relative path → type, size, mode, owner, mtime, link
+/// count, content hash or symlink target), to prove a tree was not touched at all.
+pub fn tree_listing(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, p: &Path, out: &mut BTreeMap<String, String>) {
+        let md = match fs::symlink_metadata(p) {
+            Ok(m) => m,
+            Err(e) => {
+                out.insert(rel(root, p), format!("unreadable: {e}"));
+                return;
+            }
+        };
+        let common = format!("mode {:o} owner {}:{} mtime {}.{}", md.mode(), md.uid(), md.gid(), md.mtime(), md.mtime_nsec());
+        if md.is_dir() {
+            out.insert(rel(root, p), format!("dir {common}"));
+            let mut kids: Vec<PathBuf> = fs::read_dir(p).unwrap().map(|e| e.unwrap().path()).collect();
+            kids.sort();
+            for k in kids {
+                walk(root, &k, out);
+            }
+        } else if md.file_type().is_symlink() {
+            out.insert(rel(root, p), format!("symlink -> {}", fs::read_link(p).unwrap().display()));
+        } else {
+            out.insert(rel(root, p), format!("file size {} nlink {} {common} blake3 {}", md.len(), md.nlink(), blake3_of(p)));
+        }
+    }
+    fn rel(root: &Path, p: &Path) -> String {
+        let r = p.strip_prefix(root).unwrap().display().to_string();
+        if r.is_empty() { ".".into() } else { r }
+    }
+    let mut out = BTreeMap::new();
+    if fs::symlink_metadata(root).is_ok() {
+        walk(root, root, &mut out);
+    }
+    out
+}
+
+/// Panics with the differences if two [`tree_listing`]s differ.
+pub fn assert_same_tree(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>, what: &str) {
+    if before == after {
+        return;
+    }
+    let mut diff = Vec::new();
+    for (k, v) in before {
+        match after.get(k) {
+            None => diff.push(format!("- {k}: {v}")),
+            Some(w) if w != v => diff.push(format!("~ {k}: {v}\n    now {w}")),
+            _ => {}
+        }
+    }
+    for (k, v) in after {
+        if !before.contains_key(k) {
+            diff.push(format!("+ {k}: {v}"));
+        }
+    }
+    diff.truncate(20);
+    panic!("{what}: the tree changed:\n{}", diff.join("\n"));
+}
+
+/// Corrupts a file without changing its size: inverts 16 bytes in the middle of it.
+pub fn flip_bytes(p: &Path) {
+    let mut b = fs::read(p).unwrap();
+    let start = b.len() / 2;
+    for x in b.iter_mut().skip(start).take(16) {
+        *x = !*x;
+    }
+    // Write in place (same inode), as bit rot would.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &b))
+        .unwrap_or_else(|e| panic!("corrupt {}: {e}", p.display()));
+}
+
+/// `doveadm mailbox status -u USER FIELD MAILBOX` → the number.
+pub fn mailbox_status(d: &Dovecot, user: &str, field: &str, mailbox: &str) -> u64 {
+    let out = d.doveadm_ok(&["-f", "tab", "mailbox", "status", "-u", user, field, mailbox]);
+    let line = out.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("");
+    line.trim().parse().unwrap_or_else(|_| panic!("mailbox status {field} {mailbox}: unexpected output {out:?}"))
+}
+
+/// The currently SELECTed mailbox as `uid → (Message-ID, flags)` (flags normalized, `\Recent` dropped).
+pub fn mid_flags(imap: &mut Imap) -> BTreeMap<u32, (String, String)> {
+    let lines = imap
+        .command("UID FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        .unwrap_or_else(|e| panic!("UID FETCH: {e}"));
+    let mut out = BTreeMap::new();
+    for l in &lines {
+        if !l.starts_with("* ") || !l.contains(" FETCH (") {
+            continue;
+        }
+        let uid = l.find("UID ").and_then(|p| l[p + 4..].chars().take_while(char::is_ascii_digit).collect::<String>().parse::<u32>().ok());
+        let flags = l.find("FLAGS (").and_then(|p| l[p + 7..].find(')').map(|e| l[p + 7..p + 7 + e].to_string()));
+        let mid = message_id_in(l.as_bytes());
+        if let (Some(uid), Some(flags), Some(mid)) = (uid, flags, mid) {
+            out.insert(uid, (mid, normalize_flags(&flags)));
+        }
+    }
+    out
+}
+
+/// `uid → unique name` from a folder's `dovecot-uidlist` (in a Maildir or a snapshot).
+pub fn uidlist_uniques(folder_dir: &Path) -> BTreeMap<u32, String> {
+    let p = folder_dir.join("dovecot-uidlist");
+    let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    let mut out = BTreeMap::new();
+    for l in text.lines().skip(1) {
+        let Some((left, name)) = l.split_once(" :") else { continue };
+        let Ok(uid) = left.split(' ').next().unwrap_or("").parse::<u32>() else { continue };
+        out.insert(uid, name.split(':').next().unwrap().to_string());
+    }
+    out
+}
