@@ -3,8 +3,17 @@
 //! mail, and a consistent live backup taken meanwhile; then `verify`, and Dovecot reading
 //! the backup. Run by `scripts/demo.sh` (`-- --messages N` to change the size).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+// The tests' private-Dovecot harness (only the parts the demo needs).
+#[allow(dead_code)]
+#[path = "../tests/support/dovecot.rs"]
+mod dovecot;
+#[allow(dead_code)]
+#[path = "../tests/support/imap.rs"]
+mod imap;
+mod support {
+    pub use crate::dovecot::*;
+    pub use crate::imap::*;
+}
 
 use std::path::Path;
 use std::process::Command;

@@ -374,8 +374,9 @@ impl<'a> Judge<'a> {
         if self.set.stale_timeout.is_zero() {
             return Ok(Verdict::Held);
         }
-        let stale = self.set.stale_timeout.as_secs() as i64;
-        if now > self.last_change + stale {
+        // Saturating: a huge stale timeout means "practically never", not a negative one.
+        let stale = i64::try_from(self.set.stale_timeout.as_secs()).unwrap_or(i64::MAX);
+        if now > self.last_change.saturating_add(stale) {
             // Looks stale; the protected file changing also counts as the holder being alive.
             if self.set.nfs_flush {
                 nfs_flush_attr_cache(self.path);
@@ -388,7 +389,17 @@ impl<'a> Judge<'a> {
                 Err(e) => return Err(LockError::io("stat", self.path, e)),
             }
         }
-        if now > self.last_change + stale {
+        if now > self.last_change.saturating_add(stale) {
+            // Before breaking by age, look at the pid even of a lock too young to have been judged
+            // by it above: a live local holder is never overridden, however short the stale
+            // timeout (Dovecot's are >= 120 s and never meet this case; --stale-timeout can be 1).
+            if let Some(pid) = self.read_local_pid() {
+                let ours = pid == std::process::id() as i32;
+                let held_here = ours && self.lock_seen.is_some_and(|st| registry_contains((st.dev, st.ino)));
+                if held_here || (!ours && pid_alive(pid)) {
+                    return Ok(Verdict::Held);
+                }
+            }
             let seen = self.lock_seen;
             return self.break_lock(seen);
         }
@@ -540,7 +551,8 @@ impl DotLock {
     pub fn acquire(path: &Path, set: &LockSettings) -> Result<DotLock, LockError> {
         let lock_path = lock_path_for(path);
         let start = Instant::now();
-        let deadline = start + set.timeout;
+        // None: a timeout too large to represent means waiting for ever.
+        let deadline = start.checked_add(set.timeout);
         let mut judge = Judge::new(set, path, &lock_path);
         let mut post: Option<Post> = None;
         let mut wait = Duration::ZERO;
@@ -555,7 +567,7 @@ impl DotLock {
                 } else if wait < MAX_WAIT {
                     wait = (wait + wait / 2).min(MAX_WAIT);
                 }
-                let left = deadline.saturating_duration_since(Instant::now());
+                let left = deadline.map_or(wait, |d| d.saturating_duration_since(Instant::now()));
                 wait_for_change(&lock_path, wait.min(left), set.use_notify);
             }
             first = false;
@@ -564,7 +576,7 @@ impl DotLock {
                     return DotLock::adopt(path, lock_path, file);
                 }
             }
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(LockError::Timeout {
                     holder: describe_holder(&lock_path),
                     path: lock_path,
@@ -621,7 +633,7 @@ impl DotLock {
 
     /// Is the lock file still the one we created?
     pub fn is_ours(&self) -> bool {
-        matches!(lstat_lock(&self.lock_path), Ok(Some(md)) if md.dev() == self.dev && md.ino() == self.ino)
+        matches!(lstat_lock(&self.lock_path), Ok(Some(md)) if still_ours(&self.lock_path, &md, self.dev, self.ino))
     }
 
     /// Refreshes the lock's mtime so it never looks stale; only if it is still ours.
@@ -644,7 +656,7 @@ impl DotLock {
         registry_remove((self.dev, self.ino));
         match lstat_lock(&self.lock_path) {
             Ok(None) => Ok(ReleaseOutcome::Deleted),
-            Ok(Some(md)) if md.dev() != self.dev || md.ino() != self.ino => Ok(ReleaseOutcome::Overridden),
+            Ok(Some(md)) if !still_ours(&self.lock_path, &md, self.dev, self.ino) => Ok(ReleaseOutcome::Overridden),
             Ok(Some(_)) => match fs::remove_file(&self.lock_path) {
                 Ok(()) => Ok(ReleaseOutcome::Released),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ReleaseOutcome::Deleted),
@@ -689,9 +701,19 @@ impl Drop for DotLock {
     }
 }
 
+/// Is the lock file (lstat'ed as `md`) still the one we created? Equal dev/ino alone is not
+/// proof: once our lock is unlinked its inode number is free, and a lock someone creates right
+/// after may get the very same number (ext4 reuses them at once). Its content must also still be
+/// ours (`<our pid>:<our host>`, which nobody else writes).
+fn still_ours(lock_path: &Path, md: &fs::Metadata, dev: u64, ino: u64) -> bool {
+    md.dev() == dev
+        && md.ino() == ino
+        && read_lock_content(lock_path).is_some_and(|c| c == lock_content().as_bytes())
+}
+
 fn touch_if_ours(lock_path: &Path, dev: u64, ino: u64) -> Result<bool, LockError> {
     match lstat_lock(lock_path)? {
-        Some(md) if md.dev() == dev && md.ino() == ino => {
+        Some(md) if still_ours(lock_path, &md, dev, ino) => {
             nix::sys::stat::utimensat(
                 None,
                 lock_path,
@@ -724,7 +746,9 @@ impl Refresher {
         let thread = thread::spawn(move || {
             let (lock, cv) = &*flag;
             let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
+            // Check the flag before every wait: a stop that came before this thread first
+            // took the mutex must not be slept through.
+            while !*stopped {
                 let (guard, _) = cv.wait_timeout(stopped, every).unwrap_or_else(|p| p.into_inner());
                 stopped = guard;
                 if *stopped {

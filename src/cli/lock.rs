@@ -2,7 +2,9 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::process::Command;
 use std::time::Duration;
 
@@ -109,35 +111,65 @@ pub fn run_lock(a: LockArgs) -> i32 {
     };
 
     // Block the termination signals before any thread exists, so they reach our sigwait
-    // thread only; the child gets a clean signal mask from std::process.
+    // thread only (the command gets them unblocked again in pre_exec below).
     let sigs = signals();
     if let Err(e) = sigs.thread_block() {
         eprintln!("maildir-backup lock: pthread_sigmask: {e}");
         return sysexits::EX_SOFTWARE;
     }
 
-    let lock = match DotLock::acquire(&protected, &set) {
-        Ok(l) => l,
+    // One thread takes the termination signals for the whole run: while we wait for the lock
+    // they end the wait (nothing runs); once the command runs they are forwarded to it.
+    std::thread::spawn(move || loop {
+        if let Ok(sig) = sigs.wait() {
+            SIGNALLED.store(sig as i32, Ordering::SeqCst);
+            let pid = CHILD.load(Ordering::SeqCst);
+            if pid > 0 {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+            }
+        }
+    });
+
+    let lock = match acquire_interruptible(&protected, &set) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            let sig = SIGNALLED.load(Ordering::SeqCst);
+            eprintln!("maildir-backup lock: interrupted by signal {sig} while waiting for the lock");
+            return 128 + sig;
+        }
         Err(e) => {
             eprintln!("maildir-backup lock: {e}");
             return e.exit_code();
         }
     };
+    if SIGNALLED.load(Ordering::SeqCst) != 0 {
+        // Signalled just as we got it: run nothing.
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        release_and_warn(lock);
+        return 128 + sig;
+    }
     let refresher = lock.keep_fresh(refresh_interval(set.stale_timeout));
 
-    let code = match Command::new(&a.command[0]).args(&a.command[1..]).spawn() {
+    let mut command = Command::new(&a.command[0]);
+    command.args(&a.command[1..]);
+    // std::process does not reset the signal mask: without this the command would start with
+    // SIGINT/SIGTERM/SIGHUP/SIGQUIT blocked and ignore the signals we forward to it.
+    // SAFETY: pthread_sigmask is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || sigs.thread_unblock().map_err(std::io::Error::from));
+    }
+    let code = match command.spawn() {
         Err(e) => {
             eprintln!("maildir-backup lock: run {}: {e}", a.command[0]);
             if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 }
         }
         Ok(mut child) => {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            // Forward termination signals to the command; we release when it exits.
-            std::thread::spawn(move || loop {
-                if let Ok(sig) = sigs.wait() {
-                    let _ = nix::sys::signal::kill(pid, sig);
-                }
-            });
+            CHILD.store(child.id() as i32, Ordering::SeqCst);
+            // A signal that came between the check above and now was not forwarded yet.
+            let sig = SIGNALLED.load(Ordering::SeqCst);
+            if sig != 0 {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::try_from(sig).unwrap_or(Signal::SIGTERM));
+            }
             match child.wait() {
                 Ok(status) => exit_status_code(status),
                 Err(e) => {
@@ -150,6 +182,32 @@ pub fn run_lock(a: LockArgs) -> i32 {
     drop(refresher);
     release_and_warn(lock);
     code
+}
+
+/// A termination signal received (0: none) and the running command's pid (0: none yet).
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+/// DotLock::acquire in short slices, so that a termination signal ends the wait promptly.
+/// Ok(None) if a signal came first.
+fn acquire_interruptible(path: &Path, set: &LockSettings) -> Result<Option<DotLock>, dotlock::LockError> {
+    let start = std::time::Instant::now();
+    loop {
+        if SIGNALLED.load(Ordering::SeqCst) != 0 {
+            return Ok(None);
+        }
+        let left = set.timeout.saturating_sub(start.elapsed());
+        let slice = LockSettings { timeout: left.min(Duration::from_millis(250)), ..set.clone() };
+        match DotLock::acquire(path, &slice) {
+            Ok(l) => return Ok(Some(l)),
+            Err(dotlock::LockError::Timeout { path, holder, .. }) => {
+                if start.elapsed() >= set.timeout {
+                    return Err(dotlock::LockError::Timeout { path, holder, waited: start.elapsed() });
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn exit_status_code(status: std::process::ExitStatus) -> i32 {

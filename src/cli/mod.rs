@@ -44,5 +44,5 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
     if !v.is_finite() || v < 0.0 {
         return Err(format!("'{s}' is not a non-negative number of seconds"));
     }
-    Ok(Duration::from_secs_f64(v))
+    Duration::try_from_secs_f64(v).map_err(|_| format!("'{s}' seconds is too large"))
 }
