@@ -124,7 +124,9 @@ fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir).map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    fs::read_dir(dir)
+        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
 }
 
 /// Appends one unflagged message (it lands in new/, so the next SELECT must sync, i.e. take the
@@ -171,7 +173,14 @@ fn dovecot_waits_for_our_lock(opts: DovecotOptions, mailbox: &str) {
     let holder = spawn(lock_cmd(
         &control,
         &[],
-        &["sh", "-c", r#"touch "$1"; while [ ! -e "$2" ]; do sleep 0.05; done"#, "sh", inside.to_str().unwrap(), release.to_str().unwrap()],
+        &[
+            "sh",
+            "-c",
+            r#"touch "$1"; while [ ! -e "$2" ]; do sleep 0.05; done"#,
+            "sh",
+            inside.to_str().unwrap(),
+            release.to_str().unwrap(),
+        ],
     ));
     assert!(wait_until(secs(10.0), || inside.exists()), "holder did not get the lock");
     assert_eq!(fs::read_to_string(&lock).unwrap(), format!("{}:{}", holder.pid(), host()));
@@ -479,11 +488,7 @@ fn we_wait_for_dovecots_lock(excl: bool) {
     // Waiting never leaves a post of ours (`.temp.<host>.<pid>.<hex>`) behind. (Dovecot's own
     // `temp.<host>.<pid>.<hex>` may be there: in link mode the shim paused it between link() and
     // unlinking its temp file.)
-    assert!(
-        !files_in(&control).iter().any(|n| n.starts_with(".temp.")),
-        "post left: {:?}",
-        files_in(&control)
-    );
+    assert!(!files_in(&control).iter().any(|n| n.starts_with(".temp.")), "post left: {:?}", files_in(&control));
 
     // Dovecot finishes; its SELECT completes and it removes its lock; now we get it.
     assert!(imap.poll_tagged(&tag, secs(0.1)).is_none(), "SELECT finished while its process was paused?");
