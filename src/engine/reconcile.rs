@@ -46,7 +46,8 @@ pub fn lock_all_or_none<T>(
     mut try_one: impl FnMut(usize, Duration) -> Result<Result<T, String>, BackupError>,
 ) -> Result<(Vec<T>, Instant), BackupError> {
     let started = Instant::now();
-    let deadline = started + timeout;
+    // A timeout too large to represent means: keep trying (for a century).
+    let deadline = started.checked_add(timeout).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
     loop {
         *attempts += 1;
         let since = Instant::now();
