@@ -6,6 +6,7 @@
 #include "config.h"
 #include "lib.h"
 #include "array.h"
+#include "ioloop.h"
 #include "str.h"
 #include "mail-namespace.h"
 #include "mail-storage-private.h"
@@ -34,10 +35,16 @@ struct maildir_backup_cmd_context {
 /* What the lock and output callbacks need for one user. */
 struct lock_ctx {
 	struct doveadm_mail_cmd_context *cmd;
-	struct mailbox *const *boxes;
-	unsigned int count;
-	unsigned char *locked;
+	struct mail_user *user;
+	const char *const *patterns;
+	/* Grown by list_boxes(); index i of each is the same mailbox. */
+	ARRAY(struct mailbox *) boxes;
+	ARRAY(struct mb_folder) folders;
+	ARRAY(unsigned char) locked;
+	/* Every name met so far, including ones that could not be used. */
+	ARRAY_TYPE(const_string) seen;
 	const char *username;
+	int ret;
 };
 
 static struct maildir_uidlist *box_uidlist(struct mailbox *box)
@@ -50,14 +57,15 @@ static struct maildir_uidlist *box_uidlist(struct mailbox *box)
 static int cb_try_lock(void *context, unsigned int i)
 {
 	struct lock_ctx *lc = context;
+	const unsigned char one = 1;
 	int ret;
 
-	i_assert(i < lc->count && !lc->locked[i]);
+	i_assert(i < array_count(&lc->boxes) && *array_idx(&lc->locked, i) == 0);
 	/* Dovecot's own lock with the mailbox's own settings (stale timeout, O_EXCL,
 	   NFS flushing), never waiting: the core backs off and retries. */
-	ret = maildir_uidlist_try_lock(box_uidlist(lc->boxes[i]));
+	ret = maildir_uidlist_try_lock(box_uidlist(array_idx_elem(&lc->boxes, i)));
 	if (ret > 0)
-		lc->locked[i] = 1;
+		array_idx_set(&lc->locked, i, &one);
 	return ret > 0 ? 1 : (ret == 0 ? 0 : -1);
 }
 
@@ -65,9 +73,11 @@ static void cb_unlock(void *context, unsigned int i)
 {
 	struct lock_ctx *lc = context;
 
-	if (lc->locked[i]) {
-		maildir_uidlist_unlock(box_uidlist(lc->boxes[i]));
-		lc->locked[i] = 0;
+	const unsigned char zero = 0;
+
+	if (*array_idx(&lc->locked, i) != 0) {
+		maildir_uidlist_unlock(box_uidlist(array_idx_elem(&lc->boxes, i)));
+		array_idx_set(&lc->locked, i, &zero);
 	}
 }
 
@@ -75,8 +85,8 @@ static void cb_touch(void *context, unsigned int i)
 {
 	struct lock_ctx *lc = context;
 
-	if (lc->locked[i])
-		(void)maildir_uidlist_lock_touch(box_uidlist(lc->boxes[i]));
+	if (*array_idx(&lc->locked, i) != 0)
+		(void)maildir_uidlist_lock_touch(box_uidlist(array_idx_elem(&lc->boxes, i)));
 }
 
 static void cb_row(void *context, const char *mailbox, uint64_t messages,
@@ -167,6 +177,98 @@ static int get_roots(struct mail_user *user, struct mail_namespace **ns_r,
 	return 0;
 }
 
+static bool seen_name(struct lock_ctx *lc, const char *vname)
+{
+	const char *name;
+
+	array_foreach_elem(&lc->seen, name) {
+		if (strcmp(name, vname) == 0)
+			return TRUE;
+	}
+	return FALSE;
+}
+
+/* Adds the mailboxes not met before. */
+static void list_boxes(struct lock_ctx *lc)
+{
+	struct doveadm_mail_cmd_context *ctx = lc->cmd;
+	struct mailbox_list_iterate_context *iter;
+	const struct mailbox_info *info;
+	const unsigned char zero = 0;
+	struct mailbox *box;
+
+	iter = mailbox_list_iter_init_namespaces(lc->user->namespaces, lc->patterns,
+						 MAIL_NAMESPACE_TYPE_PRIVATE,
+						 MAILBOX_LIST_ITER_RETURN_NO_FLAGS |
+						 MAILBOX_LIST_ITER_SKIP_ALIASES);
+	while ((info = mailbox_list_iter_next(iter)) != NULL) {
+		struct mb_folder *f;
+		const char *path, *vname;
+
+		if ((info->flags & (MAILBOX_NOSELECT | MAILBOX_NONEXISTENT)) != 0 ||
+		    seen_name(lc, info->vname))
+			continue;
+		vname = p_strdup(ctx->pool, info->vname);
+		array_push_back(&lc->seen, &vname);
+		box = mailbox_alloc(info->ns->list, info->vname, 0);
+		if (mailbox_open(box) < 0) {
+			enum mail_error error;
+			const char *errstr = mailbox_get_last_internal_error(box, &error);
+
+			mailbox_free(&box);
+			if (error == MAIL_ERROR_NOTFOUND)
+				continue; /* gone again (renamed or deleted meanwhile) */
+			i_error("maildir-backup: user %s: open mailbox %s: %s",
+				lc->username, vname, errstr);
+			print_failed_box(lc->username, vname, errstr);
+			doveadm_mail_failed_error(ctx, error);
+			lc->ret = -1;
+			continue;
+		}
+		if (strcmp(box->storage->name, MAILDIR_STORAGE_NAME) != 0) {
+			const char *why = t_strdup_printf(
+				"not a Maildir mailbox (storage %s); maildir-backup only copies Maildir",
+				box->storage->name);
+			i_error("maildir-backup: user %s: mailbox %s: %s",
+				lc->username, vname, why);
+			print_failed_box(lc->username, vname, why);
+			ctx->exit_code = EX_DATAERR;
+			mailbox_free(&box);
+			lc->ret = -1;
+			continue;
+		}
+		f = array_append_space(&lc->folders);
+		f->vname = vname;
+		if (mailbox_get_path_to(box, MAILBOX_LIST_PATH_TYPE_MAILBOX, &path) > 0)
+			f->mail_dir = p_strdup(ctx->pool, path);
+		if (mailbox_get_path_to(box, MAILBOX_LIST_PATH_TYPE_CONTROL, &path) > 0)
+			f->control_dir = p_strdup(ctx->pool, path);
+		if (mailbox_get_path_to(box, MAILBOX_LIST_PATH_TYPE_INDEX, &path) > 0)
+			f->index_dir = p_strdup(ctx->pool, path);
+		array_push_back(&lc->boxes, &box);
+		array_push_back(&lc->locked, &zero);
+	}
+	if (mailbox_list_iter_deinit(&iter) < 0) {
+		i_error("maildir-backup: user %s: listing mailboxes failed", lc->username);
+		doveadm_mail_failed_error(ctx, MAIL_ERROR_TEMP);
+		lc->ret = -1;
+	}
+}
+
+static int cb_relist(void *context, const struct mb_folder **folders_r, unsigned int *count_r)
+{
+	struct lock_ctx *lc = context;
+
+	/* The mailbox list index is refreshed at most once per ioloop time, which does not
+	   advance while we run: advance it, or we get the cached list of our first call. */
+	io_loop_time_refresh();
+	T_BEGIN {
+		list_boxes(lc);
+	} T_END;
+	*folders_r = array_get(&lc->folders, count_r);
+	return 0;
+}
+
 static int
 cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *user)
 {
@@ -176,11 +278,7 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 	struct backup_settings set;
 	int64_t jobs = 0;
 	bool with_indexes = FALSE;
-	struct mailbox_list_iterate_context *iter;
-	const struct mailbox_info *info;
 	struct mail_namespace *inbox_ns;
-	ARRAY(struct mailbox *) boxes;
-	ARRAY(struct mb_folder) folders;
 	struct mb_user_job job;
 	struct lock_ctx lc;
 	struct mailbox *box;
@@ -215,65 +313,17 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 		return -1;
 	}
 
-	t_array_init(&boxes, 16);
-	t_array_init(&folders, 16);
-	iter = mailbox_list_iter_init_namespaces(user->namespaces, patterns,
-						 MAIL_NAMESPACE_TYPE_PRIVATE,
-						 MAILBOX_LIST_ITER_RETURN_NO_FLAGS |
-						 MAILBOX_LIST_ITER_SKIP_ALIASES);
-	while ((info = mailbox_list_iter_next(iter)) != NULL) {
-		struct mb_folder *f;
-		const char *path;
-
-		if ((info->flags & (MAILBOX_NOSELECT | MAILBOX_NONEXISTENT)) != 0)
-			continue;
-		box = mailbox_alloc(info->ns->list, info->vname, 0);
-		if (mailbox_open(box) < 0) {
-			enum mail_error error;
-			const char *errstr = mailbox_get_last_internal_error(box, &error);
-
-			i_error("maildir-backup: user %s: open mailbox %s: %s",
-				user->username, info->vname, errstr);
-			print_failed_box(user->username, info->vname, errstr);
-			doveadm_mail_failed_error(ctx, error);
-			mailbox_free(&box);
-			ret = -1;
-			continue;
-		}
-		if (strcmp(box->storage->name, MAILDIR_STORAGE_NAME) != 0) {
-			const char *why = t_strdup_printf(
-				"not a Maildir mailbox (storage %s); maildir-backup only copies Maildir",
-				box->storage->name);
-			i_error("maildir-backup: user %s: mailbox %s: %s",
-				user->username, info->vname, why);
-			print_failed_box(user->username, info->vname, why);
-			ctx->exit_code = EX_DATAERR;
-			mailbox_free(&box);
-			ret = -1;
-			continue;
-		}
-		f = array_append_space(&folders);
-		f->vname = p_strdup(ctx->pool, info->vname);
-		if (mailbox_get_path_to(box, MAILBOX_LIST_PATH_TYPE_MAILBOX, &path) > 0)
-			f->mail_dir = p_strdup(ctx->pool, path);
-		if (mailbox_get_path_to(box, MAILBOX_LIST_PATH_TYPE_CONTROL, &path) > 0)
-			f->control_dir = p_strdup(ctx->pool, path);
-		if (mailbox_get_path_to(box, MAILBOX_LIST_PATH_TYPE_INDEX, &path) > 0)
-			f->index_dir = p_strdup(ctx->pool, path);
-		array_push_back(&boxes, &box);
-	}
-	if (mailbox_list_iter_deinit(&iter) < 0) {
-		i_error("maildir-backup: user %s: listing mailboxes failed", user->username);
-		doveadm_mail_failed_error(ctx, MAIL_ERROR_TEMP);
-		ret = -1;
-	}
-
 	i_zero(&lc);
 	lc.cmd = ctx;
-	lc.boxes = array_front(&boxes);
-	lc.count = array_count(&boxes);
-	lc.locked = t_malloc0(lc.count + 1);
+	lc.user = user;
+	lc.patterns = patterns;
 	lc.username = user->username;
+	i_array_init(&lc.boxes, 16);
+	i_array_init(&lc.folders, 16);
+	i_array_init(&lc.locked, 16);
+	i_array_init(&lc.seen, 16);
+	list_boxes(&lc);
+	ret = lc.ret;
 
 	i_zero(&job);
 	job.username = user->username;
@@ -282,8 +332,7 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 	job.control_root = control_root;
 	job.index_root = index_root;
 	job.layout = inbox_ns->list->name;
-	job.folders = array_front(&folders);
-	job.folder_count = array_count(&folders);
+	job.folders = array_get(&lc.folders, &job.folder_count);
 	job.lock_timeout_secs = -1;
 	if (timeout_str != NULL) {
 		double secs;
@@ -306,6 +355,7 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 	job.touch = cb_touch;
 	job.row = cb_row;
 	job.error = cb_error;
+	job.relist = cb_relist;
 
 	code = mb_backup_user(&job);
 	if (code != 0) {
@@ -313,10 +363,14 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 		ret = -1;
 	}
 out:
-	for (unsigned int i = 0; i < lc.count; i++)
+	for (unsigned int i = 0; i < array_count(&lc.boxes); i++)
 		cb_unlock(&lc, i);
-	array_foreach_elem(&boxes, box)
+	array_foreach_elem(&lc.boxes, box)
 		mailbox_free(&box);
+	array_free(&lc.boxes);
+	array_free(&lc.folders);
+	array_free(&lc.locked);
+	array_free(&lc.seen);
 	return ret;
 }
 

@@ -36,6 +36,9 @@ struct mb_user_job {
 	void (*row)(void *ctx, const char *mailbox, uint64_t messages,
 		    uint64_t bytes, double lock_ms, const char *status);
 	void (*error)(void *ctx, const char *message);
+	/* Lists the mailboxes again (the user may have created or renamed some since):
+	   returns every mailbox found so far, old ones keep their index. 0 ok, -1 error. */
+	int (*relist)(void *ctx, const struct mb_folder **folders_r, unsigned int *count_r);
 };
 
 /* A restore for one user, into the mail location Dovecot gives for that user. */

@@ -83,7 +83,10 @@ pub enum ManifestError {
 impl Manifest {
     pub fn write(&self, path: &Path) -> Result<(), ManifestError> {
         let io_err = |op, e| ManifestError::Io { op, path: path.display().to_string(), source: e };
-        let file = File::create(path).map_err(|e| io_err("create", e))?;
+        // 0600 like the mail it describes, whatever the caller's umask (doveadm's is 0077).
+        let file = std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().write(true).create(true).truncate(true), 0o600)
+            .open(path)
+            .map_err(|e| io_err("create", e))?;
         let mut w = BufWriter::new(file);
         let mut put = |r: &Record| -> io::Result<()> {
             serde_json::to_writer(&mut w, r).map_err(io::Error::other)?;

@@ -4,6 +4,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, BackupError, BackupOptions, HeldLocks, Mailboxes, NoProgress};
@@ -26,8 +27,13 @@ unsafe impl Sync for AbiVersion {}
 pub static doveadm_maildir_backup_plugin_version: AbiVersion =
     AbiVersion(concat!(env!("MB_DOVECOT_ABI_VERSION"), "\0").as_ptr() as *const c_char);
 
+/// doveadm's working directory when it loaded us: for `-u` it later changes to the user's home (or
+/// `/`), so a relative destination is resolved against this, as the caller meant.
+static START_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+
 #[no_mangle]
 pub extern "C" fn doveadm_maildir_backup_plugin_init(_module: *mut c_void) {
+    let _ = START_DIR.set(std::env::current_dir().ok());
     // SAFETY: called once by doveadm's module loader on its main thread.
     unsafe { ffi::mb_shim_init() }
 }
@@ -44,12 +50,69 @@ unsafe fn opt_str(p: *const c_char) -> Option<String> {
     (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
 }
 
-/// Dovecot's mailboxes of one user, locked with Dovecot's own lock through the shim.
+/// Dovecot's mailboxes of one user, locked with Dovecot's own lock through the shim. Listed again
+/// through the shim each time the engine asks, like the CLI walks the Maildir again: a folder created
+/// or renamed during the backup is found, and the engine starts its reconcile over.
 struct DovecotMailboxes<'j> {
     job: &'j ffi::mb_user_job,
+    root: String,
+    layout: Layout,
+    state: std::cell::RefCell<Listed>,
+}
+
+#[derive(Default)]
+struct Listed {
     folders: Vec<Folder>,
-    /// Index into the job's folder array for each of `folders`.
+    /// Index into the shim's folder array for each of `folders`.
     index: Vec<u32>,
+    /// Path in the backup → Dovecot's name (for the output rows).
+    vnames: std::collections::HashMap<String, String>,
+    /// Shim indexes already reported as unusable.
+    reported: std::collections::HashSet<u32>,
+}
+
+impl DovecotMailboxes<'_> {
+    /// Takes the shim's folder array; returns a sysexits code if one was unusable.
+    fn take(&self, raw: &[ffi::mb_folder]) -> c_int {
+        let mut st = self.state.borrow_mut();
+        let mut code = 0;
+        st.folders.clear();
+        st.index.clear();
+        for (i, f) in raw.iter().enumerate() {
+            // SAFETY: the shim's strings live for the whole run.
+            let (name, mail_dir, control_dir, index_dir) =
+                unsafe { (opt_str(f.vname).unwrap_or_default(), opt_str(f.mail_dir), opt_str(f.control_dir), opt_str(f.index_dir)) };
+            let Some(mail_dir) = mail_dir.map(PathBuf::from) else { continue };
+            let Ok(rel) = mail_dir.strip_prefix(&self.root).map(Path::to_path_buf) else {
+                if st.reported.insert(i as u32) {
+                    let why = format!("its directory {} is outside the user's Maildir {}; not backed up", mail_dir.display(), self.root);
+                    report_error(self.job, &format!("mailbox {name}: {why}"));
+                    row(self.job, &name, 0, 0, 0.0, &why);
+                }
+                code = sysexits::EX_DATAERR;
+                continue;
+            };
+            st.vnames.insert(rel.to_string_lossy().into_owned(), name);
+            st.folders.push(Folder {
+                control_dir: control_dir.map(PathBuf::from).unwrap_or_else(|| mail_dir.clone()),
+                index_dir: index_dir.map(PathBuf::from).unwrap_or_else(|| mail_dir.clone()),
+                name: crate::maildir::folders::folder_name(self.layout, &rel),
+                mail_dir,
+                rel,
+            });
+            st.index.push(i as u32);
+        }
+        code
+    }
+}
+
+fn raw_folders<'a>(p: *const ffi::mb_folder, n: u32) -> &'a [ffi::mb_folder] {
+    if p.is_null() || n == 0 {
+        &[]
+    } else {
+        // SAFETY: the shim passes n valid entries that live for the whole run.
+        unsafe { std::slice::from_raw_parts(p, n as usize) }
+    }
 }
 
 struct DovecotLocks<'j> {
@@ -92,11 +155,12 @@ impl Drop for DovecotLocks<'_> {
 struct OneLock<'j> {
     job: &'j ffi::mb_user_job,
     i: u32,
+    held: bool,
 }
 
 impl Drop for OneLock<'_> {
     fn drop(&mut self) {
-        if let Some(unlock) = self.job.unlock {
+        if let (true, Some(unlock)) = (self.held, self.job.unlock) {
             // SAFETY: as above.
             unsafe { unlock(self.job.ctx, self.i) }
         }
@@ -105,15 +169,23 @@ impl Drop for OneLock<'_> {
 
 impl Mailboxes for DovecotMailboxes<'_> {
     fn folders(&self, _warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError> {
-        Ok(self.folders.clone())
+        if let Some(relist) = self.job.relist {
+            let (mut p, mut n) = (std::ptr::null(), 0u32);
+            // SAFETY: the shim's callback, on the thread that called us.
+            if unsafe { relist(self.job.ctx, &mut p, &mut n) } == 0 {
+                self.take(raw_folders(p, n));
+            }
+        }
+        // A mailbox renamed or deleted since Dovecot listed it is gone.
+        Ok(self.state.borrow().folders.iter().filter(|f| f.mail_dir.join("cur").is_dir()).cloned().collect())
     }
 
     fn lock_all<'a>(&'a self, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32)
         -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError> {
-        let order: Vec<u32> = folders
-            .iter()
-            .filter_map(|f| self.folders.iter().position(|g| g == f).map(|p| self.index[p]))
-            .collect();
+        let order: Vec<u32> = {
+            let st = self.state.borrow();
+            folders.iter().filter_map(|f| st.folders.iter().position(|g| g == f).map(|p| st.index[p])).collect()
+        };
         let try_lock = self.job.try_lock.ok_or(BackupError::Unstable(0))?;
         let (locks, since) = engine::reconcile::lock_all_or_none(order.len(), opts.lock.timeout, attempts, |n, wait| {
             // Dovecot's try-lock never waits; poll it for up to `wait` before backing off.
@@ -121,7 +193,10 @@ impl Mailboxes for DovecotMailboxes<'_> {
             loop {
                 // SAFETY: the shim's callback, on the thread that called us.
                 match unsafe { try_lock(self.job.ctx, order[n]) } {
-                    1 => return Ok(Ok(OneLock { job: self.job, i: order[n] })),
+                    1 => return Ok(Ok(OneLock { job: self.job, i: order[n], held: true })),
+                    // Renamed or deleted since it was listed: nothing left to protect; the engine
+                    // lists the folders again after locking and starts over if they changed.
+                    _ if !folders[n].mail_dir.join("cur").is_dir() => return Ok(Ok(OneLock { job: self.job, i: order[n], held: false })),
                     0 if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
                     0 => return Ok(Err(format!("Dovecot holds the uidlist lock of {}", folders[n].name))),
                     _ => {
@@ -134,7 +209,7 @@ impl Mailboxes for DovecotMailboxes<'_> {
                 }
             }
         })?;
-        let held = locks.iter().map(|l| l.i).collect();
+        let held = locks.iter().filter(|l| l.held).map(|l| l.i).collect();
         std::mem::forget(locks); // ownership passes to DovecotLocks, which unlocks them
         Ok((Box::new(DovecotLocks { job: self.job, held }), since))
     }
@@ -199,37 +274,21 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
             return sysexits::EX_USAGE;
         }
     };
+    let dest = if dest.is_relative() {
+        match START_DIR.get().cloned().flatten() {
+            Some(dir) => dir.join(dest),
+            None => {
+                report_error(job, &format!("relative destination {} but doveadm's working directory is unknown; give an absolute path", dest.display()));
+                return sysexits::EX_USAGE;
+            }
+        }
+    } else {
+        dest
+    };
     let location = location_from(&root, control, index, &layout);
 
-    let mut mailboxes = DovecotMailboxes { job, folders: Vec::new(), index: Vec::new() };
-    let raw: &[ffi::mb_folder] = if job.folders.is_null() || job.folder_count == 0 {
-        &[]
-    } else {
-        // SAFETY: the shim passes folder_count valid entries.
-        unsafe { std::slice::from_raw_parts(job.folders, job.folder_count as usize) }
-    };
-    let mut code = 0;
-    for (i, f) in raw.iter().enumerate() {
-        // SAFETY: as above.
-        let (name, mail_dir, control_dir, index_dir) =
-            unsafe { (opt_str(f.vname).unwrap_or_default(), opt_str(f.mail_dir), opt_str(f.control_dir), opt_str(f.index_dir)) };
-        let Some(mail_dir) = mail_dir.map(PathBuf::from) else { continue };
-        let Ok(rel) = mail_dir.strip_prefix(&root).map(Path::to_path_buf) else {
-            let why = format!("its directory {} is outside the user's Maildir {root}; not backed up", mail_dir.display());
-            report_error(job, &format!("mailbox {name}: {why}"));
-            row(job, &name, 0, 0, 0.0, &why);
-            code = sysexits::EX_DATAERR;
-            continue;
-        };
-        mailboxes.folders.push(Folder {
-            control_dir: control_dir.map(PathBuf::from).unwrap_or_else(|| mail_dir.clone()),
-            index_dir: index_dir.map(PathBuf::from).unwrap_or_else(|| mail_dir.clone()),
-            mail_dir,
-            rel,
-            name,
-        });
-        mailboxes.index.push(i as u32);
-    }
+    let mailboxes = DovecotMailboxes { job, root: root.clone(), layout: location.layout, state: Default::default() };
+    let code = mailboxes.take(raw_folders(job.folders, job.folder_count));
 
     let mut opts = BackupOptions::default();
     if job.lock_timeout_secs >= 0.0 {
@@ -264,8 +323,10 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
             for w in &report.warnings {
                 report_error(job, &format!("warning: {w}"));
             }
+            let st = mailboxes.state.borrow();
             for f in &report.folder_details {
-                row(job, &f.name, f.messages, f.bytes, report.lock_hold_ms, "ok");
+                let shown = st.vnames.get(&f.path).unwrap_or(&f.name);
+                row(job, shown, f.messages, f.bytes, report.lock_hold_ms, "ok");
             }
             code
         }
