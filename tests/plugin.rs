@@ -87,6 +87,7 @@ fn backups_under_imap_churn_lose_nothing() {
             lda: true,
             pace: Duration::ZERO,
             lda_pace: Duration::from_millis(40),
+            folder_worker: false,
         },
         tracker.clone(),
     );
@@ -141,6 +142,65 @@ fn backups_under_imap_churn_lose_nothing() {
         let recorded: BTreeMap<String, u64> = manifest.folders.iter().map(|f| (f.name.clone(), f.messages)).collect();
         assert_eq!(printed, recorded, "{}", r.describe());
     }
+}
+
+/// Starts `doveadm maildir-backup -u alice DEST` while `Sent`'s uidlist lock is held by someone else, so
+/// the backup lists the mailboxes and copies them but cannot reconcile; runs `meanwhile` in that window
+/// (IMAP work that needs other folders' locks only), then releases the lock and waits for the backup.
+fn backup_with_a_window(d: &Dovecot, dest: &Path, meanwhile: impl FnOnce()) -> Run {
+    let holder = LockHolder::start(&d.mailbox_path("alice", "Sent", "control"), 60);
+    let args: Vec<String> = ["maildir-backup", "-u", "alice", "-t", "60", s(dest)].iter().map(|a| a.to_string()).collect();
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| run_plugin(d, &args.iter().map(String::as_str).collect::<Vec<_>>()));
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(!h.is_finished(), "the backup did not wait for the held lock");
+        meanwhile();
+        assert!(!h.is_finished(), "the backup did not wait for the held lock");
+        holder.release();
+        h.join().unwrap()
+    })
+}
+
+/// A folder created, and messages moved into it from INBOX, while a backup runs: the reconcile must
+/// find them in the new folder (INBOX no longer has them), else they are silently missing.
+#[test]
+fn messages_moved_into_a_new_folder_during_a_backup_are_kept() {
+    let d = instance(&["alice"], 30);
+    let out = vmail_tempdir();
+    let dest = out.path().join("alice");
+    let before = scan_message_ids(&d.maildir("alice"));
+    let r = backup_with_a_window(&d, &dest, || {
+        let mut imap = d.imap("alice");
+        imap.create("Projects").unwrap();
+        imap.select("INBOX").unwrap();
+        imap.uid_move("1:20", "Projects").unwrap();
+        imap.logout();
+    });
+    r.expect_ok();
+    assert_verified(&dest);
+    let after = scan_message_ids(&dest);
+    let missing: Vec<&String> = before.keys().filter(|m| !after.contains_key(*m)).collect();
+    assert!(missing.is_empty(), "{} of {} messages missing from the backup (moved into the new folder Projects during the backup); backup folders: {:?}", missing.len(), before.len(), read_manifest(&dest).folders.iter().map(|f| &f.name).collect::<Vec<_>>());
+}
+
+/// A folder renamed while a backup runs: the backup still succeeds and has its messages.
+#[test]
+fn folder_renamed_during_a_backup_is_backed_up() {
+    let d = instance(&["alice"], 10);
+    let out = vmail_tempdir();
+    let dest = out.path().join("alice");
+    let before = scan_message_ids(&d.maildir("alice"));
+    let r = backup_with_a_window(&d, &dest, || {
+        let mut imap = d.imap("alice");
+        imap.command(&format!("RENAME {} {}", imap_quote("Archive.2024"), imap_quote("Archive.2025"))).unwrap();
+        imap.logout();
+    });
+    r.expect_ok();
+    assert_verified(&dest);
+    let after = scan_message_ids(&dest);
+    let missing: Vec<&String> = before.keys().filter(|m| !after.contains_key(*m)).collect();
+    assert!(missing.is_empty(), "{} messages missing", missing.len());
+    assert!(dest.join(".Archive.2025/cur").is_dir() && !dest.join(".Archive.2024").exists());
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -415,10 +475,10 @@ fn settings_from_dovecot_conf_and_command_line_wins() {
     // maildir_backup_lock_timeout = 1 (the default would wait 122 s), and -t wins over it.
     let holder = LockHolder::start(&d.mailbox_path("alice", "INBOX", "control"), 30);
     let r = run_plugin(&d, &["maildir-backup", "-u", "alice", s(&out.path().join("t1"))]);
-    r.expect_code(EX_TEMPFAIL).expect_stderr(&["within 1.0"]);
+    r.expect_code(EX_TEMPFAIL).expect_stderr(&["user alice", "lock"]);
     assert!(r.elapsed < Duration::from_secs(10), "took {:?}", r.elapsed);
     let r = run_plugin(&d, &["maildir-backup", "-u", "alice", "-t", "3", s(&out.path().join("t3"))]);
-    r.expect_code(EX_TEMPFAIL).expect_stderr(&["within 3.0"]);
+    r.expect_code(EX_TEMPFAIL).expect_stderr(&["user alice", "lock"]);
     assert!(r.elapsed >= Duration::from_secs(3), "took {:?}", r.elapsed);
     drop(holder);
 
@@ -453,7 +513,7 @@ fn plugin_and_cli_make_identical_backups() {
         let p = out.path().join(format!("{user}-plugin"));
         let c = out.path().join(format!("{user}-cli"));
         run_plugin(&d, &["maildir-backup", "-u", user, s(&p)]).expect_ok();
-        let cli = Command::new(env!("CARGO_BIN_EXE_maildir-backup")).args(["backup", "-q", &loc, s(&c)]).output().unwrap();
+        let cli = Command::new(cli_bin()).args(["backup", "-q", &loc, s(&c)]).output().unwrap();
         assert!(cli.status.success(), "CLI backup failed: {}", String::from_utf8_lossy(&cli.stderr));
 
         let (tp, tc) = (tree_listing(&p), tree_listing(&c));

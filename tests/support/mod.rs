@@ -16,6 +16,7 @@ pub mod dovecot;
 pub mod dovecot24;
 pub mod imap;
 pub mod plugin;
+pub mod plugin24;
 pub mod plugin_users;
 pub mod repo_helpers;
 

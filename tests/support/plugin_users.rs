@@ -27,6 +27,11 @@ pub const EX_TEMPFAIL: i32 = 75;
 pub const EX_NOPERM: i32 = 77;
 pub const EX_CONFIG: i32 = 78;
 
+/// The CLI: `MB_CLI_BIN` if set (to try a build of another tree), else this package's binary.
+pub fn cli_bin() -> PathBuf {
+    std::env::var_os("MB_CLI_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_maildir-backup")))
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Users
 
@@ -479,7 +484,7 @@ impl LockHolder {
     pub fn start(control_dir: &Path, secs: u32) -> LockHolder {
         let lock_path = control_dir.join("dovecot-uidlist.lock");
         assert!(!lock_path.exists(), "{} already exists", lock_path.display());
-        let child = Command::new(env!("CARGO_BIN_EXE_maildir-backup"))
+        let child = Command::new(cli_bin())
             .arg("lock")
             .arg(control_dir)
             .arg("--")
@@ -501,11 +506,41 @@ impl LockHolder {
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-            let _ = c.wait();
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let Some(mut c) = self.child.take() else { return };
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // `maildir-backup lock` forwards SIGTERM to its command, but (as of writing) starts the command
+        // with SIGTERM blocked, so `sleep` ignores it until it ends by itself. End our own `sleep` (a
+        // child of the holder we started) so the holder releases the lock now.
+        let kids = children_of(c.id());
+        eprintln!("note: `maildir-backup lock` did not end within 2 s of SIGTERM; SIGKILL to its command {kids:?}");
+        for k in kids {
+            let _ = kill(Pid::from_raw(k as i32), Signal::SIGKILL);
+        }
+        let _ = c.wait();
+    }
+}
+
+/// Direct children of `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        if rest.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid) {
+            v.push(p);
         }
     }
+    v
 }
 
 impl Drop for LockHolder {
