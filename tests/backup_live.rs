@@ -11,7 +11,8 @@
 //! - with the churn paused, the backup equals the source (doveadm fetch 'uid flags' of every folder).
 //!
 //! The second test runs the same checker over naive copies (a slow readdir+copy loop and `cp -a`) under the
-//! same churn, to prove the checker does catch lost mail.
+//! same churn, to prove the checker does catch lost mail. The third checks that the uidlist locks are let go
+//! at once after a trivial reconcile, even on a loaded machine.
 
 mod support;
 
@@ -28,7 +29,7 @@ use support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
 const USER: &str = "alice";
 const FOLDERS: &[&str] = &["INBOX", "Work", "Lists", "Archive"];
-const PER_FOLDER: usize = 300;
+const PER_FOLDER: usize = 200;
 
 /// The backup directory of an IMAP folder name (Maildir++).
 fn folder_dir(root: &Path, name: &str) -> PathBuf {
@@ -82,6 +83,7 @@ fn start_churn(s: &Setup) -> Churn {
             lda: true,
             pace: Duration::from_millis(2),
             lda_pace: Duration::from_millis(30),
+            folder_worker: true,
         },
         s.tracker.clone(),
     )
@@ -215,7 +217,8 @@ fn backups_under_imap_and_lda_churn_are_exact() {
         holds.push(hold);
         secs.push(el.as_secs_f64());
         changed.push(json["changed_during_backup"].as_u64().unwrap_or(0));
-        if !(hold > 0.0 && hold < 10_000.0) {
+        // Generous (a loaded CI box), but far below the 10 s a lost wake-up of the lock refresher costs.
+        if !(hold > 0.0 && hold < 5_000.0) {
             failures.push(format!("backup {i}: lock_hold_ms {hold} out of range\n{output}"));
         }
         if json["messages"].as_u64().unwrap_or(0) < (FOLDERS.len() * PER_FOLDER / 2) as u64 {
@@ -301,7 +304,8 @@ fn backups_under_imap_and_lda_churn_are_exact() {
     eprintln!("messages found in two folders because their UID MOVE was in flight at the reconcile: {moving_pairs} in {BACKUPS} backups");
     let (created, expunged, moved) = s.tracker.counts();
     eprintln!(
-        "churn: {} flag changes, {} moves, {} appends, {} expunges, {} LDA deliveries ({} errors: {:?}); tracked {created} messages, {expunged} expunged, {moved} moves",
+        "churn: {} folder renames, {} flag changes, {} moves, {} appends, {} expunges, {} LDA deliveries ({} errors: {:?}); tracked {created} messages, {expunged} expunged, {moved} moves",
+        stats.folder_renames,
         stats.flag_changes,
         stats.moves,
         stats.appends,
@@ -338,18 +342,22 @@ fn backups_under_imap_and_lda_churn_are_exact() {
 /// A naive copy: list each cur/ and new/ first, then copy entry by entry with a short pause, skipping files
 /// that vanished — what a plain readdir+copy loop (or a slow disk) does.
 fn naive_copy(src: &Path, dst: &Path, pause: Duration) {
-    fs::create_dir_all(dst).unwrap();
-    for e in fs::read_dir(src).unwrap().flatten() {
-        let ft = e.file_type().unwrap();
+    let _ = fs::create_dir_all(dst);
+    let Ok(rd) = fs::read_dir(src) else { return }; // a folder deleted meanwhile
+    for e in rd.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
         let to = dst.join(e.file_name());
         if ft.is_dir() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name == "cur" || name == "new" || name == "tmp" {
-                fs::create_dir_all(&to).unwrap();
+                let _ = fs::create_dir_all(&to);
                 if name == "tmp" {
                     continue;
                 }
-                let names: Vec<_> = fs::read_dir(e.path()).unwrap().flatten().map(|x| x.file_name()).collect();
+                let names: Vec<_> = match fs::read_dir(e.path()) {
+                    Ok(rd) => rd.flatten().map(|x| x.file_name()).collect(),
+                    Err(_) => continue,
+                };
                 for n in names {
                     std::thread::sleep(pause);
                     let _ = fs::copy(e.path().join(&n), to.join(&n));
@@ -419,4 +427,48 @@ fn checker_catches_naive_copies_losing_mail_under_the_same_churn() {
         t0.elapsed().as_secs_f64()
     );
     assert!(slow_lost > 0, "the checker never caught the slow naive copy losing mail: {rows:#?}");
+}
+
+/// A reconcile with nothing to do is over in a millisecond or two; the locks must then be released at once.
+/// Busy threads on every CPU make it likely that the backup finishes its locked section before any other
+/// thread it started (such as the one that keeps long-held locks fresh) has run at all.
+#[test]
+fn short_reconcile_releases_the_locks_at_once() {
+    let d = Dovecot::start(DovecotOptions::default());
+    populate(&d, USER, &["INBOX"], 5);
+    let source = d.mail_location(USER);
+    let out = tempdir();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let burners: Vec<_> = (0..cpus * 2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+                x
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    let mut slow = None;
+    for i in 0..30 {
+        let dest = out.path().join(format!("s{i}"));
+        let (code, json, output, el) = run_backup(&source, &dest, &[]);
+        assert_eq!(code, 0, "{output}");
+        let hold = json["lock_hold_ms"].as_f64().unwrap_or(-1.0);
+        results.push((el.as_secs_f64(), hold));
+        if el > Duration::from_secs(3) || hold > 1000.0 {
+            slow = Some(format!("backup {i}: {:.2} s, lock held {hold:.1} ms\n{output}", el.as_secs_f64()));
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for b in burners {
+        b.join().unwrap();
+    }
+    eprintln!("short reconciles under CPU load: (wall s, lock_hold_ms) {results:.2?}");
+    assert!(slow.is_none(), "the uidlist locks were held long after a trivial reconcile: {}", slow.unwrap());
 }

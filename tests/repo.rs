@@ -13,7 +13,9 @@
 //!   `verify` notices), while `--paranoid` copies it afresh from the source.
 //! - `prune_keeps_exactly_what_the_policy_names`: ten real snapshots renamed to chosen times over four months;
 //!   `--dry-run` removes nothing, the real prune leaves exactly the hand-computed set, all keeps 0 still
-//!   leaves the newest, and every survivor verifies.
+//!   leaves the newest (of every series, with REPO given), and every survivor verifies.
+//! - `snapshots_hold_the_dovecot_locks_briefly_even_when_threads_start_late`: lock hold stays short when
+//!   the CLI's threads start late (LD_PRELOAD shim); 10 s per snapshot before the refresher fix.
 
 mod support;
 
@@ -248,6 +250,7 @@ fn incremental_snapshots_link_unchanged_and_copy_only_new() {
             lda: true,
             pace: Duration::from_millis(2),
             lda_pace: Duration::from_millis(30),
+            folder_worker: false,
         },
         tracker.clone(),
     );
@@ -441,4 +444,32 @@ fn prune_keeps_exactly_what_the_policy_names() {
     assert!(!r.stdout.contains("remove"), "{}", r.describe());
     assert_eq!(snapshot_dirs(&series), [newest.clone()].into_iter().collect());
     eprintln!("prune: {:.1?}", t0.elapsed());
+}
+
+/// A snapshot holds Dovecot's uidlist locks only for its short reconcile, also when the threads it starts
+/// are slow to get a CPU (simulated deterministically: an LD_PRELOAD shim delays every new thread's start by
+/// 100 ms). Regression test for the lock refresher's lost wake-up: a stop signalled before the refresher
+/// thread first ran was slept through, for the whole 10 s touch interval, with every lock still held (IMAP
+/// and LDA waited 10 s); on this loaded machine it hit about one ordinary snapshot in five.
+#[test]
+fn snapshots_hold_the_dovecot_locks_briefly_even_when_threads_start_late() {
+    let t0 = Instant::now();
+    let d = start(&[USER]);
+    populate(&d, USER, &["INBOX", "Archive", "Work"], 10);
+    let source = d.mail_location(USER);
+    let repo_tmp = tempdir();
+    let so = slow_thread_start_so();
+    let log = repo_tmp.path().join("slow-threads.log");
+    let env: [(&str, &std::ffi::OsStr); 2] = [("LD_PRELOAD", so.as_os_str()), ("SLOW_THREAD_START_LOG", log.as_os_str())];
+    let mut holds = Vec::new();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let (snap, j) = take_snapshot_env(&source, repo_tmp.path(), USER, &[], &env);
+        holds.push((j["lock_hold_ms"].as_f64().unwrap(), started.elapsed()));
+        assert_verifies(&snap);
+    }
+    let delayed = fs::read_to_string(&log).unwrap_or_default().lines().count();
+    assert!(delayed > 0, "the LD_PRELOAD shim was not in effect");
+    eprintln!("lock holds (ms, run time) with slow thread starts: {holds:?} ({delayed} threads delayed), {:.1?}", t0.elapsed());
+    assert!(holds.iter().all(|(h, _)| *h < 2000.0), "a snapshot held the uidlist locks for seconds: {holds:?}");
 }

@@ -150,10 +150,13 @@ pub struct ChurnOptions {
     pub pace: Duration,
     /// Pause between two LDA deliveries.
     pub lda_pace: Duration,
+    /// Run a thread that creates a folder, fills it, renames it (twice) and deletes it, over and over.
+    pub folder_worker: bool,
 }
 
 #[derive(Debug, Default, Clone)]
 pub struct ChurnStats {
+    pub folder_renames: u64,
     pub flag_changes: u64,
     pub moves: u64,
     pub appends: u64,
@@ -164,6 +167,7 @@ pub struct ChurnStats {
 
 impl ChurnStats {
     fn add(&mut self, o: ChurnStats) {
+        self.folder_renames += o.folder_renames;
         self.flag_changes += o.flag_changes;
         self.moves += o.moves;
         self.appends += o.appends;
@@ -172,7 +176,7 @@ impl ChurnStats {
         self.errors.extend(o.errors);
     }
     pub fn total_ops(&self) -> u64 {
-        self.flag_changes + self.moves + self.appends + self.expunges + self.deliveries
+        self.folder_renames + self.flag_changes + self.moves + self.appends + self.expunges + self.deliveries
     }
 }
 
@@ -304,6 +308,75 @@ fn imap_worker(id: usize, o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) ->
     st
 }
 
+/// CREATE a folder, APPEND a few messages, RENAME it twice (Dovecot renames the directory, with no uidlist
+/// lock), then DELETE it (its messages count as expunged from just before the DELETE).
+fn folder_worker(o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) -> ChurnStats {
+    let mut st = ChurnStats::default();
+    let mut rng = Rng::new(777);
+    let mut imap = Imap::connect(o.port);
+    imap.login(&o.user, PASSWORD);
+    let mut n = 0u32;
+    let err = |st: &mut ChurnStats, what: &str, e: String| {
+        if st.errors.len() < 50 {
+            st.errors.push(format!("folder worker: {what}: {e}"));
+        }
+    };
+    while !sh.stop.load(Ordering::SeqCst) {
+        if sh.pause.load(Ordering::SeqCst) {
+            sh.parked.fetch_add(1, Ordering::SeqCst);
+            while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            sh.parked.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        n += 1;
+        let names = [format!("Tmp{n}"), format!("Tmp{n}r"), format!("Tmp{n}rr")];
+        if let Err(e) = imap.create(&names[0]) {
+            err(&mut st, "CREATE", e);
+            continue;
+        }
+        let mut mids = Vec::new();
+        for _ in 0..4 {
+            let msg = message(3_000_000 + rng.below(1_000_000), 300 + rng.below(1500));
+            let mid = message_id_in(&msg).unwrap();
+            match imap.append(&names[0], "", &msg) {
+                Ok(()) => {
+                    tr.created(&mid);
+                    mids.push(mid);
+                    st.appends += 1;
+                }
+                Err(e) => err(&mut st, "APPEND", e),
+            }
+        }
+        let mut cur = 0;
+        for next in 1..3 {
+            // Between operations, pause (a parked worker leaves the folder where it is).
+            std::thread::sleep(o.pace * 10);
+            if sh.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            match imap.command(&format!("RENAME {} {}", super::imap::imap_quote(&names[cur]), super::imap::imap_quote(&names[next]))) {
+                Ok(_) => {
+                    st.folder_renames += 1;
+                    cur = next;
+                }
+                Err(e) => err(&mut st, "RENAME", e),
+            }
+        }
+        std::thread::sleep(o.pace * 10);
+        for m in &mids {
+            tr.expunging(m);
+        }
+        if let Err(e) = imap.command(&format!("DELETE {}", super::imap::imap_quote(&names[cur]))) {
+            err(&mut st, "DELETE", e);
+        }
+        sh.ops.fetch_add(1, Ordering::Relaxed);
+    }
+    imap.logout();
+    st
+}
+
 /// `dovecot-lda -c conf -d user -m folder < msg`; Err(stderr) on failure.
 pub fn lda_deliver(conf: &Path, user: &str, folder: &str, msg: &[u8]) -> Result<(), String> {
     let mut child = Command::new(LDA_BIN)
@@ -372,6 +445,10 @@ impl Churn {
         if o.lda {
             let (o, sh, tr) = (o.clone(), shared.clone(), tracker.clone());
             handles.push(std::thread::spawn(move || lda_worker(o, sh, tr)));
+        }
+        if o.folder_worker {
+            let (o, sh, tr) = (o.clone(), shared.clone(), tracker.clone());
+            handles.push(std::thread::spawn(move || folder_worker(o, sh, tr)));
         }
         Churn { shared, handles }
     }

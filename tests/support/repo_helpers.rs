@@ -41,9 +41,15 @@ impl Run {
 
 /// Runs `maildir-backup ARGS...`.
 pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> Run {
+    cli_env(args, &[])
+}
+
+/// Runs `maildir-backup ARGS...` with extra environment variables.
+pub fn cli_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &OsStr)]) -> Run {
     let t = Instant::now();
     let out = Command::new(BIN)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
@@ -68,10 +74,16 @@ pub fn cli_ok<S: AsRef<OsStr>>(args: &[S]) -> Run {
 
 /// `backup --json --repo REPO --name NAME [EXTRA...] SOURCE`; returns (snapshot dir, JSON report).
 pub fn take_snapshot(source: &str, repo: &Path, name: &str, extra: &[&str]) -> (PathBuf, serde_json::Value) {
+    take_snapshot_env(source, repo, name, extra, &[])
+}
+
+/// [`take_snapshot`] with extra environment variables for the CLI.
+pub fn take_snapshot_env(source: &str, repo: &Path, name: &str, extra: &[&str], env: &[(&str, &OsStr)]) -> (PathBuf, serde_json::Value) {
     let mut args: Vec<String> = vec!["backup".into(), "--json".into(), "--repo".into(), repo.display().to_string(), "--name".into(), name.into()];
     args.extend(extra.iter().map(|s| s.to_string()));
     args.push(source.to_string());
-    let r = cli_ok(&args);
+    let r = cli_env(&args, env);
+    assert_eq!(r.code, 0, "command failed:\n{}", r.describe());
     let json = r.json();
     let dest = PathBuf::from(json["destination"].as_str().unwrap_or_else(|| panic!("no destination:\n{}", r.describe())));
     assert!(dest.join("maildir-backup.manifest").is_file(), "{} has no manifest", dest.display());
@@ -261,8 +273,9 @@ pub fn flip_bytes(p: &Path) {
 /// `doveadm mailbox status -u USER FIELD MAILBOX` → the number.
 pub fn mailbox_status(d: &Dovecot, user: &str, field: &str, mailbox: &str) -> u64 {
     let out = d.doveadm_ok(&["-f", "tab", "mailbox", "status", "-u", user, field, mailbox]);
+    // `-f tab`: a header line, then "MAILBOX<TAB>VALUE".
     let line = out.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("");
-    line.trim().parse().unwrap_or_else(|_| panic!("mailbox status {field} {mailbox}: unexpected output {out:?}"))
+    line.rsplit('\t').next().unwrap_or("").trim().parse().unwrap_or_else(|_| panic!("mailbox status {field} {mailbox}: unexpected output {out:?}"))
 }
 
 /// The currently SELECTed mailbox as `uid → (Message-ID, flags)` (flags normalized, `\Recent` dropped).
@@ -296,4 +309,80 @@ pub fn uidlist_uniques(folder_dir: &Path) -> BTreeMap<u32, String> {
         out.insert(uid, name.split(':').next().unwrap().to_string());
     }
     out
+}
+
+/// An LD_PRELOAD shim that makes every new thread sleep `SLOW_THREAD_START_MS` (default 100) ms before it
+/// runs its start routine, as a thread may wait that long for a CPU on a loaded server. If
+/// `SLOW_THREAD_START_LOG` names a file, a line is appended to it per thread, to prove the shim was in use.
+const SLOW_THREAD_START_C: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+struct start { void *(*fn)(void *); void *arg; };
+
+static void *trampoline(void *p)
+{
+	struct start s = *(struct start *)p;
+	const char *ms = getenv("SLOW_THREAD_START_MS");
+	const char *log = getenv("SLOW_THREAD_START_LOG");
+	long n = ms != NULL ? atol(ms) : 100;
+	struct timespec ts = { n / 1000, (n % 1000) * 1000000L };
+	free(p);
+	if (log != NULL) {
+		FILE *f = fopen(log, "a");
+		if (f != NULL) {
+			fprintf(f, "%ld thread start delayed %ld ms\n", (long)getpid(), n);
+			fclose(f);
+		}
+	}
+	while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
+		;
+	return s.fn(s.arg);
+}
+
+int pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *), void *arg)
+{
+	static int (*real)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
+	struct start *s;
+	int r;
+
+	if (real == NULL)
+		real = (int (*)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *))dlsym(RTLD_NEXT, "pthread_create");
+	s = malloc(sizeof *s);
+	if (s == NULL)
+		return EAGAIN;
+	s->fn = fn;
+	s->arg = arg;
+	r = real(t, attr, trampoline, s);
+	if (r != 0)
+		free(s);
+	return r;
+}
+"#;
+
+/// Builds the slow-thread-start shim once per test process (with `cc`); returns the .so path.
+pub fn slow_thread_start_so() -> &'static Path {
+    static SO: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    &SO.get_or_init(|| {
+        let t = super::dovecot::tempdir();
+        let src = t.path().join("slow_thread_start.c");
+        fs::write(&src, SLOW_THREAD_START_C).unwrap();
+        let so = t.path().join("slow_thread_start.so");
+        let o = Command::new("cc")
+            .args(["-shared", "-fPIC", "-Wall", "-Werror", "-o"])
+            .arg(&so)
+            .arg(&src)
+            .args(["-ldl", "-lpthread"])
+            .output()
+            .expect("run cc");
+        assert!(o.status.success(), "cc {}: {}", src.display(), String::from_utf8_lossy(&o.stderr));
+        (t, so)
+    })
+    .1
 }
