@@ -90,6 +90,17 @@ pub struct RestoreReport {
     pub warnings: Vec<String>,
 }
 
+impl RestoreReport {
+    fn skip(&mut self, folder: &str, unique: &str) {
+        self.skipped += 1;
+        self.actions.push(format!("skip {folder}/{unique} (already in the target)"));
+    }
+    fn restore(&mut self, folder: &str, name: &str) {
+        self.restored += 1;
+        self.actions.push(format!("restore {folder}/{name}"));
+    }
+}
+
 /// Which folder a message goes to, and the message itself.
 struct Selected<'m> {
     folder: &'m FolderRecord,
@@ -280,11 +291,9 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
             let present = present_uniques(&tf);
             for m in msgs {
                 if present.contains(m.unique.as_str()) {
-                    report.skipped += 1;
-                    report.actions.push(format!("skip {}/{} (already in the target)", f.name, m.unique));
+                    report.skip(&f.name, &m.unique);
                 } else {
-                    report.restored += 1;
-                    report.actions.push(format!("restore {}/{} flags {:?}", f.name, m.unique, m.flags));
+                    report.restore(&f.name, &format!("{} flags {:?}", m.unique, m.flags));
                 }
             }
         }
@@ -354,13 +363,11 @@ fn restore_folder_full(
     for (tmp, dst, m) in staged {
         if dst.exists() {
             let _ = fs::remove_file(&tmp);
-            report.skipped += 1;
-            report.actions.push(format!("skip {}/{} (already in the target)", f.name, m.unique));
+            report.skip(&f.name, &m.unique);
             continue;
         }
         fs::rename(&tmp, &dst).map_err(io_err("rename into place", &dst))?;
-        report.restored += 1;
-        report.actions.push(format!("restore {}/{}", f.name, m.name));
+        report.restore(&f.name, &m.name);
     }
     let src_uidlist = snap_dir.join(UIDLIST);
     if src_uidlist.exists() {
@@ -410,8 +417,7 @@ fn restore_folder_merge(
     let mut staged = Vec::new();
     for m in msgs {
         if already.contains(&m.unique) {
-            report.skipped += 1;
-            report.actions.push(format!("skip {}/{} (already in the target)", f.name, m.unique));
+            report.skip(&f.name, &m.unique);
             continue;
         }
         let tmp_name = format!("{}.restore", fresh_unique(&m.unique));
@@ -428,8 +434,7 @@ fn restore_folder_merge(
     for (tmp, m) in staged {
         if present.contains(&m.unique) {
             let _ = fs::remove_file(&tmp);
-            report.skipped += 1;
-            report.actions.push(format!("skip {}/{} (already in the target)", f.name, m.unique));
+            report.skip(&f.name, &m.unique);
             continue;
         }
         let mut flags: Vec<char> = Vec::new();
@@ -450,8 +455,7 @@ fn restore_folder_merge(
         let name = crate::maildir::filename::with_flags(&unique, &flags.into_iter().collect::<String>());
         let dst = tf.mail_dir.join(Subdir::Cur.as_str()).join(&name);
         fs::rename(&tmp, &dst).map_err(io_err("rename into place", &dst))?;
-        report.restored += 1;
-        report.actions.push(format!("restore {}/{}", f.name, name));
+        report.restore(&f.name, &name);
     }
     if target_kw != kw_before {
         let mode = fs::metadata(&kw_path).map(|m| m.mode() & 0o7777).unwrap_or(0o600);
