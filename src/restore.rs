@@ -10,7 +10,7 @@
 //!   the target is overwritten or deleted.
 //! Everything selected is checked against the manifest before the target is touched.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -288,9 +288,9 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
     if req.dry_run {
         for (f, msgs) in by_folder.values() {
             let tf = Folder::at(target, target_rel(f, manifest.header.layout, target.layout));
-            let present = present_uniques(&tf);
+            let present = Present::of(&tf);
             for m in msgs {
-                if present.contains(m.unique.as_str()) {
+                if present.has(m) {
                     report.skip(&f.name, &m.unique);
                 } else {
                     report.restore(&f.name, &format!("{} flags {:?}", m.unique, m.flags));
@@ -333,10 +333,34 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
     Ok(report)
 }
 
-fn present_uniques(folder: &Folder) -> HashSet<String> {
-    match list_folder(&folder.mail_dir) {
-        Ok(l) => l.entries.values().filter_map(|e| MessageName::parse(&e.name).map(|n| n.unique().to_string())).collect(),
-        Err(_) => HashSet::new(),
+/// What a target folder already holds: its unique names, and its files by size, so that a
+/// message an earlier restore delivered under a fresh name (see `fresh_unique`) is recognised
+/// by its content and not delivered a second time.
+struct Present {
+    uniques: HashSet<String>,
+    by_size: HashMap<u64, Vec<PathBuf>>,
+}
+
+impl Present {
+    fn of(folder: &Folder) -> Present {
+        let mut p = Present { uniques: HashSet::new(), by_size: HashMap::new() };
+        if let Ok(l) = list_folder(&folder.mail_dir) {
+            for e in l.entries.values() {
+                if let Some(n) = MessageName::parse(&e.name) {
+                    p.uniques.insert(n.unique().to_string());
+                }
+                let path = folder.mail_dir.join(e.sub.as_str()).join(&e.name);
+                if let Ok(md) = fs::metadata(&path) {
+                    p.by_size.entry(md.len()).or_default().push(path);
+                }
+            }
+        }
+        p
+    }
+
+    fn has(&self, m: &MessageRecord) -> bool {
+        self.uniques.contains(&m.unique)
+            || self.by_size.get(&m.size).is_some_and(|paths| paths.iter().any(|p| matches!(hash_file(p), Ok((_, sum)) if sum == m.blake3)))
     }
 }
 
@@ -413,10 +437,10 @@ fn restore_folder_merge(
     report: &mut RestoreReport,
 ) -> Result<(), RestoreError> {
     let snap_kw = Keywords::read(&snap_dir.join(KEYWORDS_FILE)).map_err(io_err("read", &snap_dir.join(KEYWORDS_FILE)))?;
-    let already = present_uniques(tf);
+    let already = Present::of(tf);
     let mut staged = Vec::new();
     for m in msgs {
-        if already.contains(&m.unique) {
+        if already.has(m) {
             report.skip(&f.name, &m.unique);
             continue;
         }
@@ -427,12 +451,12 @@ fn restore_folder_merge(
     let kw_path = tf.control_dir.join(KEYWORDS_FILE);
     let mut target_kw = Keywords::read(&kw_path).map_err(io_err("read", &kw_path))?;
     let kw_before = target_kw.clone();
-    let present = present_uniques(tf);
+    let present = Present::of(tf);
     let known: HashSet<String> = Uidlist::read(&tf.control_dir.join(UIDLIST))
         .map(|u| u.entries.into_iter().map(|e| e.unique.split(':').next().unwrap_or(&e.unique).to_string()).collect())
         .unwrap_or_default();
     for (tmp, m) in staged {
-        if present.contains(&m.unique) {
+        if present.has(m) {
             let _ = fs::remove_file(&tmp);
             report.skip(&f.name, &m.unique);
             continue;
@@ -458,9 +482,22 @@ fn restore_folder_merge(
         report.restore(&f.name, &name);
     }
     if target_kw != kw_before {
-        let mode = fs::metadata(&kw_path).map(|m| m.mode() & 0o7777).unwrap_or(0o600);
+        let old = fs::metadata(&kw_path).ok();
+        let mode = old.as_ref().map(|m| m.mode() & 0o7777).unwrap_or(0o600);
         target_kw.write(&kw_path, mode).map_err(io_err("write", &kw_path))?;
         chown(&kw_path, owner)?;
+        // Dovecot re-reads dovecot-keywords only when its mtime, in whole seconds, differs from
+        // what it last read (and makes it grow on each of its own rewrites): a rewrite within
+        // the same second would go unnoticed, and a running session would write "unknown-N"
+        // back over our new letters.
+        if let Some(old) = old {
+            let new_mtime = fs::metadata(&kw_path).map_err(io_err("stat", &kw_path))?.mtime();
+            if new_mtime <= old.mtime() {
+                let t = nix::sys::time::TimeSpec::new(old.mtime() + 1, 0);
+                nix::sys::stat::utimensat(None, &kw_path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+                    .map_err(|e| io_err("set mtime of", &kw_path)(e.into()))?;
+            }
+        }
     }
     lock.release()?;
     Ok(())
