@@ -11,7 +11,7 @@
 //!    control/index split and fs layout come only from dovecot.conf and the userdb; `-f json`; the
 //!    `maildir_backup_*` settings from dovecot.conf and `-o`; lock timeouts (exit 75).
 //! 4. Restores read back by 2.4: a full restore into a new user (UIDs, UIDVALIDITY, flags, keywords), and the
-//!    plugin's `maildir-backup-restore` merging expunged messages back.
+//!    plugin's `maildir-backup-restore` merging expunged messages back (and, run again, adding nothing).
 //! 5. Cross-release: the 2.3 build in 2.4's doveadm and the 2.4 build in 2.3's doveadm are refused, and
 //!    doveadm keeps working.
 
@@ -738,8 +738,18 @@ fn d24_plugin_all_users_split_dirs_and_fs_layout() {
         let b = out.path().join(user);
         assert_verified(&b);
         let m = read_manifest(&b);
-        let recorded: BTreeMap<String, u64> = m.folders.iter().map(|f| (f.name.clone(), f.messages)).collect();
-        assert_eq!(by_user[user], recorded, "{user}: JSON rows vs manifest\n{}", r.describe());
+        // Rows name mailboxes as Dovecot does (UTF-8 "Entwürfe"), the manifest as they are on disk
+        // ("Entw&APw-rfe", "Archive/2024" in carol's fs layout): match them through the mailbox directory.
+        let recorded: BTreeMap<String, u64> = m.folders.iter().map(|f| (f.path.trim_end_matches('/').to_string(), f.messages)).collect();
+        let printed: BTreeMap<String, u64> = by_user[user]
+            .iter()
+            .map(|(vname, n)| {
+                let dir = d.mailbox_path(user, vname, "mailbox");
+                let rel = dir.strip_prefix(&mail_root).unwrap_or_else(|_| panic!("{user}: {} is not below {}", dir.display(), mail_root.display()));
+                (rel.to_string_lossy().trim_end_matches('/').to_string(), *n)
+            })
+            .collect();
+        assert_eq!(printed, recorded, "{user}: JSON rows (left) vs manifest folders (right), by directory\n{}", r.describe());
         assert!(m.header.source.contains(&cp(&mail_root)), "{user}: manifest source {:?}", m.header.source);
         if user == "bob" {
             assert!(m.header.source.contains(&format!("{c}/ctl/bob")), "bob: manifest source {:?}", m.header.source);
@@ -1011,8 +1021,8 @@ fn d24_cross_release_plugins_are_refused_cleanly() {
     let (b23, b24) = (fs::read(&so23).unwrap(), fs::read(&so24).unwrap());
     assert!(contains(&b23, &abi23) && !contains(&b23, &abi24), "{} should carry {abi23}", so23.display());
     assert!(contains(&b24, &abi24) && !contains(&b24, &abi23), "{} should carry {abi24}", so24.display());
-    let m23 = module_dir_with(&so23, "abi23");
-    let m24 = module_dir_with(&so24, "abi24");
+    let (m23_dir, m24_dir) = (module_dir_with(&so23), module_dir_with(&so24));
+    let (m23, m24) = (m23_dir.path(), m24_dir.path());
 
     let d24 = Dovecot24::start(DovecotOptions::default());
     d24.populate("alice", &["INBOX", "Sent"], 2);
@@ -1020,31 +1030,31 @@ fn d24_cross_release_plugins_are_refused_cleanly() {
     populate(&d23, "alice", &["INBOX", "Sent"], 2);
 
     // 2.3's plugin in 2.4's doveadm.
-    let r = run24_with_module_dir(&d24, &m23, &["-D", "mailbox", "list", "-u", "alice"]);
+    let r = run24_with_module_dir(&d24, m23, &["-D", "mailbox", "list", "-u", "alice"]);
     r.expect_ok();
     assert!(r.stdout.lines().any(|l| l == "Sent"), "{}", r.describe());
     assert_refused(&r, "2.3 plugin in 2.4 doveadm");
-    let r = run24_with_module_dir(&d24, &m23, &["mailbox", "list", "-u", "alice"]);
+    let r = run24_with_module_dir(&d24, m23, &["mailbox", "list", "-u", "alice"]);
     r.expect_ok();
     assert!(!r.stderr.contains("Error") && !r.stderr.contains("Fatal"), "{}", r.describe());
     let out24 = tempdir_in_root();
     vmail_dir24(out24.path());
-    run24_with_module_dir(&d24, &m23, &["maildir-backup", "-u", "alice", &cp(&out24.path().join("x"))]).expect_code(EX_USAGE).expect_stderr(&["usage"]);
+    run24_with_module_dir(&d24, m23, &["maildir-backup", "-u", "alice", &cp(&out24.path().join("x"))]).expect_code(EX_USAGE).expect_stderr(&["usage"]);
     // The 2.4 build from the same kind of module dir loads and works.
-    run24_with_module_dir(&d24, &m24, &["maildir-backup", "-u", "alice", &cp(&out24.path().join("ok"))]).expect_ok();
+    run24_with_module_dir(&d24, m24, &["maildir-backup", "-u", "alice", &cp(&out24.path().join("ok"))]).expect_ok();
     assert_verified(&out24.path().join("ok"));
 
     // 2.4's plugin in 2.3's doveadm.
-    let r = run23_with_module_dir(&d23, &m24, &["-D", "mailbox", "list", "-u", "alice"]);
+    let r = run23_with_module_dir(&d23, m24, &["-D", "mailbox", "list", "-u", "alice"]);
     r.expect_ok();
     assert!(r.stdout.lines().any(|l| l == "Sent"), "{}", r.describe());
     assert_refused(&r, "2.4 plugin in 2.3 doveadm");
-    let r = run23_with_module_dir(&d23, &m24, &["mailbox", "list", "-u", "alice"]);
+    let r = run23_with_module_dir(&d23, m24, &["mailbox", "list", "-u", "alice"]);
     r.expect_ok();
     assert!(!r.stderr.contains("Error") && !r.stderr.contains("Fatal"), "{}", r.describe());
     let out23 = vmail_tempdir();
-    run23_with_module_dir(&d23, &m24, &["maildir-backup", "-u", "alice", &out23.path().join("x").display().to_string()]).expect_code(EX_USAGE).expect_stderr(&["usage"]);
-    run23_with_module_dir(&d23, &m23, &["maildir-backup", "-u", "alice", &out23.path().join("ok").display().to_string()]).expect_ok();
+    run23_with_module_dir(&d23, m24, &["maildir-backup", "-u", "alice", &out23.path().join("x").display().to_string()]).expect_code(EX_USAGE).expect_stderr(&["usage"]);
+    run23_with_module_dir(&d23, m23, &["maildir-backup", "-u", "alice", &out23.path().join("ok").display().to_string()]).expect_ok();
     assert_verified(&out23.path().join("ok"));
     eprintln!("d24_cross_release_plugins_are_refused_cleanly: {:.1?}", t0.elapsed());
 }

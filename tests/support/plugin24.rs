@@ -19,10 +19,11 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::dovecot::{normalize_flags, Dovecot, PASSWORD};
+use super::dovecot::{normalize_flags, tempdir, Dovecot, PASSWORD};
 use super::dovecot24::{chown_vmail_recursive_root, location_overrides, root, root_path, Dovecot24, DOVEADM24_BIN};
 use super::plugin::{MODULE_DIR, PLUGIN_FILE};
 use super::plugin_users::{compare_view, folder_view, read_manifest, FolderView, Msg, Run};
@@ -72,15 +73,16 @@ pub fn plugin24_build() -> (PathBuf, PathBuf) {
     .clone()
 }
 
-/// Copies `from` to `dir/name` atomically (temp name starting with '.', which Dovecot's module loader
-/// skips, then rename), unless an identical file is already there.
+/// Copies `from` to `dir/name` atomically (a temp name unique to this call, starting with '.', which
+/// Dovecot's module loader skips, then rename), unless an identical file is already there.
 fn install_file(from: &Path, dir: &Path, name: &str) {
     let to = dir.join(name);
     let new = fs::read(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display()));
     if fs::read(&to).map(|old| old == new).unwrap_or(false) {
         return;
     }
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let tmp = dir.join(format!(".{name}.tmp.{}.{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     fs::write(&tmp, &new).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
     fs::rename(&tmp, &to).unwrap_or_else(|e| panic!("rename {} -> {}: {e}", tmp.display(), to.display()));
@@ -100,12 +102,11 @@ pub fn install_plugin24() {
     });
 }
 
-/// A private directory (host path, under /tmp) holding just `so` under the plugin's file name: a module
-/// dir to bind-mount over a doveadm's own (once per `tag` and test process).
-pub fn module_dir_with(so: &Path, tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mb-plugin24-mod-{tag}-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("create module dir");
-    install_file(so, &dir, PLUGIN_FILE);
+/// A private directory (host path, a [`tempdir`]) holding just `so` under the plugin's file name: a module
+/// dir to bind-mount over a doveadm's own. Removed on drop.
+pub fn module_dir_with(so: &Path) -> tempfile::TempDir {
+    let dir = tempdir();
+    install_file(so, dir.path(), PLUGIN_FILE);
     dir
 }
 
