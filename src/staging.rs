@@ -29,6 +29,9 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sta
     move |source| StagingError::Io { op, path: path.to_path_buf(), source }
 }
 
+/// How long a new run waits for the guard of an earlier run on the same destination.
+const GUARD_WAIT: Duration = Duration::from_secs(3);
+
 pub struct Staging {
     dest: PathBuf,
     dir: PathBuf,
@@ -60,9 +63,13 @@ impl Staging {
                 source: io::Error::from_raw_os_error(libc::ENOTDIR),
             });
         }
-        // Only one run per destination; a dead run's guard names a dead pid and is broken.
-        let set = LockSettings { timeout: Duration::ZERO, stale_timeout: Duration::ZERO, ..LockSettings::default() };
-        let guard = match DotLock::try_acquire(&dir, &set)? {
+        // Only one run per destination. A dead run's guard names a dead pid and is broken,
+        // once it is older than the 2 s in which pids are not judged: wait that long.
+        let set = LockSettings { timeout: GUARD_WAIT, stale_timeout: Duration::ZERO, ..LockSettings::default() };
+        let guard = match DotLock::acquire(&dir, &set).map(Some).or_else(|e| match e {
+            LockError::Timeout { .. } => Ok(None),
+            e => Err(e),
+        })? {
             Some(g) => g,
             None => {
                 let lock = crate::dotlock::lock_path_for(&dir);

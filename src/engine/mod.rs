@@ -5,6 +5,7 @@ pub mod copy;
 pub mod reconcile;
 pub mod scan;
 pub mod sync;
+pub mod watch;
 
 use std::collections::HashSet;
 use std::fs;
@@ -222,13 +223,15 @@ pub fn copy_into(
         .map_err(|e| BackupError::Io { op: "start copy threads", path: out.to_path_buf(), source: io::Error::other(e) })?;
     let mut tree = Tree::new(out.to_path_buf(), keep_owner);
     let nfs = opts.lock.nfs_flush;
+    // inotify cannot see changes made by other NFS clients.
+    let mut watcher = if nfs { None } else { watch::Watcher::new() };
 
     // Bulk: everything, no lock.
     progress.phase("copying");
     let found = discover(mailboxes, &mut tree)?;
     let mut listings = Vec::with_capacity(found.len());
     for f in &found {
-        listings.push((f.clone(), reconcile::listing_or_gone(f)?));
+        listings.push((f.clone(), reconcile::watch_and_list(f, watcher.as_mut())?));
     }
     progress.total(listings.iter().filter_map(|(_, l)| l.as_ref()).map(|l| l.entries.len() as u64).sum());
     let mut total = tree.apply(listings, &pool, reuse, progress)?;
@@ -241,7 +244,7 @@ pub fn copy_into(
     let (held, taken_at) = loop {
         for _ in 0..MAX_CATCH_UP_PASSES {
             let found = discover(mailboxes, &mut tree)?;
-            let listings = reconcile::relist(&tree, &found, nfs, false)?;
+            let listings = reconcile::relist(&tree, &found, nfs, false, watcher.as_mut())?;
             let s = tree.apply(listings, &pool, reuse, progress)?;
             passes += 1;
             changed += s.changes();
@@ -273,7 +276,7 @@ pub fn copy_into(
             // Dovecot does without the lock).
             let mut force = false;
             for _ in 0..5 {
-                let listings = reconcile::relist(&tree, &now_found, nfs, force)?;
+                let listings = reconcile::relist(&tree, &now_found, nfs, force, watcher.as_mut())?;
                 let s = tree.apply(listings, &pool, reuse, progress)?;
                 locks.touch();
                 passes += 1;
@@ -301,9 +304,10 @@ pub fn copy_into(
         copy_indexes(source, &tree);
     }
     progress.phase("finishing");
-    finish_dirs(source, &tree)?;
     let manifest = build_manifest(source, &tree, taken_at, held, total.bytes)?;
     manifest.write(&out.join(MANIFEST_NAME))?;
+    // Last: anything written into a directory after this would change its mtime again.
+    finish_dirs(source, &tree)?;
 
     Ok(BackupReport {
         source: source.to_mail_location(),

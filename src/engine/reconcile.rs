@@ -11,7 +11,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::copy::{copy_file, CopyError};
-use super::scan::{dir_stamps, list_folder, Listing};
+use super::scan::{dir_stamps, list_folder, partial_listing, Listed, Listing};
+use super::watch::Watcher;
 use super::sync::{FolderState, Tree};
 use super::BackupError;
 use crate::dotlock::{self, DotLock, LockError, LockSettings};
@@ -103,11 +104,16 @@ pub fn dotlock_all(folders: &[Folder], set: &LockSettings, attempts: &mut u32) -
     let (locks, since) = lock_all_or_none(order.len(), set.timeout, attempts, |i, wait| {
         let quick = LockSettings { timeout: wait, ..set.clone() };
         match DotLock::acquire(&order[i].control_dir.join(UIDLIST), &quick) {
-            Ok(l) => Ok(Ok(l)),
+            Ok(l) => Ok(Ok(Some(l))),
             Err(e @ LockError::Timeout { .. }) => Ok(Err(e.to_string())),
+            // Deleted since we listed it: nothing left to protect; the relist sees it gone.
+            Err(LockError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound && !order[i].control_dir.exists() => {
+                Ok(Ok(None))
+            }
             Err(e) => Err(e.into()),
         }
     })?;
+    let locks: Vec<DotLock> = locks.into_iter().flatten().collect();
     let refresher = dotlock::keep_all_fresh(&locks, dotlock::TOUCH_INTERVAL);
     Ok((DotLockSet { locks, _refresher: refresher }, since))
 }
@@ -133,19 +139,39 @@ pub fn unchanged_since_listing(state: &FolderState, nfs: bool) -> bool {
     })
 }
 
-/// Lists the folders that may have changed; unchanged ones are left out (no work under
-/// the lock for folders nobody touched).
-pub fn relist(tree: &Tree, folders: &[Folder], nfs: bool, force: bool) -> Result<Vec<(Folder, Option<Listing>)>, BackupError> {
+/// Lists what may have changed: for a watched folder only the names inotify reported, for
+/// others the whole folder unless its directories are provably unchanged. `force` lists
+/// every folder in full. New folders are watched before their first listing.
+pub fn relist(
+    tree: &Tree,
+    folders: &[Folder],
+    nfs: bool,
+    force: bool,
+    mut watcher: Option<&mut Watcher>,
+) -> Result<Vec<(Folder, Option<Listing>)>, BackupError> {
+    if let Some(w) = watcher.as_deref_mut() {
+        w.drain();
+    }
     let mut out = Vec::new();
     for f in folders {
-        if !force {
-            if let Some(state) = tree.folders.get(&f.rel) {
-                if unchanged_since_listing(state, nfs) {
-                    continue;
+        let state = tree.folders.get(&f.rel);
+        let changes = if force { None } else { watcher.as_deref_mut().and_then(|w| w.take(&f.rel)) };
+        match (state, changes) {
+            (Some(state), Some(changes)) => {
+                if !changes.is_empty() {
+                    let listing = partial_listing(&f.mail_dir, &changes, |key| {
+                        state.entries.get(key).map(|e| Listed { sub: e.sub, name: e.name.clone() })
+                    });
+                    out.push((f.clone(), Some(listing)));
                 }
             }
+            (state, _) => {
+                if !force && state.is_some_and(|s| unchanged_since_listing(s, nfs)) {
+                    continue;
+                }
+                out.push((f.clone(), watch_and_list(f, watcher.as_deref_mut())?));
+            }
         }
-        out.push((f.clone(), listing_or_gone(f)?));
     }
     // Folders we have but the source no longer has.
     for (rel, state) in &tree.folders {
@@ -154,6 +180,14 @@ pub fn relist(tree: &Tree, folders: &[Folder], nfs: bool, force: bool) -> Result
         }
     }
     Ok(out)
+}
+
+/// Watches a folder (if there is a watcher), then lists it in full.
+pub fn watch_and_list(f: &Folder, watcher: Option<&mut Watcher>) -> Result<Option<Listing>, BackupError> {
+    if let Some(w) = watcher {
+        w.watch(&f.rel, &f.mail_dir);
+    }
+    listing_or_gone(f)
 }
 
 /// A folder's listing, or None if the folder has been deleted.

@@ -1,6 +1,6 @@
 //! Listing a folder's messages (`cur/` and `new/`) keyed by unique name.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -41,6 +41,9 @@ pub struct Listing {
     pub stamps: [Option<DirStamp>; 2],
     pub listed_at: Option<SystemTime>,
     pub warnings: Vec<String>,
+    /// None for a full listing. Some(keys) for a partial one: only these keys were looked at
+    /// (a key absent from `entries` is gone); every other message is as it was.
+    pub touched: Option<HashSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,4 +110,46 @@ impl ScanError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, ScanError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
     }
+}
+
+/// A partial listing from the names that changed (from inotify): for each message touched,
+/// where it is now — looking only at the names it had or was given, never reading the
+/// directories. `current` gives a key's location as last staged.
+pub fn partial_listing(
+    mail_dir: &Path,
+    changes: &super::watch::Changes,
+    current: impl Fn(&str) -> Option<Listed>,
+) -> Listing {
+    let mut candidates: HashMap<String, Vec<Listed>> = HashMap::new();
+    let mut touched = HashSet::new();
+    for (sub, name) in changes {
+        let Some(msg) = MessageName::parse(name) else { continue };
+        let unique = msg.unique().to_string();
+        touched.insert(format!("\0dup:{name}"));
+        candidates.entry(unique).or_default().push(Listed { sub: *sub, name: name.clone() });
+    }
+    let mut listing = Listing { touched: None, ..Default::default() };
+    for (unique, mut names) in candidates {
+        if let Some(now) = current(&unique) {
+            names.push(now);
+        }
+        names.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
+        names.dedup();
+        for l in names {
+            match fs::symlink_metadata(mail_dir.join(l.sub.as_str()).join(&l.name)) {
+                Ok(md) if md.file_type().is_file() => {
+                    let key = key_for(&listing.entries, &unique, &l.name);
+                    listing.entries.insert(key, l);
+                }
+                Ok(md) if md.file_type().is_symlink() => listing.warnings.push(format!(
+                    "skipped symlink {} (symlinks are never followed)",
+                    mail_dir.join(l.sub.as_str()).join(&l.name).display()
+                )),
+                _ => {}
+            }
+        }
+        touched.insert(unique);
+    }
+    listing.touched = Some(touched);
+    listing
 }

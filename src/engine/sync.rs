@@ -178,7 +178,9 @@ impl Tree {
             let state = self.folders.get_mut(&folder.rel).expect("ensured above");
             state.stamps = listing.stamps;
             state.listed_at = listing.listed_at;
-            let gone: Vec<String> = state.entries.keys().filter(|k| !listing.entries.contains_key(*k)).cloned().collect();
+            let in_scope = |k: &String| listing.touched.as_ref().is_none_or(|t| t.contains(k));
+            let gone: Vec<String> =
+                state.entries.keys().filter(|k| !listing.entries.contains_key(*k) && in_scope(k)).cloned().collect();
             for k in gone {
                 if let Some(e) = state.entries.remove(&k) {
                     departed.insert(k, (folder.rel.clone(), e));
