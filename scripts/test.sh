@@ -11,15 +11,12 @@ cargo build --lib --features doveadm-plugin --target-dir target/plugin-test
 export MB_PLUGIN_SO="$PWD/target/plugin-test/debug/libmaildir_backup.so"
 
 MB_TRIXIE_ROOT=$(bash scripts/trixie-root.sh)
-    export MB_TRIXIE_ROOT
-    # The same plugin built against the root's Dovecot 2.4 headers (and its settings module).
-    DOVECOT_CONFIG="$MB_TRIXIE_ROOT/usr/lib/dovecot/dovecot-config" \
-        cargo build --lib --features doveadm-plugin --target-dir target/plugin24-test
-    export MB_PLUGIN24_SO="$PWD/target/plugin24-test/debug/libmaildir_backup.so"
-    export MB_SETTINGS24_SO="$PWD/target/plugin24-test/debug/libmaildir_backup_settings.so"
-else
-    export MB_SKIP_D24
-fi
+export MB_TRIXIE_ROOT
+# The same plugin built against the root's Dovecot 2.4 headers (and its settings module).
+DOVECOT_CONFIG="$MB_TRIXIE_ROOT/usr/lib/dovecot/dovecot-config" \
+    cargo build --lib --features doveadm-plugin --target-dir target/plugin24-test
+export MB_PLUGIN24_SO="$PWD/target/plugin24-test/debug/libmaildir_backup.so"
+export MB_SETTINGS24_SO="$PWD/target/plugin24-test/debug/libmaildir_backup_settings.so"
 
 cargo test --no-fail-fast -- --test-threads="${MB_TEST_THREADS:-4}"
 echo "tests took $(( $(date +%s) - start )) s"
