@@ -14,7 +14,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -120,7 +120,7 @@ impl Tracker {
         self.inner.lock().unwrap().created.contains_key(mid)
     }
 
-    /// Was `mid` being moved (a UID MOVE in flight or completed) between `start` and `end`?
+    /// Was a UID MOVE of `mid` in flight at some moment between the ticks `start` and `end`?
     pub fn moved_between(&self, mid: &str, start: u64, end: u64) -> bool {
         let g = self.inner.lock().unwrap();
         g.moved.get(mid).is_some_and(|v| v.iter().any(|&(b, a)| a > start && b < end))
@@ -129,6 +129,91 @@ impl Tracker {
     pub fn counts(&self) -> (usize, usize, usize) {
         let g = self.inner.lock().unwrap();
         (g.created.len(), g.expunged.len(), g.moved.values().map(Vec::len).sum())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Watching a backup's lock
+
+/// Watches (inotify) `dir/dovecot-uidlist.lock` and records, as [`Tracker`] ticks, when a lock whose content
+/// names the pid given to [`LockWatch::set_pid`] was created and removed: the window in which that process
+/// held the folder's uidlist lock. (A backup locks INBOX, the first control dir in sort order, first and
+/// releases it first, so INBOX's window is the backup's reconcile window, seen a little late.)
+pub struct LockWatch {
+    stop: Arc<AtomicBool>,
+    pid: Arc<AtomicU32>,
+    handle: Option<JoinHandle<Vec<(u64, u64)>>>,
+}
+
+impl LockWatch {
+    pub fn start(dir: &Path, tracker: Arc<Tracker>) -> LockWatch {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        use std::os::fd::AsFd;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let pid = Arc::new(AtomicU32::new(0));
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).expect("inotify_init");
+        ino.add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_TO).expect("inotify_add_watch");
+        let lock = dir.join("dovecot-uidlist.lock");
+        let (st, p) = (stop.clone(), pid.clone());
+        let handle = std::thread::spawn(move || {
+            let mut pairs = Vec::new();
+            let mut pending: Option<u64> = None;
+            let mut ours_next = false;
+            loop {
+                let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(20u16));
+                let events = ino.read_events().unwrap_or_default();
+                for ev in events {
+                    let t = tracker.tick();
+                    let want = p.load(Ordering::SeqCst);
+                    let name = ev.name.as_deref().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    // link() mode: the process first creates `.temp.<host>.<pid>.<random>` (its name
+                    // tells whose it is even if we look too late to read the lock itself), then links it.
+                    if want != 0 && name.starts_with(".temp.") && name.contains(&format!(".{want}.")) && ev.mask.contains(AddWatchFlags::IN_CREATE) {
+                        ours_next = true;
+                        continue;
+                    }
+                    if name != "dovecot-uidlist.lock" {
+                        continue;
+                    }
+                    if ev.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
+                        let content = fs::read_to_string(&lock).unwrap_or_default();
+                        if std::mem::take(&mut ours_next) || (want != 0 && content.starts_with(&format!("{want}:"))) {
+                            pending = Some(t);
+                        }
+                    } else if ev.mask.contains(AddWatchFlags::IN_DELETE) {
+                        if let Some(a) = pending.take() {
+                            pairs.push((a, tracker.tick()));
+                        }
+                    }
+                }
+                if st.load(Ordering::SeqCst) {
+                    return pairs;
+                }
+            }
+        });
+        LockWatch { stop, pid, handle: Some(handle) }
+    }
+
+    pub fn set_pid(&self, pid: u32) {
+        self.pid.store(pid, Ordering::SeqCst);
+    }
+
+    /// Stops watching; returns every (created, removed) window of the watched pid's locks.
+    pub fn finish(mut self) -> Vec<(u64, u64)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.take().map(|h| h.join().expect("lock watcher panicked")).unwrap_or_default()
+    }
+}
+
+impl Drop for LockWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
