@@ -374,12 +374,15 @@ out:
 	return ret;
 }
 
+/* v.init lost its args parameter in 2.4. */
 #if DOVECOT_PREREQ(2,4,0)
-static void cmd_maildir_backup_init(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED)
+#  define INIT_PARAMS struct doveadm_mail_cmd_context *ctx ATTR_UNUSED
 #else
-static void cmd_maildir_backup_init(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED,
-				    const char *const args[] ATTR_UNUSED)
+#  define INIT_PARAMS struct doveadm_mail_cmd_context *ctx ATTR_UNUSED, \
+	const char *const args[] ATTR_UNUSED
 #endif
+
+static void cmd_maildir_backup_init(INIT_PARAMS)
 {
 	doveadm_print_header_simple("user");
 	doveadm_print_header_simple("mailbox");
@@ -495,12 +498,7 @@ cmd_maildir_backup_restore_run(struct doveadm_mail_cmd_context *ctx, struct mail
 	return 0;
 }
 
-#if DOVECOT_PREREQ(2,4,0)
-static void cmd_maildir_backup_restore_init(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED)
-#else
-static void cmd_maildir_backup_restore_init(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED,
-					    const char *const args[] ATTR_UNUSED)
-#endif
+static void cmd_maildir_backup_restore_init(INIT_PARAMS)
 {
 	doveadm_print_header_simple("user");
 	doveadm_print_header_simple("mode");

@@ -126,6 +126,19 @@ impl Tracker {
         g.moved.get(mid).is_some_and(|v| v.iter().any(|&(b, a)| a > start && b < end))
     }
 
+    /// Were two UID MOVEs of `mid` (from different sessions) in flight at the same time? Both may then have
+    /// copied it before either expunged it: Dovecot itself ends up with the message in two folders.
+    pub fn moved_concurrently(&self, mid: &str) -> bool {
+        let g = self.inner.lock().unwrap();
+        let Some(v) = g.moved.get(mid) else { return false };
+        v.iter().enumerate().any(|(i, &(b1, a1))| v.iter().skip(i + 1).any(|&(b2, a2)| b1 < a2 && b2 < a1))
+    }
+
+    /// The (before, after) ticks of every UID MOVE of `mid`.
+    pub fn moves_of(&self, mid: &str) -> Vec<(u64, u64)> {
+        self.inner.lock().unwrap().moved.get(mid).cloned().unwrap_or_default()
+    }
+
     pub fn counts(&self) -> (usize, usize, usize) {
         let g = self.inner.lock().unwrap();
         (g.created.len(), g.expunged.len(), g.moved.values().map(Vec::len).sum())
