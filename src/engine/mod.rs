@@ -255,6 +255,7 @@ pub fn copy_into(
         }
 
         progress.phase("reconciling");
+        let control = reconcile::precopy_control_files(&tree, source.control_root())?;
         let found = discover(mailboxes, &mut tree)?;
         let (locks, since) = mailboxes.lock_all(&found, opts, &mut attempts)?;
         lock_rounds += 1;
@@ -288,7 +289,7 @@ pub fn copy_into(
                 force = true;
             }
             let taken_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-            reconcile::copy_control_files(&tree, source.control_root())?;
+            reconcile::copy_control_files(&tree, source.control_root(), control)?;
             Ok(taken_at)
         })();
         let mut w = Vec::new();

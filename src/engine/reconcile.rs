@@ -5,12 +5,14 @@
 //! released and the attempt repeated after a random pause, so we never hold one lock while
 //! waiting for another that Dovecot holds.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::copy::{copy_file, CopyError};
+use super::copy;
 use super::scan::{dir_stamps, list_folder, partial_listing, Listed, Listing};
 use super::watch::Watcher;
 use super::sync::{FolderState, Tree};
@@ -199,43 +201,116 @@ pub fn listing_or_gone(f: &Folder) -> Result<Option<Listing>, BackupError> {
     }
 }
 
-/// Copies `src` over `dst` if `src` exists; returns whether it did.
-fn copy_replacing(src: &Path, dst: &Path, keep_owner: bool) -> Result<bool, BackupError> {
-    match fs::remove_file(dst) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(BackupError::Io { op: "remove", path: dst.to_path_buf(), source: e }),
-    }
-    match copy_file(src, dst, keep_owner) {
-        Ok(_) => Ok(true),
-        Err(CopyError::SourceVanished) => Ok(false),
-        Err(CopyError::Source(e)) => Err(BackupError::Io { op: "read control file", path: src.to_path_buf(), source: e }),
-        Err(CopyError::Dest(e)) => Err(BackupError::Io { op: "write control file", path: dst.to_path_buf(), source: e }),
-    }
+fn control_io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackupError + 'a {
+    move |source| BackupError::Io { op, path: path.to_path_buf(), source }
 }
 
-/// Copies each folder's dovecot-uidlist and dovecot-keywords (from its control dir) and
-/// maildirfolder into the folder itself, and the per-user files into the root, so that the
-/// backup is a self-contained Maildir. Called with the locks held.
-pub fn copy_control_files(tree: &Tree, control_root: &Path) -> Result<(), BackupError> {
+/// (source, copy) of every control file a self-contained backup carries: each folder's
+/// dovecot-uidlist and dovecot-keywords (from its control dir) and maildirfolder, placed in
+/// the folder itself, and the per-user files in the root.
+fn control_pairs(tree: &Tree, control_root: &Path) -> Result<Vec<(PathBuf, PathBuf)>, BackupError> {
+    let mut pairs = Vec::new();
     for (rel, state) in &tree.folders {
         let dst_dir = tree.staged_dir(rel);
         for name in FOLDER_CONTROL_FILES {
-            copy_replacing(&state.folder.control_dir.join(name), &dst_dir.join(name), tree.keep_owner)?;
+            pairs.push((state.folder.control_dir.join(name), dst_dir.join(name)));
         }
-        copy_replacing(&state.folder.mail_dir.join("maildirfolder"), &dst_dir.join("maildirfolder"), tree.keep_owner)?;
+        pairs.push((state.folder.mail_dir.join("maildirfolder"), dst_dir.join("maildirfolder")));
     }
-    let rd = match fs::read_dir(control_root) {
-        Ok(rd) => rd,
-        Err(e) => return Err(BackupError::Io { op: "read directory", path: control_root.to_path_buf(), source: e }),
-    };
-    for entry in rd.flatten() {
+    for entry in fs::read_dir(control_root).map_err(control_io("read directory", control_root))?.flatten() {
         let name = entry.file_name();
         let n = name.to_string_lossy();
         let wanted = n == "subscriptions" || n == "dovecot-uidvalidity" || n.starts_with("dovecot-uidvalidity.");
         if wanted && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            copy_replacing(&entry.path(), &tree.staging.join(&name), tree.keep_owner)?;
+            pairs.push((entry.path(), tree.staging.join(&name)));
         }
     }
+    Ok(pairs)
+}
+
+/// A control file copied before the lock. Its source stays open so its inode cannot be
+/// reused: under the lock, the same inode with the same size is the same content, and the
+/// same inode grown is our copy plus an appended tail (Dovecot only ever appends to
+/// dovecot-uidlist in place; every other change is a new file renamed over it).
+struct Precopied {
+    source: fs::File,
+    len: u64,
+}
+
+#[derive(Default)]
+pub struct ControlFiles {
+    by_dest: HashMap<PathBuf, Precopied>,
+}
+
+/// Copies `src` to `dst` (replacing it) with its metadata; the open source and the bytes
+/// copied, or None if there is no source.
+fn copy_control(src: &Path, dst: &Path, keep_owner: bool) -> Result<Option<Precopied>, BackupError> {
+    let mut source = match copy::open_nofollow(src) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            remove_if_there(dst)?;
+            return Ok(None);
+        }
+        Err(e) => return Err(control_io("read control file", src)(e)),
+    };
+    let tmp = dst.with_extension("maildir-backup-tmp");
+    let mut out = fs::File::create(&tmp).map_err(control_io("create", &tmp))?;
+    let len = io::copy(&mut source, &mut out).map_err(control_io("copy control file", src))?;
+    let md = source.metadata().map_err(control_io("fstat", src))?;
+    copy::apply_metadata(&out, &md, keep_owner).map_err(control_io("set metadata of", &tmp))?;
+    fs::rename(&tmp, dst).map_err(control_io("rename into place", dst))?;
+    Ok(Some(Precopied { source, len }))
+}
+
+fn remove_if_there(path: &Path) -> Result<(), BackupError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(control_io("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Copies the control files before the lock, so that under it only changes are copied.
+pub fn precopy_control_files(tree: &Tree, control_root: &Path) -> Result<ControlFiles, BackupError> {
+    let mut files = ControlFiles::default();
+    for (src, dst) in control_pairs(tree, control_root)? {
+        if let Some(p) = copy_control(&src, &dst, tree.keep_owner)? {
+            files.by_dest.insert(dst, p);
+        }
+    }
+    Ok(files)
+}
+
+/// Brings the control files to what they are now. Called with the locks held: an unchanged
+/// file costs a stat, an appended uidlist only its new lines.
+pub fn copy_control_files(tree: &Tree, control_root: &Path, mut pre: ControlFiles) -> Result<(), BackupError> {
+    for (src, dst) in control_pairs(tree, control_root)? {
+        let now = match fs::symlink_metadata(&src) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                remove_if_there(&dst)?;
+                continue;
+            }
+            Err(e) => return Err(control_io("stat", &src)(e)),
+        };
+        if let Some(p) = pre.by_dest.get_mut(&dst) {
+            let then = p.source.metadata().map_err(control_io("fstat", &src))?;
+            if then.dev() == now.dev() && then.ino() == now.ino() && now.len() >= p.len {
+                if now.len() > p.len {
+                    append_tail(p, &dst, &now, tree.keep_owner).map_err(control_io("append to", &dst))?;
+                }
+                continue;
+            }
+        }
+        copy_control(&src, &dst, tree.keep_owner)?;
+    }
     Ok(())
+}
+
+/// Appends what was added to the source after `p.len` and takes the source's times.
+fn append_tail(p: &mut Precopied, dst: &Path, now: &fs::Metadata, keep_owner: bool) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    p.source.seek(SeekFrom::Start(p.len))?;
+    let mut out = fs::OpenOptions::new().append(true).custom_flags(libc::O_NOFOLLOW).open(dst)?;
+    p.len += io::copy(&mut p.source, &mut out)?;
+    copy::apply_metadata(&out, now, keep_owner)
 }
