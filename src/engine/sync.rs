@@ -155,8 +155,10 @@ impl Tree {
         progress: &dyn Progress,
     ) -> Result<PassStats, BackupError> {
         let mut stats = PassStats::default();
-        // Messages that left a folder, by key: a candidate source for a move into another.
-        let mut departed: HashMap<String, (PathBuf, Entry)> = HashMap::new();
+        // Messages that left a folder, by key: a candidate source for a move into another. One
+        // unique name can leave several folders in one pass (Dovecot's COPY/MOVE hard-link under
+        // the same name), so keep every one: each staged copy must be reused or removed.
+        let mut departed: HashMap<String, Vec<(PathBuf, Entry)>> = HashMap::new();
         let mut added: Vec<(PathBuf, String, Listed)> = Vec::new();
         let mut gone_folders = Vec::new();
 
@@ -164,7 +166,7 @@ impl Tree {
             let Some(listing) = listing else {
                 if let Some(state) = self.folders.get_mut(&folder.rel) {
                     for (k, e) in state.entries.drain() {
-                        departed.insert(k, (folder.rel.clone(), e));
+                        departed.entry(k).or_default().push((folder.rel.clone(), e));
                     }
                 }
                 gone_folders.push(folder.rel.clone());
@@ -183,7 +185,7 @@ impl Tree {
                 state.entries.keys().filter(|k| !listing.entries.contains_key(*k) && in_scope(k)).cloned().collect();
             for k in gone {
                 if let Some(e) = state.entries.remove(&k) {
-                    departed.insert(k, (folder.rel.clone(), e));
+                    departed.entry(k).or_default().push((folder.rel.clone(), e));
                 }
             }
             for (key, listed) in listing.entries {
@@ -205,7 +207,7 @@ impl Tree {
 
         let mut jobs = Vec::new();
         for (rel, key, listed) in added {
-            if let Some((from_rel, e)) = departed.remove(&key) {
+            if let Some((from_rel, e)) = departed.get_mut(&key).and_then(Vec::pop) {
                 // Moved between folders (Dovecot keeps the unique name): move our copy too.
                 let from = self.staged_file(&from_rel, e.sub, &e.name);
                 let to = self.staged_file(&rel, listed.sub, &listed.name);
@@ -253,7 +255,7 @@ impl Tree {
             }
         }
 
-        for (_, (rel, e)) in departed {
+        for (rel, e) in departed.into_values().flatten() {
             let path = self.staged_file(&rel, e.sub, &e.name);
             match fs::remove_file(&path) {
                 Ok(()) => {}
