@@ -155,25 +155,42 @@ fn main() {
         holds.sort_by(|a, b| a.partial_cmp(b).unwrap());
         println!("  lock hold (quiescent source): median {:.2} ms, max {:.2} ms", holds[holds.len() / 2], holds[holds.len() - 1]);
 
-        // Lock hold while the source changes: 1 % of messages renamed (flag change) during the copy.
+        // Lock hold while the source changes: once the copy is under way, 1 % of the messages
+        // get a flag (renamed) and 0.1 % new ones arrive; then the source is put back.
         let dest = work.path().join("out-churn");
+        let staging = work.path().join(".out-churn.maildir-backup-staging");
         let child = Command::new(BIN).args(["backup", "--json"]).arg(&src).arg(&dest).stdout(std::process::Stdio::piped()).spawn().unwrap();
-        let mut renamed = 0;
+        while !staging.exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut renamed = Vec::new();
         for f in files.iter().step_by(100) {
             let to = PathBuf::from(format!("{}F", f.display()));
             if fs::rename(f, &to).is_ok() {
-                renamed += 1;
-                let _ = fs::rename(&to, f);
+                renamed.push((to, f.clone()));
             }
         }
+        let new_mail: Vec<PathBuf> = (0..n / 1000).map(|i| src.join("new").join(format!("{}.M{i}P777.bench,S=1500", 1_900_000_000 + i))).collect();
+        for p in &new_mail {
+            fs::write(p, vec![b'y'; 1500]).unwrap();
+        }
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let j = String::from_utf8_lossy(&out.stdout);
         println!(
-            "  lock hold with {renamed} renames during the copy: {:.2} ms ({} changes caught up)",
+            "  lock hold with {} renames + {} new messages during the copy: {:.2} ms ({} changes caught up)",
+            renamed.len(),
+            new_mail.len(),
             json_field(&j, "lock_hold_ms"),
             json_field(&j, "changed_during_backup")
         );
+        for (to, from) in renamed {
+            fs::rename(to, from).unwrap();
+        }
+        for p in new_mail {
+            fs::remove_file(p).unwrap();
+        }
         let _ = fs::remove_dir_all(&dest);
 
         // Incremental: snapshot, then 10 % flag changes + 1 % new mail, then the next one.

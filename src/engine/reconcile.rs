@@ -20,8 +20,11 @@ use super::BackupError;
 use crate::dotlock::{self, DotLock, LockError, LockSettings};
 use crate::maildir::{Folder, FOLDER_CONTROL_FILES, UIDLIST};
 
-/// How long to wait for any one folder's lock before backing off from all of them.
-const PER_LOCK_WAIT: Duration = Duration::from_millis(1000);
+/// How long to wait for the first lock of a round, while holding none.
+const FIRST_LOCK_WAIT: Duration = Duration::from_millis(1000);
+/// How long to wait for each further lock, while holding others (and so blocking Dovecot on
+/// those folders): only a moment, then back off from all of them.
+const NEXT_LOCK_WAIT: Duration = Duration::from_millis(20);
 
 /// Locks held on every folder for the reconcile, however they were taken.
 pub trait HeldLocks {
@@ -57,7 +60,8 @@ pub fn lock_all_or_none<T>(
         let mut held = Vec::with_capacity(n);
         let mut busy = None;
         for i in 0..n {
-            let wait = deadline.saturating_duration_since(Instant::now()).min(PER_LOCK_WAIT);
+            let per_lock = if held.is_empty() { FIRST_LOCK_WAIT } else { NEXT_LOCK_WAIT };
+            let wait = deadline.saturating_duration_since(Instant::now()).min(per_lock);
             match try_one(i, wait)? {
                 Ok(lock) => held.push(lock),
                 Err(why) => {
