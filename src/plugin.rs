@@ -299,6 +299,11 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
     }
     opts.with_indexes = job.with_indexes != 0;
 
+    // Before creating any directory: never a destination inside the user's Maildir.
+    if let Err(e) = engine::check_paths(&location, &dest.join(if repo_mode { "snapshot" } else { "" })) {
+        report_error(job, &format!("{e}; nothing was published at {}", dest.display()));
+        return e.exit_code();
+    }
     let parent = if repo_mode { Some(dest.as_path()) } else { dest.parent() };
     if let Some(parent) = parent {
         if let Err(e) = std::fs::create_dir_all(parent) {
@@ -309,14 +314,7 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
     let result: Result<_, (String, i32)> = if repo_mode {
         crate::repo::snapshot(&location, &mailboxes, &dest, &user, &opts, false, &NoProgress).map_err(|e| (e.to_string(), e.exit_code()))
     } else {
-        engine::check_paths(&location, &dest)
-            .and_then(|()| {
-                let staging = crate::staging::Staging::prepare(&dest)?;
-                let report = engine::copy_into(&location, &mailboxes, staging.path(), &opts, None, &NoProgress)?;
-                staging.publish()?;
-                Ok(report)
-            })
-            .map_err(|e| (e.to_string(), e.exit_code()))
+        engine::backup_with(&location, &mailboxes, &dest, &opts, None, &NoProgress).map_err(|e| (e.to_string(), e.exit_code()))
     };
     match result {
         Ok(report) => {

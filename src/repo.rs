@@ -14,7 +14,6 @@ use crate::engine::copy::hash_file;
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, Progress, Reuse};
 use crate::maildir::MailLocation;
 use crate::manifest::{Manifest, MANIFEST_NAME};
-use crate::staging::Staging;
 
 pub const LATEST: &str = "latest";
 /// Snapshot directory names: UTC, sortable, no colons.
@@ -176,8 +175,9 @@ pub fn snapshot(
         return Err(RepoError::BadName(name.to_string()));
     }
     let series = repo.join(name);
+    // Before creating anything: never a repository inside the Maildir it backs up.
+    engine::check_paths(source, &series.join("snapshot"))?;
     fs::create_dir_all(&series).map_err(io_err("create directory", &series))?;
-    engine::check_paths(source, &series.join("x"))?;
     let previous = latest(&series).and_then(|p| PreviousSnapshot::load(&p, paranoid));
     // One snapshot per second at most: wait for a fresh name rather than invent one.
     let mut now = Utc::now();
@@ -187,11 +187,8 @@ pub fn snapshot(
     }
     let snap_name = now.format(TIME_FORMAT).to_string();
     let dest = series.join(&snap_name);
-    let staging = Staging::prepare(&dest).map_err(BackupError::from)?;
-    let mut report = engine::copy_into(source, mailboxes, staging.path(), opts, previous.as_ref().map(|p| p as &dyn Reuse), progress)?;
-    staging.publish().map_err(BackupError::from)?;
+    let report = engine::backup_with(source, mailboxes, &dest, opts, previous.as_ref().map(|p| p as &dyn Reuse), progress)?;
     point_latest(&series, &snap_name)?;
-    report.destination = dest;
     Ok(report)
 }
 

@@ -162,6 +162,26 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Bac
     move |source| BackupError::Io { op, path: path.to_path_buf(), source }
 }
 
+/// `path` with its longest existing prefix resolved (symlinks followed), the rest appended:
+/// where it would be, even if it does not exist yet.
+fn resolve_existing_prefix(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(path) };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(real) = fs::canonicalize(cur) {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
 /// Checks that `source` is a Maildir and `dest` is not inside it.
 pub fn check_paths(source: &MailLocation, dest: &Path) -> Result<(), BackupError> {
     match fs::metadata(&source.root) {
@@ -172,14 +192,11 @@ pub fn check_paths(source: &MailLocation, dest: &Path) -> Result<(), BackupError
     if !folders::is_maildir(&source.root) {
         return Err(BackupError::NotMaildir(source.root.clone()));
     }
-    let dest_parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if let (Ok(parent), Some(name)) = (fs::canonicalize(dest_parent), dest.file_name()) {
-        let dest_abs = parent.join(name);
-        for dir in [Some(&source.root), source.control.as_ref(), source.index.as_ref()].into_iter().flatten() {
-            if let Ok(src_abs) = fs::canonicalize(dir) {
-                if dest_abs.starts_with(&src_abs) {
-                    return Err(BackupError::DestInsideSource { dest: dest.to_path_buf(), source_dir: dir.clone() });
-                }
+    let dest_abs = resolve_existing_prefix(dest);
+    for dir in [Some(&source.root), source.control.as_ref(), source.index.as_ref()].into_iter().flatten() {
+        if let Ok(src_abs) = fs::canonicalize(dir) {
+            if dest_abs.starts_with(&src_abs) {
+                return Err(BackupError::DestInsideSource { dest: dest.to_path_buf(), source_dir: dir.clone() });
             }
         }
     }
@@ -188,11 +205,25 @@ pub fn check_paths(source: &MailLocation, dest: &Path) -> Result<(), BackupError
 
 /// Backs up `source` into the new directory `dest`, published whole or not at all.
 pub fn backup(source: &MailLocation, dest: &Path, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupReport, BackupError> {
+    backup_with(source, source, dest, opts, None, progress)
+}
+
+/// `backup` with the folders and locks of `mailboxes`, and earlier copies from `reuse`.
+pub fn backup_with(
+    source: &MailLocation,
+    mailboxes: &dyn Mailboxes,
+    dest: &Path,
+    opts: &BackupOptions,
+    reuse: Option<&dyn Reuse>,
+    progress: &dyn Progress,
+) -> Result<BackupReport, BackupError> {
+    let started = Instant::now();
     check_paths(source, dest)?;
     let staging = Staging::prepare(dest)?;
-    let mut report = copy_into(source, source, staging.path(), opts, None, progress)?;
+    let mut report = copy_into(source, mailboxes, staging.path(), opts, reuse, progress)?;
     staging.publish()?;
     report.destination = dest.to_path_buf();
+    report.seconds = started.elapsed().as_secs_f64(); // the publish's flush included
     Ok(report)
 }
 
