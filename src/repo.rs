@@ -178,6 +178,7 @@ pub fn snapshot(
     // Before creating anything: never a repository inside the Maildir it backs up.
     engine::check_paths(source, &series.join("snapshot"))?;
     fs::create_dir_all(&series).map_err(io_err("create directory", &series))?;
+    remove_dead_staging(&series)?;
     let previous = latest(&series).and_then(|p| PreviousSnapshot::load(&p, paranoid));
     // One snapshot per second at most: wait for a fresh name rather than invent one.
     let mut now = Utc::now();
@@ -190,6 +191,19 @@ pub fn snapshot(
     let report = engine::backup_with(source, mailboxes, &dest, opts, previous.as_ref().map(|p| p as &dyn Reuse), progress)?;
     point_latest(&series, &snap_name)?;
     Ok(report)
+}
+
+/// Removes the staging dirs of killed runs: each had its own timestamp, so no later run
+/// would ever reuse (and so clean) its name. A live run's guard keeps its dir.
+fn remove_dead_staging(series: &Path) -> Result<(), RepoError> {
+    for e in fs::read_dir(series).map_err(io_err("read directory", series))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(ts) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".maildir-backup-staging")) {
+            // prepare() breaks a dead run's guard and clears its dir; dropping it removes both.
+            drop(crate::staging::Staging::prepare(&series.join(ts)));
+        }
+    }
+    Ok(())
 }
 
 /// How many snapshots a prune keeps (restic's rules: each count keeps the newest snapshot of

@@ -165,6 +165,7 @@ fn has_mail(target: &MailLocation) -> Result<bool, RestoreError> {
             Ok(l) if !l.entries.is_empty() => return Ok(true),
             Ok(_) => {}
             Err(e) if e.is_not_found() => {}
+            Err(crate::engine::scan::ScanError::Io { source, .. }) => return Err(RestoreError::Io { op: "list", path: f.mail_dir.clone(), source }),
             Err(e) => return Err(RestoreError::Io { op: "list", path: f.mail_dir.clone(), source: io::Error::other(e.to_string()) }),
         }
     }
@@ -235,6 +236,26 @@ fn fresh_unique(original: &str) -> String {
         crate::dotlock::my_hostname().replace(['/', ':'], "_"),
         sizes
     )
+}
+
+/// Files we put into a target's tmp/: removed again if the restore stops before moving them
+/// into place, so a failed restore leaves nothing behind in a live Maildir.
+#[derive(Default)]
+struct TmpFiles(Vec<PathBuf>);
+
+impl TmpFiles {
+    fn add(&mut self, p: PathBuf) -> PathBuf {
+        self.0.push(p.clone());
+        p
+    }
+}
+
+impl Drop for TmpFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_file(p); // already renamed into place: nothing there
+        }
+    }
 }
 
 /// Copies `src` into the folder's tmp/ as `name`, with `owner`.
@@ -309,7 +330,15 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
             report.folders_created += 1;
         }
         let snap_dir = snapshot.join(&f.path);
-        if full {
+        // The snapshot's UIDs are kept only where the target never gave out UIDs under another
+        // UIDVALIDITY: putting an older one back could hand out UIDs clients already saw.
+        let snap_v = Uidlist::read(&snap_dir.join(UIDLIST)).ok().and_then(|u| u.uid_validity);
+        let keeps_uids = match Uidlist::read(&tf.control_dir.join(UIDLIST)) {
+            Ok(old) => old.uid_validity == snap_v,
+            Err(crate::maildir::uidlist::UidlistError::Io { source, .. }) => source.kind() == io::ErrorKind::NotFound,
+            Err(_) => false,
+        };
+        if full && keeps_uids {
             restore_folder_full(&snap_dir, &tf, f, msgs, owner, req, &mut report)?;
         } else {
             restore_folder_merge(&snap_dir, &tf, f, msgs, owner, req, &mut report)?;
@@ -379,9 +408,11 @@ fn restore_folder_full(
     report: &mut RestoreReport,
 ) -> Result<(), RestoreError> {
     let mut staged = Vec::new();
+    let mut tmp = TmpFiles::default();
     for m in msgs {
-        let tmp = deliver_to_tmp(&snap_dir.join(m.dir.as_str()).join(&m.name), tf, &m.name, owner)?;
-        staged.push((tmp, tf.mail_dir.join(m.dir.as_str()).join(&m.name), m));
+        let name = format!("{}.restore", fresh_unique(&m.unique));
+        let t = tmp.add(deliver_to_tmp(&snap_dir.join(m.dir.as_str()).join(&m.name), tf, &name, owner)?);
+        staged.push((t, tf.mail_dir.join(m.dir.as_str()).join(&m.name), m));
     }
     let lock = lock_folder(tf, &req.lock)?;
     for (tmp, dst, m) in staged {
@@ -439,13 +470,14 @@ fn restore_folder_merge(
     let snap_kw = Keywords::read(&snap_dir.join(KEYWORDS_FILE)).map_err(io_err("read", &snap_dir.join(KEYWORDS_FILE)))?;
     let already = Present::of(tf);
     let mut staged = Vec::new();
+    let mut tmp = TmpFiles::default();
     for m in msgs {
         if already.has(m) {
             report.skip(&f.name, &m.unique);
             continue;
         }
         let tmp_name = format!("{}.restore", fresh_unique(&m.unique));
-        staged.push((deliver_to_tmp(&snap_dir.join(m.dir.as_str()).join(&m.name), tf, &tmp_name, owner)?, *m));
+        staged.push((tmp.add(deliver_to_tmp(&snap_dir.join(m.dir.as_str()).join(&m.name), tf, &tmp_name, owner)?), *m));
     }
     let lock = lock_folder(tf, &req.lock)?;
     let kw_path = tf.control_dir.join(KEYWORDS_FILE);

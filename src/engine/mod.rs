@@ -96,7 +96,8 @@ impl ExitCode for BackupError {
             BackupError::Scan(scan::ScanError::Io { source, .. }) => sysexits::for_io_error(source),
             BackupError::Scan(scan::ScanError::NonUtf8(_)) => sysexits::EX_DATAERR,
             BackupError::Folders(e) => sysexits::for_io_error(&e.source),
-            BackupError::Manifest(_) => sysexits::EX_IOERR,
+            BackupError::Manifest(crate::manifest::ManifestError::Io { source, .. }) => sysexits::for_io_error(source),
+            BackupError::Manifest(crate::manifest::ManifestError::Bad { .. }) => sysexits::EX_DATAERR,
             BackupError::Unstable(_) | BackupError::LockTimeout { .. } => sysexits::EX_TEMPFAIL,
         }
     }
@@ -304,20 +305,25 @@ pub fn copy_into(
             continue;
         }
         let result = (|| -> Result<i64, BackupError> {
-            // Re-list until nothing vanished between listing and copying (the rare renames
-            // Dovecot does without the lock).
-            let mut force = false;
+            // Look again until a pass finds nothing more: a name that vanished between listing
+            // and copying, or was missed by a stat or a readdir racing a rename (Dovecot's rare
+            // renames without the lock), shows up in the next pass through inotify or the
+            // directory times; never a full rescan of everything under the lock.
+            let mut settled = false;
             for _ in 0..5 {
-                let listings = reconcile::relist(&tree, &now_found, nfs, force, watcher.as_mut())?;
+                let listings = reconcile::relist(&tree, &now_found, nfs, false, watcher.as_mut())?;
                 let s = tree.apply(listings, &pool, reuse, progress)?;
                 locks.touch();
                 passes += 1;
                 changed += s.changes();
                 total.add(&s);
-                if s.vanished == 0 {
+                if s.vanished == 0 && s.removed == 0 {
+                    settled = true;
                     break;
                 }
-                force = true;
+            }
+            if !settled {
+                tree.warn("the source kept renaming messages during the reconcile; a message renamed in its last moment may be missing");
             }
             let taken_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
             reconcile::copy_control_files(&tree, source.control_root(), control)?;

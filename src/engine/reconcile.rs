@@ -287,7 +287,9 @@ pub fn precopy_control_files(tree: &Tree, control_root: &Path) -> Result<Control
 /// Brings the control files to what they are now. Called with the locks held: an unchanged
 /// file costs a stat, an appended uidlist only its new lines.
 pub fn copy_control_files(tree: &Tree, control_root: &Path, mut pre: ControlFiles) -> Result<(), BackupError> {
-    for (src, dst) in control_pairs(tree, control_root)? {
+    let pairs = control_pairs(tree, control_root)?;
+    let current: std::collections::HashSet<PathBuf> = pairs.iter().map(|(_, d)| d.clone()).collect();
+    for (src, dst) in pairs {
         let now = match fs::symlink_metadata(&src) {
             Ok(md) => md,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -296,7 +298,10 @@ pub fn copy_control_files(tree: &Tree, control_root: &Path, mut pre: ControlFile
             }
             Err(e) => return Err(control_io("stat", &src)(e)),
         };
-        if let Some(p) = pre.by_dest.get_mut(&dst) {
+        // Only dovecot-uidlist is changed in place solely by appending; other control files
+        // are rewritten (dovecot-uidvalidity even in place at the same size): copy afresh.
+        let appendable = dst.file_name().is_some_and(|n| n == UIDLIST);
+        if let Some(p) = pre.by_dest.remove(&dst).filter(|_| appendable).as_mut() {
             let then = p.source.metadata().map_err(control_io("fstat", &src))?;
             if then.dev() == now.dev() && then.ino() == now.ino() && now.len() >= p.len {
                 if now.len() > p.len {
@@ -306,6 +311,12 @@ pub fn copy_control_files(tree: &Tree, control_root: &Path, mut pre: ControlFile
             }
         }
         copy_control(&src, &dst, tree.keep_owner)?;
+    }
+    // Copied before the lock, gone since (e.g. a dovecot-uidvalidity.* marker renamed away).
+    for dst in pre.by_dest.into_keys() {
+        if !current.contains(&dst) {
+            remove_if_there(&dst)?;
+        }
     }
     Ok(())
 }

@@ -49,12 +49,15 @@ impl Watcher {
     /// Starts watching a folder; call it just *before* listing the folder in full, so no
     /// change between the listing and the watch can be missed. False if it cannot be watched.
     pub fn watch(&mut self, rel: &Path, mail_dir: &Path) -> bool {
-        if let Some(w) = self.folders.get_mut(rel) {
-            if !w.wds.is_empty() {
-                // Already watched: the full listing that follows covers whatever was lost.
-                w.needs_full = false;
-                w.changes.clear();
-                return true;
+        // Always add the watches again: inotify gives back the existing descriptor for an
+        // inode already watched, and a new one if `rel` now names other directories (a folder
+        // renamed away moves cur/ and new/ without IN_MOVE_SELF, then is recreated or renamed
+        // back). The full listing that follows covers whatever happened before.
+        if let Some(old) = self.folders.remove(rel) {
+            for wd in &old.wds {
+                if self.by_wd.get(wd).is_some_and(|(r, _)| r == rel) {
+                    self.by_wd.remove(wd);
+                }
             }
         }
         let mut wds = Vec::with_capacity(2);
