@@ -338,6 +338,12 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
             Err(crate::maildir::uidlist::UidlistError::Io { source, .. }) => source.kind() == io::ErrorKind::NotFound,
             Err(_) => false,
         };
+        if full && !keeps_uids {
+            report.warnings.push(format!(
+                "{}: the target's UIDVALIDITY differs from the snapshot's; merged with new UIDs instead of keeping the old ones",
+                f.name
+            ));
+        }
         if full && keeps_uids {
             restore_folder_full(&snap_dir, &tf, f, msgs, owner, req, &mut report)?;
         } else {
