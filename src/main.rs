@@ -5,7 +5,19 @@ mod cli;
 
 use clap::Parser;
 
+/// A backup keeps a file open per control file until the reconcile: allow as many as the
+/// hard limit does (the default soft limit of 1024 is low for users with many folders).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 fn main() {
+    raise_fd_limit();
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {

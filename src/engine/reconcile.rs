@@ -273,12 +273,22 @@ fn remove_if_there(path: &Path) -> Result<(), BackupError> {
     }
 }
 
-/// Copies the control files before the lock, so that under it only changes are copied.
+/// Copies each folder's dovecot-uidlist before the lock (the only big control file), so that
+/// under the lock only what was appended since is copied. The sources stay open, within a
+/// share of the descriptor limit; whatever is over it is copied under the lock instead.
 pub fn precopy_control_files(tree: &Tree, control_root: &Path) -> Result<ControlFiles, BackupError> {
+    let budget = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| (soft.min(1 << 20) as usize).saturating_sub(256) / 2)
+        .unwrap_or(256);
     let mut files = ControlFiles::default();
     for (src, dst) in control_pairs(tree, control_root)? {
-        if let Some(p) = copy_control(&src, &dst, tree.keep_owner)? {
-            files.by_dest.insert(dst, p);
+        if files.by_dest.len() >= budget {
+            break;
+        }
+        if dst.file_name().is_some_and(|n| n == UIDLIST) {
+            if let Some(p) = copy_control(&src, &dst, tree.keep_owner)? {
+                files.by_dest.insert(dst, p);
+            }
         }
     }
     Ok(files)
