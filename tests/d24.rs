@@ -19,11 +19,10 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -33,117 +32,17 @@ use support::dovecot24::{chown_vmail_recursive_root, tempdir_in_root};
 use support::plugin24::*;
 use support::plugin_users::{assert_verified, read_manifest, vmail_tempdir, LockHolder, Run, EX_CONFIG, EX_TEMPFAIL, EX_USAGE};
 use support::repo_helpers::{mid_flags, take_snapshot};
+use support::procs::{build_hold_shim, files_in, host, mb, run_cmd, secs, spawn, wait_until};
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
 const LOCK: &str = "dovecot-uidlist.lock";
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
 
-fn host() -> String {
-    nix::unistd::gethostname().expect("gethostname").to_string_lossy().into_owned()
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s)
-}
-
 /// A chroot path as a string (for doveadm arguments).
 fn cp(host_path: &Path) -> String {
     host_to_root(host_path).display().to_string()
-}
-
-fn mb() -> Command {
-    let mut c = Command::new(BIN);
-    c.env_remove("DOVECOT_HOSTNAME").env_remove("MAILDIR_BACKUP_TEST_LINK_LIES").env_remove("LD_PRELOAD");
-    c.stdin(Stdio::null());
-    c
-}
-
-struct Running {
-    child: Child,
-    err: File,
-    started: Instant,
-    what: String,
-}
-
-struct Done {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-    what: String,
-}
-
-impl Done {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-    fn show(&self) -> String {
-        format!("{}\n  status: {:?} after {:.2?}\n  stdout: {}\n  stderr: {}", self.what, self.status, self.elapsed, self.stdout, self.stderr)
-    }
-}
-
-fn spawn(mut cmd: Command) -> Running {
-    let err = tempfile::tempfile().unwrap();
-    cmd.stdout(Stdio::null()).stderr(err.try_clone().unwrap());
-    let what = format!("{cmd:?}");
-    let started = Instant::now();
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    Running { child, err, started, what }
-}
-
-impl Running {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-    fn wait(mut self, limit: Duration) -> Done {
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut stderr = String::new();
-                self.err.seek(SeekFrom::Start(0)).unwrap();
-                self.err.read_to_string(&mut stderr).unwrap();
-                return Done { status, stdout: String::new(), stderr, elapsed: self.started.elapsed(), what: self.what };
-            }
-            if self.started.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("{} still running after {limit:?}", self.what);
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-fn run_cmd(mut cmd: Command) -> Done {
-    let what = format!("{cmd:?}");
-    let started = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
-    Done {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: started.elapsed(),
-        what,
-    }
-}
-
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn files_in(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir).map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
 }
 
 fn assert_no_dovecot_errors(d: &Dovecot24) {
@@ -303,135 +202,6 @@ fn d24_our_lock_and_maildirlock_make_select_wait() {
     eprintln!("d24_our_lock_and_maildirlock_make_select_wait: {:.1?}", t0.elapsed());
 }
 
-/// LD_PRELOAD shim for Dovecot's processes (the one of tests/lock_dovecot.rs): once armed (a file `arm` in
-/// MB_HOLD_DIR), the first process that completes a `dovecot-uidlist.lock` (Dovecot's own file_dotlock
-/// code) reports `held.<pid>` and pauses until `release` exists. Inert unless armed.
-const HOLD_SHIM: &str = r#"
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-
-static const char suffix[] = "/dovecot-uidlist.lock";
-static int lock_fd = -1;
-
-static int is_uidlist_lock(const char *p)
-{
-	size_t n = p == NULL ? 0 : strlen(p), s = sizeof(suffix) - 1;
-	return n >= s && strcmp(p + n - s, suffix) == 0;
-}
-
-static void *real(const char *name)
-{
-	void *f = dlsym(RTLD_NEXT, name);
-	if (f == NULL)
-		abort();
-	return f;
-}
-
-static void hold(void)
-{
-	const char *dir = getenv("MB_HOLD_DIR");
-	char arm[4096], rel[4096], held[4096];
-	int saved = errno;
-
-	if (dir == NULL)
-		return;
-	snprintf(arm, sizeof(arm), "%s/arm", dir);
-	snprintf(rel, sizeof(rel), "%s/release", dir);
-	snprintf(held, sizeof(held), "%s/held.%ld", dir, (long)getpid());
-	if (unlink(arm) < 0) {
-		errno = saved;
-		return;
-	}
-	int (*creat_real)(const char *, int, ...) = (int (*)(const char *, int, ...))real("open");
-	int fd = creat_real(held, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-	if (fd >= 0)
-		close(fd);
-	while (access(rel, F_OK) != 0) {
-		struct timespec ts = { 0, 20 * 1000 * 1000 };
-		nanosleep(&ts, NULL);
-	}
-	errno = saved;
-}
-
-static int after_open(const char *path, int flags, int fd)
-{
-	if (fd >= 0 && (flags & O_CREAT) && (flags & O_EXCL) && is_uidlist_lock(path))
-		lock_fd = fd;
-	return fd;
-}
-
-#define OPEN_WRAPPER(name)                                                    \
-	int name(const char *path, int flags, ...)                            \
-	{                                                                     \
-		static int (*r)(const char *, int, ...);                      \
-		mode_t mode = 0;                                              \
-		if (flags & O_CREAT) {                                        \
-			va_list ap;                                           \
-			va_start(ap, flags);                                  \
-			mode = va_arg(ap, int);                               \
-			va_end(ap);                                           \
-		}                                                             \
-		if (r == NULL)                                                \
-			r = (int (*)(const char *, int, ...))real(#name);     \
-		return after_open(path, flags, r(path, flags, mode));         \
-	}
-OPEN_WRAPPER(open)
-OPEN_WRAPPER(open64)
-
-ssize_t write(int fd, const void *buf, size_t n)
-{
-	static ssize_t (*r)(int, const void *, size_t);
-	if (r == NULL)
-		r = (ssize_t (*)(int, const void *, size_t))real("write");
-	ssize_t ret = r(fd, buf, n);
-	if (ret > 0 && fd == lock_fd) {
-		lock_fd = -1;
-		hold();
-	}
-	return ret;
-}
-
-int close(int fd)
-{
-	static int (*r)(int);
-	if (r == NULL)
-		r = (int (*)(int))real("close");
-	if (fd == lock_fd)
-		lock_fd = -1;
-	return r(fd);
-}
-
-int link(const char *oldpath, const char *newpath)
-{
-	static int (*r)(const char *, const char *);
-	if (r == NULL)
-		r = (int (*)(const char *, const char *))real("link");
-	int ret = r(oldpath, newpath);
-	if (ret == 0 && is_uidlist_lock(newpath))
-		hold();
-	return ret;
-}
-
-int linkat(int od, const char *oldpath, int nd, const char *newpath, int flags)
-{
-	static int (*r)(int, const char *, int, const char *, int);
-	if (r == NULL)
-		r = (int (*)(int, const char *, int, const char *, int))real("linkat");
-	int ret = r(od, oldpath, nd, newpath, flags);
-	if (ret == 0 && is_uidlist_lock(newpath))
-		hold();
-	return ret;
-}
-"#;
-
 /// While Dovecot 2.4's own imap process holds the uidlist lock it made (`<its pid>:<host>`, paused by the
 /// hold shim in the middle of a SELECT), `maildir-backup lock --timeout 2` gives up with 75 naming that pid
 /// and leaves the lock alone; once Dovecot is done, our lock succeeds.
@@ -439,15 +209,7 @@ int linkat(int od, const char *oldpath, int nd, const char *newpath, int flags)
 fn d24_lock_held_by_dovecot_times_out_75() {
     let t0 = Instant::now();
     let shim = tempdir_in_root();
-    let so = shim.path().join("hold.so");
-    let src = shim.path().join("hold.c");
-    fs::write(&src, HOLD_SHIM).unwrap();
-    let o = Command::new("cc").args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"]).arg(&so).arg(&src).arg("-ldl").output().expect("run cc");
-    assert!(o.status.success(), "cc hold shim: {}", String::from_utf8_lossy(&o.stderr));
-    fs::set_permissions(&so, fs::Permissions::from_mode(0o755)).unwrap();
-    let ctl = shim.path().join("ctl");
-    fs::create_dir(&ctl).unwrap();
-    fs::set_permissions(&ctl, fs::Permissions::from_mode(0o777)).unwrap(); // imap runs as vmail
+    let (so, ctl) = build_hold_shim(shim.path()); // support::procs::HOLD_SHIM
     // 2.4: import_environment is a strlist (2.3: a space-separated string); entries add to the defaults.
     let d = Dovecot24::start(DovecotOptions {
         extra_conf: format!("import_environment {{\n  LD_PRELOAD = {}\n  MB_HOLD_DIR = {}\n}}\n", cp(&so), cp(&ctl)),

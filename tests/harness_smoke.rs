@@ -8,16 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use support::procs::files_in;
 use support::*;
-
-fn files_in(dir: &Path) -> Vec<String> {
-    match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => Vec::new(),
-    }
-}
 
 fn message_files(mailbox_dir: &Path) -> usize {
     files_in(&mailbox_dir.join("cur")).len() + files_in(&mailbox_dir.join("new")).len()

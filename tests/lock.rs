@@ -3,17 +3,20 @@
 //! (a test seam and a real LD_PRELOAD shim), mutual exclusion under contention, and bad input.
 //! No Dovecot needed (see tests/lock_dovecot.rs for that).
 
+mod support;
+
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use support::procs::{host, lock_cmd, mb, run, secs, spawn, wait_until, Done, Running};
 
 const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
 const LOCK: &str = "dovecot-uidlist.lock";
@@ -29,33 +32,10 @@ const L_MAXTRYS: i32 = 4;
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-fn host() -> String {
-    nix::unistd::gethostname().expect("gethostname").to_string_lossy().into_owned()
-}
-
 fn tmp() -> tempfile::TempDir {
     let t = tempfile::Builder::new().prefix("mb-lock.").tempdir().expect("tempdir");
     fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
     t
-}
-
-/// The CLI with an environment that cannot change its behaviour by accident.
-fn mb() -> Command {
-    let mut c = Command::new(BIN);
-    c.env_remove("DOVECOT_HOSTNAME")
-        .env_remove("MAILDIR_BACKUP_TEST_LINK_LIES")
-        .env_remove("LD_PRELOAD")
-        .env_remove("DOTLOCK_USE_EXCL")
-        .env_remove("MAIL_NFS_STORAGE")
-        .stdin(Stdio::null());
-    c
-}
-
-/// `maildir-backup lock OPTS DIR -- COMMAND...`
-fn lock_cmd<S: AsRef<std::ffi::OsStr>>(dir: &Path, opts: &[&str], command: &[S]) -> Command {
-    let mut c = mb();
-    c.arg("lock").args(opts).arg(dir).arg("--").args(command);
-    c
 }
 
 /// `sh -c SCRIPT sh ARGS...` as an argv.
@@ -63,99 +43,6 @@ fn sh<S: AsRef<Path>>(script: &str, args: &[S]) -> Vec<String> {
     let mut v = vec!["sh".to_string(), "-c".to_string(), script.to_string(), "sh".to_string()];
     v.extend(args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()));
     v
-}
-
-struct Running {
-    child: Child,
-    out: File,
-    err: File,
-    started: Instant,
-    what: String,
-}
-
-struct Done {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-    what: String,
-}
-
-impl Done {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-    fn show(&self) -> String {
-        format!(
-            "{}\n  status: {:?} after {:.2?}\n  stdout: {}\n  stderr: {}",
-            self.what, self.status, self.elapsed, self.stdout, self.stderr
-        )
-    }
-}
-
-fn spawn(mut cmd: Command) -> Running {
-    let out = tempfile::tempfile().unwrap();
-    let err = tempfile::tempfile().unwrap();
-    cmd.stdout(out.try_clone().unwrap()).stderr(err.try_clone().unwrap());
-    let what = format!("{cmd:?}");
-    let started = Instant::now();
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    Running { child, out, err, started, what }
-}
-
-fn read_all(f: &mut File) -> String {
-    let mut s = String::new();
-    f.seek(SeekFrom::Start(0)).unwrap();
-    f.read_to_string(&mut s).unwrap();
-    s
-}
-
-impl Running {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-    fn wait(mut self, limit: Duration) -> Done {
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let elapsed = self.started.elapsed();
-                return Done {
-                    status,
-                    stdout: read_all(&mut self.out),
-                    stderr: read_all(&mut self.err),
-                    elapsed,
-                    what: self.what,
-                };
-            }
-            if self.started.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("{} still running after {limit:?}; stderr: {}", self.what, read_all(&mut self.err));
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-fn run(cmd: Command, limit: Duration) -> Done {
-    spawn(cmd).wait(limit)
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s)
-}
-
-/// Polls `cond` every 10 ms for up to `limit`.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn now_secs() -> i64 {

@@ -173,6 +173,63 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// After spawning a Dovecot master (`child`, pid `master_pid`): waits until 127.0.0.1:`port` greets with
+/// `* OK` (then logs out), up to READY_TIMEOUT; clears both if the master exits first. Then warns if
+/// `dir`/run/master.pid names another pid. Shared by the 2.3 ([`Dovecot`]) and 2.4 (`Dovecot24`) harnesses.
+pub(super) fn wait_until_serving(
+    child: &mut Option<Child>,
+    master_pid: &mut Option<u32>,
+    port: u16,
+    dir: &Path,
+) -> Result<(), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    loop {
+        if let Some(st) = child.as_mut().unwrap().try_wait().unwrap() {
+            *child = None;
+            *master_pid = None;
+            return Err(format!("dovecot exited early ({st})"));
+        }
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = Vec::new();
+            let mut b = [0u8; 256];
+            while !buf.windows(2).any(|w| w == b"\r\n") {
+                match s.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
+            if buf.starts_with(b"* OK") {
+                let _ = s.write_all(b"x LOGOUT\r\n");
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "127.0.0.1:{} did not answer `* OK` within {READY_TIMEOUT:?}",
+                port
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // With -F the master is our child (2.4: chroot(8) execs it); master.pid should hold the same pid.
+    let pidfile = dir.join("run/master.pid");
+    if let Some(pid) = fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    {
+        if Some(pid) != *master_pid {
+            eprintln!(
+                "warning: {} says {pid}, spawned {:?}",
+                pidfile.display(),
+                master_pid
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A fresh temporary directory (mode 0755, so vmail can traverse it) under `$MB_TEST_TMP` or `/tmp`.
 pub fn tempdir() -> tempfile::TempDir {
     let base = std::env::var_os("MB_TEST_TMP")
@@ -565,52 +622,7 @@ protocol lda {{
             .map_err(|e| format!("cannot run {DOVECOT_BIN}: {e}"))?;
         self.master_pid = Some(child.id());
         self.child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        loop {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                self.master_pid = None;
-                return Err(format!("dovecot exited early ({st})"));
-            }
-            if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = Vec::new();
-                let mut b = [0u8; 256];
-                while !buf.windows(2).any(|w| w == b"\r\n") {
-                    match s.read(&mut b) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&b[..n]),
-                    }
-                }
-                if buf.starts_with(b"* OK") {
-                    let _ = s.write_all(b"x LOGOUT\r\n");
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "127.0.0.1:{} did not answer `* OK` within {READY_TIMEOUT:?}",
-                    self.port
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // With -F the master is our child; master.pid should hold the same pid.
-        let pidfile = self.dir.join("run/master.pid");
-        if let Some(pid) = fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        {
-            if Some(pid) != self.master_pid {
-                eprintln!(
-                    "warning: {} says {pid}, spawned {:?}",
-                    pidfile.display(),
-                    self.master_pid
-                );
-            }
-        }
-        Ok(())
+        wait_until_serving(&mut self.child, &mut self.master_pid, self.port, &self.dir)
     }
 
     /// The instance directory D.

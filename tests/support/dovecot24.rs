@@ -38,8 +38,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -57,7 +56,6 @@ use super::imap::Imap;
 pub const DOVECOT24_BIN: &str = "/usr/sbin/dovecot";
 pub const DOVEADM24_BIN: &str = "/usr/bin/doveadm";
 pub const LDA24_BIN: &str = "/usr/lib/dovecot/dovecot-lda";
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------------------
@@ -621,51 +619,7 @@ protocol lda {{
             .map_err(|e| format!("cannot run chroot {DOVECOT24_BIN}: {e}"))?;
         self.master_pid = Some(child.id());
         self.child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        loop {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                self.master_pid = None;
-                return Err(format!("dovecot exited early ({st})"));
-            }
-            if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = Vec::new();
-                let mut b = [0u8; 256];
-                while !buf.windows(2).any(|w| w == b"\r\n") {
-                    match s.read(&mut b) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&b[..n]),
-                    }
-                }
-                if buf.starts_with(b"* OK") {
-                    let _ = s.write_all(b"x LOGOUT\r\n");
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "127.0.0.1:{} did not answer `* OK` within {READY_TIMEOUT:?}",
-                    self.port
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let pidfile = self.dir.join("run/master.pid");
-        if let Some(pid) = fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        {
-            if Some(pid) != self.master_pid {
-                eprintln!(
-                    "warning: {} says {pid}, spawned {:?}",
-                    pidfile.display(),
-                    self.master_pid
-                );
-            }
-        }
-        Ok(())
+        super::dovecot::wait_until_serving(&mut self.child, &mut self.master_pid, self.port, &self.dir)
     }
 
     /// The instance directory as seen from the HOST (`ROOT/srv/mbt-XXXXXX`).

@@ -18,6 +18,7 @@ pub mod imap;
 pub mod plugin;
 pub mod plugin24;
 pub mod plugin_users;
+pub mod procs;
 pub mod repo_helpers;
 
 #[allow(unused_imports)]
