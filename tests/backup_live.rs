@@ -207,6 +207,7 @@ fn backups_under_imap_and_lda_churn_are_exact() {
 
     const BACKUPS: usize = 21;
     let mut failures: Vec<String> = Vec::new();
+    let mut dup_failures: Vec<(String, String)> = Vec::new();
     let mut holds = Vec::new();
     let mut secs = Vec::new();
     let mut changed = Vec::new();
@@ -264,7 +265,12 @@ fn backups_under_imap_and_lda_churn_are_exact() {
         }
 
         let p = check_presence(&s, &dest, start, end, lock_window);
-        if !p.lost.is_empty() || !p.duplicated.is_empty() || !p.junk.is_empty() {
+        // Duplicates are judged after the churn: a message Dovecot itself ended up holding in two
+        // folders (two sessions moving it at once) is rightly in the backup twice.
+        for (mid, files) in &p.duplicated {
+            dup_failures.push((mid.clone(), format!("backup {i}: {mid} in {} places: {files:?}", files.len())));
+        }
+        if !p.lost.is_empty() || !p.junk.is_empty() {
             failures.push(format!(
                 "backup {i}: of {} required messages {} lost {:?}, {} duplicated {:?}, junk {:?}",
                 p.required,
@@ -331,6 +337,14 @@ fn backups_under_imap_and_lda_churn_are_exact() {
         let _ = fs::remove_dir_all(&dest);
     }
     let stats = churn.stop();
+    let in_source = churn::scan_message_ids(&s.d.maildir(USER));
+    for (mid, failure) in dup_failures {
+        if in_source.get(&mid).is_some_and(|f| f.len() > 1) {
+            eprintln!("excused, Dovecot holds it twice too: {failure}");
+        } else {
+            failures.push(failure);
+        }
+    }
     eprintln!("messages found in two folders because their UID MOVE was in flight at the reconcile: {moving_pairs} in {BACKUPS} backups; messages two sessions moved at once (may be in the source twice): {concurrent}");
     let (created, expunged, moved) = s.tracker.counts();
     eprintln!(
