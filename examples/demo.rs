@@ -8,6 +8,9 @@
 #[path = "../tests/support/dovecot.rs"]
 mod dovecot;
 #[allow(dead_code)]
+#[path = "../tests/support/dovecot_common.rs"]
+mod dovecot_common;
+#[allow(dead_code)]
 #[path = "../tests/support/imap.rs"]
 mod imap;
 mod support {

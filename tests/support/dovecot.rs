@@ -17,7 +17,7 @@
 //! Dovecot process must write — the mail root, a backup that Dovecot should read — must be owned by vmail
 //! ([`chown_vmail_recursive`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -28,6 +28,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::dovecot_common::{
+    append_passwd, child_running, command_failed, conf_tail, create_mail_dirs, descendants,
+    keep_or_remove, log_tail, shell_line, stop_master, wait_for_user, write_passwd, STATS_SERVICE,
+};
+pub use super::dovecot_common::normalize_flags;
 use super::imap::Imap;
 
 /// Password of every user in the instance's passwd file.
@@ -37,7 +42,6 @@ pub const LDA_BIN: &str = "/usr/lib/dovecot/dovecot-lda";
 const DOVECOT_BIN: &str = "dovecot";
 const DOVEADM_BIN: &str = "doveadm";
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How to configure a [`Dovecot`] instance.
 #[derive(Clone, Debug)]
@@ -378,89 +382,6 @@ pub fn fake_uidlist_lock(control_dir: &Path) -> FakeLock {
     }
 }
 
-fn shell_line(prog: &str, args: &[&str]) -> String {
-    let mut s = prog.to_string();
-    for a in args {
-        s.push(' ');
-        if !a.is_empty()
-            && a.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
-        {
-            s.push_str(a);
-        } else {
-            s.push('\'');
-            s.push_str(&a.replace('\'', "'\\''"));
-            s.push('\'');
-        }
-    }
-    s
-}
-
-fn tail_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// pid → ppid for every process (from /proc).
-fn process_parents() -> HashMap<u32, u32> {
-    let mut m = HashMap::new();
-    if let Ok(rd) = fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            // "pid (comm) S ppid ..." — comm may contain spaces/parens; parse after the last ')'.
-            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-                continue;
-            };
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            if let Some(ppid) = f.get(1).and_then(|p| p.parse().ok()) {
-                m.insert(pid, ppid);
-            }
-        }
-    }
-    m
-}
-
-fn descendants(root: u32) -> Vec<u32> {
-    let parents = process_parents();
-    let mut out = Vec::new();
-    let mut todo = vec![root];
-    while let Some(p) = todo.pop() {
-        for (&c, &pp) in &parents {
-            if pp == p && !out.contains(&c) {
-                out.push(c);
-                todo.push(c);
-            }
-        }
-    }
-    out
-}
-
-/// Alive = exists and is not a zombie.
-fn pid_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().next().map(str::to_string));
-            state.as_deref() != Some("Z")
-        }
-        Err(_) => false,
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
 
 // ---------------------------------------------------------------------------------------------------------
 
@@ -472,16 +393,7 @@ impl Dovecot {
         let (vuid, vgid) = ensure_vmail();
         let tmp = tempdir();
         let dir = tmp.path().to_path_buf();
-        let mut owned = vec![dir.join("mail")];
-        if opts.control {
-            owned.push(dir.join("control"));
-            owned.push(dir.join("index"));
-        }
-        for p in &owned {
-            fs::create_dir(p).unwrap();
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
-            std::os::unix::fs::chown(p, Some(vuid), Some(vgid)).unwrap();
-        }
+        create_mail_dirs(&dir, opts.control, vuid, vgid);
         let instance = format!(
             "mbt-{}-{}",
             std::process::id(),
@@ -498,14 +410,7 @@ impl Dovecot {
             child: None,
             master_pid: None,
         };
-        let passwd: String = d
-            .opts
-            .users
-            .iter()
-            .map(|u| format!("{u}:{{PLAIN}}{PASSWORD}:::::\n"))
-            .collect();
-        fs::write(d.passwd_path(), passwd).unwrap();
-        fs::set_permissions(d.passwd_path(), fs::Permissions::from_mode(0o644)).unwrap();
+        write_passwd(&d.passwd_path(), &d.opts.users);
 
         for attempt in 0.. {
             d.port = free_port();
@@ -561,13 +466,7 @@ service imap-login {{
     port = 0
   }}
 }}
-# mail processes run as vmail and report to stats; avoid "Permission denied" noise in the log.
-service stats {{
-  unix_listener stats-writer {{
-    mode = 0666
-  }}
-}}
-
+{stats}
 passdb {{
   driver = passwd-file
   args = {d}/passwd
@@ -582,28 +481,12 @@ mail_gid = vmail
 first_valid_uid = 1
 first_valid_gid = 1
 mail_location = {loc}
-mail_fsync = never
-mail_nfs_storage = {nfs}
-dotlock_use_excl = {excl}
-
-namespace inbox {{
-  inbox = yes
-  separator = {sep}
-}}
-
-lda_mailbox_autocreate = yes
-protocol lda {{
-  postmaster_address = postmaster@example.com
-}}
-
-{extra}
-"#,
+{tail}"#,
             inst = self.instance,
             port = self.port,
             loc = self.mail_location("%u"),
-            nfs = if o.nfs { "yes" } else { "no" },
-            excl = if o.excl { "yes" } else { "no" },
-            extra = o.extra_conf,
+            stats = STATS_SERVICE,
+            tail = conf_tail(o.nfs, o.excl, sep, &o.extra_conf),
         )
     }
 
@@ -698,26 +581,15 @@ protocol lda {{
     /// (passwd-file is re-read without a reload, but auth checks the file at most once per second, so a
     /// lookup right after the append can still say "unknown user".)
     pub fn add_user(&self, user: &str) {
-        let mut f = fs::OpenOptions::new()
-            .append(true)
-            .open(self.passwd_path())
-            .unwrap();
-        writeln!(f, "{user}:{{PLAIN}}{PASSWORD}:::::").unwrap();
-        drop(f);
+        append_passwd(&self.passwd_path(), user);
         if self.child.is_none() {
             return;
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = self.doveadm(&["user", user]);
-            if out.status.success() {
-                return;
-            }
-            if Instant::now() > deadline {
-                self.command_failed(&self.doveadm_line(&["user", user]), &out);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_user(
+            user,
+            |a| self.doveadm(a),
+            |out| self.command_failed(&self.doveadm_line(&["user", user]), out),
+        );
     }
 
     /// Run `doveadm -c D/dovecot.conf ARGS...` (global options such as `-o k=v` or `-f tab` go first in ARGS).
@@ -745,18 +617,12 @@ protocol lda {{
         let conf = self.conf();
         let mut all = vec!["-c", conf.to_str().unwrap()];
         all.extend_from_slice(args);
-        shell_line(DOVEADM_BIN, &all)
+        shell_line(DOVEADM_BIN, &all, "")
     }
 
     /// Panic with everything useful about a failed command.
     pub fn command_failed(&self, cmdline: &str, out: &Output) -> ! {
-        panic!(
-            "command failed: {cmdline}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log_tail()
-        )
+        command_failed(cmdline, out, &self.log_tail())
     }
 
     /// An IMAP connection logged in as `user` (password [`PASSWORD`]).
@@ -784,7 +650,7 @@ protocol lda {{
         let out = child.wait_with_output().unwrap();
         if !out.status.success() || write_res.is_err() {
             self.command_failed(
-                &format!("{} < message ({write_res:?})", shell_line(LDA_BIN, &args)),
+                &format!("{} < message ({write_res:?})", shell_line(LDA_BIN, &args, "")),
                 &out,
             );
         }
@@ -807,136 +673,38 @@ protocol lda {{
         mailbox: &str,
         mail_location_override: Option<&str>,
     ) -> Vec<(u32, String)> {
-        let ov = mail_location_override.map(|l| format!("mail_location={l}"));
-        let mut args: Vec<&str> = Vec::new();
-        if let Some(o) = &ov {
-            args.extend_from_slice(&["-o", o]);
-        }
-        args.extend_from_slice(&[
-            "-f",
-            "tab",
-            "fetch",
-            "-u",
-            user,
-            "uid flags",
-            "mailbox",
-            mailbox,
-        ]);
-        let out = self.doveadm_ok(&args);
-        let mut rows = Vec::new();
-        for (n, line) in out.lines().enumerate() {
-            if n == 0 && line.starts_with("uid") {
-                continue; // header
-            }
-            if line.is_empty() {
-                continue;
-            }
-            let (uid, flags) = line.split_once('\t').unwrap_or((line, ""));
-            let uid: u32 = uid
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("bad doveadm fetch line {line:?} in:\n{out}"));
-            rows.push((uid, normalize_flags(flags)));
-        }
-        rows.sort();
-        rows
+        let ov: Vec<String> = mail_location_override
+            .map(|l| format!("mail_location={l}"))
+            .into_iter()
+            .collect();
+        super::dovecot_common::fetch_uid_flags(|a| self.doveadm_ok(a), user, mailbox, &ov)
     }
 
     /// Last 80 lines of D/dovecot.log (plus D/dovecot.stderr if not empty), with a heading.
     pub fn log_tail(&self) -> String {
-        let log = fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default();
-        let err = fs::read_to_string(self.dir.join("dovecot.stderr")).unwrap_or_default();
-        let mut s = format!(
-            "--- dovecot log tail ({}) ---\n{}",
-            self.dir.join("dovecot.log").display(),
-            tail_lines(&log, 80)
-        );
-        if !err.trim().is_empty() {
-            s.push_str(&format!(
-                "\n--- dovecot stderr ---\n{}",
-                tail_lines(&err, 20)
-            ));
-        }
-        s
+        log_tail(&self.dir, "dovecot")
     }
 
     /// Whether the master process is still running.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
-            None => false,
-        }
+        child_running(self.child.as_mut())
     }
 
     /// Stop this instance: SIGTERM to its master pid only (SIGKILL after 15 s), wait for the master to exit
     /// and for its former child processes to disappear. Idempotent; never panics.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return;
         };
         let pid = self.master_pid.take().unwrap_or(child.id());
         let kids = descendants(pid);
-        signal(pid, "TERM");
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    eprintln!(
-                        "dovecot master {pid} ({}) ignored SIGTERM; killing",
-                        self.dir.display()
-                    );
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
-        }
-        // The master signals its children on shutdown; wait until they are gone too.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let alive: Vec<u32> = kids.iter().copied().filter(|&k| pid_alive(k)).collect();
-            if alive.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!("dovecot children {alive:?} of {pid} still alive; SIGKILL");
-                for k in alive {
-                    signal(k, "KILL");
-                }
-                std::thread::sleep(Duration::from_millis(200));
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        stop_master(child, pid, &kids, "dovecot", &self.dir);
     }
-}
-
-/// Sort flags, drop `\Recent`, join with single spaces.
-pub fn normalize_flags(flags: &str) -> String {
-    let mut f: Vec<&str> = flags
-        .split_whitespace()
-        .filter(|f| !f.eq_ignore_ascii_case("\\Recent"))
-        .collect();
-    f.sort_unstable();
-    f.join(" ")
 }
 
 impl Drop for Dovecot {
     fn drop(&mut self) {
         self.stop();
-        if let Some(tmp) = self.tmp.take() {
-            if std::env::var_os("MB_KEEP_TEST_DIRS").is_some() {
-                #[allow(deprecated)]
-                let p = tmp.into_path();
-                eprintln!(
-                    "MB_KEEP_TEST_DIRS: keeping dovecot test dir {}",
-                    p.display()
-                );
-            }
-        }
+        keep_or_remove(self.tmp.take(), "dovecot");
     }
 }

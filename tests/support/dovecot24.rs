@@ -36,7 +36,6 @@
 //! IMAP, doveadm, dovecot-lda).
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -45,18 +44,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use super::dovecot::{
-    free_port, message, normalize_flags, populate_flags, DovecotOptions, PASSWORD,
+    free_port, message, populate_flags, DovecotOptions, PASSWORD,
 };
+use super::dovecot_common::{
+    append_passwd, child_running, command_failed, conf_tail, create_mail_dirs, keep_or_remove,
+    log_tail, shell_line, stop_master, wait_for_user, write_passwd, STATS_SERVICE,
+};
+pub use super::dovecot_common::{descendants, pid_alive};
 use super::imap::Imap;
 
 /// Paths of the programs inside the root.
 pub const DOVECOT24_BIN: &str = "/usr/sbin/dovecot";
 pub const DOVEADM24_BIN: &str = "/usr/bin/doveadm";
 pub const LDA24_BIN: &str = "/usr/lib/dovecot/dovecot-lda";
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------------------
 // The root
@@ -320,90 +322,6 @@ pub fn location_overrides(location: &str) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Process helpers (private copies of the 2.3 harness's)
-
-fn shell_line(prog: &str, args: &[&str]) -> String {
-    let mut s = prog.to_string();
-    for a in args {
-        s.push(' ');
-        if !a.is_empty()
-            && a.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+{}".contains(c))
-        {
-            s.push_str(a);
-        } else {
-            s.push('\'');
-            s.push_str(&a.replace('\'', "'\\''"));
-            s.push('\'');
-        }
-    }
-    s
-}
-
-fn tail_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn process_parents() -> HashMap<u32, u32> {
-    let mut m = HashMap::new();
-    if let Ok(rd) = fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-                continue;
-            };
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            if let Some(ppid) = f.get(1).and_then(|p| p.parse().ok()) {
-                m.insert(pid, ppid);
-            }
-        }
-    }
-    m
-}
-
-/// All descendants of `pid` (children, grandchildren, ...).
-pub fn descendants(pid: u32) -> Vec<u32> {
-    let parents = process_parents();
-    let mut out = Vec::new();
-    let mut todo = vec![pid];
-    while let Some(p) = todo.pop() {
-        for (&c, &pp) in &parents {
-            if pp == p && !out.contains(&c) {
-                out.push(c);
-                todo.push(c);
-            }
-        }
-    }
-    out
-}
-
-/// Alive = exists and is not a zombie.
-pub fn pid_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().next().map(str::to_string));
-            state.as_deref() != Some("Z")
-        }
-        Err(_) => false,
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: plain kill(2) on a single, specific pid (never 0 or negative).
-    if pid > 1 {
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------------
 
@@ -437,16 +355,7 @@ impl Dovecot24 {
         let tmp = tempdir_in_root();
         let dir = tmp.path().to_path_buf();
         let cdir = host_to_root(&dir);
-        let mut owned = vec![dir.join("mail")];
-        if opts.control {
-            owned.push(dir.join("control"));
-            owned.push(dir.join("index"));
-        }
-        for p in &owned {
-            fs::create_dir(p).unwrap();
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
-            std::os::unix::fs::chown(p, Some(vuid), Some(vgid)).unwrap();
-        }
+        create_mail_dirs(&dir, opts.control, vuid, vgid);
         let instance = format!(
             "mbt24-{}-{}",
             std::process::id(),
@@ -466,14 +375,7 @@ impl Dovecot24 {
             master_pid: None,
             kids: Vec::new(),
         };
-        let passwd: String = d
-            .opts
-            .users
-            .iter()
-            .map(|u| format!("{u}:{{PLAIN}}{PASSWORD}:::::\n"))
-            .collect();
-        fs::write(d.passwd_path(), passwd).unwrap();
-        fs::set_permissions(d.passwd_path(), fs::Permissions::from_mode(0o644)).unwrap();
+        write_passwd(&d.passwd_path(), &d.opts.users);
 
         for attempt in 0.. {
             d.port = free_port();
@@ -554,13 +456,7 @@ service imap-login {{
     port = 0
   }}
 }}
-# mail processes run as vmail and report to stats; avoid "Permission denied" noise in the log.
-service stats {{
-  unix_listener stats-writer {{
-    mode = 0666
-  }}
-}}
-
+{stats}
 passdb passwd-file {{
   passwd_file_path = {c}/passwd
 }}
@@ -572,28 +468,11 @@ mail_uid = vmail
 mail_gid = vmail
 first_valid_uid = 1
 first_valid_gid = 1
-{mail}mail_fsync = never
-mail_nfs_storage = {nfs}
-dotlock_use_excl = {excl}
-
-namespace inbox {{
-  inbox = yes
-  separator = {sep}
-}}
-
-lda_mailbox_autocreate = yes
-protocol lda {{
-  postmaster_address = postmaster@example.com
-}}
-
-{extra}
-"#,
+{mail}{tail}"#,
             inst = self.instance,
             port = self.port,
-            nfs = if o.nfs { "yes" } else { "no" },
-            excl = if o.excl { "yes" } else { "no" },
-            sep = self.separator(),
-            extra = o.extra_conf,
+            stats = STATS_SERVICE,
+            tail = conf_tail(o.nfs, o.excl, self.separator(), &o.extra_conf),
         )
     }
 
@@ -686,26 +565,15 @@ protocol lda {{
 
     /// Append a user (password [`PASSWORD`]) and wait until auth sees it.
     pub fn add_user(&self, user: &str) {
-        let mut f = fs::OpenOptions::new()
-            .append(true)
-            .open(self.passwd_path())
-            .unwrap();
-        writeln!(f, "{user}:{{PLAIN}}{PASSWORD}:::::").unwrap();
-        drop(f);
+        append_passwd(&self.passwd_path(), user);
         if self.child.is_none() {
             return;
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = self.doveadm(&["user", user]);
-            if out.status.success() {
-                return;
-            }
-            if Instant::now() > deadline {
-                self.command_failed(&self.doveadm_line(&["user", user]), &out);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_user(
+            user,
+            |a| self.doveadm(a),
+            |out| self.command_failed(&self.doveadm_line(&["user", user]), out),
+        );
     }
 
     /// Run `chroot ROOT doveadm -c /srv/…/dovecot.conf ARGS...`. Global options (`-o k=v`, `-f tab`) go first
@@ -735,18 +603,12 @@ protocol lda {{
         let root = self.root.display().to_string();
         let mut all = vec![root.as_str(), DOVEADM24_BIN, "-c", conf.to_str().unwrap()];
         all.extend_from_slice(args);
-        shell_line("chroot", &all)
+        shell_line("chroot", &all, "{}")
     }
 
     /// Panic with everything useful about a failed command.
     pub fn command_failed(&self, cmdline: &str, out: &Output) -> ! {
-        panic!(
-            "command failed: {cmdline}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log_tail()
-        )
+        command_failed(cmdline, out, &self.log_tail())
     }
 
     /// An IMAP connection logged in as `user` (password [`PASSWORD`]).
@@ -778,7 +640,7 @@ protocol lda {{
             let mut all = vec![root.as_str(), LDA24_BIN];
             all.extend_from_slice(&args);
             self.command_failed(
-                &format!("{} < message ({write_res:?})", shell_line("chroot", &all)),
+                &format!("{} < message ({write_res:?})", shell_line("chroot", &all, "{}")),
                 &out,
             );
         }
@@ -856,63 +718,16 @@ protocol lda {{
         mailbox: &str,
         overrides: &[String],
     ) -> Vec<(u32, String)> {
-        let mut args: Vec<&str> = Vec::new();
-        for o in overrides {
-            args.extend_from_slice(&["-o", o]);
-        }
-        args.extend_from_slice(&[
-            "-f",
-            "tab",
-            "fetch",
-            "-u",
-            user,
-            "uid flags",
-            "mailbox",
-            mailbox,
-        ]);
-        let out = self.doveadm_ok(&args);
-        let mut rows = Vec::new();
-        for (n, line) in out.lines().enumerate() {
-            if n == 0 && line.starts_with("uid") {
-                continue;
-            }
-            if line.is_empty() {
-                continue;
-            }
-            let (uid, flags) = line.split_once('\t').unwrap_or((line, ""));
-            let uid: u32 = uid
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("bad doveadm fetch line {line:?} in:\n{out}"));
-            rows.push((uid, normalize_flags(flags)));
-        }
-        rows.sort();
-        rows
+        super::dovecot_common::fetch_uid_flags(|a| self.doveadm_ok(a), user, mailbox, overrides)
     }
 
     /// Last 80 lines of dovecot.log (plus dovecot.stderr if not empty), with a heading.
     pub fn log_tail(&self) -> String {
-        let log = fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default();
-        let err = fs::read_to_string(self.dir.join("dovecot.stderr")).unwrap_or_default();
-        let mut s = format!(
-            "--- dovecot 2.4 log tail ({}) ---\n{}",
-            self.dir.join("dovecot.log").display(),
-            tail_lines(&log, 80)
-        );
-        if !err.trim().is_empty() {
-            s.push_str(&format!(
-                "\n--- dovecot stderr ---\n{}",
-                tail_lines(&err, 20)
-            ));
-        }
-        s
+        log_tail(&self.dir, "dovecot 2.4")
     }
 
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
-            None => false,
-        }
+        child_running(self.child.as_mut())
     }
 
     /// Pids of this instance's processes: the master and its descendants (live ones only).
@@ -937,62 +752,19 @@ protocol lda {{
     /// Stop this instance: SIGTERM to its master pid only (SIGKILL after 15 s), wait for it and for its
     /// former children to disappear (SIGKILL to those left after 10 s). Idempotent; never panics.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return;
         };
         let pid = self.master_pid.take().unwrap_or(child.id());
         let kids = descendants(pid);
         self.kids = std::iter::once(pid).chain(kids.iter().copied()).collect();
-        signal(pid, libc::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    eprintln!(
-                        "dovecot 2.4 master {pid} ({}) ignored SIGTERM; killing",
-                        self.dir.display()
-                    );
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let alive: Vec<u32> = kids.iter().copied().filter(|&k| pid_alive(k)).collect();
-            if alive.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!("dovecot 2.4 children {alive:?} of {pid} still alive; SIGKILL");
-                for k in alive {
-                    signal(k, libc::SIGKILL);
-                }
-                std::thread::sleep(Duration::from_millis(200));
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        stop_master(child, pid, &kids, "dovecot 2.4", &self.dir);
     }
 }
 
 impl Drop for Dovecot24 {
     fn drop(&mut self) {
         self.stop();
-        if let Some(tmp) = self.tmp.take() {
-            if std::env::var_os("MB_KEEP_TEST_DIRS").is_some() {
-                #[allow(deprecated)]
-                let p = tmp.into_path();
-                eprintln!(
-                    "MB_KEEP_TEST_DIRS: keeping dovecot 2.4 test dir {}",
-                    p.display()
-                );
-            }
-        }
+        keep_or_remove(self.tmp.take(), "dovecot 2.4");
     }
 }

@@ -14,6 +14,7 @@
 pub mod churn;
 pub mod dovecot;
 pub mod dovecot24;
+pub mod dovecot_common;
 pub mod imap;
 pub mod plugin;
 pub mod plugin24;
