@@ -18,11 +18,9 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::Read;
+use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -32,7 +30,7 @@ use support::dovecot24::{chown_vmail_recursive_root, tempdir_in_root};
 use support::plugin24::*;
 use support::plugin_users::{assert_verified, read_manifest, vmail_tempdir, LockHolder, Run, EX_CONFIG, EX_TEMPFAIL, EX_USAGE};
 use support::repo_helpers::{mid_flags, take_snapshot};
-use support::procs::{build_hold_shim, files_in, host, mb, run_cmd, secs, spawn, wait_until};
+use support::procs::{build_hold_shim, files_in, host, mb, run_cmd, run_maildirlock, secs, spawn, wait_until};
 use support::*;
 
 const LOCK: &str = "dovecot-uidlist.lock";
@@ -176,17 +174,8 @@ fn d24_our_lock_and_maildirlock_make_select_wait() {
     assert_eq!(control, d.control_root("alice").join(".INBOX"));
     let lock = control.join(LOCK);
     let errs = tempdir();
-    let mut child = mb()
-        .arg("maildirlock")
-        .arg(&control)
-        .arg("5")
-        .stdout(Stdio::piped())
-        .stderr(File::create(errs.path().join("err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut pid = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut pid).unwrap();
-    assert!(child.wait().unwrap().success(), "{}", fs::read_to_string(errs.path().join("err")).unwrap());
+    let (status, pid) = run_maildirlock(&control, "5", &errs.path().join("err"));
+    assert!(status.success(), "{}", fs::read_to_string(errs.path().join("err")).unwrap());
     let pid: i32 = pid.trim().parse().unwrap_or_else(|_| panic!("not a pid: {pid:?}"));
     assert_eq!(fs::read_to_string(&lock).unwrap(), format!("{pid}:{}", host()));
     let (mut imap, tag) = start_select(&d, "INBOX");

@@ -12,17 +12,15 @@
 
 mod support;
 
-use std::fs::{self, File};
-use std::io::Read;
+use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::procs::{build_hold_shim, files_in, host, lock_cmd, mb, run, secs, spawn, wait_until};
+use support::procs::{build_hold_shim, files_in, host, lock_cmd, run, run_maildirlock, secs, spawn, wait_until};
 use support::{message, Dovecot, DovecotOptions, Imap};
 
 const LOCK: &str = "dovecot-uidlist.lock";
@@ -125,17 +123,8 @@ fn dovecot_waits_for_our_maildirlock() {
     let errs = support::tempdir();
 
     // pid=$(maildir-backup maildirlock DIR 10)
-    let mut child = mb()
-        .arg("maildirlock")
-        .arg(&control)
-        .arg("10")
-        .stdout(Stdio::piped())
-        .stderr(File::create(errs.path().join("err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut pid = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut pid).unwrap();
-    assert!(child.wait().unwrap().success(), "{}", fs::read_to_string(errs.path().join("err")).unwrap());
+    let (status, pid) = run_maildirlock(&control, "10", &errs.path().join("err"));
+    assert!(status.success(), "{}", fs::read_to_string(errs.path().join("err")).unwrap());
     let pid: i32 = pid.parse().unwrap_or_else(|_| panic!("not a pid: {pid:?}"));
     assert_eq!(fs::read_to_string(&lock).unwrap(), format!("{pid}:{}", host()));
 

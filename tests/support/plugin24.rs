@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::dovecot::{normalize_flags, tempdir, Dovecot, PASSWORD};
+use super::dovecot::{tempdir, Dovecot, PASSWORD};
 use super::dovecot24::{chown_vmail_recursive_root, location_overrides, root, root_path, Dovecot24, DOVEADM24_BIN};
 use super::plugin::{MODULE_DIR, PLUGIN_FILE};
-use super::plugin_users::{compare_view, folder_view, read_manifest, FolderView, Msg, Run};
+use super::plugin_users::{compare_view, folder_view, parse_uid_guid_flags, read_manifest, FolderView, Msg, Run};
 
 /// File name of the 2.4 settings module in `$moduledir/settings`.
 pub const SETTINGS_FILE: &str = "libmaildir_backup_settings.so";
@@ -248,20 +248,7 @@ pub fn mailboxes24(d: &Dovecot24, user: &str, overrides: &[String]) -> BTreeMap<
 
 /// `doveadm [-o …] -f tab fetch -u user 'uid guid flags' mailbox MAILBOX`, sorted by uid.
 pub fn fetch24(d: &Dovecot24, user: &str, mailbox: &str, overrides: &[String]) -> Vec<Msg> {
-    let out = doveadm24_with(d, overrides, &["-f", "tab", "fetch", "-u", user, "uid guid flags", "mailbox", mailbox]);
-    let mut v = Vec::new();
-    for (i, line) in out.lines().enumerate() {
-        if (i == 0 && line.starts_with("uid")) || line.is_empty() {
-            continue;
-        }
-        let mut f = line.splitn(3, '\t');
-        let uid = f.next().unwrap().trim().parse().unwrap_or_else(|_| panic!("bad fetch line {line:?}:\n{out}"));
-        let guid = f.next().unwrap_or("").to_string();
-        let flags = normalize_flags(f.next().unwrap_or(""));
-        v.push(Msg { uid, guid, flags });
-    }
-    v.sort();
-    v
+    parse_uid_guid_flags(&doveadm24_with(d, overrides, &["-f", "tab", "fetch", "-u", user, "uid guid flags", "mailbox", mailbox]))
 }
 
 /// `doveadm mailbox status -u USER FIELD MAILBOX` → the number.

@@ -282,6 +282,11 @@ pub struct Msg {
 /// `doveadm [-o mail_location=..] -f tab fetch -u user 'uid guid flags' mailbox MAILBOX`, sorted by uid.
 pub fn fetch(d: &Dovecot, user: &str, mailbox: &str, location: Option<&str>) -> Vec<Msg> {
     let out = doveadm_with(d, location, &["-f", "tab", "fetch", "-u", user, "uid guid flags", "mailbox", mailbox]);
+    parse_uid_guid_flags(&out)
+}
+
+/// Rows of `doveadm -f tab fetch 'uid guid flags'` output, sorted by uid.
+pub fn parse_uid_guid_flags(out: &str) -> Vec<Msg> {
     let mut v = Vec::new();
     for (i, line) in out.lines().enumerate() {
         if (i == 0 && line.starts_with("uid")) || line.is_empty() {

@@ -315,3 +315,19 @@ pub fn build_hold_shim(dir: &Path) -> (PathBuf, PathBuf) {
     fs::set_permissions(&ctl, fs::Permissions::from_mode(0o777)).unwrap();
     (so, ctl)
 }
+
+/// Like `pid=$(maildir-backup maildirlock DIR TIMEOUT)`: stdout is a pipe read to its end (which must
+/// come as soon as the holder has the lock), stderr goes to `err`. The exit status and what was printed.
+pub fn run_maildirlock(dir: &Path, timeout: &str, err: &Path) -> (ExitStatus, String) {
+    let mut child = mb()
+        .arg("maildirlock")
+        .arg(dir)
+        .arg(timeout)
+        .stdout(Stdio::piped())
+        .stderr(File::create(err).expect("create stderr file"))
+        .spawn()
+        .expect("run maildir-backup maildirlock");
+    let mut stdout = String::new();
+    child.stdout.take().expect("piped stdout").read_to_string(&mut stdout).expect("read maildirlock's stdout");
+    (child.wait().expect("wait for maildirlock"), stdout)
+}
