@@ -3,6 +3,7 @@
 //! (`plugin`) and the CLI (`src/main.rs`) are thin layers over it.
 
 pub mod dotlock;
+pub mod fsx;
 pub mod sysexits;
 pub mod maildir;
 pub mod engine;
