@@ -10,12 +10,15 @@
 //!   otherwise only when neither the lock nor the protected file changed for the stale
 //!   timeout. A lock naming a live local pid, or a lock this process holds, is never broken.
 //! * release only removes the lock if its dev/ino are still ours.
+//!
+//! Everything happens in the open directory of the protected file (see `fsx`): a lock
+//! directory someone swaps for a symlink, or a lock name someone swaps for a FIFO, is never
+//! followed or read.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
+use crate::fsx::{Dir, FsError, Meta};
 use crate::sysexits::{self, ExitCode};
 
 /// Dovecot's default stale timeout for `dovecot-uidlist.lock` (MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT).
@@ -44,6 +48,8 @@ pub enum LockError {
     Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
     #[error("lock path {path} is {kind}, not a lock file; refusing to use or remove it")]
     NotAFile { path: PathBuf, kind: &'static str },
+    #[error(transparent)]
+    Fs(#[from] FsError),
 }
 
 impl LockError {
@@ -58,6 +64,7 @@ impl ExitCode for LockError {
             LockError::Timeout { .. } => sysexits::EX_TEMPFAIL,
             LockError::Io { source, .. } => sysexits::for_io_error(source),
             LockError::NotAFile { .. } => sysexits::EX_DATAERR,
+            LockError::Fs(e) => e.exit_code(),
         }
     }
 }
@@ -154,7 +161,7 @@ struct Stamp {
 }
 
 impl Stamp {
-    fn of(md: &fs::Metadata) -> Stamp {
+    fn of(md: &Meta) -> Stamp {
         Stamp { dev: md.dev(), ino: md.ino(), size: md.size(), ctime: md.ctime(), mtime: md.mtime() }
     }
 }
@@ -188,17 +195,30 @@ impl Holder {
     }
 }
 
-fn read_lock_content(lock_path: &Path) -> Option<Vec<u8>> {
-    // O_NOFOLLOW: never read through a symlink planted as a lock.
-    let mut f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(lock_path).ok()?;
+/// A lock file's name in its directory, and its full path for messages.
+#[derive(Debug, Clone)]
+pub struct LockFile {
+    pub dir: Arc<Dir>,
+    pub name: String,
+}
+
+impl LockFile {
+    pub fn path(&self) -> PathBuf {
+        self.dir.show(&self.name)
+    }
+}
+
+fn read_lock_content(lock: &LockFile) -> Option<Vec<u8>> {
+    // Regular files only, never through a symlink, never blocking on a planted FIFO.
+    let f = lock.dir.open_read(&lock.name).ok()?;
     let mut buf = Vec::with_capacity(64);
-    Read::by_ref(&mut f).take(512).read_to_end(&mut buf).ok()?;
+    Read::by_ref(&mut &f.file).take(512).read_to_end(&mut buf).ok()?;
     Some(buf)
 }
 
 /// A readable description of a lock's holder, for messages.
-pub fn describe_holder(lock_path: &Path) -> String {
-    match read_lock_content(lock_path) {
+pub fn describe_holder(lock: &LockFile) -> String {
+    match read_lock_content(lock) {
         None => "nobody (lock vanished)".to_string(),
         Some(c) => match Holder::parse(&c) {
             Some(h) => format!("pid {} on host {}", h.pid, h.host),
@@ -217,42 +237,34 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 /// NFS clients cache attributes; a no-op chown forces the client to revalidate them
-/// (what Dovecot does on Linux). Errors are irrelevant: this only refreshes a cache.
-fn nfs_flush_attr_cache(path: &Path) {
-    let _ = nix::unistd::fchownat(None, path, None, None, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
-    if let Some(dir) = path.parent() {
-        // Opening the directory revalidates its cached entries (close-to-open consistency).
-        let _ = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir });
-    }
+/// (what Dovecot does on Linux), and opening the directory anew revalidates its entries
+/// (close-to-open consistency). Errors are irrelevant: this only refreshes a cache.
+fn nfs_flush_attr_cache(dir: &Dir, name: &str) {
+    dir.nfs_flush(name);
+    let _ = dir.try_clone();
 }
 
-fn lstat_lock(lock_path: &Path) -> Result<Option<fs::Metadata>, LockError> {
-    match fs::symlink_metadata(lock_path) {
-        Ok(md) => {
-            let ft = md.file_type();
-            if ft.is_file() {
-                Ok(Some(md))
-            } else {
-                let kind = if ft.is_dir() {
-                    "a directory"
-                } else if ft.is_symlink() {
-                    "a symlink"
-                } else {
-                    "a special file"
-                };
-                Err(LockError::NotAFile { path: lock_path.to_path_buf(), kind })
-            }
+fn lstat_lock(lock: &LockFile) -> Result<Option<Meta>, LockError> {
+    match lock.dir.lstat(&lock.name)? {
+        Some(md) if md.is_file() => Ok(Some(md)),
+        Some(md) => {
+            let kind = match md.kind() {
+                crate::fsx::Kind::Dir => "a directory",
+                crate::fsx::Kind::Symlink => "a symlink",
+                _ => "a special file",
+            };
+            Err(LockError::NotAFile { path: lock.path(), kind })
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(LockError::io("lstat", lock_path, e)),
+        None => Ok(None),
     }
 }
 
 /// What a waiter knows about someone else's lock (Dovecot's `lock_info`).
 struct Judge<'a> {
     set: &'a LockSettings,
-    path: &'a Path,
-    lock_path: &'a Path,
+    /// The protected file's name in the lock's directory.
+    file: &'a str,
+    lock: &'a LockFile,
     lock_seen: Option<Stamp>,
     file_seen: Option<Stamp>,
     last_change: i64,
@@ -269,11 +281,11 @@ enum Verdict {
 }
 
 impl<'a> Judge<'a> {
-    fn new(set: &'a LockSettings, path: &'a Path, lock_path: &'a Path) -> Self {
+    fn new(set: &'a LockSettings, file: &'a str, lock: &'a LockFile) -> Self {
         Judge {
             set,
-            path,
-            lock_path,
+            file,
+            lock,
             lock_seen: None,
             file_seen: None,
             last_change: 0,
@@ -285,7 +297,7 @@ impl<'a> Judge<'a> {
 
     /// Records a file's stamp; true if it changed since last seen. The first sighting counts
     /// as a change at the file's own mtime/ctime, so an old untouched lock is stale at once.
-    fn note_change(seen: &mut Option<Stamp>, last_change: &mut i64, md: &fs::Metadata, now: i64, check_ctime: bool) -> bool {
+    fn note_change(seen: &mut Option<Stamp>, last_change: &mut i64, md: &Meta, now: i64, check_ctime: bool) -> bool {
         let st = Stamp::of(md);
         let changed = match seen {
             None => true,
@@ -314,17 +326,17 @@ impl<'a> Judge<'a> {
     /// lstat the lock; None if it is gone. Also tells whether it changed.
     fn observe_lock(&mut self, now: i64) -> Result<Option<bool>, LockError> {
         if self.set.nfs_flush && self.stated_once {
-            nfs_flush_attr_cache(self.lock_path);
+            nfs_flush_attr_cache(&self.lock.dir, &self.lock.name);
         }
         self.stated_once = true;
-        match lstat_lock(self.lock_path)? {
+        match lstat_lock(self.lock)? {
             None => Ok(None),
             Some(md) => Ok(Some(Self::note_change(&mut self.lock_seen, &mut self.last_change, &md, now, !self.set.nfs_flush))),
         }
     }
 
     fn read_local_pid(&self) -> Option<i32> {
-        let content = read_lock_content(self.lock_path)?;
+        let content = read_lock_content(self.lock)?;
         let holder = Holder::parse(&content)?;
         holder.is_local().then_some(holder.pid)
     }
@@ -379,14 +391,10 @@ impl<'a> Judge<'a> {
         if now > self.last_change.saturating_add(stale) {
             // Looks stale; the protected file changing also counts as the holder being alive.
             if self.set.nfs_flush {
-                nfs_flush_attr_cache(self.path);
+                nfs_flush_attr_cache(&self.lock.dir, self.file);
             }
-            match fs::metadata(self.path) {
-                Ok(md) => {
-                    Self::note_change(&mut self.file_seen, &mut self.last_change, &md, now, !self.set.nfs_flush);
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(LockError::io("stat", self.path, e)),
+            if let Some(md) = self.lock.dir.lstat(self.file)? {
+                Self::note_change(&mut self.file_seen, &mut self.last_change, &md, now, !self.set.nfs_flush);
             }
         }
         if now > self.last_change.saturating_add(stale) {
@@ -408,16 +416,12 @@ impl<'a> Judge<'a> {
 
     /// Removes a stale lock, but only the one we judged (same dev/ino).
     fn break_lock(&mut self, judged: Option<Stamp>) -> Result<Verdict, LockError> {
-        if let (Some(judged), Some(md)) = (judged, lstat_lock(self.lock_path)?) {
+        if let (Some(judged), Some(md)) = (judged, lstat_lock(self.lock)?) {
             if md.dev() != judged.dev || md.ino() != judged.ino {
                 return Ok(Verdict::Held);
             }
         }
-        match fs::remove_file(self.lock_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(LockError::io("unlink stale lock", self.lock_path, e)),
-        }
+        self.lock.dir.unlink(&self.lock.name)?;
         // Another breaker that judged the same stale lock may unlink right after us; give it
         // time to do so before we create ours (Dovecot sleeps the same 0.1-0.2 s).
         thread::sleep(random_pause());
@@ -443,32 +447,25 @@ fn random_pause() -> Duration {
 }
 
 /// The unique "hitching post" we link to the lock name.
-struct Post {
-    path: PathBuf,
+struct Post<'a> {
+    dir: &'a Dir,
+    name: String,
     file: File,
 }
 
-impl Post {
-    fn create(lock_path: &Path, nfs_flush: bool) -> Result<Post, LockError> {
-        let dir = lock_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = format!(".temp.{}.{}.{:016x}", my_hostname(), std::process::id(), random_u64());
-        let path = dir.join(name);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .mode(0o666)
-            .open(&path)
-            .map_err(|e| LockError::io("create lock post", &path, e))?;
-        let post = Post { path, file: file.try_clone().map_err(|e| LockError::io("dup", lock_path, e))? };
-        write_content(&mut file, &post.path, nfs_flush)?;
+impl<'a> Post<'a> {
+    fn create(dir: &'a Dir, nfs_flush: bool) -> Result<Post<'a>, LockError> {
+        let name = format!(".temp.{}.{}.{:016x}", my_hostname().replace('/', "_"), std::process::id(), random_u64());
+        let mut file = dir.create(&name, 0o666)?;
+        let post = Post { dir, file: file.try_clone().map_err(|e| LockError::io("dup", &dir.show(&name), e))?, name };
+        write_content(&mut file, &dir.show(&post.name), nfs_flush)?;
         Ok(post)
     }
 }
 
-impl Drop for Post {
+impl Drop for Post<'_> {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        let _ = self.dir.unlink(&self.name);
     }
 }
 
@@ -488,49 +485,35 @@ fn link_lies() -> bool {
 }
 
 /// One attempt to create the lock. Ok(Some(file)) = created, Ok(None) = someone has it.
-fn try_create(lock_path: &Path, set: &LockSettings, post: &mut Option<Post>) -> Result<Option<File>, LockError> {
+fn try_create<'a>(lock: &'a LockFile, set: &LockSettings, post: &mut Option<Post<'a>>) -> Result<Option<File>, LockError> {
     if set.use_excl {
-        let res = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .mode(0o666)
-            .open(lock_path);
-        return match res {
+        return match lock.dir.create(&lock.name, 0o666) {
             Ok(mut f) => {
-                write_content(&mut f, lock_path, set.nfs_flush)?;
+                write_content(&mut f, &lock.path(), set.nfs_flush)?;
                 Ok(Some(f))
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(LockError::io("create lock (O_EXCL)", lock_path, e)),
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(None),
+            Err(e) => Err(e.into()),
         };
     }
 
     if post.is_none() {
-        *post = Some(Post::create(lock_path, set.nfs_flush)?);
+        *post = Some(Post::create(&lock.dir, set.nfs_flush)?);
     }
     let p = post.as_ref().expect("post was just created");
-    let mut result = fs::hard_link(&p.path, lock_path);
+    let mut result = lock.dir.link(&p.name, &lock.dir, &lock.name);
     if result.is_ok() && link_lies() {
-        result = Err(io::Error::from_raw_os_error(libc::EIO));
+        result = Err(FsError::Io { op: "link", path: lock.path(), source: io::Error::from_raw_os_error(libc::EIO) });
     }
-    match result {
-        Ok(()) => {}
-        Err(e) => {
-            // Whatever link() said, the post's link count tells the truth.
-            let nlink = p.file.metadata().map_err(|e2| LockError::io("fstat lock post", &p.path, e2))?.nlink();
-            if nlink != 2 {
-                return if e.kind() == io::ErrorKind::AlreadyExists {
-                    Ok(None)
-                } else {
-                    Err(LockError::io("link lock post to", lock_path, e))
-                };
-            }
+    if let Err(e) = result {
+        // Whatever link() said, the post's link count tells the truth.
+        let nlink = p.file.metadata().map_err(|e2| LockError::io("fstat lock post", &lock.dir.show(&p.name), e2))?;
+        if std::os::unix::fs::MetadataExt::nlink(&nlink) != 2 {
+            return if e.errno() == Some(libc::EEXIST) { Ok(None) } else { Err(e.into()) };
         }
     }
     let taken = post.take().expect("post exists");
-    let file = taken.file.try_clone().map_err(|e| LockError::io("dup", lock_path, e))?;
+    let file = taken.file.try_clone().map_err(|e| LockError::io("dup", &lock.path(), e))?;
     drop(taken); // unlinks the post; the lock keeps the inode
     Ok(Some(file))
 }
@@ -538,8 +521,7 @@ fn try_create(lock_path: &Path, set: &LockSettings, post: &mut Option<Post>) -> 
 /// A held dot-lock. Dropping it releases it (with a warning on stderr if it was overridden).
 #[derive(Debug)]
 pub struct DotLock {
-    path: PathBuf,
-    lock_path: PathBuf,
+    lock: LockFile,
     dev: u64,
     ino: u64,
     locked_at: Instant,
@@ -547,13 +529,20 @@ pub struct DotLock {
 }
 
 impl DotLock {
-    /// Locks `path` by creating `path.lock`, waiting up to `set.timeout`.
+    /// Locks the file `path` by creating `path.lock`, waiting up to `set.timeout`. `path` is
+    /// an admin's path: its directory is opened as `Dir::open` does.
     pub fn acquire(path: &Path, set: &LockSettings) -> Result<DotLock, LockError> {
-        let lock_path = lock_path_for(path);
+        let (dir, name) = split_path(path)?;
+        DotLock::acquire_in(&Arc::new(dir), &name, set)
+    }
+
+    /// Locks `file` in the open directory `dir` by creating `<file>.lock` there.
+    pub fn acquire_in(dir: &Arc<Dir>, file: &str, set: &LockSettings) -> Result<DotLock, LockError> {
+        let lock = LockFile { dir: dir.clone(), name: format!("{file}.lock") };
         let start = Instant::now();
         // None: a timeout too large to represent means waiting for ever.
         let deadline = start.checked_add(set.timeout);
-        let mut judge = Judge::new(set, path, &lock_path);
+        let mut judge = Judge::new(set, file, &lock);
         let mut post: Option<Post> = None;
         let mut wait = Duration::ZERO;
         let mut prev_change = 0i64;
@@ -568,82 +557,55 @@ impl DotLock {
                     wait = (wait + wait / 2).min(MAX_WAIT);
                 }
                 let left = deadline.map_or(wait, |d| d.saturating_duration_since(Instant::now()));
-                wait_for_change(&lock_path, wait.min(left), set.use_notify);
+                wait_for_change(&lock, wait.min(left), set.use_notify);
             }
             first = false;
             if let Verdict::Free = judge.check(now_secs())? {
-                if let Some(file) = try_create(&lock_path, set, &mut post)? {
-                    return DotLock::adopt(path, lock_path, file);
+                if let Some(file) = try_create(&lock, set, &mut post)? {
+                    drop(post);
+                    return DotLock::adopt(lock, file);
                 }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(LockError::Timeout {
-                    holder: describe_holder(&lock_path),
-                    path: lock_path,
-                    waited: start.elapsed(),
-                });
+                return Err(LockError::Timeout { holder: describe_holder(&lock), path: lock.path(), waited: start.elapsed() });
             }
         }
     }
 
-    /// One attempt, no waiting (stale locks are still broken). Ok(None) if someone holds it.
-    pub fn try_acquire(path: &Path, set: &LockSettings) -> Result<Option<DotLock>, LockError> {
-        let once = LockSettings { timeout: Duration::ZERO, ..set.clone() };
-        match DotLock::acquire(path, &once) {
-            Ok(l) => Ok(Some(l)),
-            Err(LockError::Timeout { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn adopt(path: &Path, lock_path: PathBuf, file: File) -> Result<DotLock, LockError> {
-        let md = file.metadata().map_err(|e| LockError::io("fstat", &lock_path, e))?;
+    fn adopt(lock: LockFile, file: File) -> Result<DotLock, LockError> {
+        let md = file.metadata().map_err(|e| LockError::io("fstat", &lock.path(), e))?;
         drop(file);
+        let (dev, ino) = (std::os::unix::fs::MetadataExt::dev(&md), std::os::unix::fs::MetadataExt::ino(&md));
         // Make sure the name still points at what we created (Dovecot's sanity check).
-        match lstat_lock(&lock_path)? {
-            Some(now) if now.dev() == md.dev() && now.ino() == md.ino() => {}
+        match lstat_lock(&lock)? {
+            Some(now) if now.dev() == dev && now.ino() == ino => {}
             _ => {
                 return Err(LockError::io(
                     "verify new lock",
-                    &lock_path,
-                    io::Error::new(io::ErrorKind::Other, "lock was replaced right after we created it"),
+                    &lock.path(),
+                    io::Error::other("lock was replaced right after we created it"),
                 ))
             }
         }
-        registry_insert((md.dev(), md.ino()));
-        Ok(DotLock {
-            path: path.to_path_buf(),
-            lock_path,
-            dev: md.dev(),
-            ino: md.ino(),
-            locked_at: Instant::now(),
-            released: false,
-        })
+        registry_insert((dev, ino));
+        Ok(DotLock { lock, dev, ino, locked_at: Instant::now(), released: false })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-    pub fn lock_path(&self) -> &Path {
-        &self.lock_path
+    pub fn lock_path(&self) -> PathBuf {
+        self.lock.path()
     }
     pub fn held_for(&self) -> Duration {
         self.locked_at.elapsed()
     }
 
-    /// Is the lock file still the one we created?
-    pub fn is_ours(&self) -> bool {
-        matches!(lstat_lock(&self.lock_path), Ok(Some(md)) if still_ours(&self.lock_path, &md, self.dev, self.ino))
-    }
-
     /// Refreshes the lock's mtime so it never looks stale; only if it is still ours.
     pub fn touch(&self) -> Result<bool, LockError> {
-        touch_if_ours(&self.lock_path, self.dev, self.ino)
+        touch_if_ours(&self.lock, self.dev, self.ino)
     }
 
     /// Keeps the lock fresh from a background thread until the returned guard is dropped.
     pub fn keep_fresh(&self, every: Duration) -> Refresher {
-        Refresher::start(vec![(self.lock_path.clone(), self.dev, self.ino)], every)
+        Refresher::start(vec![(self.lock.clone(), self.dev, self.ino)], every)
     }
 
     /// Releases the lock; never removes a lock that is no longer ours.
@@ -654,18 +616,31 @@ impl DotLock {
     fn release_inner(&mut self) -> Result<ReleaseOutcome, LockError> {
         self.released = true;
         registry_remove((self.dev, self.ino));
-        match lstat_lock(&self.lock_path) {
+        match lstat_lock(&self.lock) {
             Ok(None) => Ok(ReleaseOutcome::Deleted),
-            Ok(Some(md)) if !still_ours(&self.lock_path, &md, self.dev, self.ino) => Ok(ReleaseOutcome::Overridden),
-            Ok(Some(_)) => match fs::remove_file(&self.lock_path) {
-                Ok(()) => Ok(ReleaseOutcome::Released),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ReleaseOutcome::Deleted),
-                Err(e) => Err(LockError::io("unlink", &self.lock_path, e)),
+            Ok(Some(md)) if !still_ours(&self.lock, &md, self.dev, self.ino) => Ok(ReleaseOutcome::Overridden),
+            Ok(Some(_)) => match self.lock.dir.unlink(&self.lock.name)? {
+                true => Ok(ReleaseOutcome::Released),
+                false => Ok(ReleaseOutcome::Deleted),
             },
             Err(LockError::NotAFile { .. }) => Ok(ReleaseOutcome::Overridden),
             Err(e) => Err(e),
         }
     }
+
+    /// True if the lock's directory was removed while we held the lock (its folder deleted).
+    pub fn dir_removed(&self) -> bool {
+        self.lock.dir.is_removed()
+    }
+}
+
+/// The open directory of an admin's path, and the file name in it.
+pub fn split_path(path: &Path) -> Result<(Dir, String), LockError> {
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        LockError::io("lock", path, io::Error::new(io::ErrorKind::InvalidInput, "no usable file name"))
+    })?;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok((Dir::open(parent)?, name.to_string()))
 }
 
 /// The warning a mail admin should see when a held lock was taken away.
@@ -691,7 +666,7 @@ impl Drop for DotLock {
             let held = self.held_for();
             match self.release_inner() {
                 Ok(outcome) => {
-                    if let Some(w) = release_warning(&self.lock_path, outcome, held) {
+                    if let Some(w) = release_warning(&self.lock.path(), outcome, held) {
                         eprintln!("{w}");
                     }
                 }
@@ -705,23 +680,14 @@ impl Drop for DotLock {
 /// proof: once our lock is unlinked its inode number is free, and a lock someone creates right
 /// after may get the very same number (ext4 reuses them at once). Its content must also still be
 /// ours (`<our pid>:<our host>`, which nobody else writes).
-fn still_ours(lock_path: &Path, md: &fs::Metadata, dev: u64, ino: u64) -> bool {
-    md.dev() == dev
-        && md.ino() == ino
-        && read_lock_content(lock_path).is_some_and(|c| c == lock_content().as_bytes())
+fn still_ours(lock: &LockFile, md: &Meta, dev: u64, ino: u64) -> bool {
+    md.dev() == dev && md.ino() == ino && read_lock_content(lock).is_some_and(|c| c == lock_content().as_bytes())
 }
 
-fn touch_if_ours(lock_path: &Path, dev: u64, ino: u64) -> Result<bool, LockError> {
-    match lstat_lock(lock_path)? {
-        Some(md) if still_ours(lock_path, &md, dev, ino) => {
-            nix::sys::stat::utimensat(
-                None,
-                lock_path,
-                &nix::sys::time::TimeSpec::UTIME_NOW,
-                &nix::sys::time::TimeSpec::UTIME_NOW,
-                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-            )
-            .map_err(|e| LockError::io("utimensat", lock_path, io::Error::from(e)))?;
+fn touch_if_ours(lock: &LockFile, dev: u64, ino: u64) -> Result<bool, LockError> {
+    match lstat_lock(lock)? {
+        Some(md) if still_ours(lock, &md, dev, ino) => {
+            lock.dir.touch(&lock.name)?;
             Ok(true)
         }
         _ => Ok(false),
@@ -736,11 +702,11 @@ pub struct Refresher {
 
 /// Keeps all of `locks` fresh from one background thread until the guard is dropped.
 pub fn keep_all_fresh(locks: &[DotLock], every: Duration) -> Refresher {
-    Refresher::start(locks.iter().map(|l| (l.lock_path.clone(), l.dev, l.ino)).collect(), every)
+    Refresher::start(locks.iter().map(|l| (l.lock.clone(), l.dev, l.ino)).collect(), every)
 }
 
 impl Refresher {
-    fn start(mut targets: Vec<(PathBuf, u64, u64)>, every: Duration) -> Refresher {
+    fn start(mut targets: Vec<(LockFile, u64, u64)>, every: Duration) -> Refresher {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = stop.clone();
         let thread = thread::spawn(move || {
@@ -754,10 +720,10 @@ impl Refresher {
                 if *stopped {
                     return;
                 }
-                targets.retain(|(path, dev, ino)| match touch_if_ours(path, *dev, *ino) {
+                targets.retain(|(lock, dev, ino)| match touch_if_ours(lock, *dev, *ino) {
                     Ok(true) => true,
                     Ok(false) => {
-                        eprintln!("warning: lock {} is no longer ours; stopped refreshing it", path.display());
+                        eprintln!("warning: lock {} is no longer ours; stopped refreshing it", lock.path().display());
                         false
                     }
                     Err(e) => {
@@ -783,18 +749,18 @@ impl Drop for Refresher {
 }
 
 /// Sleeps up to `max`, waking early when the lock file is removed, renamed or touched.
-fn wait_for_change(lock_path: &Path, max: Duration, use_notify: bool) {
+fn wait_for_change(lock: &LockFile, max: Duration, use_notify: bool) {
     if max.is_zero() {
         return;
     }
-    if use_notify && wait_inotify(lock_path, max) {
+    if use_notify && wait_inotify(lock, max) {
         return;
     }
     thread::sleep(max);
 }
 
 /// True if inotify could be used (whether or not an event came).
-fn wait_inotify(lock_path: &Path, max: Duration) -> bool {
+fn wait_inotify(lock: &LockFile, max: Duration) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     use std::os::fd::AsFd;
@@ -805,7 +771,8 @@ fn wait_inotify(lock_path: &Path, max: Duration) -> bool {
         | AddWatchFlags::IN_ATTRIB
         | AddWatchFlags::IN_MODIFY
         | AddWatchFlags::IN_DONT_FOLLOW;
-    match ino.add_watch(lock_path, flags) {
+    // Through /proc/self/fd: the very directory we opened, whatever its path names now.
+    match ino.add_watch(&lock.dir.proc_path().join(&lock.name), flags) {
         Ok(_) => {}
         Err(nix::errno::Errno::ENOENT) => return true, // already gone: check again at once
         Err(_) => return false,

@@ -1,18 +1,26 @@
 //! The manifest inside every backup: one JSON record per line — a header, one record per
 //! folder (with its uidlist header) and one per message (folder, unique name, flags, size,
 //! BLAKE3 checksum). `verify` checks a backup against it; snapshots use it to find messages
-//! they can hard-link instead of copying.
+//! they can hard-link instead of copying; `restore` uses it to know what to put back.
+//!
+//! A manifest is untrusted input (a snapshot may have passed through other hands): reading
+//! one checks every line's length, every folder path and file name for being a safe name in
+//! the snapshot, and every count, before anything uses it.
 
-use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::collections::{HashMap, HashSet};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::maildir::{Layout, Subdir};
+use crate::fsx::{self, Dir, FsError, Owner};
+use crate::maildir::{Layout, MessageName, Subdir, MESSAGE_DIRS};
 
 pub const MANIFEST_NAME: &str = "maildir-backup.manifest";
 pub const FORMAT: u32 = 1;
+/// Longest line accepted: a folder record lists the expunged unique names its uidlist still
+/// holds, normally none or a few.
+const LINE_LIMIT: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Header {
@@ -30,6 +38,10 @@ pub struct Header {
     /// Bytes read from the source; the rest were hard-linked from the previous snapshot.
     #[serde(default)]
     pub bytes_copied: u64,
+    /// The owner of the source Maildir when root made the backup (whose mail it is: a
+    /// restore into a new Maildir gives it back to them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,6 +69,13 @@ pub struct MessageRecord {
     pub blake3: String,
 }
 
+impl MessageRecord {
+    /// The file's path in the backup.
+    pub fn rel_path(&self) -> std::path::PathBuf {
+        Path::new(&self.folder).join(self.dir.as_str()).join(&self.name)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 enum Record {
@@ -74,20 +93,27 @@ pub struct Manifest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: String, #[source] source: io::Error },
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("{path}: line {line}: {what}")]
     Bad { path: String, line: usize, what: String },
 }
 
+impl ManifestError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ManifestError::Fs(e) => e.exit_code(),
+            ManifestError::Bad { .. } => crate::sysexits::EX_DATAERR,
+        }
+    }
+}
+
 impl Manifest {
-    pub fn write(&self, path: &Path) -> Result<(), ManifestError> {
-        let io_err = |op, e| ManifestError::Io { op, path: path.display().to_string(), source: e };
-        // 0600 like the mail it describes, whatever the caller's umask (doveadm's is 0077).
-        let file = std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().write(true).create(true).truncate(true), 0o600)
-            .open(path)
-            .map_err(|e| io_err("create", e))?;
-        let mut w = BufWriter::new(file);
+    /// Writes the manifest as a new file (0600, like the mail it describes) in `dir`, flushed.
+    pub fn write(&self, dir: &Dir) -> Result<(), ManifestError> {
+        let path = dir.show(MANIFEST_NAME);
+        let io_err = |op, e| ManifestError::Fs(FsError::Io { op, path: path.clone(), source: e });
+        let mut w = BufWriter::new(dir.create(MANIFEST_NAME, 0o600)?);
         let mut put = |r: &Record| -> io::Result<()> {
             serde_json::to_writer(&mut w, r).map_err(io::Error::other)?;
             w.write_all(b"\n")
@@ -103,29 +129,191 @@ impl Manifest {
         file.sync_all().map_err(|e| io_err("fsync", e))
     }
 
-    pub fn read(path: &Path) -> Result<Manifest, ManifestError> {
-        let p = path.display().to_string();
-        let file = File::open(path).map_err(|e| ManifestError::Io { op: "open", path: p.clone(), source: e })?;
-        let mut header = None;
+    /// Reads and checks the manifest of the backup in `dir`.
+    pub fn read(dir: &Dir) -> Result<Manifest, ManifestError> {
+        let mut lines = Lines::open(dir)?;
+        let header = lines.header()?;
         let (mut folders, mut messages) = (Vec::new(), Vec::new());
-        for (i, line) in BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|e| ManifestError::Io { op: "read", path: p.clone(), source: e })?;
-            if line.is_empty() {
-                continue;
-            }
-            let rec: Record = serde_json::from_str(&line)
-                .map_err(|e| ManifestError::Bad { path: p.clone(), line: i + 1, what: e.to_string() })?;
-            match rec {
-                Record::Backup(h) if header.is_none() && i == 0 => header = Some(h),
-                Record::Backup(_) => return Err(ManifestError::Bad { path: p, line: i + 1, what: "unexpected header".into() }),
-                Record::Folder(f) => folders.push(f),
-                Record::Message(m) => messages.push(m),
+        while let Some(line) = lines.next_line()? {
+            match lines.parse(&line)? {
+                Record::Backup(_) => return Err(lines.bad("a second header")),
+                Record::Folder(f) => {
+                    check_folder(&f, header.layout).map_err(|w| lines.bad(&w))?;
+                    folders.push(f);
+                }
+                Record::Message(m) => {
+                    check_message(&m).map_err(|w| lines.bad(&w))?;
+                    messages.push(m);
+                }
             }
         }
-        let header = header.ok_or_else(|| ManifestError::Bad { path: p.clone(), line: 1, what: "no backup header".into() })?;
-        if header.format != FORMAT {
-            return Err(ManifestError::Bad { path: p, line: 1, what: format!("manifest format {} is not {FORMAT}", header.format) });
+        let manifest = Manifest { header, folders, messages };
+        manifest.check_counts().map_err(|w| ManifestError::Bad { path: lines.path.clone(), line: 1, what: w })?;
+        Ok(manifest)
+    }
+
+    /// Reads only the header (for listings).
+    pub fn read_header(dir: &Dir) -> Result<Header, ManifestError> {
+        Lines::open(dir)?.header()
+    }
+
+    /// Total message bytes per folder path.
+    pub fn bytes_by_folder(&self) -> HashMap<&str, u64> {
+        let mut out: HashMap<&str, u64> = HashMap::new();
+        for m in &self.messages {
+            *out.entry(m.folder.as_str()).or_default() += m.size;
         }
-        Ok(Manifest { header, folders, messages })
+        out
+    }
+
+    /// The header's counts and sums agree with the records; every message is in a folder
+    /// that has a record, once.
+    fn check_counts(&self) -> Result<(), String> {
+        let h = &self.header;
+        if h.folders != self.folders.len() as u64 || h.messages != self.messages.len() as u64 {
+            return Err(format!(
+                "the header counts {} folders and {} messages, the records {} and {}",
+                h.folders,
+                h.messages,
+                self.folders.len(),
+                self.messages.len()
+            ));
+        }
+        let bytes = self.messages.iter().try_fold(0u64, |sum, m| sum.checked_add(m.size)).ok_or("message sizes overflow")?;
+        if bytes != h.bytes {
+            return Err(format!("the header counts {} bytes, the records {bytes}", h.bytes));
+        }
+        let mut per_folder: HashMap<&str, u64> = HashMap::new();
+        for f in &self.folders {
+            if per_folder.insert(f.path.as_str(), 0).is_some() {
+                return Err(format!("folder {:?} is listed twice", f.path));
+            }
+        }
+        let mut seen = HashSet::new();
+        for m in &self.messages {
+            *per_folder.get_mut(m.folder.as_str()).ok_or_else(|| format!("message {:?} is in folder {:?}, which has no record", m.name, m.folder))? += 1;
+            if !seen.insert((m.folder.as_str(), m.dir, m.name.as_str())) {
+                return Err(format!("message {:?} in folder {:?} is listed twice", m.name, m.folder));
+            }
+        }
+        for f in &self.folders {
+            if per_folder[f.path.as_str()] != f.messages {
+                return Err(format!("folder {:?} says {} messages, the records {}", f.path, f.messages, per_folder[f.path.as_str()]));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A folder path is a folder's directory in the backup: "" (INBOX), `.Name` under Maildir++,
+/// `Name/Sub` under LAYOUT=fs; never anything that climbs out or is a message directory.
+pub fn check_folder_path(path: &str, layout: Layout) -> Result<(), String> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    fsx::check_rel(Path::new(path)).map_err(|w| format!("folder path {path:?}: {w}"))?;
+    if fsx::has_control(path) {
+        return Err(format!("folder path {path:?}: control characters"));
+    }
+    if layout == Layout::MaildirPlusPlus && (!path.starts_with('.') || path.contains('/')) {
+        return Err(format!("folder path {path:?}: not a Maildir++ folder (.Name)"));
+    }
+    if path.split('/').any(|c| MESSAGE_DIRS.contains(&c)) {
+        return Err(format!("folder path {path:?}: cur, new and tmp are not folders"));
+    }
+    Ok(())
+}
+
+fn check_folder(f: &FolderRecord, layout: Layout) -> Result<(), String> {
+    check_folder_path(&f.path, layout)?;
+    if f.name.is_empty() || fsx::has_control(&f.name) || f.name.len() > 4096 {
+        return Err(format!("folder name {:?} is not usable", f.name));
+    }
+    Ok(())
+}
+
+fn check_message(m: &MessageRecord) -> Result<(), String> {
+    let name = MessageName::parse(&m.name).filter(MessageName::is_safe).ok_or_else(|| format!("message file name {:?} is not usable", m.name))?;
+    if name.unique() != m.unique || name.flags() != m.flags {
+        return Err(format!("message {:?}: unique name or flags do not match the file name", m.name));
+    }
+    if m.blake3.len() != 64 || !m.blake3.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("message {:?}: checksum {:?} is not a BLAKE3 hex digest", m.name, m.blake3));
+    }
+    // The folder path itself is checked with its folder record (every message needs one).
+    fsx::check_rel(Path::new(&m.folder)).map_err(|w| format!("message {:?}: folder {:?}: {w}", m.name, m.folder))?;
+    Ok(())
+}
+
+/// The manifest's lines, each bounded.
+struct Lines {
+    input: BufReader<std::io::Take<std::fs::File>>,
+    path: String,
+    line: usize,
+}
+
+impl Lines {
+    fn open(dir: &Dir) -> Result<Lines, ManifestError> {
+        let f = dir.open_read(MANIFEST_NAME)?;
+        Ok(Lines { path: f.path.display().to_string(), input: BufReader::new(f.file.take(u64::MAX)), line: 0 })
+    }
+
+    fn bad(&self, what: &str) -> ManifestError {
+        ManifestError::Bad { path: self.path.clone(), line: self.line, what: what.to_string() }
+    }
+
+    /// The next non-empty line; None at the end.
+    fn next_line(&mut self) -> Result<Option<Vec<u8>>, ManifestError> {
+        loop {
+            self.line += 1;
+            let mut buf = Vec::new();
+            self.input.get_mut().set_limit(LINE_LIMIT + 1);
+            let n = self.input.read_until(b'\n', &mut buf).map_err(|e| FsError::Io { op: "read", path: self.path.clone().into(), source: e })?;
+            if n == 0 {
+                return Ok(None);
+            }
+            if buf.last() == Some(&b'\n') {
+                buf.pop();
+            } else if n as u64 > LINE_LIMIT {
+                return Err(self.bad(&format!("line longer than {LINE_LIMIT} bytes")));
+            }
+            if !buf.is_empty() {
+                return Ok(Some(buf));
+            }
+        }
+    }
+
+    fn parse(&self, line: &[u8]) -> Result<Record, ManifestError> {
+        serde_json::from_slice(line).map_err(|e| self.bad(&e.to_string()))
+    }
+
+    fn header(&mut self) -> Result<Header, ManifestError> {
+        let line = self.next_line()?.ok_or_else(|| self.bad("no backup header"))?;
+        let Record::Backup(h) = self.parse(&line)? else { return Err(self.bad("no backup header")) };
+        if h.format != FORMAT {
+            return Err(self.bad(&format!("manifest format {} is not {FORMAT}", h.format)));
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folder_paths() {
+        for ok in ["", ".Sent", ".A.B"] {
+            assert!(check_folder_path(ok, Layout::MaildirPlusPlus).is_ok(), "{ok}");
+        }
+        for ok in ["", "Archive/2024", "Entw&APw-rfe"] {
+            assert!(check_folder_path(ok, Layout::Fs).is_ok(), "{ok}");
+        }
+        for bad in ["..", "../x", "/etc", ".a/../..", "Sent", ".a/b", "cur", ".x\n"] {
+            assert!(check_folder_path(bad, Layout::MaildirPlusPlus).is_err(), "{bad:?}");
+        }
+        for bad in ["a/../b", "a/cur", "/a", "a//b"] {
+            assert!(check_folder_path(bad, Layout::Fs).is_err(), "{bad:?}");
+        }
     }
 }

@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, BackupError, BackupOptions, HeldLocks, Mailboxes, NoProgress};
-use crate::maildir::{Folder, Layout, MailLocation};
+use crate::fsx::Dir;
+use crate::maildir::folders::is_maildir;
+use crate::maildir::{Folder, Layout, MailLocation, Maildir};
 use crate::sysexits::{self, ExitCode};
 
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
@@ -55,8 +57,7 @@ unsafe fn opt_str(p: *const c_char) -> Option<String> {
 /// or renamed during the backup is found, and the engine starts its reconcile over.
 struct DovecotMailboxes<'j> {
     job: &'j ffi::mb_user_job,
-    root: String,
-    layout: Layout,
+    loc: MailLocation,
     state: std::cell::RefCell<Listed>,
 }
 
@@ -83,23 +84,26 @@ impl DovecotMailboxes<'_> {
             let (name, mail_dir, control_dir, index_dir) =
                 unsafe { (opt_str(f.vname).unwrap_or_default(), opt_str(f.mail_dir), opt_str(f.control_dir), opt_str(f.index_dir)) };
             let Some(mail_dir) = mail_dir.map(PathBuf::from) else { continue };
-            let Ok(rel) = mail_dir.strip_prefix(&self.root).map(Path::to_path_buf) else {
+            let loc = &self.loc;
+            let Ok(rel) = mail_dir.strip_prefix(&loc.root).map(Path::to_path_buf) else {
                 if st.reported.insert(i as u32) {
-                    let why = format!("its directory {} is outside the user's Maildir {}; not backed up", mail_dir.display(), self.root);
+                    let why = format!("its directory {} is outside the user's Maildir {}; not backed up", mail_dir.display(), loc.root.display());
                     report_error(self.job, &format!("mailbox {name}: {why}"));
                     row(self.job, &name, 0, 0, 0.0, &why);
                 }
                 code = sysexits::EX_DATAERR;
                 continue;
             };
+            // Dovecot's own control and index dirs, relative to their roots (we reach them only
+            // through those roots' descriptors).
+            let below = |dir: Option<String>, root: Option<&PathBuf>, default: PathBuf| match (dir, root) {
+                (Some(d), Some(r)) => Path::new(&d).strip_prefix(r).map(Path::to_path_buf).unwrap_or(default),
+                _ => default,
+            };
+            let control_rel = below(control_dir, Some(loc.control.as_ref().unwrap_or(&loc.root)), loc.control_rel(&rel));
+            let index_rel = below(index_dir, Some(loc.index.as_ref().unwrap_or(&loc.root)), loc.index_rel(&rel));
             st.vnames.insert(rel.to_string_lossy().into_owned(), name);
-            st.folders.push(Folder {
-                control_dir: control_dir.map(PathBuf::from).unwrap_or_else(|| mail_dir.clone()),
-                index_dir: index_dir.map(PathBuf::from).unwrap_or_else(|| mail_dir.clone()),
-                name: crate::maildir::folders::folder_name(self.layout, &rel),
-                mail_dir,
-                rel,
-            });
+            st.folders.push(Folder { name: crate::maildir::folders::folder_name(loc.layout, &rel), control_rel, index_rel, rel });
             st.index.push(i as u32);
         }
         code
@@ -167,8 +171,13 @@ impl Drop for OneLock<'_> {
     }
 }
 
+/// The folder is (still) there, under the name we know.
+fn still_there(md: &Maildir, f: &Folder) -> bool {
+    md.root.sub(&f.rel).and_then(|d| is_maildir(&d)).unwrap_or(false)
+}
+
 impl Mailboxes for DovecotMailboxes<'_> {
-    fn folders(&self, _warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError> {
+    fn folders(&self, md: &Maildir, _warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError> {
         if let Some(relist) = self.job.relist {
             let (mut p, mut n) = (std::ptr::null(), 0u32);
             // SAFETY: the shim's callback, on the thread that called us.
@@ -177,10 +186,10 @@ impl Mailboxes for DovecotMailboxes<'_> {
             }
         }
         // A mailbox renamed or deleted since Dovecot listed it is gone.
-        Ok(self.state.borrow().folders.iter().filter(|f| f.mail_dir.join("cur").is_dir()).cloned().collect())
+        Ok(self.state.borrow().folders.iter().filter(|f| still_there(md, f)).cloned().collect())
     }
 
-    fn lock_all<'a>(&'a self, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32)
+    fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32, _warnings: &mut Vec<String>)
         -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError> {
         let order: Vec<u32> = {
             let st = self.state.borrow();
@@ -196,13 +205,13 @@ impl Mailboxes for DovecotMailboxes<'_> {
                     1 => return Ok(Ok(OneLock { job: self.job, i: order[n], held: true })),
                     // Renamed or deleted since it was listed: nothing left to protect; the engine
                     // lists the folders again after locking and starts over if they changed.
-                    _ if !folders[n].mail_dir.join("cur").is_dir() => return Ok(Ok(OneLock { job: self.job, i: order[n], held: false })),
+                    _ if !still_there(md, &folders[n]) => return Ok(Ok(OneLock { job: self.job, i: order[n], held: false })),
                     0 if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
                     0 => return Ok(Err(format!("Dovecot holds the uidlist lock of {}", folders[n].name))),
                     _ => {
                         return Err(BackupError::Io {
                             op: "lock (Dovecot maildir_uidlist_try_lock)",
-                            path: folders[n].control_dir.clone(),
+                            path: md.loc.control.as_ref().unwrap_or(&md.loc.root).join(&folders[n].control_rel),
                             source: std::io::Error::other("see Dovecot's error log line above"),
                         })
                     }
@@ -287,7 +296,7 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
     };
     let location = location_from(&root, control, index, &layout);
 
-    let mailboxes = DovecotMailboxes { job, root: root.clone(), layout: location.layout, state: Default::default() };
+    let mailboxes = DovecotMailboxes { job, loc: location.clone(), state: Default::default() };
     let code = mailboxes.take(raw_folders(job.folders, job.folder_count));
 
     let mut opts = BackupOptions::default();
@@ -299,22 +308,10 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
     }
     opts.with_indexes = job.with_indexes != 0;
 
-    // Before creating any directory: never a destination inside the user's Maildir.
-    if let Err(e) = engine::check_paths(&location, &dest.join(if repo_mode { "snapshot" } else { "" })) {
-        report_error(job, &format!("{e}; nothing was published at {}", dest.display()));
-        return e.exit_code();
-    }
-    let parent = if repo_mode { Some(dest.as_path()) } else { dest.parent() };
-    if let Some(parent) = parent {
-        if let Err(e) = std::fs::create_dir_all(parent) {
-            report_error(job, &format!("create {}: {e}", parent.display()));
-            return sysexits::for_io_error(&e);
-        }
-    }
-    let result: Result<_, (String, i32)> = if repo_mode {
+    let result = if repo_mode {
         crate::repo::snapshot(&location, &mailboxes, &dest, &user, &opts, false, &NoProgress).map_err(|e| (e.to_string(), e.exit_code()))
     } else {
-        engine::backup_with(&location, &mailboxes, &dest, &opts, None, &NoProgress).map_err(|e| (e.to_string(), e.exit_code()))
+        backup_to_path(&location, &mailboxes, &dest, &opts).map_err(|e| (e.to_string(), e.exit_code()))
     };
     match result {
         Ok(report) => {
@@ -333,6 +330,18 @@ fn backup_user(job: &ffi::mb_user_job) -> c_int {
             code
         }
     }
+}
+
+/// A plain backup of `location` into the new directory `dest`, whose parent is created if
+/// missing (as the mail user, with the mode doveadm's umask leaves).
+fn backup_to_path(location: &MailLocation, mailboxes: &DovecotMailboxes, dest: &Path, opts: &BackupOptions) -> Result<engine::BackupReport, BackupError> {
+    let md = engine::open_source(location)?;
+    // Before creating any directory: never a destination inside the user's Maildir.
+    engine::check_outside(&md, dest)?;
+    let name = dest.file_name().ok_or_else(|| crate::staging::StagingError::BadDest(dest.to_path_buf()))?;
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (parent, _) = Dir::open_or_create(parent, 0o700, None)?;
+    engine::backup_to(&md, mailboxes, &parent, name, opts, None, &NoProgress)
 }
 
 fn location_from(root: &str, control: Option<String>, index: Option<String>, layout: &str) -> MailLocation {
@@ -395,7 +404,7 @@ pub extern "C" fn mb_restore_user(job: *const ffi::mb_restore_job) -> c_int {
         };
         let snapshot = match template.strip_prefix("repo:") {
             Some(repo) => match crate::template::expand(repo, &user) {
-                Ok(r) => match crate::repo::latest(&Path::new(&r).join(&user)) {
+                Ok(r) => match crate::repo::latest_path(&Path::new(&r).join(&user)) {
                     Some(s) => s,
                     None => {
                         report(&format!("no snapshot of {user} in repository {r}"));

@@ -4,32 +4,37 @@
 //! unique name (so a flag change, which renames the file, costs one link, not a copy).
 
 use std::collections::HashMap;
-use std::fs;
-use std::io;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 
-use crate::engine::copy::hash_file;
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, Progress, Reuse};
+use crate::fsx::{self, Dir, FsError, Replace};
 use crate::maildir::MailLocation;
 use crate::manifest::{Manifest, MANIFEST_NAME};
+use crate::staging::{Staging, STAGING_SUFFIX};
 
 pub const LATEST: &str = "latest";
 /// Snapshot directory names: UTC, sortable, no colons.
 pub const TIME_FORMAT: &str = "%Y-%m-%dT%H%M%SZ";
+/// Mode of a repository, and of each series in it, when we create them: root's backups are
+/// for root's eyes.
+const REPO_MODE: u32 = 0o700;
 
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub name: String,
+    /// Where it is (for messages).
     pub path: PathBuf,
     pub time: DateTime<Utc>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("{0} is neither a repository nor a snapshot series (no snapshots found)")]
     NotARepo(PathBuf),
     #[error("repository name {0:?} is not usable as a directory name")]
@@ -41,7 +46,7 @@ pub enum RepoError {
 impl crate::sysexits::ExitCode for RepoError {
     fn exit_code(&self) -> i32 {
         match self {
-            RepoError::Io { source, .. } => crate::sysexits::for_io_error(source),
+            RepoError::Fs(e) => e.exit_code(),
             RepoError::NotARepo(_) => crate::sysexits::EX_NOINPUT,
             RepoError::BadName(_) => crate::sysexits::EX_USAGE,
             RepoError::Backup(e) => e.exit_code(),
@@ -49,24 +54,30 @@ impl crate::sysexits::ExitCode for RepoError {
     }
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RepoError + 'a {
-    move |source| RepoError::Io { op, path: path.to_path_buf(), source }
-}
-
 pub fn parse_time(name: &str) -> Option<DateTime<Utc>> {
     NaiveDateTime::parse_from_str(name, TIME_FORMAT).ok().map(|t| t.and_utc())
 }
 
-/// The snapshots of one series (`REPO/<name>`), oldest first.
-pub fn list_snapshots(series: &Path) -> Result<Vec<Snapshot>, RepoError> {
+/// A series of snapshots (`REPO/<name>`), opened.
+pub struct Series {
+    pub name: String,
+    pub dir: Dir,
+}
+
+impl Series {
+    /// Its snapshots, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>, RepoError> {
+        list_snapshots(&self.dir)
+    }
+}
+
+/// The snapshots in a series directory, oldest first.
+pub fn list_snapshots(series: &Dir) -> Result<Vec<Snapshot>, RepoError> {
     let mut out = Vec::new();
-    for e in fs::read_dir(series).map_err(io_err("read directory", series))? {
-        let e = e.map_err(io_err("read directory", series))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(time) = parse_time(&name) {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                out.push(Snapshot { path: e.path(), name, time });
-            }
+    for e in series.list()? {
+        let Some(name) = e.name.to_str() else { continue };
+        if let (Some(time), fsx::Kind::Dir) = (parse_time(name), e.kind) {
+            out.push(Snapshot { path: series.show(name), name: name.to_string(), time });
         }
     }
     out.sort_by(|a, b| a.time.cmp(&b.time).then(a.name.cmp(&b.name)));
@@ -75,19 +86,24 @@ pub fn list_snapshots(series: &Path) -> Result<Vec<Snapshot>, RepoError> {
 
 /// The series under `path`: `path` itself if it holds snapshots, else its subdirectories
 /// that do. Sorted by name.
-pub fn series_under(path: &Path) -> Result<Vec<PathBuf>, RepoError> {
-    if !list_snapshots(path)?.is_empty() {
-        return Ok(vec![path.to_path_buf()]);
+pub fn series_under(path: &Path) -> Result<Vec<Series>, RepoError> {
+    let dir = Dir::open(path)?;
+    if !list_snapshots(&dir)?.is_empty() {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        return Ok(vec![Series { name, dir }]);
     }
     let mut out = Vec::new();
-    for e in fs::read_dir(path).map_err(io_err("read directory", path))? {
-        let e = e.map_err(io_err("read directory", path))?;
-        let p = e.path();
-        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) && !e.file_name().to_string_lossy().starts_with('.') && !list_snapshots(&p)?.is_empty() {
-            out.push(p);
+    for e in dir.list()? {
+        let Some(name) = e.name.to_str().filter(|n| !n.starts_with('.')) else { continue };
+        if e.kind != fsx::Kind::Dir {
+            continue;
+        }
+        let sub = dir.sub(name)?;
+        if !list_snapshots(&sub)?.is_empty() {
+            out.push(Series { name: name.to_string(), dir: sub });
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     if out.is_empty() {
         return Err(RepoError::NotARepo(path.to_path_buf()));
     }
@@ -106,59 +122,92 @@ pub fn default_name(root: &Path) -> Option<String> {
 
 /// The previous snapshot's messages, offered for hard-linking.
 pub struct PreviousSnapshot {
-    by_unique: HashMap<String, (PathBuf, u64, String)>,
+    dir: Dir,
+    /// unique name -> (its file in the snapshot, size, BLAKE3)
+    by_unique: HashMap<String, (PathBuf, String, u64, String)>,
     paranoid: bool,
+    /// The snapshot's folder directories opened so far (cur/ and new/ of each folder).
+    open_dirs: Mutex<HashMap<PathBuf, Arc<Dir>>>,
 }
 
 impl PreviousSnapshot {
-    pub fn load(snapshot: &Path, paranoid: bool) -> Option<PreviousSnapshot> {
-        let manifest = Manifest::read(&snapshot.join(MANIFEST_NAME)).ok()?;
+    /// The snapshot `name` of `series`; None if it has no usable manifest.
+    pub fn load(series: &Dir, name: &str, paranoid: bool) -> Option<PreviousSnapshot> {
+        let dir = series.sub(name).ok()?;
+        let manifest = Manifest::read(&dir).ok()?;
         let by_unique = manifest
             .messages
             .into_iter()
-            .map(|m| {
-                let path = snapshot.join(&m.folder).join(m.dir.as_str()).join(&m.name);
-                (m.unique, (path, m.size, m.blake3))
-            })
+            .map(|m| (m.unique, (Path::new(&m.folder).join(m.dir.as_str()), m.name, m.size, m.blake3)))
             .collect();
-        Some(PreviousSnapshot { by_unique, paranoid })
+        Some(PreviousSnapshot { dir, by_unique, paranoid, open_dirs: Mutex::new(HashMap::new()) })
+    }
+
+    fn sub_dir(&self, rel: &Path) -> Option<Arc<Dir>> {
+        let mut open = self.open_dirs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = open.get(rel) {
+            return Some(d.clone());
+        }
+        if open.len() >= 64 {
+            open.clear(); // keep the number of open descriptors small
+        }
+        let d = Arc::new(self.dir.sub(rel).ok()?);
+        open.insert(rel.to_path_buf(), d.clone());
+        Some(d)
     }
 }
 
 impl Reuse for PreviousSnapshot {
-    fn find(&self, unique: &str, source_size: u64) -> Option<(PathBuf, u64, String)> {
-        let (path, size, blake3) = self.by_unique.get(unique)?;
+    fn link_into(&self, unique: &str, source_size: u64, dst: &Dir, name: &str) -> Option<String> {
+        let (rel, old_name, size, blake3) = self.by_unique.get(unique)?;
         if source_size != *size {
             return None;
         }
+        let from = self.sub_dir(rel)?;
         // The old copy must still be what its manifest says, or we copy afresh.
-        let md = fs::symlink_metadata(path).ok()?;
-        if !md.is_file() || md.len() != *size {
+        if !from.lstat(old_name).ok()?.is_some_and(|m| m.is_file() && m.size() == *size) {
             return None;
         }
-        if self.paranoid && hash_file(path).ok()?.1 != *blake3 {
+        if self.paranoid && fsx::hash_file(&mut from.open_read(old_name).ok()?).ok()?.1 != *blake3 {
             return None;
         }
-        Some((path.clone(), *size, blake3.clone()))
+        from.link(old_name, dst, name).ok()?;
+        // What was linked is in our staging now, where nobody else can change it: check it.
+        match dst.lstat(name) {
+            Ok(Some(m)) if m.is_file() && m.size() == *size => Some(blake3.clone()),
+            _ => {
+                let _ = dst.unlink(name);
+                None
+            }
+        }
     }
 }
 
-/// The newest snapshot of a series, following `latest` if it is there.
-pub fn latest(series: &Path) -> Option<PathBuf> {
-    if let Ok(target) = fs::read_link(series.join(LATEST)) {
-        let p = series.join(target);
-        if p.join(MANIFEST_NAME).exists() {
-            return Some(p);
+/// The newest snapshot of a series, following `latest` if it names one.
+pub fn latest(series: &Dir) -> Option<String> {
+    if let Ok(Some(target)) = series.read_link(LATEST) {
+        // Only a snapshot's own name: `latest` is never followed anywhere else.
+        if let Some(name) = target.to_str().filter(|t| parse_time(t).is_some()) {
+            if series.lstat(Path::new(name).join(MANIFEST_NAME)).ok().flatten().is_some_and(|m| m.is_file()) {
+                return Some(name.to_string());
+            }
         }
     }
-    list_snapshots(series).ok()?.pop().map(|s| s.path)
+    list_snapshots(series).ok()?.pop().map(|s| s.name)
 }
 
-fn point_latest(series: &Path, snapshot_name: &str) -> Result<(), RepoError> {
-    let tmp = series.join(format!(".{LATEST}.{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(snapshot_name, &tmp).map_err(io_err("create symlink", &tmp))?;
-    fs::rename(&tmp, series.join(LATEST)).map_err(io_err("replace", &series.join(LATEST)))
+/// The newest snapshot of the series at the admin's path `series`.
+pub fn latest_path(series: &Path) -> Option<PathBuf> {
+    let dir = Dir::open(series).ok()?;
+    latest(&dir).map(|n| dir.show(n))
+}
+
+fn point_latest(series: &Dir, snapshot_name: &str) -> Result<(), RepoError> {
+    let tmp = format!(".{LATEST}.{:x}", std::process::id());
+    series.unlink(&tmp)?;
+    series.symlink(Path::new(snapshot_name), &tmp)?;
+    series.rename(&tmp, series, LATEST, Replace::Allowed)?;
+    Ok(())
 }
 
 /// Takes a new snapshot of `source` into `REPO/<name>/<now>` and points `latest` at it.
@@ -171,36 +220,37 @@ pub fn snapshot(
     paranoid: bool,
     progress: &dyn Progress,
 ) -> Result<BackupReport, RepoError> {
-    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+    if fsx::check_name(OsStr::new(name)).is_err() || name.starts_with('.') {
         return Err(RepoError::BadName(name.to_string()));
     }
-    let series = repo.join(name);
+    let md = engine::open_source(source)?;
     // Before creating anything: never a repository inside the Maildir it backs up.
-    engine::check_paths(source, &series.join("snapshot"))?;
-    fs::create_dir_all(&series).map_err(io_err("create directory", &series))?;
+    engine::check_outside(&md, &repo.join(name))?;
+    let (repo_dir, _) = Dir::open_or_create(repo, REPO_MODE, None)?;
+    let (series, _) = repo_dir.ensure_dir(name, REPO_MODE, None)?;
     remove_dead_staging(&series)?;
-    let previous = latest(&series).and_then(|p| PreviousSnapshot::load(&p, paranoid));
+    let previous = latest(&series).and_then(|p| PreviousSnapshot::load(&series, &p, paranoid));
     // One snapshot per second at most: wait for a fresh name rather than invent one.
     let mut now = Utc::now();
-    while series.join(now.format(TIME_FORMAT).to_string()).exists() {
+    while series.lstat(now.format(TIME_FORMAT).to_string())?.is_some() {
         std::thread::sleep(std::time::Duration::from_millis(200));
         now = Utc::now();
     }
     let snap_name = now.format(TIME_FORMAT).to_string();
-    let dest = series.join(&snap_name);
-    let report = engine::backup_with(source, mailboxes, &dest, opts, previous.as_ref().map(|p| p as &dyn Reuse), progress)?;
+    let reuse = previous.as_ref().map(|p| p as &dyn Reuse);
+    let report = engine::backup_to(&md, mailboxes, &series, OsStr::new(&snap_name), opts, reuse, progress)?;
     point_latest(&series, &snap_name)?;
     Ok(report)
 }
 
 /// Removes the staging dirs of killed runs: each had its own timestamp, so no later run
 /// would ever reuse (and so clean) its name. A live run's guard keeps its dir.
-fn remove_dead_staging(series: &Path) -> Result<(), RepoError> {
-    for e in fs::read_dir(series).map_err(io_err("read directory", series))?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(ts) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".maildir-backup-staging")) {
+fn remove_dead_staging(series: &Dir) -> Result<(), RepoError> {
+    for e in series.list()? {
+        let Some(name) = e.name.to_str() else { continue };
+        if let Some(ts) = name.strip_prefix('.').and_then(|n| n.strip_suffix(STAGING_SUFFIX)) {
             // prepare() breaks a dead run's guard and clears its dir; dropping it removes both.
-            drop(crate::staging::Staging::prepare(&series.join(ts)));
+            drop(Staging::prepare(series, OsStr::new(ts)));
         }
     }
     Ok(())
@@ -238,13 +288,14 @@ pub fn plan_prune(snaps: &[Snapshot], policy: KeepPolicy) -> (Vec<Snapshot>, Vec
     (keep, remove)
 }
 
-/// Removes a snapshot: renamed away first (so it vanishes at once), then deleted. Other
-/// snapshots are unaffected: each is a full tree, shared files are only hard links.
-pub fn remove_snapshot(snap: &Snapshot) -> Result<(), RepoError> {
-    let parent = snap.path.parent().unwrap_or(Path::new("."));
-    let doomed = parent.join(format!(".{}.maildir-backup-deleting", snap.name));
-    fs::rename(&snap.path, &doomed).map_err(io_err("rename", &snap.path))?;
-    fs::remove_dir_all(&doomed).map_err(io_err("remove", &doomed))
+/// Removes a snapshot of `series`: renamed away first (so it vanishes at once), then
+/// deleted. Other snapshots are unaffected: each is a full tree, shared files are only hard links.
+pub fn remove_snapshot(series: &Dir, snap: &Snapshot) -> Result<(), RepoError> {
+    let doomed = format!(".{}.maildir-backup-deleting", snap.name);
+    series.remove_tree(&doomed)?; // left by an interrupted prune
+    series.rename(&snap.name, series, &doomed, Replace::Never)?;
+    series.remove_tree(&doomed)?;
+    Ok(())
 }
 
 #[cfg(test)]

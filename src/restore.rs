@@ -9,28 +9,32 @@
 //!   next sync. Keyword letters are remapped to the target's `dovecot-keywords`. Nothing in
 //!   the target is overwritten or deleted.
 //! Everything selected is checked against the manifest before the target is touched.
+//!
+//! The target belongs to its user, who may be hostile and may race us: everything in it is
+//! done through directory descriptors (`fsx`), files are created `O_EXCL` under random names
+//! and handed over with `fchown` on the descriptor, and a symlink anywhere in the target is
+//! refused, never followed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs;
-use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dotlock::{DotLock, LockError, LockSettings};
-use crate::engine::copy::{copy_file, hash_file, CopyError};
-use crate::engine::scan::list_folder;
+use crate::fsx::{self, Dir, FsError, Kind, Owner, Replace};
 use crate::maildir::folders::{self, Folder};
 use crate::maildir::keywords::{Keywords, KEYWORDS_FILE};
-use crate::maildir::uidlist::Uidlist;
-use crate::maildir::{Layout, MailLocation, MessageName, Subdir, UIDLIST};
-use crate::manifest::{FolderRecord, Manifest, MessageRecord, MANIFEST_NAME};
+use crate::maildir::uidlist::{self, UidlistError};
+use crate::maildir::{is_user_control_file, Layout, MailLocation, Maildir, MessageName, Subdir, MAILDIRFOLDER, UIDLIST};
+use crate::manifest::{check_folder_path, FolderRecord, Manifest, ManifestError, MessageRecord, MANIFEST_NAME};
 use crate::sysexits::{self, ExitCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error("{0} is not a maildir-backup backup or snapshot (no readable {MANIFEST_NAME}): {1}")]
     NotASnapshot(PathBuf, String),
+    #[error("the snapshot's manifest is not usable; nothing was restored: {0}")]
+    BadManifest(ManifestError),
     #[error("the snapshot does not match its manifest; nothing was restored:\n  {}", .0.join("\n  "))]
     Corrupt(Vec<String>),
     #[error("no folder {0:?} in the snapshot (it has: {1})")]
@@ -43,8 +47,10 @@ pub enum RestoreError {
     BadUid(String),
     #[error("target {0} exists but is not a Maildir (no cur/ directory); nothing was restored")]
     TargetNotMaildir(PathBuf),
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Uidlist(#[from] UidlistError),
     #[error(transparent)]
     Lock(#[from] LockError),
 }
@@ -53,17 +59,13 @@ impl ExitCode for RestoreError {
     fn exit_code(&self) -> i32 {
         match self {
             RestoreError::NotASnapshot(..) => sysexits::EX_NOINPUT,
-            RestoreError::Corrupt(_) => sysexits::EX_DATAERR,
+            RestoreError::BadManifest(_) | RestoreError::Corrupt(_) | RestoreError::TargetNotMaildir(_) => sysexits::EX_DATAERR,
             RestoreError::NoSuchFolder(..) | RestoreError::NoSuchUid(..) | RestoreError::NoSuchMessage(_) | RestoreError::BadUid(_) => sysexits::EX_USAGE,
-            RestoreError::TargetNotMaildir(_) => sysexits::EX_DATAERR,
-            RestoreError::Io { source, .. } => sysexits::for_io_error(source),
+            RestoreError::Fs(e) => e.exit_code(),
+            RestoreError::Uidlist(e) => e.exit_code(),
             RestoreError::Lock(e) => e.exit_code(),
         }
     }
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RestoreError + 'a {
-    move |source| RestoreError::Io { op, path: path.to_path_buf(), source }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -107,7 +109,7 @@ struct Selected<'m> {
     msg: &'m MessageRecord,
 }
 
-fn select<'m>(snapshot: &Path, manifest: &'m Manifest, req: &RestoreRequest) -> Result<Vec<Selected<'m>>, RestoreError> {
+fn select<'m>(snapshot: &Dir, manifest: &'m Manifest, req: &RestoreRequest) -> Result<Vec<Selected<'m>>, RestoreError> {
     let folder_by_name = |name: &str| -> Result<&'m FolderRecord, RestoreError> {
         manifest.folders.iter().find(|f| f.name == name || f.path == name).ok_or_else(|| {
             let have: Vec<&str> = manifest.folders.iter().map(|f| f.name.as_str()).collect();
@@ -137,8 +139,7 @@ fn select<'m>(snapshot: &Path, manifest: &'m Manifest, req: &RestoreRequest) -> 
         let (fname, uid) = spec.rsplit_once(':').ok_or_else(|| RestoreError::BadUid(spec.clone()))?;
         let uid: u32 = uid.parse().map_err(|_| RestoreError::BadUid(spec.clone()))?;
         let f = folder_by_name(fname)?;
-        let uidlist = Uidlist::read(&snapshot.join(&f.path).join(UIDLIST)).map_err(|_| RestoreError::NoSuchUid(fname.to_string(), uid))?;
-        let unique = uidlist.entries.iter().find(|e| e.uid == uid).map(|e| e.unique.split(':').next().unwrap_or(&e.unique).to_string());
+        let unique = uid_to_unique(snapshot, f, uid)?;
         let m = unique
             .and_then(|u| manifest.messages.iter().find(|m| m.folder == f.path && m.unique == u))
             .ok_or_else(|| RestoreError::NoSuchUid(fname.to_string(), uid))?;
@@ -147,79 +148,125 @@ fn select<'m>(snapshot: &Path, manifest: &'m Manifest, req: &RestoreRequest) -> 
     Ok(chosen.into_values().collect())
 }
 
-/// The target folder's path for a snapshot folder (layouts may differ).
-fn target_rel(f: &FolderRecord, from: Layout, to: Layout) -> PathBuf {
-    if f.path.is_empty() || from == to {
-        return PathBuf::from(&f.path);
+/// The unique name of the message with `uid` in a snapshot folder's uidlist.
+fn uid_to_unique(snapshot: &Dir, f: &FolderRecord, uid: u32) -> Result<Option<String>, RestoreError> {
+    let no_such = || RestoreError::NoSuchUid(f.name.clone(), uid);
+    let dir = snapshot.sub(&f.path).map_err(|_| no_such())?;
+    let Some(reader) = uidlist::Reader::open(&dir)? else { return Err(no_such()) };
+    for e in reader {
+        let e = e?;
+        if e.uid == uid {
+            return Ok(Some(e.unique));
+        }
     }
-    match to {
-        Layout::MaildirPlusPlus => PathBuf::from(format!(".{}", f.name.replace('/', "."))),
-        Layout::Fs => PathBuf::from(f.name.replace('.', "/")),
-    }
+    Ok(None)
 }
 
-fn has_mail(target: &MailLocation) -> Result<bool, RestoreError> {
-    let (found, _) = folders::discover(target).map_err(|e| RestoreError::Io { op: e.op, path: e.path, source: e.source })?;
+/// The target folder's path for a snapshot folder (layouts may differ).
+fn target_rel(f: &FolderRecord, from: Layout, to: Layout) -> Result<PathBuf, RestoreError> {
+    let rel = if f.path.is_empty() || from == to {
+        f.path.clone()
+    } else {
+        match to {
+            Layout::MaildirPlusPlus => format!(".{}", f.name.replace('/', ".")),
+            Layout::Fs => f.name.replace('.', "/"),
+        }
+    };
+    check_folder_path(&rel, to).map_err(|what| RestoreError::BadManifest(ManifestError::Bad { path: MANIFEST_NAME.into(), line: 0, what }))?;
+    Ok(PathBuf::from(rel))
+}
+
+/// True if any folder of the target holds a message.
+fn has_mail(md: &Maildir) -> Result<bool, RestoreError> {
+    let (found, _) = folders::discover(md)?;
     for f in found {
-        match list_folder(&f.mail_dir) {
-            Ok(l) if !l.entries.is_empty() => return Ok(true),
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(crate::engine::scan::ScanError::Io { source, .. }) => return Err(RestoreError::Io { op: "list", path: f.mail_dir.clone(), source }),
-            Err(e) => return Err(RestoreError::Io { op: "list", path: f.mail_dir.clone(), source: io::Error::other(e.to_string()) }),
+        let Some(dir) = md.root.sub_opt(&f.rel)? else { continue };
+        for sub in Subdir::ALL {
+            let Some(d) = dir.sub_opt(sub.as_str())? else { continue };
+            if d.list()?.iter().any(|e| e.kind == Kind::File && e.name.to_str().and_then(MessageName::parse).is_some()) {
+                return Ok(true);
+            }
         }
     }
     Ok(false)
 }
 
-/// Owner for everything we create: the target root's, else the snapshot's.
-fn owner_for(target_root: &Path, snapshot: &Path) -> Option<(u32, u32)> {
-    if !crate::engine::copy::running_as_root() {
-        return None;
+/// The owner for everything we create (only root gives files away): the target root's,
+/// else the owner recorded in the manifest, else the snapshot's (older backups were theirs).
+fn owner_for(target_root: Option<&Dir>, manifest: &Manifest, snapshot: &Dir) -> Result<Option<Owner>, RestoreError> {
+    if !fsx::running_as_root() {
+        return Ok(None);
     }
-    let md = fs::metadata(target_root).or_else(|_| fs::metadata(snapshot)).ok()?;
-    Some((md.uid(), md.gid()))
+    if let Some(t) = target_root {
+        return Ok(Some(t.stat()?.owner()));
+    }
+    Ok(Some(match manifest.header.owner {
+        Some(o) => o,
+        None => snapshot.stat()?.owner(),
+    }))
 }
 
-fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<(), RestoreError> {
-    if let Some((u, g)) = owner {
-        nix::unistd::chown(path, Some(u.into()), Some(g.into())).map_err(|e| io_err("chown", path)(e.into()))?;
-    }
-    Ok(())
+/// A target folder's directories, opened (created where missing).
+struct TargetFolder {
+    name: String,
+    cur: Dir,
+    new: Dir,
+    tmp: Dir,
+    control: std::sync::Arc<Dir>,
 }
 
-fn mkdirs(dir: &Path, owner: Option<(u32, u32)>) -> Result<bool, RestoreError> {
-    if dir.is_dir() {
-        return Ok(false);
+impl TargetFolder {
+    fn subdirs(&self) -> Result<Vec<Dir>, RestoreError> {
+        Ok(vec![self.cur.try_clone()?, self.new.try_clone()?])
     }
-    if let Some(parent) = dir.parent() {
-        mkdirs(parent, owner)?;
-    }
-    match fs::create_dir(dir) {
-        Ok(()) => {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err("chmod", dir))?;
-            chown(dir, owner)?;
-            Ok(true)
+
+    fn sub(&self, sub: Subdir) -> &Dir {
+        match sub {
+            Subdir::Cur => &self.cur,
+            Subdir::New => &self.new,
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(io_err("create directory", dir)(e)),
     }
 }
 
-/// Creates a folder's cur/ new/ tmp/ (and maildirfolder for Maildir++ subfolders).
-fn ensure_folder(target: &MailLocation, folder: &Folder, owner: Option<(u32, u32)>) -> Result<bool, RestoreError> {
-    let created = !folders::is_maildir(&folder.mail_dir);
-    for sub in ["cur", "new", "tmp"] {
-        mkdirs(&folder.mail_dir.join(sub), owner)?;
+/// Opens (creating what is missing) a target folder's cur/ new/ tmp/, its control dir and,
+/// for a new Maildir++ subfolder, its maildirfolder file. True if the folder was created.
+fn ensure_folder(target: &Targets, tf: &Folder, owner: Option<Owner>) -> Result<(TargetFolder, bool), RestoreError> {
+    let dir = target.root.ensure_dirs(&tf.rel, 0o700, owner)?;
+    let created = !folders::is_maildir(&dir)?;
+    let [cur, new, tmp] = ["cur", "new", "tmp"].map(|s| dir.ensure_dir(s, 0o700, owner).map(|(d, _)| d));
+    let control = target.control_root(owner)?.ensure_dirs(&tf.control_rel, 0o700, owner)?;
+    if created && target.layout == Layout::MaildirPlusPlus && !tf.is_inbox() {
+        match dir.create(MAILDIRFOLDER, 0o600) {
+            Ok(f) => {
+                if let Some(o) = owner {
+                    fsx::set_owner(&f, o).map_err(|e| FsError::Io { op: "chown", path: dir.show(MAILDIRFOLDER), source: e })?;
+                }
+            }
+            Err(e) if e.errno() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    mkdirs(&folder.control_dir, owner)?;
-    if created && target.layout == Layout::MaildirPlusPlus && !folder.is_inbox() {
-        let mf = folder.mail_dir.join("maildirfolder");
-        fs::write(&mf, b"").map_err(io_err("create", &mf))?;
-        chown(&mf, owner)?;
+    Ok((TargetFolder { name: tf.name.clone(), cur: cur?, new: new?, tmp: tmp?, control: std::sync::Arc::new(control) }, created))
+}
+
+/// The target's roots: the Maildir root and, with CONTROL=, the control root (created on
+/// first need).
+struct Targets {
+    loc: MailLocation,
+    root: Dir,
+    layout: Layout,
+    control: std::cell::OnceCell<Dir>,
+}
+
+impl Targets {
+    fn control_root(&self, owner: Option<Owner>) -> Result<&Dir, RestoreError> {
+        let Some(path) = &self.loc.control else { return Ok(&self.root) };
+        if let Some(d) = self.control.get() {
+            return Ok(d);
+        }
+        let (d, _) = Dir::open_or_create(path, 0o700, owner)?;
+        Ok(self.control.get_or_init(|| d))
     }
-    Ok(created)
 }
 
 /// A unique name Dovecot has never seen, keeping the `,S=`/`,W=` sizes of the original.
@@ -240,76 +287,76 @@ fn fresh_unique(original: &str) -> String {
 
 /// Files we put into a target's tmp/: removed again if the restore stops before moving them
 /// into place, so a failed restore leaves nothing behind in a live Maildir.
-#[derive(Default)]
-struct TmpFiles(Vec<PathBuf>);
-
-impl TmpFiles {
-    fn add(&mut self, p: PathBuf) -> PathBuf {
-        self.0.push(p.clone());
-        p
-    }
+struct TmpFiles<'a> {
+    tmp: &'a Dir,
+    names: Vec<String>,
 }
 
-impl Drop for TmpFiles {
+impl Drop for TmpFiles<'_> {
     fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = fs::remove_file(p); // already renamed into place: nothing there
+        for n in &self.names {
+            let _ = self.tmp.unlink(n); // already renamed into place: nothing there
         }
     }
 }
 
-/// Copies `src` into the folder's tmp/ as `name`, with `owner`.
-fn deliver_to_tmp(src: &Path, folder: &Folder, name: &str, owner: Option<(u32, u32)>) -> Result<PathBuf, RestoreError> {
-    let tmp = folder.mail_dir.join("tmp").join(name);
-    match copy_file(src, &tmp, false) {
-        Ok(_) => {}
-        Err(CopyError::SourceVanished) => return Err(io_err("read", src)(io::Error::from(io::ErrorKind::NotFound))),
-        Err(CopyError::Source(e)) => return Err(io_err("read", src)(e)),
-        Err(CopyError::Dest(e)) => return Err(io_err("write", &tmp)(e)),
-    }
-    chown(&tmp, owner)?;
-    Ok(tmp)
+/// Copies the snapshot file `m` into the folder's tmp/ under a new random name, owned by
+/// `owner` (set on the descriptor: whatever the user does to tmp/ meanwhile, we never chown
+/// anything else).
+fn deliver_to_tmp(snapshot: &Dir, m: &MessageRecord, tmp: &mut TmpFiles, owner: Option<Owner>) -> Result<String, RestoreError> {
+    let mut src = snapshot.open_read(m.rel_path())?;
+    let (name, out) = tmp.tmp.create_temp(&format!("{}.restore", fresh_unique(&m.unique)), 0o600)?;
+    tmp.names.push(name.clone());
+    fsx::copy_file(&mut src, &out, owner).map_err(|fail| match fail {
+        fsx::CopyFail::Source(e) => FsError::Io { op: "read", path: src.path.clone(), source: e },
+        fsx::CopyFail::Dest(e) => FsError::Io { op: "write", path: tmp.tmp.show(&name), source: e },
+    })?;
+    Ok(name)
 }
 
 /// Restores from `snapshot` into `target` as the request says.
 pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> Result<RestoreReport, RestoreError> {
-    let manifest = Manifest::read(&snapshot.join(MANIFEST_NAME)).map_err(|e| RestoreError::NotASnapshot(snapshot.to_path_buf(), e.to_string()))?;
-    let selected = select(snapshot, &manifest, req)?;
-
-    // Check every selected file before touching the target.
-    let mut bad = Vec::new();
+    let snap = Dir::open(snapshot).map_err(|e| RestoreError::NotASnapshot(snapshot.to_path_buf(), e.to_string()))?;
+    let manifest = match Manifest::read(&snap) {
+        Ok(m) => m,
+        Err(ManifestError::Fs(e)) => return Err(RestoreError::NotASnapshot(snapshot.to_path_buf(), e.to_string())),
+        Err(e) => return Err(RestoreError::BadManifest(e)),
+    };
+    let selected = select(&snap, &manifest, req)?;
+    // Where each folder goes, checked (with every selected file) before the target is touched.
+    let mut by_folder: BTreeMap<&str, (&FolderRecord, PathBuf, Vec<&MessageRecord>)> = BTreeMap::new();
     for s in &selected {
-        let path = snapshot.join(&s.msg.folder).join(s.msg.dir.as_str()).join(&s.msg.name);
-        match hash_file(&path) {
-            Ok((size, sum)) if size == s.msg.size && sum == s.msg.blake3 => {}
-            Ok(_) => bad.push(format!("{}: content differs from the manifest", path.display())),
-            Err(e) => bad.push(format!("{}: {e}", path.display())),
+        if !by_folder.contains_key(s.folder.path.as_str()) {
+            let rel = target_rel(s.folder, manifest.header.layout, target.layout)?;
+            by_folder.insert(s.folder.path.as_str(), (s.folder, rel, Vec::new()));
         }
+        by_folder.get_mut(s.folder.path.as_str()).expect("inserted above").2.push(s.msg);
     }
-    if !bad.is_empty() {
-        return Err(RestoreError::Corrupt(bad));
-    }
+    check_selected(&snap, &selected)?;
 
-    let exists = fs::symlink_metadata(&target.root).is_ok();
-    if exists && !folders::is_maildir(&target.root) {
-        let empty = fs::read_dir(&target.root).map(|mut d| d.next().is_none()).unwrap_or(false);
-        if !empty {
-            return Err(RestoreError::TargetNotMaildir(target.root.clone()));
-        }
-    }
-    let full = !exists || !folders::is_maildir(&target.root) || !has_mail(target)?;
+    let existing = match Dir::open_opt(&target.root)? {
+        Some(d) if folders::is_maildir(&d)? => Some(d),
+        Some(d) if d.list()?.is_empty() => Some(d),
+        Some(_) => return Err(RestoreError::TargetNotMaildir(target.root.clone())),
+        None => None,
+    };
+    let owner = owner_for(existing.as_ref(), &manifest, &snap)?;
+    let target_md = match &existing {
+        Some(d) if folders::is_maildir(d)? => Some(Maildir::open(target)?),
+        _ => None,
+    };
+    let full = match &target_md {
+        Some(md) => !has_mail(md)?,
+        None => true,
+    };
     let mut report = RestoreReport { mode: if full { "full" } else { "merge" }.to_string(), ..Default::default() };
-    let owner = owner_for(&target.root, snapshot);
 
-    // Group by folder, in snapshot order.
-    let mut by_folder: BTreeMap<&str, (&FolderRecord, Vec<&MessageRecord>)> = BTreeMap::new();
-    for s in &selected {
-        by_folder.entry(s.folder.path.as_str()).or_insert((s.folder, Vec::new())).1.push(s.msg);
-    }
     if req.dry_run {
-        for (f, msgs) in by_folder.values() {
-            let tf = Folder::at(target, target_rel(f, manifest.header.layout, target.layout));
-            let present = Present::of(&tf);
+        for (f, rel, msgs) in by_folder.values() {
+            let present = match &target_md {
+                Some(md) => Present::of(md.root.sub_opt(rel)?.as_ref())?,
+                None => Present::default(),
+            };
             for m in msgs {
                 if present.has(m) {
                     report.skip(&f.name, &m.unique);
@@ -321,21 +368,24 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
         return Ok(report);
     }
 
-    if !exists {
-        mkdirs(&target.root, owner)?;
-    }
-    for (f, msgs) in by_folder.values() {
-        let tf = Folder::at(target, target_rel(f, manifest.header.layout, target.layout));
-        if ensure_folder(target, &tf, owner)? {
+    let root = match existing {
+        Some(d) => d,
+        None => Dir::open_or_create(&target.root, 0o700, owner)?.0,
+    };
+    let targets = Targets { loc: target.clone(), root, layout: target.layout, control: std::cell::OnceCell::new() };
+    for (f, rel, msgs) in by_folder.values() {
+        let tf = Folder::at(target, rel.clone());
+        let (dirs, created) = ensure_folder(&targets, &tf, owner)?;
+        if created {
             report.folders_created += 1;
         }
-        let snap_dir = snapshot.join(&f.path);
+        let snap_dir = snap.sub(&f.path)?;
         // The snapshot's UIDs are kept only where the target never gave out UIDs under another
         // UIDVALIDITY: putting an older one back could hand out UIDs clients already saw.
-        let snap_v = Uidlist::read(&snap_dir.join(UIDLIST)).ok().and_then(|u| u.uid_validity);
-        let keeps_uids = match Uidlist::read(&tf.control_dir.join(UIDLIST)) {
-            Ok(old) => old.uid_validity == snap_v,
-            Err(crate::maildir::uidlist::UidlistError::Io { source, .. }) => source.kind() == io::ErrorKind::NotFound,
+        let snap_v = uidlist::Reader::open(&snap_dir)?.and_then(|u| u.header.uid_validity);
+        let keeps_uids = match uidlist::Reader::open(&dirs.control) {
+            Ok(Some(old)) => old.header.uid_validity == snap_v,
+            Ok(None) => true,
             Err(_) => false,
         };
         if full && !keeps_uids {
@@ -345,158 +395,182 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
             ));
         }
         if full && keeps_uids {
-            restore_folder_full(&snap_dir, &tf, f, msgs, owner, req, &mut report)?;
+            restore_folder_full(&snap, &snap_dir, &dirs, msgs, owner, req, &mut report)?;
         } else {
-            restore_folder_merge(&snap_dir, &tf, f, msgs, owner, req, &mut report)?;
+            restore_folder_merge(&snap, &snap_dir, &dirs, msgs, owner, req, &mut report)?;
         }
     }
     if full {
-        // Per-user files, only where the target has none.
-        for e in fs::read_dir(snapshot).map_err(io_err("read directory", snapshot))?.flatten() {
-            let name = e.file_name();
-            let n = name.to_string_lossy();
-            if n == "subscriptions" || n.starts_with("dovecot-uidvalidity") {
-                let dst = target.control_root().join(&name);
-                mkdirs(target.control_root(), owner)?;
-                if !dst.exists() {
-                    if let Ok(_) | Err(CopyError::SourceVanished) = copy_file(&e.path(), &dst, false) {}
-                    chown(&dst, owner)?;
-                }
-            }
-        }
+        restore_user_files(&snap, targets.control_root(owner)?, owner)?;
     }
     Ok(report)
+}
+
+/// Every selected file must be a regular file of the size and checksum the manifest says.
+fn check_selected(snap: &Dir, selected: &[Selected]) -> Result<(), RestoreError> {
+    let mut bad = Vec::new();
+    for s in selected {
+        let rel = s.msg.rel_path();
+        match snap.open_read(&rel).map_err(|e| e.to_string()).and_then(|mut f| fsx::hash_file(&mut f).map_err(|e| e.to_string())) {
+            Ok((size, sum)) if size == s.msg.size && sum == s.msg.blake3 => {}
+            Ok(_) => bad.push(format!("{}: content differs from the manifest", snap.show(&rel).display())),
+            Err(e) => bad.push(e),
+        }
+    }
+    if bad.is_empty() { Ok(()) } else { Err(RestoreError::Corrupt(bad)) }
+}
+
+/// Per-user files (subscriptions, dovecot-uidvalidity), only where the target has none.
+fn restore_user_files(snap: &Dir, control_root: &Dir, owner: Option<Owner>) -> Result<(), RestoreError> {
+    for e in snap.list()? {
+        let Some(name) = e.name.to_str().filter(|n| is_user_control_file(n)) else { continue };
+        let mut src = match snap.open_read(name) {
+            Ok(f) if f.meta.size() <= crate::maildir::CONTROL_FILE_LIMIT => f,
+            _ => continue, // not a regular file, or too big: nothing Dovecot wrote
+        };
+        let out = match control_root.create(name, 0o600) {
+            Ok(f) => f,
+            Err(e) if e.errno() == Some(libc::EEXIST) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if fsx::copy_file(&mut src, &out, owner).is_err() {
+            let _ = control_root.unlink(name);
+        }
+    }
+    Ok(())
 }
 
 /// What a target folder already holds: its unique names, and its files by size, so that a
 /// message an earlier restore delivered under a fresh name (see `fresh_unique`) is recognised
 /// by its content and not delivered a second time.
+#[derive(Default)]
 struct Present {
     uniques: HashSet<String>,
-    by_size: HashMap<u64, Vec<PathBuf>>,
+    /// size -> (directory, name) of files of that size
+    by_size: HashMap<u64, Vec<(usize, String)>>,
+    dirs: Vec<Dir>,
 }
 
 impl Present {
-    fn of(folder: &Folder) -> Present {
-        let mut p = Present { uniques: HashSet::new(), by_size: HashMap::new() };
-        if let Ok(l) = list_folder(&folder.mail_dir) {
-            for e in l.entries.values() {
-                if let Some(n) = MessageName::parse(&e.name) {
-                    p.uniques.insert(n.unique().to_string());
-                }
-                let path = folder.mail_dir.join(e.sub.as_str()).join(&e.name);
-                if let Ok(md) = fs::metadata(&path) {
-                    p.by_size.entry(md.len()).or_default().push(path);
+    /// What the folder `folder` (None: not there) holds.
+    fn of(folder: Option<&Dir>) -> Result<Present, RestoreError> {
+        let Some(folder) = folder else { return Ok(Present::default()) };
+        let subs: Vec<Dir> = Subdir::ALL.iter().filter_map(|s| folder.sub_opt(s.as_str()).transpose()).collect::<Result<_, _>>()?;
+        Present::of_subdirs(subs)
+    }
+
+    /// What the opened cur/ and new/ of a folder hold.
+    fn of_subdirs(dirs: Vec<Dir>) -> Result<Present, RestoreError> {
+        let mut p = Present { dirs, ..Default::default() };
+        for (i, d) in p.dirs.iter().enumerate() {
+            for e in d.list()? {
+                let Some(name) = e.name.to_str() else { continue };
+                let Some(n) = MessageName::parse(name).filter(|_| e.kind == Kind::File) else { continue };
+                p.uniques.insert(n.unique().to_string());
+                if let Ok(Some(md)) = d.lstat(name) {
+                    p.by_size.entry(md.size()).or_default().push((i, name.to_string()));
                 }
             }
         }
-        p
+        Ok(p)
     }
 
     fn has(&self, m: &MessageRecord) -> bool {
         self.uniques.contains(&m.unique)
-            || self.by_size.get(&m.size).is_some_and(|paths| paths.iter().any(|p| matches!(hash_file(p), Ok((_, sum)) if sum == m.blake3)))
+            || self.by_size.get(&m.size).is_some_and(|files| {
+                files.iter().any(|(d, name)| {
+                    self.dirs[*d].open_read(name).ok().and_then(|mut f| fsx::hash_file(&mut f).ok()).is_some_and(|(_, sum)| sum == m.blake3)
+                })
+            })
     }
-}
-
-fn lock_folder(folder: &Folder, set: &LockSettings) -> Result<DotLock, RestoreError> {
-    Ok(DotLock::acquire(&folder.control_dir.join(UIDLIST), set)?)
 }
 
 /// Full restore of one folder: same names, same uidlist and keywords, under the lock.
 fn restore_folder_full(
-    snap_dir: &Path,
-    tf: &Folder,
-    f: &FolderRecord,
+    snap: &Dir,
+    snap_dir: &Dir,
+    tf: &TargetFolder,
     msgs: &[&MessageRecord],
-    owner: Option<(u32, u32)>,
+    owner: Option<Owner>,
     req: &RestoreRequest,
     report: &mut RestoreReport,
 ) -> Result<(), RestoreError> {
+    let mut tmp = TmpFiles { tmp: &tf.tmp, names: Vec::new() };
     let mut staged = Vec::new();
-    let mut tmp = TmpFiles::default();
     for m in msgs {
-        let name = format!("{}.restore", fresh_unique(&m.unique));
-        let t = tmp.add(deliver_to_tmp(&snap_dir.join(m.dir.as_str()).join(&m.name), tf, &name, owner)?);
-        staged.push((t, tf.mail_dir.join(m.dir.as_str()).join(&m.name), m));
+        staged.push((deliver_to_tmp(snap, m, &mut tmp, owner)?, *m));
     }
-    let lock = lock_folder(tf, &req.lock)?;
-    for (tmp, dst, m) in staged {
-        if dst.exists() {
-            let _ = fs::remove_file(&tmp);
-            report.skip(&f.name, &m.unique);
-            continue;
+    let lock = DotLock::acquire_in(&tf.control, UIDLIST, &req.lock)?;
+    for (name, m) in staged {
+        match tf.tmp.rename(&name, tf.sub(m.dir), &m.name, Replace::Never) {
+            Ok(()) => report.restore(&tf.name, &m.name),
+            Err(e) if e.errno() == Some(libc::EEXIST) => {
+                tf.tmp.unlink(&name)?;
+                report.skip(&tf.name, &m.unique);
+            }
+            Err(e) => return Err(e.into()),
         }
-        fs::rename(&tmp, &dst).map_err(io_err("rename into place", &dst))?;
-        report.restore(&f.name, &m.name);
     }
-    let src_uidlist = snap_dir.join(UIDLIST);
-    if src_uidlist.exists() {
-        let mut text = fs::read_to_string(&src_uidlist).map_err(io_err("read", &src_uidlist))?;
-        let dst = tf.control_dir.join(UIDLIST);
+    if let Some(src) = uidlist::Reader::open(snap_dir)? {
         // Never move the UID counter backwards within the same UIDVALIDITY.
-        if let (Ok(old), Ok(new)) = (Uidlist::read(&dst), Uidlist::parse(&text, "snapshot")) {
-            if old.uid_validity == new.uid_validity && old.next_uid > new.next_uid {
-                let header: Vec<String> = new
-                    .header
-                    .split(' ')
-                    .map(|p| if p.starts_with('N') { format!("N{}", old.next_uid.unwrap_or(0)) } else { p.to_string() })
-                    .collect();
-                text = text.replacen(&new.header, &header.join(" "), 1);
+        let mut header = src.header.line.clone();
+        if let Ok(Some(old)) = uidlist::Reader::open(&tf.control) {
+            if old.header.uid_validity == src.header.uid_validity && old.header.next_uid > src.header.next_uid {
+                header = src.header.with_next_uid(old.header.next_uid.unwrap_or(0));
             }
         }
-        write_replacing(&dst, text.as_bytes(), owner)?;
+        let mode = snap_dir.lstat(UIDLIST)?.map_or(0o600, |m| m.mode());
+        let mut rest = src.into_rest();
+        tf.control.replace_file(UIDLIST, mode, owner, |f| {
+            f.write_all(header.as_bytes())?;
+            f.write_all(b"\n")?;
+            io::copy(&mut rest, f).map(|_| ())
+        })?;
     }
-    let src_kw = snap_dir.join(KEYWORDS_FILE);
-    if src_kw.exists() {
-        let bytes = fs::read(&src_kw).map_err(io_err("read", &src_kw))?;
-        write_replacing(&tf.control_dir.join(KEYWORDS_FILE), &bytes, owner)?;
+    if let Some(bytes) = snap_dir.read_small(KEYWORDS_FILE, crate::maildir::CONTROL_FILE_LIMIT, "a dovecot-keywords")? {
+        let mode = snap_dir.lstat(KEYWORDS_FILE)?.map_or(0o600, |m| m.mode());
+        tf.control.replace_file(KEYWORDS_FILE, mode, owner, |f| f.write_all(&bytes))?;
     }
     lock.release()?;
     Ok(())
 }
 
-fn write_replacing(dst: &Path, bytes: &[u8], owner: Option<(u32, u32)>) -> Result<(), RestoreError> {
-    let tmp = dst.with_extension(format!("maildir-backup-restore.{}", std::process::id()));
-    fs::write(&tmp, bytes).map_err(io_err("write", &tmp))?;
-    chown(&tmp, owner)?;
-    fs::rename(&tmp, dst).map_err(io_err("rename into place", dst))
-}
-
 /// Merge into a live folder: skip what is there, deliver the rest with new UIDs to come.
 fn restore_folder_merge(
-    snap_dir: &Path,
-    tf: &Folder,
-    f: &FolderRecord,
+    snap: &Dir,
+    snap_dir: &Dir,
+    tf: &TargetFolder,
     msgs: &[&MessageRecord],
-    owner: Option<(u32, u32)>,
+    owner: Option<Owner>,
     req: &RestoreRequest,
     report: &mut RestoreReport,
 ) -> Result<(), RestoreError> {
-    let snap_kw = Keywords::read(&snap_dir.join(KEYWORDS_FILE)).map_err(io_err("read", &snap_dir.join(KEYWORDS_FILE)))?;
-    let already = Present::of(tf);
+    let snap_kw = Keywords::read(snap_dir)?;
+    let already = Present::of_subdirs(tf.subdirs()?)?;
+    let mut tmp = TmpFiles { tmp: &tf.tmp, names: Vec::new() };
     let mut staged = Vec::new();
-    let mut tmp = TmpFiles::default();
     for m in msgs {
         if already.has(m) {
-            report.skip(&f.name, &m.unique);
+            report.skip(&tf.name, &m.unique);
             continue;
         }
-        let tmp_name = format!("{}.restore", fresh_unique(&m.unique));
-        staged.push((tmp.add(deliver_to_tmp(&snap_dir.join(m.dir.as_str()).join(&m.name), tf, &tmp_name, owner)?), *m));
+        staged.push((deliver_to_tmp(snap, m, &mut tmp, owner)?, *m));
     }
-    let lock = lock_folder(tf, &req.lock)?;
-    let kw_path = tf.control_dir.join(KEYWORDS_FILE);
-    let mut target_kw = Keywords::read(&kw_path).map_err(io_err("read", &kw_path))?;
+    let lock = DotLock::acquire_in(&tf.control, UIDLIST, &req.lock)?;
+    let kw_old = tf.control.lstat(KEYWORDS_FILE)?;
+    let mut target_kw = Keywords::read(&tf.control)?;
     let kw_before = target_kw.clone();
-    let present = Present::of(tf);
-    let known: HashSet<String> = Uidlist::read(&tf.control_dir.join(UIDLIST))
-        .map(|u| u.entries.into_iter().map(|e| e.unique.split(':').next().unwrap_or(&e.unique).to_string()).collect())
-        .unwrap_or_default();
-    for (tmp, m) in staged {
+    let present = Present::of_subdirs(tf.subdirs()?)?;
+    let mut known = HashSet::new();
+    if let Some(u) = uidlist::Reader::open(&tf.control)? {
+        for e in u {
+            known.insert(e?.unique);
+        }
+    }
+    for (tmp_name, m) in staged {
         if present.has(m) {
-            let _ = fs::remove_file(&tmp);
-            report.skip(&f.name, &m.unique);
+            tf.tmp.unlink(&tmp_name)?;
+            report.skip(&tf.name, &m.unique);
             continue;
         }
         let mut flags: Vec<char> = Vec::new();
@@ -504,7 +578,7 @@ fn restore_folder_merge(
             if c.is_ascii_lowercase() {
                 match snap_kw.name_of(c).and_then(|name| target_kw.letter_for(name)) {
                     Some(l) => flags.push(l),
-                    None => report.warnings.push(format!("{}/{}: keyword letter {c} dropped (unknown or no free letter)", f.name, m.unique)),
+                    None => report.warnings.push(format!("{}/{}: keyword letter {c} dropped (unknown or no free letter)", tf.name, m.unique)),
                 }
             } else {
                 flags.push(c);
@@ -515,27 +589,18 @@ fn restore_folder_merge(
         // A unique name the target's uidlist still remembers would get its old UID back.
         let unique = if known.contains(&m.unique) { fresh_unique(&m.unique) } else { m.unique.clone() };
         let name = crate::maildir::filename::with_flags(&unique, &flags.into_iter().collect::<String>());
-        let dst = tf.mail_dir.join(Subdir::Cur.as_str()).join(&name);
-        fs::rename(&tmp, &dst).map_err(io_err("rename into place", &dst))?;
-        report.restore(&f.name, &name);
+        tf.tmp.rename(&tmp_name, &tf.cur, &name, Replace::Never)?;
+        report.restore(&tf.name, &name);
     }
     if target_kw != kw_before {
-        let old = fs::metadata(&kw_path).ok();
-        let mode = old.as_ref().map(|m| m.mode() & 0o7777).unwrap_or(0o600);
-        target_kw.write(&kw_path, mode).map_err(io_err("write", &kw_path))?;
-        chown(&kw_path, owner)?;
         // Dovecot re-reads dovecot-keywords only when its mtime, in whole seconds, differs from
         // what it last read (and makes it grow on each of its own rewrites): a rewrite within
         // the same second would go unnoticed, and a running session would write "unknown-N"
         // back over our new letters.
-        if let Some(old) = old {
-            let new_mtime = fs::metadata(&kw_path).map_err(io_err("stat", &kw_path))?.mtime();
-            if new_mtime <= old.mtime() {
-                let t = nix::sys::time::TimeSpec::new(old.mtime() + 1, 0);
-                nix::sys::stat::utimensat(None, &kw_path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
-                    .map_err(|e| io_err("set mtime of", &kw_path)(e.into()))?;
-            }
-        }
+        let mode = kw_old.filter(|m| m.is_file()).map_or(0o600, |m| m.mode());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let mtime = kw_old.map_or(now, |m| now.max(m.mtime() + 1));
+        target_kw.write(&tf.control, mode, owner, mtime)?;
     }
     lock.release()?;
     Ok(())

@@ -1,15 +1,16 @@
 //! Writing a backup where nobody can see it until it is whole: a staging directory beside
-//! the destination, guarded by our own dot-lock, published with one `rename()`.
-//! A run that dies leaves `.<name>.maildir-backup-staging`; the next run for the same
-//! destination removes it.
+//! the destination (mode 0700, guarded by our own dot-lock), published with one `rename()`
+//! that never replaces anything. A run that dies leaves `.<name>.maildir-backup-staging`; the
+//! next run for the same destination removes it.
 
-use std::fs;
-use std::io;
-use std::os::fd::AsRawFd;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::dotlock::{DotLock, LockError, LockSettings};
+use crate::dotlock::{DotLock, LockError, LockFile, LockSettings};
+use crate::fsx::{Dir, FsError};
+use crate::sysexits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StagingError {
@@ -19,108 +20,100 @@ pub enum StagingError {
     BadDest(PathBuf),
     #[error("another backup into {dest} is running ({lock})")]
     Busy { dest: PathBuf, lock: String },
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error(transparent)]
     Lock(#[from] LockError),
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StagingError + 'a {
-    move |source| StagingError::Io { op, path: path.to_path_buf(), source }
+impl StagingError {
+    pub fn exit_code(&self) -> i32 {
+        use crate::sysexits::ExitCode;
+        match self {
+            StagingError::DestExists(_) => sysexits::EX_CANTCREAT,
+            StagingError::Busy { .. } => sysexits::EX_TEMPFAIL,
+            StagingError::BadDest(_) => sysexits::EX_USAGE,
+            StagingError::Fs(e) => e.exit_code(),
+            StagingError::Lock(e) => e.exit_code(),
+        }
+    }
 }
 
 /// How long a new run waits for the guard of an earlier run on the same destination.
 const GUARD_WAIT: Duration = Duration::from_secs(3);
+pub const STAGING_SUFFIX: &str = ".maildir-backup-staging";
 
 pub struct Staging {
-    dest: PathBuf,
-    dir: PathBuf,
+    parent: Arc<Dir>,
+    dest: OsString,
+    name: OsString,
+    dir: Dir,
     _guard: DotLock,
     published: bool,
 }
 
-/// `.<name>.maildir-backup-staging` beside `dest`.
-pub fn staging_dir_for(dest: &Path) -> Result<PathBuf, StagingError> {
-    let name = dest.file_name().ok_or_else(|| StagingError::BadDest(dest.to_path_buf()))?;
+/// `dest`'s parent, opened, and `dest`'s name in it.
+pub fn split_dest(dest: &Path) -> Result<(Dir, OsString), StagingError> {
+    let name = dest.file_name().filter(|n| *n != "..").ok_or_else(|| StagingError::BadDest(dest.to_path_buf()))?;
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    Ok(parent.join(format!(".{}.maildir-backup-staging", name.to_string_lossy())))
+    Ok((Dir::open(parent)?, name.to_os_string()))
+}
+
+/// `.<name>.maildir-backup-staging`
+pub fn staging_name_for(dest: &OsStr) -> OsString {
+    let mut s = OsString::from(".");
+    s.push(dest);
+    s.push(STAGING_SUFFIX);
+    s
 }
 
 impl Staging {
-    /// Claims `dest`: it must not exist; its parent must. Removes a staging dir left by a
-    /// dead run.
-    pub fn prepare(dest: &Path) -> Result<Staging, StagingError> {
-        if fs::symlink_metadata(dest).is_ok() {
-            return Err(StagingError::DestExists(dest.to_path_buf()));
+    /// Claims `dest` in `parent`: it must not exist. Removes a staging dir left by a dead run.
+    pub fn prepare(parent: &Dir, dest: &OsStr) -> Result<Staging, StagingError> {
+        let shown = parent.show(dest);
+        crate::fsx::check_name(dest).map_err(|_| StagingError::BadDest(shown.clone()))?;
+        if parent.lstat(Path::new(dest))?.is_some() {
+            return Err(StagingError::DestExists(shown));
         }
-        let dir = staging_dir_for(dest)?;
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        let md = fs::metadata(parent).map_err(io_err("stat destination's parent", parent))?;
-        if !md.is_dir() {
-            return Err(StagingError::Io {
-                op: "use destination's parent",
-                path: parent.to_path_buf(),
-                source: io::Error::from_raw_os_error(libc::ENOTDIR),
-            });
-        }
+        let name = staging_name_for(dest);
+        let name_str = name.to_str().ok_or_else(|| StagingError::BadDest(shown.clone()))?.to_string();
+        let parent = Arc::new(parent.try_clone()?);
         // Only one run per destination. A dead run's guard names a dead pid and is broken,
         // once it is older than the 2 s in which pids are not judged: wait that long.
         let set = LockSettings { timeout: GUARD_WAIT, stale_timeout: Duration::ZERO, ..LockSettings::default() };
-        let guard = match DotLock::acquire(&dir, &set).map(Some).or_else(|e| match e {
-            LockError::Timeout { .. } => Ok(None),
-            e => Err(e),
-        })? {
-            Some(g) => g,
-            None => {
-                let lock = crate::dotlock::lock_path_for(&dir);
-                return Err(StagingError::Busy { dest: dest.to_path_buf(), lock: format!("{} held by {}", lock.display(), crate::dotlock::describe_holder(&lock)) });
+        let guard = match DotLock::acquire_in(&parent, &name_str, &set) {
+            Ok(g) => g,
+            Err(LockError::Timeout { .. }) => {
+                let lock = LockFile { dir: parent.clone(), name: format!("{name_str}.lock") };
+                let lock = format!("{} held by {}", lock.path().display(), crate::dotlock::describe_holder(&lock));
+                return Err(StagingError::Busy { dest: shown, lock });
             }
+            Err(e) => return Err(e.into()),
         };
-        match fs::symlink_metadata(&dir) {
-            Ok(_) => fs::remove_dir_all(&dir).map_err(io_err("remove leftover staging dir", &dir))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("stat", &dir)(e)),
-        }
-        fs::create_dir(&dir).map_err(io_err("create staging dir", &dir))?;
-        Ok(Staging { dest: dest.to_path_buf(), dir, _guard: guard, published: false })
+        parent.remove_tree(&name)?;
+        // 0700: nobody but us sees (or changes) a backup in progress.
+        parent.mkdir(&name, 0o700)?;
+        let dir = parent.sub(&name)?;
+        Ok(Staging { parent, dest: dest.to_os_string(), name, dir, _guard: guard, published: false })
     }
 
-    pub fn path(&self) -> &Path {
+    pub fn dir(&self) -> &Dir {
         &self.dir
-    }
-
-    pub fn dest(&self) -> &Path {
-        &self.dest
     }
 
     /// Flushes everything written to disk, then makes the backup visible with one rename
     /// that never replaces an existing destination.
     pub fn publish(mut self) -> Result<(), StagingError> {
-        let d = fs::File::open(&self.dir).map_err(io_err("open", &self.dir))?;
         // One syncfs instead of an fsync per message: the publish is durable, the copy fast.
-        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-            return Err(io_err("syncfs", &self.dir)(io::Error::last_os_error()));
-        }
-        drop(d);
-        match nix::fcntl::renameat2(None, &self.dir, None, &self.dest, nix::fcntl::RenameFlags::RENAME_NOREPLACE) {
+        self.dir.syncfs()?;
+        match self.parent.rename_dir_noreplace(&self.name, &self.dest) {
             Ok(()) => {}
-            Err(nix::errno::Errno::EEXIST) | Err(nix::errno::Errno::ENOTEMPTY) => {
-                return Err(StagingError::DestExists(self.dest.clone()))
+            Err(e) if matches!(e.errno(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) => {
+                return Err(StagingError::DestExists(self.parent.show(&self.dest)))
             }
-            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOSYS) => {
-                // Filesystems without RENAME_NOREPLACE (e.g. NFS): check, then rename.
-                if fs::symlink_metadata(&self.dest).is_ok() {
-                    return Err(StagingError::DestExists(self.dest.clone()));
-                }
-                fs::rename(&self.dir, &self.dest).map_err(io_err("rename staging dir to", &self.dest))?;
-            }
-            Err(e) => return Err(io_err("rename staging dir to", &self.dest)(e.into())),
+            Err(e) => return Err(e.into()),
         }
-        if let Some(parent) = self.dest.parent() {
-            if let Ok(p) = fs::File::open(if parent.as_os_str().is_empty() { Path::new(".") } else { parent }) {
-                let _ = p.sync_all();
-            }
-        }
+        let _ = self.parent.sync();
         self.published = true;
         Ok(())
     }
@@ -129,7 +122,7 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.published {
-            let _ = fs::remove_dir_all(&self.dir);
+            let _ = self.parent.remove_tree(&self.name);
         }
     }
 }

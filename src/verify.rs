@@ -2,15 +2,14 @@
 //! every `dovecot-uidlist` line against the files, and finds files the manifest lacks.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::engine::copy::hash_file;
-use crate::maildir::uidlist::Uidlist;
+use crate::fsx::{self, Dir, FsError};
+use crate::maildir::uidlist::{Reader, UidlistError};
 use crate::maildir::{MessageName, Subdir, UIDLIST};
-use crate::manifest::{Manifest, MANIFEST_NAME};
+use crate::manifest::{FolderRecord, Manifest};
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct VerifyReport {
@@ -31,15 +30,19 @@ impl VerifyReport {
 pub enum VerifyError {
     #[error("{0} does not exist or is not a directory")]
     NoBackup(PathBuf),
+    #[error(transparent)]
+    Fs(#[from] FsError),
 }
 
-/// Verifies the backup (or snapshot) at `dir` with `jobs` threads.
-pub fn verify(dir: &Path, jobs: usize) -> Result<VerifyReport, VerifyError> {
-    if !fs::metadata(dir).map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(VerifyError::NoBackup(dir.to_path_buf()));
-    }
-    let mut report = VerifyReport { backup: dir.to_path_buf(), ..Default::default() };
-    let manifest = match Manifest::read(&dir.join(MANIFEST_NAME)) {
+/// Verifies the backup (or snapshot) at `path` with `jobs` threads.
+pub fn verify(path: &Path, jobs: usize) -> Result<VerifyReport, VerifyError> {
+    let dir = match Dir::open(path) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() || e.errno() == Some(libc::ENOTDIR) => return Err(VerifyError::NoBackup(path.to_path_buf())),
+        Err(e) => return Err(e.into()),
+    };
+    let mut report = VerifyReport { backup: path.to_path_buf(), ..Default::default() };
+    let manifest = match Manifest::read(&dir) {
         Ok(m) => m,
         Err(e) => {
             report.problems.push(format!("no usable manifest: {e}"));
@@ -48,7 +51,7 @@ pub fn verify(dir: &Path, jobs: usize) -> Result<VerifyReport, VerifyError> {
     };
     report.folders = manifest.folders.len() as u64;
     report.messages = manifest.messages.len() as u64;
-    report.bytes = manifest.messages.iter().map(|m| m.size).sum();
+    report.bytes = manifest.header.bytes;
 
     let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs.max(1)).build().ok();
     let check_all = || -> Vec<String> {
@@ -56,11 +59,13 @@ pub fn verify(dir: &Path, jobs: usize) -> Result<VerifyReport, VerifyError> {
             .messages
             .par_iter()
             .filter_map(|m| {
-                let path = dir.join(&m.folder).join(m.dir.as_str()).join(&m.name);
-                match hash_file(&path) {
-                    Err(e) => Some(format!("{}: {e}", path.display())),
-                    Ok((size, _)) if size != m.size => Some(format!("{}: size {size}, manifest says {}", path.display(), m.size)),
-                    Ok((_, sum)) if sum != m.blake3 => Some(format!("{}: checksum differs from the manifest", path.display())),
+                let rel = m.rel_path();
+                let shown = dir.show(&rel);
+                let hashed = dir.open_read(&rel).map_err(|e| e.to_string()).and_then(|mut f| fsx::hash_file(&mut f).map_err(|e| e.to_string()));
+                match hashed {
+                    Err(e) => Some(e),
+                    Ok((size, _)) if size != m.size => Some(format!("{}: size {size}, manifest says {}", shown.display(), m.size)),
+                    Ok((_, sum)) if sum != m.blake3 => Some(format!("{}: checksum differs from the manifest", shown.display())),
                     Ok(_) => None,
                 }
             })
@@ -77,64 +82,69 @@ pub fn verify(dir: &Path, jobs: usize) -> Result<VerifyReport, VerifyError> {
         by_folder.entry(m.folder.as_str()).or_default().insert((m.dir, m.name.as_str()));
     }
     for f in &manifest.folders {
-        let fdir = dir.join(&f.path);
         let expected = by_folder.remove(f.path.as_str()).unwrap_or_default();
-        let mut uniques = HashSet::new();
-        for sub in Subdir::ALL {
-            let sdir = fdir.join(sub.as_str());
-            match fs::read_dir(&sdir) {
-                Err(e) => problems.push(format!("{}: {e}", sdir.display())),
-                Ok(rd) => {
-                    for e in rd.flatten() {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        if let Some(msg) = MessageName::parse(&name) {
-                            uniques.insert(msg.unique().to_string());
-                            if !expected.contains(&(sub, name.as_str())) {
-                                problems.push(format!("{}: not in the manifest", e.path().display()));
-                            }
-                        }
-                    }
-                }
-            }
+        match dir.sub(&f.path) {
+            Ok(fdir) => check_folder(&fdir, f, &expected, &mut problems),
+            Err(e) => problems.push(e.to_string()),
         }
-        match fs::read_dir(fdir.join("tmp")) {
-            Ok(mut rd) => {
-                if rd.next().is_some() {
-                    problems.push(format!("{}: tmp/ is not empty", fdir.display()));
-                }
-            }
-            Err(e) => problems.push(format!("{}/tmp: {e}", fdir.display())),
-        }
-        let uidlist_path = fdir.join(UIDLIST);
-        match (&f.uidlist_header, uidlist_path.exists()) {
-            (None, false) => {}
-            (None, true) => problems.push(format!("{}: present but not in the manifest", uidlist_path.display())),
-            (Some(_), false) => problems.push(format!("{}: missing", uidlist_path.display())),
-            (Some(header), true) => match Uidlist::read(&uidlist_path) {
-                Err(e) => problems.push(e.to_string()),
-                Ok(u) => {
-                    if &u.header != header {
-                        problems.push(format!("{}: header {:?}, manifest says {:?}", uidlist_path.display(), u.header, header));
-                    }
-                    for entry in &u.entries {
-                        let unique = entry.unique.split(':').next().unwrap_or(&entry.unique);
-                        if !uniques.contains(unique) && f.uidlist_expunged.binary_search_by(|x| x.as_str().cmp(unique)).is_err() {
-                            problems.push(format!(
-                                "{}: uid {} names {} but no such message file exists",
-                                uidlist_path.display(),
-                                entry.uid,
-                                entry.unique
-                            ));
-                        }
-                    }
-                }
-            },
-        }
-    }
-    for (folder, _) in by_folder {
-        problems.push(format!("manifest lists messages in folder {folder:?} that has no folder record"));
     }
     problems.sort();
     report.problems = problems;
     Ok(report)
+}
+
+/// One folder's directories and uidlist against its part of the manifest.
+fn check_folder(fdir: &Dir, f: &FolderRecord, expected: &HashSet<(Subdir, &str)>, problems: &mut Vec<String>) {
+    let mut uniques = HashSet::new();
+    for sub in Subdir::ALL {
+        match fdir.sub(sub.as_str()).and_then(|d| d.list().map(|l| (d, l))) {
+            Err(e) => problems.push(e.to_string()),
+            Ok((d, entries)) => {
+                for e in entries {
+                    let name = e.name.to_string_lossy();
+                    if let Some(msg) = MessageName::parse(&name) {
+                        uniques.insert(msg.unique().to_string());
+                        if !expected.contains(&(sub, name.as_ref())) {
+                            problems.push(format!("{}: not in the manifest", d.show(&e.name).display()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    match fdir.sub("tmp").and_then(|d| d.list()) {
+        Ok(entries) if !entries.is_empty() => problems.push(format!("{}: tmp/ is not empty", fdir.path().display())),
+        Ok(_) => {}
+        Err(e) => problems.push(e.to_string()),
+    }
+    let shown = fdir.show(UIDLIST);
+    let reader = match Reader::open(fdir) {
+        Ok(r) => r,
+        Err(e) => {
+            problems.push(e.to_string());
+            return;
+        }
+    };
+    match (&f.uidlist_header, reader) {
+        (None, None) => {}
+        (None, Some(_)) => problems.push(format!("{}: present but not in the manifest", shown.display())),
+        (Some(_), None) => problems.push(format!("{}: missing", shown.display())),
+        (Some(header), Some(u)) => {
+            if &u.header.line != header {
+                problems.push(format!("{}: header {:?}, manifest says {:?}", shown.display(), u.header.line, header));
+            }
+            for entry in u {
+                match entry {
+                    Ok(e) if !uniques.contains(&e.unique) && f.uidlist_expunged.binary_search(&e.unique).is_err() => {
+                        problems.push(format!("{}: uid {} names {} but no such message file exists", shown.display(), e.uid, e.unique))
+                    }
+                    Ok(_) => {}
+                    Err(e @ UidlistError::Syntax { .. }) | Err(e @ UidlistError::Fs(_)) => {
+                        problems.push(e.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }

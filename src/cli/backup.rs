@@ -214,7 +214,7 @@ pub fn run_backup(a: BackupArgs) -> i32 {
                 eprintln!("maildir-backup backup: cannot derive a name from {}; give --name", source.root.display());
                 return sysexits::EX_USAGE;
             };
-            let r = maildir_backup::repo::snapshot(&source, &source, repo, &name, &opts, a.paranoid, &bar);
+            let r = maildir_backup::repo::snapshot(&source, &engine::OnDisk, repo, &name, &opts, a.paranoid, &bar);
             (r.map_err(|e| (e.to_string(), e.exit_code())), repo.join(name))
         }
         None => {

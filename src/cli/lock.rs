@@ -4,18 +4,20 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::process::Command;
 use std::time::Duration;
 
 use clap::Args;
 use maildir_backup::dotlock::{self, DotLock, LockSettings};
+use maildir_backup::fsx::Dir;
+use maildir_backup::maildir::UIDLIST;
 use maildir_backup::sysexits::{self, ExitCode};
 use nix::sys::signal::{SigSet, Signal};
 
 use super::parse_secs;
 
-const UIDLIST: &str = "dovecot-uidlist";
 
 /// Hold a Maildir's dovecot-uidlist.lock (or PATH.lock) while COMMAND runs.
 #[derive(Args, Debug)]
@@ -67,11 +69,12 @@ pub fn refresh_interval(stale: Duration) -> Duration {
     (stale / 4).clamp(Duration::from_millis(500), dotlock::TOUCH_INTERVAL)
 }
 
-fn check_dir(dir: &Path, what: &str) -> Result<(), (i32, String)> {
-    match std::fs::metadata(dir) {
-        Ok(md) if md.is_dir() => Ok(()),
-        Ok(_) => Err((sysexits::EX_NOINPUT, format!("{what} {} is not a directory", dir.display()))),
-        Err(e) => Err((sysexits::for_io_error(&e), format!("stat {what} {}: {e}", dir.display()))),
+/// The directory to lock in, opened (symlinks only where the admin alone could have made them).
+fn open_dir(dir: &Path, what: &str) -> Result<Arc<Dir>, (i32, String)> {
+    match Dir::open(dir) {
+        Ok(d) => Ok(Arc::new(d)),
+        Err(e) if e.errno() == Some(libc::ENOTDIR) => Err((sysexits::EX_NOINPUT, format!("{what} {} is not a directory", dir.display()))),
+        Err(e) => Err((e.exit_code(), format!("{what}: {e}"))),
     }
 }
 
@@ -84,23 +87,24 @@ fn signals() -> SigSet {
 }
 
 pub fn run_lock(a: LockArgs) -> i32 {
-    let (protected, default_stale) = match (&a.file, &a.mailbox_dir) {
+    let target = match (&a.file, &a.mailbox_dir) {
         (Some(file), _) => {
             let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            if let Err((code, msg)) = check_dir(parent, "directory of") {
-                eprintln!("maildir-backup lock: {msg}");
-                return code;
-            }
-            (file.clone(), dotlock::GENERIC_STALE_TIMEOUT)
+            let name = file.file_name().and_then(|n| n.to_str()).map(str::to_string);
+            open_dir(parent, "directory of").and_then(|d| {
+                let name = name.ok_or((sysexits::EX_USAGE, format!("--file {}: no usable file name", file.display())))?;
+                Ok((d, name, dotlock::GENERIC_STALE_TIMEOUT))
+            })
         }
-        (None, Some(dir)) => {
-            if let Err((code, msg)) = check_dir(dir, "mailbox dir") {
-                eprintln!("maildir-backup lock: {msg}");
-                return code;
-            }
-            (dir.join(UIDLIST), dotlock::UIDLIST_STALE_TIMEOUT)
-        }
+        (None, Some(dir)) => open_dir(dir, "mailbox dir").map(|d| (d, UIDLIST.to_string(), dotlock::UIDLIST_STALE_TIMEOUT)),
         (None, None) => unreachable!("clap requires MAILBOX_DIR or --file"),
+    };
+    let (dir, protected, default_stale) = match target {
+        Ok(t) => t,
+        Err((code, msg)) => {
+            eprintln!("maildir-backup lock: {msg}");
+            return code;
+        }
     };
     let set = LockSettings {
         timeout: a.timeout,
@@ -130,7 +134,7 @@ pub fn run_lock(a: LockArgs) -> i32 {
         }
     });
 
-    let lock = match acquire_interruptible(&protected, &set) {
+    let lock = match acquire_interruptible(&dir, &protected, &set) {
         Ok(Some(l)) => l,
         Ok(None) => {
             let sig = SIGNALLED.load(Ordering::SeqCst);
@@ -190,7 +194,7 @@ static CHILD: AtomicI32 = AtomicI32::new(0);
 
 /// DotLock::acquire in short slices, so that a termination signal ends the wait promptly.
 /// Ok(None) if a signal came first.
-fn acquire_interruptible(path: &Path, set: &LockSettings) -> Result<Option<DotLock>, dotlock::LockError> {
+fn acquire_interruptible(dir: &Arc<Dir>, file: &str, set: &LockSettings) -> Result<Option<DotLock>, dotlock::LockError> {
     let start = std::time::Instant::now();
     loop {
         if SIGNALLED.load(Ordering::SeqCst) != 0 {
@@ -198,7 +202,7 @@ fn acquire_interruptible(path: &Path, set: &LockSettings) -> Result<Option<DotLo
         }
         let left = set.timeout.saturating_sub(start.elapsed());
         let slice = LockSettings { timeout: left.min(Duration::from_millis(250)), ..set.clone() };
-        match DotLock::acquire(path, &slice) {
+        match DotLock::acquire_in(dir, file, &slice) {
             Ok(l) => return Ok(Some(l)),
             Err(dotlock::LockError::Timeout { path, holder, .. }) => {
                 if start.elapsed() >= set.timeout {
@@ -217,7 +221,7 @@ fn exit_status_code(status: std::process::ExitStatus) -> i32 {
 
 fn release_and_warn(lock: DotLock) {
     let held = lock.held_for();
-    let path = lock.lock_path().to_path_buf();
+    let path = lock.lock_path();
     match lock.release() {
         Ok(outcome) => {
             if let Some(w) = dotlock::release_warning(&path, outcome, held) {

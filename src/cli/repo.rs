@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use chrono::Utc;
 use clap::Args;
 use maildir_backup::dotlock::LockSettings;
-use maildir_backup::manifest::{Manifest, MANIFEST_NAME};
+use maildir_backup::manifest::Manifest;
 use maildir_backup::repo::{self, KeepPolicy};
 use maildir_backup::restore::{self, RestoreRequest};
 use maildir_backup::sysexits::{self, ExitCode};
@@ -43,8 +43,7 @@ pub fn run_snapshots(a: SnapshotsArgs) -> i32 {
     };
     let mut rows = Vec::new();
     for s in series {
-        let name = s.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let snaps = match repo::list_snapshots(&s) {
+        let snaps = match s.snapshots() {
             Ok(x) => x,
             Err(e) => {
                 eprintln!("maildir-backup snapshots: {e}");
@@ -52,9 +51,9 @@ pub fn run_snapshots(a: SnapshotsArgs) -> i32 {
             }
         };
         for snap in snaps {
-            let header = Manifest::read(&snap.path.join(MANIFEST_NAME)).ok().map(|m| m.header);
+            let header = s.dir.sub(&snap.name).ok().and_then(|d| Manifest::read_header(&d).ok());
             rows.push(SnapshotRow {
-                name: name.clone(),
+                name: s.name.clone(),
                 snapshot: snap.name.clone(),
                 messages: header.as_ref().map_or(0, |h| h.messages),
                 bytes: header.as_ref().map_or(0, |h| h.bytes),
@@ -121,7 +120,7 @@ pub fn run_prune(a: PruneArgs) -> i32 {
     };
     let mut code = 0;
     for s in series {
-        let snaps = match repo::list_snapshots(&s) {
+        let snaps = match s.snapshots() {
             Ok(x) => x,
             Err(e) => {
                 eprintln!("maildir-backup prune: {e}");
@@ -136,7 +135,7 @@ pub fn run_prune(a: PruneArgs) -> i32 {
         for r in &remove {
             if a.dry_run {
                 println!("would remove {}", r.path.display());
-            } else if let Err(e) = repo::remove_snapshot(r) {
+            } else if let Err(e) = repo::remove_snapshot(&s.dir, r) {
                 eprintln!("maildir-backup prune: {e}");
                 code = e.exit_code();
             } else {

@@ -1,24 +1,24 @@
 //! The backup engine: a bulk copy without any lock, catch-up passes, then a short
 //! reconcile under every folder's uidlist lock, so the result equals the mail at one instant.
 
-pub mod copy;
 pub mod reconcile;
 pub mod scan;
 pub mod sync;
 pub mod watch;
 
 use std::collections::HashSet;
-use std::fs;
+use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::dotlock::{LockError, LockSettings};
-use crate::maildir::folders::{self, FolderError};
+use crate::fsx::{self, Dir, FsError};
+use crate::maildir::folders::{self, is_maildir};
 use crate::maildir::location::LocationError;
-use crate::maildir::uidlist::Uidlist;
-use crate::maildir::{Folder, MailLocation, MessageName, UIDLIST};
-use crate::manifest::{FolderRecord, Header, Manifest, ManifestError, MessageRecord, MANIFEST_NAME};
+use crate::maildir::uidlist::{self, UidlistError};
+use crate::maildir::{Folder, MailLocation, Maildir, MessageName, MESSAGE_DIRS};
+use crate::manifest::{FolderRecord, Header, Manifest, ManifestError, MessageRecord};
 use crate::staging::{Staging, StagingError};
 use crate::sysexits::{self, ExitCode};
 
@@ -26,25 +26,29 @@ pub use reconcile::HeldLocks;
 pub use sync::{PassStats, Reuse, Tree};
 
 /// Where a backup's folders come from and how they are locked: walking the Maildir with
-/// our own dot-lock (the CLI), or Dovecot's mailbox list with Dovecot's lock (the plugin).
+/// our own dot-lock (`OnDisk`, the CLI), or Dovecot's mailbox list with Dovecot's lock (the
+/// plugin).
 pub trait Mailboxes {
     /// The folders as they are now (asked again during the backup).
-    fn folders(&self, warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError>;
+    fn folders(&self, md: &Maildir, warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError>;
     /// Locks every folder's uidlist, all or none; returns when the successful round began.
-    fn lock_all<'a>(&'a self, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32)
+    fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32, warnings: &mut Vec<String>)
         -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError>;
 }
 
-impl Mailboxes for MailLocation {
-    fn folders(&self, warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError> {
-        let (found, w) = folders::discover(self)?;
+/// The folders found by walking the Maildir, locked with our own dot-locks.
+pub struct OnDisk;
+
+impl Mailboxes for OnDisk {
+    fn folders(&self, md: &Maildir, warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError> {
+        let (found, w) = folders::discover(md)?;
         warnings.extend(w);
         Ok(found)
     }
 
-    fn lock_all<'a>(&'a self, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32)
+    fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32, warnings: &mut Vec<String>)
         -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError> {
-        let (set, since) = reconcile::dotlock_all(folders, &opts.lock, attempts)?;
+        let (set, since) = reconcile::dotlock_all(md, folders, &opts.lock, attempts, warnings)?;
         Ok((Box::new(set), since))
     }
 }
@@ -70,9 +74,7 @@ pub enum BackupError {
     #[error("{op} {path}: {source}")]
     Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
     #[error(transparent)]
-    Scan(#[from] scan::ScanError),
-    #[error(transparent)]
-    Folders(#[from] FolderError),
+    Fs(#[from] FsError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error("could not lock all folders within {waited:.1?} ({attempts} attempts); last busy: {why}")]
@@ -87,17 +89,11 @@ impl ExitCode for BackupError {
             BackupError::NotMaildir(_) => sysexits::EX_DATAERR,
             BackupError::NoSource(_) => sysexits::EX_NOINPUT,
             BackupError::DestInsideSource { .. } | BackupError::Location(_) => sysexits::EX_USAGE,
-            BackupError::Staging(StagingError::DestExists(_)) => sysexits::EX_CANTCREAT,
-            BackupError::Staging(StagingError::Busy { .. }) => sysexits::EX_TEMPFAIL,
-            BackupError::Staging(StagingError::BadDest(_)) => sysexits::EX_USAGE,
-            BackupError::Staging(StagingError::Io { source, .. }) => sysexits::for_io_error(source),
-            BackupError::Staging(StagingError::Lock(e)) | BackupError::Lock(e) => e.exit_code(),
+            BackupError::Staging(e) => e.exit_code(),
+            BackupError::Lock(e) => e.exit_code(),
             BackupError::Io { source, .. } => sysexits::for_io_error(source),
-            BackupError::Scan(scan::ScanError::Io { source, .. }) => sysexits::for_io_error(source),
-            BackupError::Scan(scan::ScanError::NonUtf8(_)) => sysexits::EX_DATAERR,
-            BackupError::Folders(e) => sysexits::for_io_error(&e.source),
-            BackupError::Manifest(crate::manifest::ManifestError::Io { source, .. }) => sysexits::for_io_error(source),
-            BackupError::Manifest(crate::manifest::ManifestError::Bad { .. }) => sysexits::EX_DATAERR,
+            BackupError::Fs(e) => e.exit_code(),
+            BackupError::Manifest(e) => e.exit_code(),
             BackupError::Unstable(_) | BackupError::LockTimeout { .. } => sysexits::EX_TEMPFAIL,
         }
     }
@@ -159,46 +155,31 @@ pub struct FolderSummary {
     pub bytes: u64,
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackupError + 'a {
-    move |source| BackupError::Io { op, path: path.to_path_buf(), source }
+/// Opens the source Maildir: it must exist and be a Maildir.
+pub fn open_source(loc: &MailLocation) -> Result<Maildir, BackupError> {
+    let md = match Maildir::open(loc) {
+        Ok(md) => md,
+        Err(e) if e.is_not_found() => return Err(BackupError::NoSource(loc.root.clone())),
+        Err(e) => return Err(e.into()),
+    };
+    if !is_maildir(&md.root)? {
+        return Err(BackupError::NotMaildir(loc.root.clone()));
+    }
+    Ok(md)
 }
 
-/// `path` with its longest existing prefix resolved (symlinks followed), the rest appended:
-/// where it would be, even if it does not exist yet.
-fn resolve_existing_prefix(path: &Path) -> PathBuf {
-    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(path) };
-    let mut rest = Vec::new();
-    let mut cur = abs.as_path();
-    loop {
-        if let Ok(real) = fs::canonicalize(cur) {
-            return rest.iter().rev().fold(real, |p, c| p.join(c));
-        }
-        match (cur.parent(), cur.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                cur = parent;
-            }
-            _ => return abs,
-        }
-    }
-}
-
-/// Checks that `source` is a Maildir and `dest` is not inside it.
-pub fn check_paths(source: &MailLocation, dest: &Path) -> Result<(), BackupError> {
-    match fs::metadata(&source.root) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BackupError::NoSource(source.root.clone())),
-        Err(e) => return Err(io_err("stat source", &source.root)(e)),
-        Ok(_) => {}
-    }
-    if !folders::is_maildir(&source.root) {
-        return Err(BackupError::NotMaildir(source.root.clone()));
-    }
-    let dest_abs = resolve_existing_prefix(dest);
-    for dir in [Some(&source.root), source.control.as_ref(), source.index.as_ref()].into_iter().flatten() {
-        if let Ok(src_abs) = fs::canonicalize(dir) {
-            if dest_abs.starts_with(&src_abs) {
-                return Err(BackupError::DestInsideSource { dest: dest.to_path_buf(), source_dir: dir.clone() });
-            }
+/// Refuses a destination (or repository) `path` inside the source's root, control or index
+/// directories, judged by the directories themselves (device and inode), not by their names.
+pub fn check_outside(md: &Maildir, path: &Path) -> Result<(), BackupError> {
+    let nearest = path.ancestors().find_map(|p| Dir::open_opt(if p.as_os_str().is_empty() { Path::new(".") } else { p }).transpose());
+    let Some(nearest) = nearest.transpose()? else { return Ok(()) };
+    let lineage = nearest.lineage()?;
+    let roots = [(Some(&md.root), &md.loc.root), (md.control_root(), md.loc.control.as_ref().unwrap_or(&md.loc.root)), (md.index_root(), md.loc.index.as_ref().unwrap_or(&md.loc.root))];
+    for (dir, shown) in roots {
+        let Some(dir) = dir else { continue };
+        let m = dir.stat()?;
+        if lineage.contains(&(m.dev(), m.ino())) {
+            return Err(BackupError::DestInsideSource { dest: path.to_path_buf(), source_dir: shown.clone() });
         }
     }
     Ok(())
@@ -206,67 +187,69 @@ pub fn check_paths(source: &MailLocation, dest: &Path) -> Result<(), BackupError
 
 /// Backs up `source` into the new directory `dest`, published whole or not at all.
 pub fn backup(source: &MailLocation, dest: &Path, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupReport, BackupError> {
-    backup_with(source, source, dest, opts, None, progress)
+    let md = open_source(source)?;
+    check_outside(&md, dest)?;
+    let (parent, name) = crate::staging::split_dest(dest)?;
+    backup_to(&md, &OnDisk, &parent, &name, opts, None, progress)
 }
 
-/// `backup` with the folders and locks of `mailboxes`, and earlier copies from `reuse`.
-pub fn backup_with(
-    source: &MailLocation,
+/// Backs up `md` into the new directory `name` in `parent`, published whole or not at all,
+/// with the folders and locks of `mailboxes` and earlier copies from `reuse`.
+pub fn backup_to(
+    md: &Maildir,
     mailboxes: &dyn Mailboxes,
-    dest: &Path,
+    parent: &Dir,
+    name: &OsStr,
     opts: &BackupOptions,
     reuse: Option<&dyn Reuse>,
     progress: &dyn Progress,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
-    check_paths(source, dest)?;
-    let staging = Staging::prepare(dest)?;
-    let mut report = copy_into(source, mailboxes, staging.path(), opts, reuse, progress)?;
+    let staging = Staging::prepare(parent, name)?;
+    let mut report = copy_into(md, mailboxes, staging.dir().try_clone()?, opts, reuse, progress)?;
     staging.publish()?;
-    report.destination = dest.to_path_buf();
+    report.destination = parent.show(name);
     report.seconds = started.elapsed().as_secs_f64(); // the publish's flush included
     Ok(report)
 }
 
-fn discover(mailboxes: &dyn Mailboxes, tree: &mut Tree) -> Result<Vec<Folder>, BackupError> {
+fn discover(md: &Maildir, mailboxes: &dyn Mailboxes, tree: &mut Tree) -> Result<Vec<Folder>, BackupError> {
     let mut warnings = Vec::new();
-    let found = mailboxes.folders(&mut warnings)?;
-    for w in warnings {
-        tree.warn(&w);
-    }
+    let found = mailboxes.folders(md, &mut warnings)?;
+    tree.warn_all(warnings);
     Ok(found)
 }
 
-/// Copies `source` into the (existing, empty) directory `out`, including the manifest.
+/// Copies `md` into the (existing, empty) directory `out`, including the manifest.
 /// `reuse` offers earlier copies to hard-link instead of reading the source.
-pub fn copy_into(
-    source: &MailLocation,
+fn copy_into(
+    md: &Maildir,
     mailboxes: &dyn Mailboxes,
-    out: &Path,
+    out: Dir,
     opts: &BackupOptions,
     reuse: Option<&dyn Reuse>,
     progress: &dyn Progress,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
-    let keep_owner = copy::running_as_root();
+    let keep_owner = fsx::running_as_root();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
         .build()
-        .map_err(|e| BackupError::Io { op: "start copy threads", path: out.to_path_buf(), source: io::Error::other(e) })?;
-    let mut tree = Tree::new(out.to_path_buf(), keep_owner);
+        .map_err(|e| BackupError::Io { op: "start copy threads", path: out.path().to_path_buf(), source: io::Error::other(e) })?;
+    let mut tree = Tree::new(out, keep_owner);
     let nfs = opts.lock.nfs_flush;
     // inotify cannot see changes made by other NFS clients.
     let mut watcher = if nfs { None } else { watch::Watcher::new() };
 
     // Bulk: everything, no lock.
     progress.phase("copying");
-    let found = discover(mailboxes, &mut tree)?;
+    let found = discover(md, mailboxes, &mut tree)?;
     let mut listings = Vec::with_capacity(found.len());
     for f in &found {
-        listings.push((f.clone(), reconcile::watch_and_list(f, watcher.as_mut())?));
+        listings.push((f.clone(), reconcile::watch_and_list(md, f, watcher.as_mut())?));
     }
     progress.total(listings.iter().filter_map(|(_, l)| l.as_ref()).map(|l| l.entries.len() as u64).sum());
-    let mut total = tree.apply(listings, &pool, reuse, progress)?;
+    let mut total = tree.apply(md, listings, &pool, reuse, progress)?;
     let mut passes = 1;
     let mut changed = 0u64;
 
@@ -275,9 +258,9 @@ pub fn copy_into(
     let mut lock_rounds = 0u32;
     let (held, taken_at) = loop {
         for _ in 0..MAX_CATCH_UP_PASSES {
-            let found = discover(mailboxes, &mut tree)?;
-            let listings = reconcile::relist(&tree, &found, nfs, false, watcher.as_mut())?;
-            let s = tree.apply(listings, &pool, reuse, progress)?;
+            let found = discover(md, mailboxes, &mut tree)?;
+            let listings = reconcile::relist(md, &tree, &found, nfs, watcher.as_mut())?;
+            let s = tree.apply(md, listings, &pool, reuse, progress)?;
             passes += 1;
             changed += s.changes();
             total.add(&s);
@@ -287,23 +270,24 @@ pub fn copy_into(
         }
 
         progress.phase("reconciling");
-        let control = reconcile::precopy_control_files(&tree, source.control_root())?;
-        let found = discover(mailboxes, &mut tree)?;
-        let (locks, since) = mailboxes.lock_all(&found, opts, &mut attempts)?;
+        let mut w = Vec::new();
+        let control = reconcile::precopy_control_files(md, &tree, &mut w)?;
+        let found = discover(md, mailboxes, &mut tree)?;
+        let (locks, since) = mailboxes.lock_all(md, &found, opts, &mut attempts, &mut w)?;
+        tree.warn_all(w);
         lock_rounds += 1;
         // A folder created after we listed the folders is not locked: start over.
-        let now_found = discover(mailboxes, &mut tree)?;
+        let now_found = discover(md, mailboxes, &mut tree)?;
         if now_found.iter().any(|f| !found.contains(f)) {
             let mut w = Vec::new();
             locks.release(&mut w);
-            for x in w {
-                tree.warn(&x);
-            }
+            tree.warn_all(w);
             if lock_rounds >= 10 {
                 return Err(BackupError::Unstable(lock_rounds));
             }
             continue;
         }
+        let mut w = Vec::new();
         let result = (|| -> Result<i64, BackupError> {
             // Look again until a pass finds nothing more: a name that vanished between listing
             // and copying, or was missed by a stat or a readdir racing a rename (Dovecot's rare
@@ -311,8 +295,8 @@ pub fn copy_into(
             // directory times; never a full rescan of everything under the lock.
             let mut settled = false;
             for _ in 0..5 {
-                let listings = reconcile::relist(&tree, &now_found, nfs, false, watcher.as_mut())?;
-                let s = tree.apply(listings, &pool, reuse, progress)?;
+                let listings = reconcile::relist(md, &tree, &now_found, nfs, watcher.as_mut())?;
+                let s = tree.apply(md, listings, &pool, reuse, progress)?;
                 locks.touch();
                 passes += 1;
                 changed += s.changes();
@@ -323,33 +307,31 @@ pub fn copy_into(
                 }
             }
             if !settled {
-                tree.warn("the source kept renaming messages during the reconcile; a message renamed in its last moment may be missing");
+                w.push("the source kept renaming messages during the reconcile; a message renamed in its last moment may be missing".to_string());
             }
             let taken_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-            reconcile::copy_control_files(&tree, source.control_root(), control)?;
+            reconcile::copy_control_files(md, &tree, control, &mut w)?;
             Ok(taken_at)
         })();
-        let mut w = Vec::new();
         locks.release(&mut w);
         let held = since.elapsed();
-        for x in w {
-            tree.warn(&x);
-        }
+        tree.warn_all(w);
         break (held, result?);
     };
 
     if opts.with_indexes {
-        copy_indexes(source, &tree);
+        copy_indexes(md, &tree);
     }
     progress.phase("finishing");
-    let manifest = build_manifest(source, &tree, taken_at, held, total.bytes)?;
-    manifest.write(&out.join(MANIFEST_NAME))?;
+    let manifest = build_manifest(md, &tree, taken_at, held, total.bytes)?;
+    manifest.write(&tree.staging)?;
     // Last: anything written into a directory after this would change its mtime again.
-    finish_dirs(source, &tree)?;
+    finish_dirs(md, &tree)?;
 
+    let bytes_by_folder = manifest.bytes_by_folder();
     Ok(BackupReport {
-        source: source.to_mail_location(),
-        destination: out.to_path_buf(),
+        source: md.loc.to_mail_location(),
+        destination: tree.staging.path().to_path_buf(),
         folders: manifest.header.folders,
         messages: manifest.header.messages,
         bytes: manifest.header.bytes,
@@ -369,7 +351,7 @@ pub fn copy_into(
                 name: f.name.clone(),
                 path: f.path.clone(),
                 messages: f.messages,
-                bytes: manifest.messages.iter().filter(|m| m.folder == f.path).map(|m| m.size).sum(),
+                bytes: bytes_by_folder.get(f.path.as_str()).copied().unwrap_or(0),
             })
             .collect(),
     })
@@ -377,77 +359,56 @@ pub fn copy_into(
 
 /// Best effort: index files are not protected by the uidlist lock, and Dovecot rebuilds
 /// them from the Maildir if they disagree.
-fn copy_indexes(source: &MailLocation, tree: &Tree) {
+fn copy_indexes(md: &Maildir, tree: &Tree) {
     let wanted = |n: &str| n.starts_with("dovecot.index") || n.starts_with("dovecot.list.index");
-    let mut dirs: Vec<(PathBuf, PathBuf)> =
-        tree.folders.iter().map(|(rel, s)| (s.folder.index_dir.clone(), tree.staged_dir(rel))).collect();
-    dirs.push((source.index.clone().unwrap_or_else(|| source.root.clone()), tree.staging.clone()));
+    let mut dirs: Vec<(Option<Dir>, PathBuf)> = tree.folders.iter().map(|(rel, s)| (md.index_dir(&s.folder).ok().flatten(), rel.clone())).collect();
+    dirs.push((md.index_root().and_then(|d| d.try_clone().ok()), PathBuf::new()));
     for (from, to) in dirs {
-        let Ok(rd) = fs::read_dir(&from) else { continue };
-        for e in rd.flatten() {
-            let name = e.file_name();
-            if wanted(&name.to_string_lossy()) && e.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                let dst = to.join(&name);
-                if !dst.exists() {
-                    let _ = copy::copy_file(&e.path(), &dst, tree.keep_owner);
-                }
+        let (Some(from), Ok(to)) = (from, tree.staging.sub(&to)) else { continue };
+        for e in from.list().unwrap_or_default() {
+            let Some(name) = e.name.to_str().filter(|n| wanted(n)) else { continue };
+            // Only regular files, never over anything, never through a symlink.
+            let (Ok(mut input), Ok(out)) = (from.open_read(name), to.create(name, 0o600)) else { continue };
+            let owner = tree.keep_owner.then(|| input.meta.owner());
+            if fsx::copy_file(&mut input, &out, owner).is_err() {
+                let _ = to.unlink(name);
             }
         }
     }
 }
 
-/// Gives every staged folder dir (and cur/new/tmp) the source's mode, owner and times.
-/// Done last: writing into a directory changes its mtime.
-fn finish_dirs(source: &MailLocation, tree: &Tree) -> Result<(), BackupError> {
-    // Deepest first, so setting a child's times does not disturb its parent's afterwards.
-    let mut dirs: Vec<(PathBuf, PathBuf)> = Vec::new();
-    for (rel, state) in &tree.folders {
-        for sub in ["cur", "new", "tmp"] {
-            dirs.push((state.folder.mail_dir.join(sub), tree.staged_dir(rel).join(sub)));
-        }
-        dirs.push((state.folder.mail_dir.clone(), tree.staged_dir(rel)));
-    }
-    // LAYOUT=fs parents that are not folders themselves.
+/// Gives every staged folder dir (and cur/new/tmp) the source's mode and times (never write
+/// access for group or others, and never the source's owner: a backup made by root stays
+/// root's). Done last: writing into a directory changes its mtime.
+fn finish_dirs(md: &Maildir, tree: &Tree) -> Result<(), BackupError> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
     for rel in tree.folders.keys() {
-        let mut p = rel.parent();
-        while let Some(parent) = p.filter(|p| !p.as_os_str().is_empty()) {
-            if !tree.folders.contains_key(parent) {
-                dirs.push((source.root.join(parent), tree.staged_dir(parent)));
-            }
-            p = parent.parent();
-        }
+        dirs.extend(MESSAGE_DIRS.iter().map(|sub| rel.join(sub)));
+        dirs.push(rel.clone());
+        // LAYOUT=fs parents that are not folders themselves.
+        dirs.extend(rel.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf));
     }
-    dirs.sort_by_key(|(_, d)| std::cmp::Reverse(d.components().count()));
-    dirs.dedup_by(|a, b| a.1 == b.1);
-    for (src, dst) in dirs {
-        match fs::symlink_metadata(&src) {
-            Ok(md) if md.is_dir() => {
-                copy::apply_dir_metadata(&dst, &md, tree.keep_owner).map_err(io_err("set metadata of", &dst))?;
-            }
+    // Deepest first, so setting a child's times does not disturb its parent's afterwards.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    dirs.dedup();
+    for rel in dirs {
+        match md.root.lstat(&rel)? {
+            Some(m) if m.is_dir() => tree.staging.sub(&rel)?.copy_dir_meta(&m)?,
             _ => {} // gone meanwhile: keep our defaults
         }
     }
     Ok(())
 }
 
-fn build_manifest(source: &MailLocation, tree: &Tree, taken_at: i64, held: Duration, bytes_copied: u64) -> Result<Manifest, BackupError> {
+fn build_manifest(md: &Maildir, tree: &Tree, taken_at: i64, held: Duration, bytes_copied: u64) -> Result<Manifest, BackupError> {
     let mut folders = Vec::new();
     let mut messages = Vec::new();
     let mut bytes = 0u64;
     for (rel, state) in &tree.folders {
         let path = rel.to_string_lossy().into_owned();
-        let uidlist_path = tree.staged_dir(rel).join(UIDLIST);
-        let uidlist = if uidlist_path.exists() { Uidlist::read(&uidlist_path).ok() } else { None };
         let mut entries: Vec<_> = state.entries.values().collect();
         let uniques: HashSet<&str> = entries.iter().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
-        let mut uidlist_expunged: Vec<String> = uidlist
-            .iter()
-            .flat_map(|u| u.entries.iter())
-            .map(|e| e.unique.split(':').next().unwrap_or(&e.unique))
-            .filter(|u| !uniques.contains(u))
-            .map(str::to_string)
-            .collect();
-        uidlist_expunged.sort();
+        let (uidlist_header, uidlist_expunged) = expunged_in_uidlist(&tree.staging.sub(rel)?, &uniques)?;
         entries.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
         for e in &entries {
             let name = MessageName::parse(&e.name);
@@ -462,28 +423,47 @@ fn build_manifest(source: &MailLocation, tree: &Tree, taken_at: i64, held: Durat
                 blake3: e.blake3.clone(),
             });
         }
-        folders.push(FolderRecord {
-            path,
-            name: state.folder.name.clone(),
-            uidlist_header: uidlist.map(|u| u.header),
-            uidlist_expunged,
-            messages: entries.len() as u64,
-        });
+        folders.push(FolderRecord { path, name: state.folder.name.clone(), uidlist_header, uidlist_expunged, messages: entries.len() as u64 });
     }
+    let owner = fsx::running_as_root().then(|| md.root.stat().map(|m| m.owner())).transpose()?;
     Ok(Manifest {
         header: Header {
             format: crate::manifest::FORMAT,
             tool: format!("maildir-backup {}", env!("CARGO_PKG_VERSION")),
-            source: source.to_mail_location(),
-            layout: source.layout,
+            source: md.loc.to_mail_location(),
+            layout: md.loc.layout,
             taken_at,
             lock_hold_ms: held.as_millis() as u64,
             folders: folders.len() as u64,
             messages: messages.len() as u64,
             bytes,
             bytes_copied,
+            owner,
         },
         folders,
         messages,
     })
+}
+
+/// The staged uidlist's header, and the unique names it lists that have no file: messages
+/// Dovecot expunged and has not yet dropped from its uidlist. Read as a stream.
+fn expunged_in_uidlist(dir: &Dir, uniques: &HashSet<&str>) -> Result<(Option<String>, Vec<String>), BackupError> {
+    let reader = match uidlist::Reader::open(dir) {
+        Ok(Some(r)) => r,
+        // Unreadable as a uidlist: carried as it is, described by nothing.
+        Ok(None) | Err(UidlistError::Syntax { .. }) => return Ok((None, Vec::new())),
+        Err(UidlistError::Fs(e)) => return Err(e.into()),
+    };
+    let header = reader.header.line.clone();
+    let mut expunged = Vec::new();
+    for entry in reader {
+        match entry {
+            Ok(e) if !uniques.contains(e.unique.as_str()) => expunged.push(e.unique),
+            Ok(_) => {}
+            Err(UidlistError::Syntax { .. }) => break,
+            Err(UidlistError::Fs(e)) => return Err(e.into()),
+        }
+    }
+    expunged.sort();
+    Ok((Some(header), expunged))
 }

@@ -5,20 +5,19 @@
 //! released and the attempt repeated after a random pause, so we never hold one lock while
 //! waiting for another that Dovecot holds.
 
-use std::collections::HashMap;
-use std::fs;
-use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::copy;
-use super::scan::{dir_stamps, list_folder, partial_listing, Listed, Listing};
-use super::watch::Watcher;
+use super::scan::{dir_stamps, list_folder, open_subdirs, partial_listing, Listed, Listing};
 use super::sync::{FolderState, Tree};
+use super::watch::Watcher;
 use super::BackupError;
 use crate::dotlock::{self, DotLock, LockError, LockSettings};
-use crate::maildir::{Folder, FOLDER_CONTROL_FILES, UIDLIST};
+use crate::fsx::{self, Dir, FsError, Meta, ReadFile, Replace};
+use crate::maildir::{control_file_limit, is_user_control_file, Folder, Maildir, FOLDER_CONTROL_FILES, MAILDIRFOLDER, UIDLIST};
 
 /// How long to wait for the first lock of a round, while holding none.
 const FIRST_LOCK_WAIT: Duration = Duration::from_millis(1000);
@@ -91,11 +90,12 @@ impl HeldLocks for DotLockSet {
         drop(_refresher);
         for lock in locks {
             let held = lock.held_for();
-            let path = lock.lock_path().to_path_buf();
-            let dir_gone = path.parent().map(|p| !p.exists()).unwrap_or(false);
+            let path = lock.lock_path();
+            // The folder was deleted while we held it: its lock went with it.
+            let dir_gone = lock.dir_removed();
             match lock.release() {
                 Ok(outcome) if !dir_gone => warnings.extend(dotlock::release_warning(&path, outcome, held)),
-                Ok(_) => {} // the folder was deleted while we held it: its lock went with it
+                Ok(_) => {}
                 Err(e) => warnings.push(format!("releasing {}: {e}", path.display())),
             }
         }
@@ -103,19 +103,28 @@ impl HeldLocks for DotLockSet {
 }
 
 /// Locks the uidlist of every folder with our own dot-lock. Folders whose control dir does
-/// not exist yet (Dovecot never opened them) have nothing to protect and are skipped.
-pub fn dotlock_all(folders: &[Folder], set: &LockSettings, attempts: &mut u32) -> Result<(DotLockSet, Instant), BackupError> {
-    let mut order: Vec<&Folder> = folders.iter().filter(|f| f.control_dir.is_dir()).collect();
-    order.sort_by(|a, b| a.control_dir.cmp(&b.control_dir));
+/// not exist yet (Dovecot never opened them) have nothing to protect and are skipped; one
+/// replaced by a symlink is never followed (and reported).
+pub fn dotlock_all(md: &Maildir, folders: &[Folder], set: &LockSettings, attempts: &mut u32, warnings: &mut Vec<String>)
+    -> Result<(DotLockSet, Instant), BackupError> {
+    let mut order: Vec<(&Folder, Arc<Dir>)> = Vec::with_capacity(folders.len());
+    for f in folders {
+        match md.control_dir(f) {
+            Ok(Some(d)) => order.push((f, Arc::new(d))),
+            Ok(None) => {}
+            Err(e) if e.is_planted() => warnings.push(format!("not locked: {e}")),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    order.sort_by(|a, b| a.0.control_rel.cmp(&b.0.control_rel));
     let (locks, since) = lock_all_or_none(order.len(), set.timeout, attempts, |i, wait| {
         let quick = LockSettings { timeout: wait, ..set.clone() };
-        match DotLock::acquire(&order[i].control_dir.join(UIDLIST), &quick) {
+        let dir = &order[i].1;
+        match DotLock::acquire_in(dir, UIDLIST, &quick) {
             Ok(l) => Ok(Ok(Some(l))),
             Err(e @ LockError::Timeout { .. }) => Ok(Err(e.to_string())),
             // Deleted since we listed it: nothing left to protect; the relist sees it gone.
-            Err(LockError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound && !order[i].control_dir.exists() => {
-                Ok(Ok(None))
-            }
+            Err(_) if dir.is_removed() => Ok(Ok(None)),
             Err(e) => Err(e.into()),
         }
     })?;
@@ -127,32 +136,28 @@ pub fn dotlock_all(folders: &[Folder], set: &LockSettings, attempts: &mut u32) -
 /// True if a folder's cur/ and new/ are provably unchanged since it was last listed: same
 /// stamps, and they were already older than a second when taken (so a change in the same
 /// clock tick cannot hide). Never trusted on NFS, where directory times are cached.
-pub fn unchanged_since_listing(state: &FolderState, nfs: bool) -> bool {
+pub fn unchanged_since_listing(md: &Maildir, state: &FolderState, nfs: bool) -> bool {
     if nfs {
         return false;
     }
     let Some(listed_at) = state.listed_at else { return false };
-    let now = dir_stamps(&state.folder.mail_dir);
+    let now = dir_stamps(md, &state.folder);
     if now != state.stamps || now.iter().any(|s| s.is_none()) {
         return false;
     }
     let fresh_limit = listed_at.checked_sub(Duration::from_secs(1)).unwrap_or(SystemTime::UNIX_EPOCH);
     let limit = fresh_limit.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    ["cur", "new"].iter().all(|sub| {
-        fs::symlink_metadata(state.folder.mail_dir.join(sub))
-            .map(|md| std::os::unix::fs::MetadataExt::mtime(&md) < limit)
-            .unwrap_or(false)
-    })
+    now.iter().flatten().all(|s| s.mtime() < limit)
 }
 
 /// Lists what may have changed: for a watched folder only the names inotify reported, for
-/// others the whole folder unless its directories are provably unchanged. `force` lists
-/// every folder in full. New folders are watched before their first listing.
+/// others the whole folder unless its directories are provably unchanged. New folders are
+/// watched before their first listing.
 pub fn relist(
+    md: &Maildir,
     tree: &Tree,
     folders: &[Folder],
     nfs: bool,
-    force: bool,
     mut watcher: Option<&mut Watcher>,
 ) -> Result<Vec<(Folder, Option<Listing>)>, BackupError> {
     if let Some(w) = watcher.as_deref_mut() {
@@ -161,21 +166,29 @@ pub fn relist(
     let mut out = Vec::new();
     for f in folders {
         let state = tree.folders.get(&f.rel);
-        let changes = if force { None } else { watcher.as_deref_mut().and_then(|w| w.take(&f.rel)) };
+        let changes = watcher.as_deref_mut().and_then(|w| w.take(&f.rel));
         match (state, changes) {
             (Some(state), Some(changes)) => {
-                if !changes.is_empty() {
-                    let listing = partial_listing(&f.mail_dir, &changes, |key| {
-                        state.entries.get(key).map(|e| Listed { sub: e.sub, name: e.name.clone() })
-                    });
-                    out.push((f.clone(), Some(listing)));
-                }
-            }
-            (state, _) => {
-                if !force && state.is_some_and(|s| unchanged_since_listing(s, nfs)) {
+                if changes.is_empty() {
                     continue;
                 }
-                out.push((f.clone(), watch_and_list(f, watcher.as_deref_mut())?));
+                let Some(dir) = folder_dir_or_gone(md, f)? else {
+                    out.push((f.clone(), None));
+                    continue;
+                };
+                let mut warnings = Vec::new();
+                let subs = open_subdirs(&dir, &mut warnings)?;
+                let mut listing = partial_listing(&subs, &changes, |key| {
+                    state.entries.get(key).map(|e| Listed { sub: e.sub, name: e.name.clone() })
+                });
+                listing.warnings.extend(warnings);
+                out.push((f.clone(), Some(listing)));
+            }
+            (state, _) => {
+                if state.is_some_and(|s| unchanged_since_listing(md, s, nfs)) {
+                    continue;
+                }
+                out.push((f.clone(), watch_and_list(md, f, watcher.as_deref_mut())?));
             }
         }
     }
@@ -188,48 +201,84 @@ pub fn relist(
     Ok(out)
 }
 
-/// Watches a folder (if there is a watcher), then lists it in full.
-pub fn watch_and_list(f: &Folder, watcher: Option<&mut Watcher>) -> Result<Option<Listing>, BackupError> {
-    if let Some(w) = watcher {
-        w.watch(&f.rel, &f.mail_dir);
-    }
-    listing_or_gone(f)
-}
-
-/// A folder's listing, or None if the folder has been deleted.
-pub fn listing_or_gone(f: &Folder) -> Result<Option<Listing>, BackupError> {
-    match list_folder(&f.mail_dir) {
-        Ok(l) => Ok(Some(l)),
-        Err(e) if e.is_not_found() => Ok(None),
+/// A folder's directory, or None if it has been deleted (or replaced by a symlink, which is
+/// never followed: to us the folder is gone).
+fn folder_dir_or_gone(md: &Maildir, f: &Folder) -> Result<Option<Dir>, BackupError> {
+    match md.folder_dir(f) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if e.is_not_found() || e.is_planted() => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
-fn control_io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackupError + 'a {
-    move |source| BackupError::Io { op, path: path.to_path_buf(), source }
+/// Watches a folder (if there is a watcher), then lists it in full; None if it is gone.
+pub fn watch_and_list(md: &Maildir, f: &Folder, watcher: Option<&mut Watcher>) -> Result<Option<Listing>, BackupError> {
+    let Some(dir) = folder_dir_or_gone(md, f)? else { return Ok(None) };
+    let mut warnings = Vec::new();
+    let subs = open_subdirs(&dir, &mut warnings)?;
+    if let Some(w) = watcher {
+        w.watch(&f.rel, &subs);
+    }
+    let mut listing = list_folder(&subs)?;
+    listing.warnings.extend(warnings);
+    Ok(Some(listing))
 }
 
-/// (source, copy) of every control file a self-contained backup carries: each folder's
-/// dovecot-uidlist and dovecot-keywords (from its control dir) and maildirfolder, placed in
-/// the folder itself, and the per-user files in the root.
-fn control_pairs(tree: &Tree, control_root: &Path) -> Result<Vec<(PathBuf, PathBuf)>, BackupError> {
-    let mut pairs = Vec::new();
+/// The control files of one source directory, and where each goes in the staged copy.
+struct ControlGroup<'a> {
+    /// The directory they are in: a folder's control dir or mail dir, or the control root.
+    from: ControlDir<'a>,
+    /// (file name, path in the staged copy)
+    files: Vec<(String, PathBuf)>,
+}
+
+#[derive(Clone, Copy)]
+enum ControlDir<'a> {
+    Control(&'a Folder),
+    Mail(&'a Folder),
+    UserRoot,
+}
+
+/// Every control file a self-contained backup carries: each folder's dovecot-uidlist and
+/// dovecot-keywords (from its control dir) and maildirfolder, placed in the folder itself,
+/// and the per-user files in the root.
+fn control_groups<'a>(md: &Maildir, tree: &'a Tree) -> Result<Vec<ControlGroup<'a>>, BackupError> {
+    let mut groups = Vec::new();
     for (rel, state) in &tree.folders {
-        let dst_dir = tree.staged_dir(rel);
-        for name in FOLDER_CONTROL_FILES {
-            pairs.push((state.folder.control_dir.join(name), dst_dir.join(name)));
-        }
-        pairs.push((state.folder.mail_dir.join("maildirfolder"), dst_dir.join("maildirfolder")));
+        let files = FOLDER_CONTROL_FILES.iter().map(|n| (n.to_string(), rel.join(n))).collect();
+        groups.push(ControlGroup { from: ControlDir::Control(&state.folder), files });
+        groups.push(ControlGroup { from: ControlDir::Mail(&state.folder), files: vec![(MAILDIRFOLDER.to_string(), rel.join(MAILDIRFOLDER))] });
     }
-    for entry in fs::read_dir(control_root).map_err(control_io("read directory", control_root))?.flatten() {
-        let name = entry.file_name();
-        let n = name.to_string_lossy();
-        let wanted = n == "subscriptions" || n == "dovecot-uidvalidity" || n.starts_with("dovecot-uidvalidity.");
-        if wanted && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            pairs.push((entry.path(), tree.staging.join(&name)));
+    let mut user_files = Vec::new();
+    if let Some(root) = md.control_root() {
+        for entry in root.list()? {
+            let Some(name) = entry.name.to_str() else { continue };
+            if is_user_control_file(name) {
+                user_files.push((name.to_string(), PathBuf::from(name)));
+            }
         }
     }
-    Ok(pairs)
+    groups.push(ControlGroup { from: ControlDir::UserRoot, files: user_files });
+    Ok(groups)
+}
+
+impl ControlGroup<'_> {
+    /// The source directory; None if it does not exist (or is a planted symlink: warned).
+    fn open(&self, md: &Maildir, warnings: &mut Vec<String>) -> Result<Option<Dir>, BackupError> {
+        let r = match self.from {
+            ControlDir::Control(f) => md.control_dir(f),
+            ControlDir::Mail(f) => md.root.sub_opt(&f.rel),
+            ControlDir::UserRoot => Ok(md.control_root().map(Dir::try_clone).transpose()?),
+        };
+        match r {
+            Ok(d) => Ok(d),
+            Err(e) if e.is_planted() => {
+                warnings.push(format!("control files not copied: {e}"));
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 /// A control file copied before the lock. Its source stays open so its inode cannot be
@@ -237,7 +286,7 @@ fn control_pairs(tree: &Tree, control_root: &Path) -> Result<Vec<(PathBuf, PathB
 /// same inode grown is our copy plus an appended tail (Dovecot only ever appends to
 /// dovecot-uidlist in place; every other change is a new file renamed over it).
 struct Precopied {
-    source: fs::File,
+    source: ReadFile,
     len: u64,
 }
 
@@ -246,49 +295,65 @@ pub struct ControlFiles {
     by_dest: HashMap<PathBuf, Precopied>,
 }
 
-/// Copies `src` to `dst` (replacing it) with its metadata; the open source and the bytes
-/// copied, or None if there is no source.
-fn copy_control(src: &Path, dst: &Path, keep_owner: bool) -> Result<Option<Precopied>, BackupError> {
-    let mut source = match copy::open_nofollow(src) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            remove_if_there(dst)?;
+/// Copies `name` from `src` to `dst` in the staging dir (replacing it), with its metadata;
+/// the open source and the bytes copied, or None if there is no usable source (a planted
+/// one is reported in `warnings`).
+fn copy_control(src: &Dir, name: &str, tree: &Tree, dst: &Path, warnings: &mut Vec<String>) -> Result<Option<Precopied>, BackupError> {
+    let limit = control_file_limit(name);
+    let mut source = match src.open_read_opt(name) {
+        Ok(Some(f)) if f.meta.size() <= limit => f,
+        Ok(Some(f)) => {
+            warnings.push(format!("skipped {}", FsError::TooBig { path: f.path, size: f.meta.size(), limit, what: "this control file" }));
+            tree.staging.unlink(dst)?;
             return Ok(None);
         }
-        Err(e) => return Err(control_io("read control file", src)(e)),
+        Ok(None) => {
+            tree.staging.unlink(dst)?;
+            return Ok(None);
+        }
+        Err(e) if e.is_planted() => {
+            warnings.push(format!("skipped {e}"));
+            tree.staging.unlink(dst)?;
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
     };
-    let tmp = dst.with_extension("maildir-backup-tmp");
-    let mut out = fs::File::create(&tmp).map_err(control_io("create", &tmp))?;
-    let len = io::copy(&mut source, &mut out).map_err(control_io("copy control file", src))?;
-    let md = source.metadata().map_err(control_io("fstat", src))?;
-    copy::apply_metadata(&out, &md, keep_owner).map_err(control_io("set metadata of", &tmp))?;
-    fs::rename(&tmp, dst).map_err(control_io("rename into place", dst))?;
+    let dir = tree.staging.sub(dst.parent().unwrap_or(Path::new("")))?;
+    let file_name = dst.file_name().and_then(|n| n.to_str()).unwrap_or(name);
+    let (tmp, out) = dir.create_temp(&format!(".{file_name}.maildir-backup"), 0o600)?;
+    let owner = tree.keep_owner.then(|| source.meta.owner());
+    let copied = fsx::copy_file(&mut source, &out, owner);
+    let len = match copied {
+        Ok(c) => c.size,
+        Err(fail) => {
+            let _ = dir.unlink(&tmp);
+            return Err(match fail {
+                fsx::CopyFail::Source(e) => FsError::Io { op: "read control file", path: source.path, source: e },
+                fsx::CopyFail::Dest(e) => FsError::Io { op: "write", path: dir.show(&tmp), source: e },
+            }
+            .into());
+        }
+    };
+    dir.rename(&tmp, &dir, file_name, Replace::Allowed)?;
     Ok(Some(Precopied { source, len }))
-}
-
-fn remove_if_there(path: &Path) -> Result<(), BackupError> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(control_io("remove", path)(e)),
-        _ => Ok(()),
-    }
 }
 
 /// Copies each folder's dovecot-uidlist before the lock (the only big control file), so that
 /// under the lock only what was appended since is copied. The sources stay open, within a
 /// share of the descriptor limit; whatever is over it is copied under the lock instead.
-pub fn precopy_control_files(tree: &Tree, control_root: &Path) -> Result<ControlFiles, BackupError> {
+pub fn precopy_control_files(md: &Maildir, tree: &Tree, warnings: &mut Vec<String>) -> Result<ControlFiles, BackupError> {
     let budget = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(soft, _)| (soft.min(1 << 20) as usize).saturating_sub(256) / 2)
         .unwrap_or(256);
     let mut files = ControlFiles::default();
-    for (src, dst) in control_pairs(tree, control_root)? {
+    for group in control_groups(md, tree)? {
         if files.by_dest.len() >= budget {
             break;
         }
-        if dst.file_name().is_some_and(|n| n == UIDLIST) {
-            if let Some(p) = copy_control(&src, &dst, tree.keep_owner)? {
-                files.by_dest.insert(dst, p);
-            }
+        let Some((name, dst)) = group.files.iter().find(|(n, _)| n == UIDLIST) else { continue };
+        let Some(src) = group.open(md, warnings)? else { continue };
+        if let Some(p) = copy_control(&src, name, tree, dst, warnings)? {
+            files.by_dest.insert(dst.clone(), p);
         }
     }
     Ok(files)
@@ -296,46 +361,55 @@ pub fn precopy_control_files(tree: &Tree, control_root: &Path) -> Result<Control
 
 /// Brings the control files to what they are now. Called with the locks held: an unchanged
 /// file costs a stat, an appended uidlist only its new lines.
-pub fn copy_control_files(tree: &Tree, control_root: &Path, mut pre: ControlFiles) -> Result<(), BackupError> {
-    let pairs = control_pairs(tree, control_root)?;
-    let current: std::collections::HashSet<PathBuf> = pairs.iter().map(|(_, d)| d.clone()).collect();
-    for (src, dst) in pairs {
-        let now = match fs::symlink_metadata(&src) {
-            Ok(md) => md,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                remove_if_there(&dst)?;
+pub fn copy_control_files(md: &Maildir, tree: &Tree, mut pre: ControlFiles, warnings: &mut Vec<String>) -> Result<(), BackupError> {
+    let groups = control_groups(md, tree)?;
+    let current: HashSet<&PathBuf> = groups.iter().flat_map(|g| g.files.iter().map(|(_, d)| d)).collect();
+    for group in &groups {
+        let src = group.open(md, warnings)?;
+        for (name, dst) in &group.files {
+            let Some(src) = &src else {
+                tree.staging.unlink(dst)?;
                 continue;
-            }
-            Err(e) => return Err(control_io("stat", &src)(e)),
-        };
-        // Only dovecot-uidlist is changed in place solely by appending; other control files
-        // are rewritten (dovecot-uidvalidity even in place at the same size): copy afresh.
-        let appendable = dst.file_name().is_some_and(|n| n == UIDLIST);
-        if let Some(p) = pre.by_dest.remove(&dst).filter(|_| appendable).as_mut() {
-            let then = p.source.metadata().map_err(control_io("fstat", &src))?;
-            if then.dev() == now.dev() && then.ino() == now.ino() && now.len() >= p.len {
-                if now.len() > p.len {
-                    append_tail(p, &dst, &now, tree.keep_owner).map_err(control_io("append to", &dst))?;
+            };
+            let now = match src.lstat(name)? {
+                Some(m) if m.is_file() => m,
+                _ => {
+                    // Gone, or planted: copy_control says which and removes our copy.
+                    copy_control(src, name, tree, dst, warnings)?;
+                    continue;
                 }
-                continue;
+            };
+            // Only dovecot-uidlist is changed in place solely by appending; other control files
+            // are rewritten (dovecot-uidvalidity even in place at the same size): copy afresh.
+            if let Some(p) = pre.by_dest.remove(dst).filter(|_| name == UIDLIST).as_mut() {
+                let same = p.source.meta.dev() == now.dev() && p.source.meta.ino() == now.ino();
+                if same && now.size() >= p.len && now.size() <= control_file_limit(name) {
+                    if now.size() > p.len {
+                        append_tail(p, tree, dst, &now)?;
+                    }
+                    continue;
+                }
             }
+            copy_control(src, name, tree, dst, warnings)?;
         }
-        copy_control(&src, &dst, tree.keep_owner)?;
     }
     // Copied before the lock, gone since (e.g. a dovecot-uidvalidity.* marker renamed away).
     for dst in pre.by_dest.into_keys() {
         if !current.contains(&dst) {
-            remove_if_there(&dst)?;
+            tree.staging.unlink(&dst)?;
         }
     }
     Ok(())
 }
 
-/// Appends what was added to the source after `p.len` and takes the source's times.
-fn append_tail(p: &mut Precopied, dst: &Path, now: &fs::Metadata, keep_owner: bool) -> io::Result<()> {
-    use std::io::{Seek, SeekFrom};
-    p.source.seek(SeekFrom::Start(p.len))?;
-    let mut out = fs::OpenOptions::new().append(true).custom_flags(libc::O_NOFOLLOW).open(dst)?;
-    p.len += io::copy(&mut p.source, &mut out)?;
-    copy::apply_metadata(&out, now, keep_owner)
+/// Appends what was added to the source after `p.len` (up to its size now) and takes the
+/// source's times.
+fn append_tail(p: &mut Precopied, tree: &Tree, dst: &Path, now: &Meta) -> Result<(), BackupError> {
+    let err = |op, path: PathBuf| move |e: io::Error| BackupError::Fs(FsError::Io { op, path, source: e });
+    let out = tree.staging.open_append(dst)?;
+    p.source.file.seek(SeekFrom::Start(p.len)).map_err(err("seek", p.source.path.clone()))?;
+    let mut tail = (&p.source.file).take(now.size() - p.len);
+    p.len += io::copy(&mut tail, &mut &out).map_err(err("append to", tree.staging.show(dst)))?;
+    fsx::apply(&out, now, tree.keep_owner.then(|| now.owner())).map_err(err("set metadata of", tree.staging.show(dst)))?;
+    Ok(())
 }

@@ -1,13 +1,10 @@
 //! Listing a folder's messages (`cur/` and `new/`) keyed by unique name.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
-use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::SystemTime;
 
-use crate::maildir::{MessageName, Subdir};
+use crate::fsx::{Dir, FsError, Kind, Meta};
+use crate::maildir::{Folder, Maildir, MessageName, Subdir};
 
 /// Where a message file is right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +25,12 @@ pub struct DirStamp {
 }
 
 impl DirStamp {
-    pub fn of(dir: &Path) -> Option<DirStamp> {
-        let md = fs::symlink_metadata(dir).ok()?;
-        Some(DirStamp { ino: md.ino(), mtime: md.mtime(), mtime_nsec: md.mtime_nsec(), ctime: md.ctime(), ctime_nsec: md.ctime_nsec() })
+    fn of(md: &Meta) -> DirStamp {
+        DirStamp { ino: md.ino(), mtime: md.mtime(), mtime_nsec: md.mtime_nsec(), ctime: md.ctime(), ctime_nsec: md.ctime_nsec() }
+    }
+
+    pub fn mtime(&self) -> i64 {
+        self.mtime
     }
 }
 
@@ -46,14 +46,6 @@ pub struct Listing {
     pub touched: Option<HashSet<String>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ScanError {
-    #[error("read directory {path}: {source}")]
-    Io { path: String, #[source] source: io::Error },
-    #[error("message file name is not UTF-8: {0} (rename it, then back up again)")]
-    NonUtf8(String),
-}
-
 /// The key for a message: its unique name. A second file with the same unique name (which
 /// Dovecot would repair) is kept under its full name so nothing is dropped.
 fn key_for(entries: &HashMap<String, Listed>, unique: &str, full: &str) -> String {
@@ -64,40 +56,47 @@ fn key_for(entries: &HashMap<String, Listed>, unique: &str, full: &str) -> Strin
     }
 }
 
-pub fn dir_stamps(mail_dir: &Path) -> [Option<DirStamp>; 2] {
-    [DirStamp::of(&mail_dir.join("cur")), DirStamp::of(&mail_dir.join("new"))]
+/// A folder's cur/ and new/, opened (None where missing). One replaced by a symlink is never
+/// followed: it is reported in `warnings` and counts as missing.
+pub fn open_subdirs(folder: &Dir, warnings: &mut Vec<String>) -> Result<[Option<Dir>; 2], FsError> {
+    let open = |sub: Subdir, warnings: &mut Vec<String>| match folder.sub_opt(sub.as_str()) {
+        Err(e @ FsError::Symlink { .. }) => {
+            warnings.push(format!("skipped {e}"));
+            Ok(None)
+        }
+        r => r,
+    };
+    Ok([open(Subdir::Cur, warnings)?, open(Subdir::New, warnings)?])
 }
 
-/// Lists `cur/` and `new/` of a folder. A missing subdir counts as empty; a missing folder
-/// is an error of kind NotFound (the caller treats the folder as deleted).
-pub fn list_folder(mail_dir: &Path) -> Result<Listing, ScanError> {
-    let mut listing = Listing { listed_at: Some(SystemTime::now()), stamps: dir_stamps(mail_dir), ..Default::default() };
-    if let Err(e) = fs::symlink_metadata(mail_dir) {
-        return Err(ScanError::Io { path: mail_dir.display().to_string(), source: e });
-    }
-    for sub in Subdir::ALL {
-        let dir = mail_dir.join(sub.as_str());
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(ScanError::Io { path: dir.display().to_string(), source: e }),
-        };
-        for entry in rd {
-            let entry = entry.map_err(|e| ScanError::Io { path: dir.display().to_string(), source: e })?;
-            let os_name = entry.file_name();
-            let Some(name) = os_name.to_str() else {
-                return Err(ScanError::NonUtf8(entry.path().display().to_string()));
+/// The stamps of a folder's cur/ and new/ as they are now.
+pub fn dir_stamps(md: &Maildir, f: &Folder) -> [Option<DirStamp>; 2] {
+    Subdir::ALL.map(|sub| match md.root.lstat(f.rel.join(sub.as_str())) {
+        Ok(Some(m)) if m.is_dir() => Some(DirStamp::of(&m)),
+        _ => None,
+    })
+}
+
+/// Lists the opened `cur/` and `new/` of a folder. Anything but a regular file with a usable
+/// name is left out, with a warning.
+pub fn list_folder(subs: &[Option<Dir>; 2]) -> Result<Listing, FsError> {
+    let mut listing = Listing { listed_at: Some(SystemTime::now()), ..Default::default() };
+    for (i, sub) in Subdir::ALL.into_iter().enumerate() {
+        let Some(dir) = &subs[i] else { continue };
+        listing.stamps[i] = Some(DirStamp::of(&dir.stat()?));
+        for entry in dir.list()? {
+            let Some(name) = entry.name.to_str() else {
+                listing.warnings.push(format!("skipped {}: the file name is not UTF-8", dir.show(&entry.name).display()));
+                continue;
             };
             let Some(msg) = MessageName::parse(name) else { continue };
-            match entry.file_type() {
-                Ok(ft) if ft.is_file() => {}
-                Ok(ft) if ft.is_symlink() => {
-                    listing.warnings.push(format!("skipped symlink {} (symlinks are never followed)", entry.path().display()));
-                    continue;
-                }
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(ScanError::Io { path: entry.path().display().to_string(), source: e }),
+            if !msg.is_safe() {
+                listing.warnings.push(format!("skipped {:?} in {}: control characters in a file name", name, dir.path().display()));
+                continue;
+            }
+            if entry.kind != Kind::File {
+                listing.warnings.push(format!("skipped {}: it is {}, not a regular file", dir.show(name).display(), entry.kind.describe()));
+                continue;
             }
             let key = key_for(&listing.entries, msg.unique(), name);
             listing.entries.insert(key, Listed { sub, name: name.to_string() });
@@ -106,24 +105,14 @@ pub fn list_folder(mail_dir: &Path) -> Result<Listing, ScanError> {
     Ok(listing)
 }
 
-impl ScanError {
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, ScanError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
-    }
-}
-
 /// A partial listing from the names that changed (from inotify): for each message touched,
 /// where it is now — looking only at the names it had or was given, never reading the
 /// directories. `current` gives a key's location as last staged.
-pub fn partial_listing(
-    mail_dir: &Path,
-    changes: &super::watch::Changes,
-    current: impl Fn(&str) -> Option<Listed>,
-) -> Listing {
+pub fn partial_listing(subs: &[Option<Dir>; 2], changes: &super::watch::Changes, current: impl Fn(&str) -> Option<Listed>) -> Listing {
     let mut candidates: HashMap<String, Vec<Listed>> = HashMap::new();
     let mut touched = HashSet::new();
     for (sub, name) in changes {
-        let Some(msg) = MessageName::parse(name) else { continue };
+        let Some(msg) = MessageName::parse(name).filter(MessageName::is_safe) else { continue };
         let unique = msg.unique().to_string();
         touched.insert(format!("\0dup:{name}"));
         candidates.entry(unique).or_default().push(Listed { sub: *sub, name: name.clone() });
@@ -136,14 +125,16 @@ pub fn partial_listing(
         names.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
         names.dedup();
         for l in names {
-            match fs::symlink_metadata(mail_dir.join(l.sub.as_str()).join(&l.name)) {
-                Ok(md) if md.file_type().is_file() => {
+            let Some(dir) = &subs[l.sub.index()] else { continue };
+            match dir.lstat(&l.name) {
+                Ok(Some(md)) if md.is_file() => {
                     let key = key_for(&listing.entries, &unique, &l.name);
                     listing.entries.insert(key, l);
                 }
-                Ok(md) if md.file_type().is_symlink() => listing.warnings.push(format!(
-                    "skipped symlink {} (symlinks are never followed)",
-                    mail_dir.join(l.sub.as_str()).join(&l.name).display()
+                Ok(Some(md)) => listing.warnings.push(format!(
+                    "skipped {}: it is {}, not a regular file",
+                    dir.show(&l.name).display(),
+                    md.kind().describe()
                 )),
                 _ => {}
             }

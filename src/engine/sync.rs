@@ -3,17 +3,15 @@
 //! copy, messages moved between folders are moved in the copy, only new messages are read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use rayon::prelude::*;
 
-use super::copy::{copy_file, CopyError};
 use super::scan::{DirStamp, Listed, Listing};
 use super::{BackupError, Progress};
-use crate::maildir::{Folder, Subdir};
+use crate::fsx::{self, Dir, FsError, Replace};
+use crate::maildir::{Folder, Maildir, MessageName, Subdir, FOLDER_CONTROL_FILES, MAILDIRFOLDER, MESSAGE_DIRS};
 
 /// A message as it is in the staged copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +33,8 @@ pub struct FolderState {
 
 /// Everything staged so far, by folder path.
 pub struct Tree {
-    pub staging: PathBuf,
+    /// The staging directory: ours alone (0700), so nothing in it was planted.
+    pub staging: Dir,
     pub folders: BTreeMap<PathBuf, FolderState>,
     pub keep_owner: bool,
     pub warnings: Vec<String>,
@@ -44,8 +43,9 @@ pub struct Tree {
 /// Finds an existing copy of a message to hard-link instead of reading the source
 /// (the previous snapshot of a repository).
 pub trait Reuse: Sync {
-    /// An existing copy of message `unique` whose size is `size`: (path, size, blake3).
-    fn find(&self, unique: &str, size: u64) -> Option<(PathBuf, u64, String)>;
+    /// Hard-links an earlier copy of message `unique`, `size` bytes in the source, into `dst`
+    /// as `name`; its BLAKE3 if it did.
+    fn link_into(&self, unique: &str, size: u64, dst: &Dir, name: &str) -> Option<String>;
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -74,26 +74,27 @@ impl PassStats {
     }
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackupError + 'a {
-    move |source| BackupError::Io { op, path: path.to_path_buf(), source }
-}
-
+/// A message to copy (or link) into a folder's staged copy.
 struct CopyJob {
-    rel: PathBuf,
     key: String,
     listed: Listed,
-    src: PathBuf,
-    dst: PathBuf,
 }
 
 enum JobResult {
-    Copied(Entry),
+    /// Copied; with a warning if the file was odd (sparse).
+    Copied(Entry, Option<String>),
     Linked(Entry),
     Vanished,
+    /// Not a message we may read (planted): the warning to give.
+    Skipped(String),
+}
+
+fn staged_path(rel: &Path, sub: Subdir, name: &str) -> PathBuf {
+    rel.join(sub.as_str()).join(name)
 }
 
 impl Tree {
-    pub fn new(staging: PathBuf, keep_owner: bool) -> Tree {
+    pub fn new(staging: Dir, keep_owner: bool) -> Tree {
         Tree { staging, folders: BTreeMap::new(), keep_owner, warnings: Vec::new() }
     }
 
@@ -104,22 +105,19 @@ impl Tree {
         }
     }
 
-    pub fn staged_dir(&self, rel: &Path) -> PathBuf {
-        self.staging.join(rel)
-    }
-
-    fn staged_file(&self, rel: &Path, sub: Subdir, name: &str) -> PathBuf {
-        self.staging.join(rel).join(sub.as_str()).join(name)
+    pub fn warn_all(&mut self, warnings: Vec<String>) {
+        for w in warnings {
+            self.warn(&w);
+        }
     }
 
     fn ensure_folder(&mut self, folder: &Folder) -> Result<(), BackupError> {
         if self.folders.contains_key(&folder.rel) {
             return Ok(());
         }
-        let dir = self.staged_dir(&folder.rel);
-        for sub in ["cur", "new", "tmp"] {
-            let d = dir.join(sub);
-            fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
+        let dir = self.staging.ensure_dirs(&folder.rel, 0o700, None)?;
+        for sub in MESSAGE_DIRS {
+            dir.mkdir(sub, 0o700)?;
         }
         self.folders.insert(
             folder.rel.clone(),
@@ -130,25 +128,26 @@ impl Tree {
 
     /// Removes a folder that no longer exists in the source (its messages may already have
     /// been moved elsewhere by `apply`).
-    fn drop_folder(&mut self, rel: &Path) {
-        if let Some(state) = self.folders.remove(rel) {
-            let dir = self.staged_dir(rel);
-            for sub in ["cur", "new", "tmp"] {
-                let _ = fs::remove_dir_all(dir.join(sub));
-            }
-            for f in crate::maildir::FOLDER_CONTROL_FILES.iter().chain(["maildirfolder"].iter()) {
-                let _ = fs::remove_file(dir.join(f));
-            }
-            // A LAYOUT=fs parent may still hold child folders: only remove it if empty.
-            if !state.folder.is_inbox() {
-                let _ = fs::remove_dir(&dir);
-            }
+    fn drop_folder(&mut self, rel: &Path) -> Result<(), FsError> {
+        let Some(state) = self.folders.remove(rel) else { return Ok(()) };
+        let Some(dir) = self.staging.sub_opt(rel)? else { return Ok(()) };
+        for sub in MESSAGE_DIRS {
+            dir.remove_tree(sub)?;
         }
+        for f in FOLDER_CONTROL_FILES.iter().chain([MAILDIRFOLDER].iter()) {
+            dir.unlink(f)?;
+        }
+        // A LAYOUT=fs parent may still hold child folders: only remove it if empty.
+        if !state.folder.is_inbox() {
+            self.staging.rmdir(rel)?;
+        }
+        Ok(())
     }
 
     /// Applies fresh listings (None = the folder is gone) to the staged copy.
     pub fn apply(
         &mut self,
+        md: &Maildir,
         listings: Vec<(Folder, Option<Listing>)>,
         pool: &rayon::ThreadPool,
         reuse: Option<&dyn Reuse>,
@@ -176,7 +175,6 @@ impl Tree {
             for w in &listing.warnings {
                 self.warn(w);
             }
-            let staging = self.staging.clone();
             let state = self.folders.get_mut(&folder.rel).expect("ensured above");
             state.stamps = listing.stamps;
             state.listed_at = listing.listed_at;
@@ -193,9 +191,9 @@ impl Tree {
                     Some(e) if e.sub == listed.sub && e.name == listed.name => {}
                     Some(e) => {
                         // Flags changed or new/ -> cur/: the same message under a new name.
-                        let from = staging.join(&folder.rel).join(e.sub.as_str()).join(&e.name);
-                        let to = staging.join(&folder.rel).join(listed.sub.as_str()).join(&listed.name);
-                        fs::rename(&from, &to).map_err(io_err("rename staged message", &from))?;
+                        let from = staged_path(&folder.rel, e.sub, &e.name);
+                        let to = staged_path(&folder.rel, listed.sub, &listed.name);
+                        self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
                         e.sub = listed.sub;
                         e.name = listed.name;
                         stats.renamed += 1;
@@ -205,95 +203,130 @@ impl Tree {
             }
         }
 
-        let mut jobs = Vec::new();
+        let mut jobs: BTreeMap<PathBuf, Vec<CopyJob>> = BTreeMap::new();
         for (rel, key, listed) in added {
             if let Some((from_rel, e)) = departed.get_mut(&key).and_then(Vec::pop) {
                 // Moved between folders (Dovecot keeps the unique name): move our copy too.
-                let from = self.staged_file(&from_rel, e.sub, &e.name);
-                let to = self.staged_file(&rel, listed.sub, &listed.name);
-                fs::rename(&from, &to).map_err(io_err("move staged message", &from))?;
+                let from = staged_path(&from_rel, e.sub, &e.name);
+                let to = staged_path(&rel, listed.sub, &listed.name);
+                self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
                 let entry = Entry { sub: listed.sub, name: listed.name, ..e };
                 self.folders.get_mut(&rel).expect("listed folder is staged").entries.insert(key, entry);
                 stats.moved += 1;
                 continue;
             }
-            let state = &self.folders[&rel];
-            jobs.push(CopyJob {
-                src: state.folder.mail_dir.join(listed.sub.as_str()).join(&listed.name),
-                dst: self.staged_file(&rel, listed.sub, &listed.name),
-                rel,
-                key,
-                listed,
-            });
+            jobs.entry(rel).or_default().push(CopyJob { key, listed });
         }
 
+        // Folder by folder, so only one folder's directories are open at a time.
+        for (rel, jobs) in jobs {
+            let results = self.run_jobs(md, &rel, &jobs, pool, reuse, progress)?;
+            let state = self.folders.get_mut(&rel).expect("job folder is staged");
+            let mut warnings = Vec::new();
+            for (job, result) in jobs.into_iter().zip(results) {
+                match result? {
+                    JobResult::Copied(e, warning) => {
+                        stats.copied += 1;
+                        stats.bytes += e.size;
+                        state.entries.insert(job.key, e);
+                        warnings.extend(warning);
+                    }
+                    JobResult::Linked(e) => {
+                        stats.linked += 1;
+                        state.entries.insert(job.key, e);
+                    }
+                    JobResult::Vanished => stats.vanished += 1,
+                    JobResult::Skipped(w) => warnings.push(w),
+                }
+            }
+            for w in warnings {
+                self.warn(&w);
+            }
+        }
+
+        for (rel, e) in departed.into_values().flatten() {
+            self.staging.unlink(staged_path(&rel, e.sub, &e.name))?;
+            stats.removed += 1;
+        }
+        for rel in gone_folders {
+            self.drop_folder(&rel)?;
+        }
+        Ok(stats)
+    }
+
+    /// Copies one folder's new messages in parallel.
+    fn run_jobs(
+        &self,
+        md: &Maildir,
+        rel: &Path,
+        jobs: &[CopyJob],
+        pool: &rayon::ThreadPool,
+        reuse: Option<&dyn Reuse>,
+        progress: &dyn Progress,
+    ) -> Result<Vec<Result<JobResult, BackupError>>, BackupError> {
+        // The source's cur/ and new/ (None: gone or planted since the listing, which reported it).
+        let src: [Option<Dir>; 2] = match md.root.sub_opt(rel) {
+            Ok(Some(d)) => super::scan::open_subdirs(&d, &mut Vec::new())?,
+            Ok(None) | Err(FsError::Symlink { .. }) => [None, None],
+            Err(e) => return Err(e.into()),
+        };
+        let dst = [self.staging.sub(rel.join("cur"))?, self.staging.sub(rel.join("new"))?];
         let keep_owner = self.keep_owner;
-        let results: Vec<Result<JobResult, BackupError>> = pool.install(|| {
+        Ok(pool.install(|| {
             jobs.par_iter()
                 .map(|job| {
-                    let r = run_job(job, keep_owner, reuse);
-                    if let Ok(JobResult::Copied(e) | JobResult::Linked(e)) = &r {
+                    let i = job.listed.sub.index();
+                    let r = match &src[i] {
+                        Some(s) => run_job(job, s, &dst[i], keep_owner, reuse),
+                        None => Ok(JobResult::Vanished),
+                    };
+                    if let Ok(JobResult::Copied(e, _) | JobResult::Linked(e)) = &r {
                         progress.advance(1, e.size);
                     }
                     r
                 })
                 .collect()
-        });
-        for (job, result) in jobs.into_iter().zip(results) {
-            let state = self.folders.get_mut(&job.rel).expect("job folder is staged");
-            match result? {
-                JobResult::Copied(e) => {
-                    stats.copied += 1;
-                    stats.bytes += e.size;
-                    state.entries.insert(job.key, e);
-                }
-                JobResult::Linked(e) => {
-                    stats.linked += 1;
-                    state.entries.insert(job.key, e);
-                }
-                JobResult::Vanished => stats.vanished += 1,
-            }
-        }
-
-        for (rel, e) in departed.into_values().flatten() {
-            let path = self.staged_file(&rel, e.sub, &e.name);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(io_err("remove staged message", &path)(err)),
-            }
-            stats.removed += 1;
-        }
-        for rel in gone_folders {
-            self.drop_folder(&rel);
-        }
-        Ok(stats)
+        }))
     }
 }
 
-fn run_job(job: &CopyJob, keep_owner: bool, reuse: Option<&dyn Reuse>) -> Result<JobResult, BackupError> {
-    let unique = crate::maildir::MessageName::parse(&job.listed.name).map(|m| m.unique()).unwrap_or(&job.key);
+fn run_job(job: &CopyJob, src: &Dir, dst: &Dir, keep_owner: bool, reuse: Option<&dyn Reuse>) -> Result<JobResult, BackupError> {
+    let name = job.listed.name.as_str();
+    let entry = |size, blake3| Entry { sub: job.listed.sub, name: name.to_string(), size, blake3 };
     if let Some(reuse) = reuse {
         // Same unique name = same message (Maildir files never change); the sizes must
         // agree too, or it is copied afresh.
-        let size = match fs::symlink_metadata(&job.src) {
-            Ok(md) => md.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(JobResult::Vanished),
-            Err(e) => return Err(BackupError::Io { op: "stat message", path: job.src.clone(), source: e }),
+        let size = match src.lstat(name)? {
+            Some(md) if md.is_file() => md.size(),
+            _ => return Ok(JobResult::Vanished),
         };
-        if let Some((old, size, blake3)) = reuse.find(unique, size) {
-            if fs::hard_link(&old, &job.dst).is_ok() {
-                return Ok(JobResult::Linked(Entry { sub: job.listed.sub, name: job.listed.name.clone(), size, blake3 }));
-            }
+        let unique = MessageName::parse(name).map(|m| m.unique()).unwrap_or(&job.key);
+        if let Some(blake3) = reuse.link_into(unique, size, dst, name) {
+            return Ok(JobResult::Linked(entry(size, blake3)));
         }
     }
-    match copy_file(&job.src, &job.dst, keep_owner) {
-        Ok(c) => Ok(JobResult::Copied(Entry { sub: job.listed.sub, name: job.listed.name.clone(), size: c.size, blake3: c.blake3 })),
-        Err(CopyError::SourceVanished) => Ok(JobResult::Vanished),
-        Err(CopyError::Source(e)) => Err(BackupError::Io { op: "read message", path: job.src.clone(), source: e }),
-        Err(CopyError::Dest(e)) => {
-            let _ = fs::remove_file(&job.dst);
-            Err(BackupError::Io { op: "write backup copy", path: job.dst.clone(), source: e })
+    let mut input = match src.open_read(name) {
+        Ok(f) => f,
+        Err(e) if e.is_not_found() => return Ok(JobResult::Vanished),
+        Err(e) if e.is_planted() => return Ok(JobResult::Skipped(format!("skipped {e}"))),
+        Err(e) => return Err(e.into()),
+    };
+    let out = dst.create(name, 0o600)?;
+    let owner = keep_owner.then(|| input.meta.owner());
+    match fsx::copy_file(&mut input, &out, owner) {
+        Ok(c) => {
+            // Copied as it is, holes and all; but a message file is never sparse by itself.
+            let warning = (c.holes > 0).then(|| {
+                format!("{} is sparse ({} bytes, {} of them holes): copied with its holes", input.path.display(), c.size, c.holes)
+            });
+            Ok(JobResult::Copied(entry(c.size, c.blake3), warning))
+        }
+        Err(fail) => {
+            let _ = dst.unlink(name);
+            Err(match fail {
+                fsx::CopyFail::Source(e) => BackupError::Fs(FsError::Io { op: "read message", path: input.path, source: e }),
+                fsx::CopyFail::Dest(e) => BackupError::Fs(FsError::Io { op: "write backup copy", path: dst.show(name), source: e }),
+            })
         }
     }
 }

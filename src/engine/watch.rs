@@ -8,6 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use crate::fsx::Dir;
+
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
@@ -36,8 +38,7 @@ const EVENTS: AddWatchFlags = AddWatchFlags::IN_CREATE
     .union(AddWatchFlags::IN_MOVED_TO)
     .union(AddWatchFlags::IN_DELETE_SELF)
     .union(AddWatchFlags::IN_MOVE_SELF)
-    .union(AddWatchFlags::IN_ONLYDIR)
-    .union(AddWatchFlags::IN_DONT_FOLLOW);
+    .union(AddWatchFlags::IN_ONLYDIR);
 
 impl Watcher {
     /// None where inotify is not available.
@@ -46,9 +47,10 @@ impl Watcher {
         Some(Watcher { inotify, folders: HashMap::new(), by_wd: HashMap::new() })
     }
 
-    /// Starts watching a folder; call it just *before* listing the folder in full, so no
-    /// change between the listing and the watch can be missed. False if it cannot be watched.
-    pub fn watch(&mut self, rel: &Path, mail_dir: &Path) -> bool {
+    /// Starts watching a folder's opened cur/ and new/; call it just *before* listing them in
+    /// full, so no change between the listing and the watch can be missed. False if it cannot
+    /// be watched (then the folder is listed in full every time).
+    pub fn watch(&mut self, rel: &Path, subs: &[Option<Dir>; 2]) -> bool {
         // Always add the watches again: inotify gives back the existing descriptor for an
         // inode already watched, and a new one if `rel` now names other directories (a folder
         // renamed away moves cur/ and new/ without IN_MOVE_SELF, then is recreated or renamed
@@ -62,7 +64,13 @@ impl Watcher {
         }
         let mut wds = Vec::with_capacity(2);
         for sub in Subdir::ALL {
-            match self.inotify.add_watch(&mail_dir.join(sub.as_str()), EVENTS) {
+            // Through /proc/self/fd: exactly the directory we opened (and will list), never
+            // whatever a path names by now.
+            let Some(dir) = &subs[sub.index()] else {
+                self.forget_wds(&wds);
+                return false;
+            };
+            match self.inotify.add_watch(&dir.proc_path(), EVENTS) {
                 Ok(wd) => {
                     self.by_wd.insert(wd, (rel.to_path_buf(), sub));
                     wds.push(wd);

@@ -103,7 +103,7 @@ impl Meta {
     pub fn ctime_nsec(&self) -> i64 {
         self.0.st_ctime_nsec as i64
     }
-    fn times(&self) -> Timestamps {
+    pub(super) fn times(&self) -> Timestamps {
         Timestamps {
             last_access: Timespec { tv_sec: self.0.st_atime as _, tv_nsec: self.0.st_atime_nsec as _ },
             last_modification: Timespec { tv_sec: self.0.st_mtime as _, tv_nsec: self.0.st_mtime_nsec as _ },

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, ResolveFlags};
 use rustix::io::Errno;
 
-pub use copy::{copy_file, hash_file, Copied};
+pub use copy::{copy_file, hash_file, Copied, CopyFail};
 pub use meta::{apply, running_as_root, safe_mode, set_mode, set_mtime, set_owner, Kind, Meta, Owner};
 pub use name::{check_name, check_rel, has_control, NAME_MAX};
 
@@ -344,6 +344,11 @@ impl Dir {
         }
     }
 
+    /// True if this directory has been removed since we opened it.
+    pub fn is_removed(&self) -> bool {
+        self.stat().is_ok_and(|m| m.nlink() == 0)
+    }
+
     /// The entries of this directory (without `.` and `..`).
     pub fn list(&self) -> Result<Vec<Entry>> {
         let err = |e| FsError::io("read directory", self.path.clone(), e);
@@ -432,6 +437,39 @@ impl Dir {
         Err(FsError::io("create temporary file in", self.path.clone(), Errno::EXIST))
     }
 
+    /// Replaces `name` the way Dovecot replaces its control files: a new file with a random
+    /// name, written by `fill`, given `mode` and `owner`, flushed, renamed over `name`; then
+    /// the directory flushed. A symlink at `name` is replaced, never followed.
+    pub fn replace_file(&self, name: &str, m: u32, owner: Option<Owner>, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
+        let (tmp, mut f) = self.create_temp(&format!(".{name}.maildir-backup"), 0o600)?;
+        let result = (|| {
+            let err = |op| { let p = self.show(&tmp); move |e| FsError::io(op, p, e) };
+            fill(&mut f).map_err(err("write"))?;
+            if let Some(o) = owner {
+                set_owner(&f, o).map_err(err("chown"))?;
+            }
+            set_mode(&f, m).map_err(err("chmod"))?;
+            f.sync_all().map_err(err("fsync"))?;
+            self.rename(&tmp, self, name, Replace::Allowed)?;
+            self.sync()
+        })();
+        if result.is_err() {
+            let _ = self.unlink(&tmp);
+        }
+        result
+    }
+
+    /// Opens the existing regular file `rel` to append to it.
+    pub fn open_append(&self, rel: impl AsRef<Path>) -> Result<File> {
+        let rel = rel.as_ref();
+        let fd = self.open_beneath(rel, OFlags::WRONLY | OFlags::APPEND | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC, 0)?;
+        let md = Meta(rustix::fs::fstat(&fd).map_err(|e| FsError::io("fstat", self.show(rel), e))?);
+        if !md.is_file() {
+            return Err(FsError::NotRegular { path: self.show(rel), kind: md.kind() });
+        }
+        Ok(File::from(fd))
+    }
+
     /// Creates the directory `rel` with `mode` (exactly, whatever the umask); false if
     /// something is already there.
     pub fn mkdir(&self, rel: impl AsRef<Path>, m: u32) -> Result<bool> {
@@ -458,6 +496,17 @@ impl Dir {
             set_owner(&d.fd, o).map_err(|e| FsError::io("chown", d.path.clone(), e))?;
         }
         Ok((d, created))
+    }
+
+    /// Opens `rel`, creating each missing component with `mode` and `owner`.
+    pub fn ensure_dirs(&self, rel: impl AsRef<Path>, m: u32, owner: Option<Owner>) -> Result<Dir> {
+        let rel = rel.as_ref();
+        self.check(rel)?;
+        let mut cur = self.try_clone()?;
+        for part in rel.iter() {
+            cur = cur.ensure_dir(Path::new(part), m, owner)?.0;
+        }
+        Ok(cur)
     }
 
     /// Renames `from` here to `to` in `to_dir`. With `Replace::Never` nothing at `to` is ever
@@ -584,6 +633,13 @@ impl Dir {
         rustix::fs::symlinkat(target, &self.fd, name).map_err(|e| FsError::io("create symlink", self.show(name), e))
     }
 
+    /// Sets `name`'s times to now (without following a symlink).
+    pub fn touch(&self, name: &str) -> Result<()> {
+        let now = rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW };
+        rustix::fs::utimensat(&self.fd, name, &rustix::fs::Timestamps { last_access: now, last_modification: now }, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| FsError::io("touch", self.show(name), e))
+    }
+
     /// Flushes this directory's entries (after a rename into it).
     pub fn sync(&self) -> Result<()> {
         rustix::fs::fsync(&self.fd).map_err(|e| FsError::io("fsync", self.path.clone(), e))
@@ -597,6 +653,30 @@ impl Dir {
     /// Gives this directory `md`'s mode (without set-id bits) and times, and `owner` if given.
     pub fn apply(&self, md: &Meta, owner: Option<Owner>) -> Result<()> {
         apply(&self.fd, md, owner).map_err(|e| FsError::io("set metadata of", self.path.clone(), e))
+    }
+
+    /// Gives this directory `md`'s permission bits, without write access for group or others
+    /// (a backup's directories are never open to everyone), and its times. Owners are left.
+    pub fn copy_dir_meta(&self, md: &Meta) -> Result<()> {
+        let err = |e| FsError::io("set metadata of", self.path.clone(), e);
+        set_mode(&self.fd, md.mode() & 0o755).map_err(err)?;
+        rustix::fs::futimens(&self.fd, &md.times()).map_err(|e| err(e.into()))
+    }
+
+    /// (device, inode) of this directory and each of its ancestors up to `/`: the physical
+    /// path, whatever names lead here.
+    pub fn lineage(&self) -> Result<Vec<(u64, u64)>> {
+        let err = |e| FsError::io("find the parent of", self.path.clone(), e);
+        let mut out = Vec::new();
+        let mut cur = rustix::fs::openat(&self.fd, ".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(err)?;
+        loop {
+            let m = Meta(rustix::fs::fstat(&cur).map_err(err)?);
+            if out.contains(&(m.dev(), m.ino())) {
+                return Ok(out); // `/` is its own parent
+            }
+            out.push((m.dev(), m.ino()));
+            cur = rustix::fs::openat(&cur, "..", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(err)?;
+        }
     }
 
     pub fn set_owner(&self, owner: Owner) -> Result<()> {

@@ -15,6 +15,10 @@ pub enum Subdir {
 
 impl Subdir {
     pub const ALL: [Subdir; 2] = [Subdir::Cur, Subdir::New];
+    /// Position in `ALL` (for arrays indexed by subdir).
+    pub fn index(self) -> usize {
+        self as usize
+    }
     pub fn as_str(self) -> &'static str {
         match self {
             Subdir::Cur => "cur",
@@ -42,6 +46,12 @@ impl<'a> MessageName<'a> {
             return None;
         }
         Some(MessageName { full })
+    }
+
+    /// A name a backup can carry: one path component without control characters (a newline
+    /// or an escape sequence in a file name only serves to confuse whoever reads a report).
+    pub fn is_safe(&self) -> bool {
+        crate::fsx::check_name(std::ffi::OsStr::new(self.full)).is_ok() && !crate::fsx::has_control(self.full)
     }
 
     /// The part before `:`: stable across flag changes and `new/`->`cur/` moves.
@@ -83,6 +93,7 @@ mod tests {
         assert_eq!(new.flags(), "");
         assert_eq!(new.size(), None);
         assert!(MessageName::parse(".hidden").is_none());
+        assert!(n.is_safe() && !MessageName::parse("a\nb").unwrap().is_safe() && !MessageName::parse("a/b").unwrap().is_safe());
         assert_eq!(with_flags("u", "RS"), "u:2,RS");
     }
 }

@@ -2,45 +2,28 @@
 //! Maildir++ keeps folders flat as `.Name.Sub`; LAYOUT=fs nests them as `Name/Sub`.
 //! Symlinks are reported and never followed, so a backup never leaves the Maildir.
 
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use super::location::{Layout, MailLocation};
+use super::{Maildir, MESSAGE_DIRS};
+use crate::fsx::{Dir, FsError, Kind};
 
-/// One mailbox's directories.
+/// One mailbox: where its directories are, relative to the Maildir's roots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Folder {
-    /// Path relative to the Maildir root ("" for INBOX); the same in source and backup.
+    /// Relative to the Maildir root ("" for INBOX); the same in source and backup.
     pub rel: PathBuf,
     /// The mailbox name as Dovecot stores it (`INBOX`, `Archive.2024`, `Archive/2024`).
     pub name: String,
-    pub mail_dir: PathBuf,
-    pub control_dir: PathBuf,
-    pub index_dir: PathBuf,
+    /// The folder's control dir, relative to the control root.
+    pub control_rel: PathBuf,
+    /// The folder's index dir, relative to the index root.
+    pub index_rel: PathBuf,
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}")]
-pub struct FolderError {
-    pub op: &'static str,
-    pub path: PathBuf,
-    #[source]
-    pub source: io::Error,
-}
-
-const MESSAGE_DIRS: [&str; 3] = ["cur", "new", "tmp"];
 
 impl Folder {
     pub fn at(loc: &MailLocation, rel: PathBuf) -> Folder {
-        let name = folder_name(loc.layout, &rel);
-        Folder {
-            mail_dir: loc.root.join(&rel),
-            control_dir: loc.control_dir(&rel),
-            index_dir: loc.index_dir(&rel),
-            rel,
-            name,
-        }
+        Folder { name: folder_name(loc.layout, &rel), control_rel: loc.control_rel(&rel), index_rel: loc.index_rel(&rel), rel }
     }
 
     pub fn is_inbox(&self) -> bool {
@@ -60,49 +43,46 @@ pub fn folder_name(layout: Layout, rel: &Path) -> String {
     }
 }
 
-/// True if `dir` is a real (not symlinked) directory holding `cur/`.
-pub fn is_maildir(dir: &Path) -> bool {
-    matches!(fs::symlink_metadata(dir.join("cur")), Ok(md) if md.is_dir())
+/// True if `dir` holds a real (not symlinked) `cur/` directory.
+pub fn is_maildir(dir: &Dir) -> Result<bool, FsError> {
+    Ok(dir.lstat("cur")?.is_some_and(|m| m.is_dir()))
 }
 
-/// Lists the folders of a Maildir, sorted by relative path. Symlinked directories are left
-/// out and named in the returned warnings.
-pub fn discover(loc: &MailLocation) -> Result<(Vec<Folder>, Vec<String>), FolderError> {
+/// Lists the folders of a Maildir, sorted by relative path. Symlinks are left out and named
+/// in the returned warnings.
+pub fn discover(md: &Maildir) -> Result<(Vec<Folder>, Vec<String>), FsError> {
     let mut rels = Vec::new();
     let mut warnings = Vec::new();
-    walk(loc, &loc.root, PathBuf::new(), &mut rels, &mut warnings)?;
+    walk(md.loc.layout, &md.root, PathBuf::new(), &mut rels, &mut warnings)?;
     rels.sort();
-    Ok((rels.into_iter().map(|r| Folder::at(loc, r)).collect(), warnings))
+    Ok((rels.into_iter().map(|r| Folder::at(&md.loc, r)).collect(), warnings))
 }
 
-fn walk(loc: &MailLocation, dir: &Path, rel: PathBuf, out: &mut Vec<PathBuf>, warnings: &mut Vec<String>) -> Result<(), FolderError> {
-    if is_maildir(dir) {
+fn walk(layout: Layout, dir: &Dir, rel: PathBuf, out: &mut Vec<PathBuf>, warnings: &mut Vec<String>) -> Result<(), FsError> {
+    if is_maildir(dir)? {
         out.push(rel.clone());
     }
     let at_root = rel.as_os_str().is_empty();
-    if loc.layout == Layout::MaildirPlusPlus && !at_root {
+    if layout == Layout::MaildirPlusPlus && !at_root {
         return Ok(()); // Maildir++ folders do not nest
     }
-    let entries = fs::read_dir(dir).map_err(|e| FolderError { op: "read directory", path: dir.to_path_buf(), source: e })?;
-    for entry in entries {
-        let entry = entry.map_err(|e| FolderError { op: "read directory", path: dir.to_path_buf(), source: e })?;
-        let name = entry.file_name();
-        let name_s = name.to_string_lossy();
-        if MESSAGE_DIRS.contains(&name_s.as_ref()) {
+    for entry in dir.list()? {
+        let Some(name) = entry.name.to_str() else { continue };
+        if MESSAGE_DIRS.contains(&name) {
             continue;
         }
-        if loc.layout == Layout::MaildirPlusPlus && (!name_s.starts_with('.') || name_s.starts_with("..") || name_s == ".") {
+        if layout == Layout::MaildirPlusPlus && (!name.starts_with('.') || name.starts_with("..")) {
             continue;
         }
-        let ft = entry.file_type().map_err(|e| FolderError { op: "stat", path: entry.path(), source: e })?;
-        if ft.is_symlink() {
-            if fs::metadata(entry.path()).map(|m| m.is_dir()).unwrap_or(false) {
-                warnings.push(format!("skipped symlinked folder {} (symlinks are never followed)", entry.path().display()));
-            }
-            continue;
-        }
-        if ft.is_dir() {
-            walk(loc, &entry.path(), rel.join(&name), out, warnings)?;
+        match entry.kind {
+            Kind::Symlink => warnings.push(format!("skipped symlink {} (symlinks are never followed)", dir.show(name).display())),
+            Kind::Dir => match dir.sub(name) {
+                Ok(sub) => walk(layout, &sub, rel.join(name), out, warnings)?,
+                // Renamed or swapped for a symlink since the listing: not a folder now.
+                Err(e) if e.is_not_found() || e.is_planted() => {}
+                Err(e) => return Err(e),
+            },
+            _ => {}
         }
     }
     Ok(())

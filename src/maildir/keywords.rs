@@ -2,10 +2,9 @@
 //! as lines `<index> <keyword>` (index 0 = `a`). Dovecot writes it under the uidlist lock.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::io::Write;
+
+use crate::fsx::{Dir, FsError, Owner};
 
 /// Dovecot's limit: one letter per keyword.
 pub const MAX_KEYWORDS: usize = 26;
@@ -17,13 +16,10 @@ pub struct Keywords {
 }
 
 impl Keywords {
-    /// Reads a folder's keywords file; a missing file means no keywords.
-    pub fn read(path: &Path) -> io::Result<Keywords> {
-        match fs::read_to_string(path) {
-            Ok(text) => Ok(Keywords::parse(&text)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Keywords::default()),
-            Err(e) => Err(e),
-        }
+    /// Reads a folder's keywords file from its control dir; a missing file means no keywords.
+    pub fn read(dir: &Dir) -> Result<Keywords, FsError> {
+        let bytes = dir.read_small(KEYWORDS_FILE, super::CONTROL_FILE_LIMIT, "a dovecot-keywords")?;
+        Ok(bytes.map(|b| Keywords::parse(&String::from_utf8_lossy(&b))).unwrap_or_default())
     }
 
     pub fn parse(text: &str) -> Keywords {
@@ -61,16 +57,13 @@ impl Keywords {
         self.by_index.iter().map(|(i, n)| format!("{i} {n}\n")).collect()
     }
 
-    /// Replaces the file atomically (temp file + rename), as Dovecot does.
-    pub fn write(&self, path: &Path, mode: u32) -> io::Result<()> {
-        let tmp = path.with_extension(format!("maildir-backup.{}", std::process::id()));
-        {
-            let mut f = fs::File::create(&tmp)?;
+    /// Replaces the folder's file as Dovecot does: a new file, flushed, renamed over it; its
+    /// modification time `mtime`.
+    pub fn write(&self, dir: &Dir, mode: u32, owner: Option<Owner>, mtime: i64) -> Result<(), FsError> {
+        dir.replace_file(KEYWORDS_FILE, mode, owner, |f| {
             f.write_all(self.to_text().as_bytes())?;
-            f.set_permissions(fs::Permissions::from_mode(mode))?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, path)
+            crate::fsx::set_mtime(&*f, mtime)
+        })
     }
 }
 
@@ -86,5 +79,17 @@ mod tests {
         assert_eq!(k.letter_for("Later"), Some('c'));
         assert_eq!(k.letter_for("New"), Some('b'));
         assert_eq!(k.to_text(), "0 $Work\n1 New\n2 Later\n");
+    }
+
+    #[test]
+    fn written_whole_never_through_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("victim"), b"keep").unwrap();
+        std::os::unix::fs::symlink(t.path().join("victim"), t.path().join(KEYWORDS_FILE)).unwrap();
+        let dir = Dir::open(t.path()).unwrap();
+        assert!(Keywords::read(&dir).is_err(), "read through a symlink");
+        Keywords::parse("0 $Work\n").write(&dir, 0o600, None, 1_700_000_000).unwrap();
+        assert_eq!(std::fs::read(t.path().join("victim")).unwrap(), b"keep");
+        assert_eq!(Keywords::read(&dir).unwrap().name_of('a'), Some("$Work"));
     }
 }

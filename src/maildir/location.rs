@@ -128,6 +128,20 @@ impl MailLocation {
         self.split_dir(self.index.as_deref(), rel)
     }
 
+    /// A folder's control dir relative to the control root (`control_root`).
+    pub fn control_rel(&self, rel: &Path) -> PathBuf {
+        self.split_rel(self.control.is_some(), rel)
+    }
+
+    /// A folder's index dir relative to the index root (`index_root`).
+    pub fn index_rel(&self, rel: &Path) -> PathBuf {
+        self.split_rel(self.index.is_some(), rel)
+    }
+
+    fn split_rel(&self, split_out: bool, rel: &Path) -> PathBuf {
+        if split_out && rel.as_os_str().is_empty() { PathBuf::from(self.layout.inbox_dir_name()) } else { rel.to_path_buf() }
+    }
+
     /// The dir holding per-user files (subscriptions, dovecot-uidvalidity).
     pub fn control_root(&self) -> &Path {
         self.control.as_deref().unwrap_or(&self.root)
@@ -189,6 +203,8 @@ mod tests {
         assert_eq!(l.control_dir(Path::new("A/B")), PathBuf::from("/c/a/A/B"));
         assert_eq!(l.index_dir(Path::new("")), PathBuf::from("/i/a/INBOX"));
         assert_eq!(l.layout, Layout::Fs);
+        assert_eq!((l.control_rel(Path::new("")), l.index_rel(Path::new("A"))), (PathBuf::from("INBOX"), PathBuf::from("A")));
+        assert_eq!(MailLocation::plain("/m").control_rel(Path::new("")), PathBuf::new());
         let p = MailLocation::parse("maildir:/m/x::y:CONTROL=/c").unwrap();
         assert_eq!(p.root, PathBuf::from("/m/x:y"));
         assert_eq!(p.control_dir(Path::new("")), PathBuf::from("/c/.INBOX"));
