@@ -290,6 +290,7 @@ fn backups_under_imap_and_lda_churn_are_exact() {
         // Dovecot reads the backup: UIDs and flags as the backup's uidlist + file names say. (Dovecot writes
         // into the backup while reading it, so this comes after verify and the content checks.)
         let loc = format!("maildir:{}:INDEX=MEMORY", dest.display());
+        chown_vmail_recursive(&dest); // root's backup, handed to the mail user for Dovecot to read
         let mut backup_state = BTreeMap::new();
         for f in FOLDERS {
             let expected = churn::expected_uid_flags(&folder_dir(&dest, f));
@@ -525,9 +526,10 @@ fn short_reconcile_releases_the_locks_at_once() {
 /// interleaving is exact.
 #[test]
 fn a_message_leaving_two_folders_in_one_pass_leaves_no_stale_copy() {
-    use maildir_backup::engine::reconcile::listing_or_gone;
+    use maildir_backup::engine::reconcile::watch_and_list;
     use maildir_backup::engine::{NoProgress, Tree};
-    use maildir_backup::maildir::{folders, MailLocation};
+    use maildir_backup::fsx::Dir;
+    use maildir_backup::maildir::{folders, MailLocation, Maildir};
 
     let d = Dovecot::start(DovecotOptions::default());
     populate(&d, USER, &["INBOX", "Archive"], 3);
@@ -546,16 +548,16 @@ fn a_message_leaving_two_folders_in_one_pass_leaves_no_stale_copy() {
     assert_eq!(shared.len(), 1, "COPY should hard-link under the same unique name");
     let x = shared[0].clone();
 
-    let loc = MailLocation::parse(&d.mail_location(USER)).unwrap();
+    let md = Maildir::open(&MailLocation::parse(&d.mail_location(USER)).unwrap()).unwrap();
     let out = tempdir();
     let staging = out.path().join("staging");
     fs::create_dir(&staging).unwrap();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    let mut tree = Tree::new(staging.clone(), true);
+    let mut tree = Tree::new(Dir::open(&staging).unwrap(), true);
     let pass = |tree: &mut Tree| {
-        let (found, _) = folders::discover(&loc).unwrap();
-        let listings = found.iter().map(|f| (f.clone(), listing_or_gone(f).unwrap())).collect();
-        tree.apply(listings, &pool, None, &NoProgress).unwrap()
+        let (found, _) = folders::discover(&md).unwrap();
+        let listings = found.iter().map(|f| (f.clone(), watch_and_list(&md, f, None).unwrap())).collect();
+        tree.apply(&md, listings, &pool, None, &NoProgress).unwrap()
     };
     pass(&mut tree);
     assert_eq!(churn::all_files(&staging).iter().filter(|f| f.to_string_lossy().contains(&x)).count(), 2);

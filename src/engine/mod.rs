@@ -160,6 +160,7 @@ pub fn open_source(loc: &MailLocation) -> Result<Maildir, BackupError> {
     let md = match Maildir::open(loc) {
         Ok(md) => md,
         Err(e) if e.is_not_found() => return Err(BackupError::NoSource(loc.root.clone())),
+        Err(e) if e.errno() == Some(libc::ENOTDIR) => return Err(BackupError::NotMaildir(loc.root.clone())),
         Err(e) => return Err(e.into()),
     };
     if !is_maildir(&md.root)? {
@@ -171,7 +172,11 @@ pub fn open_source(loc: &MailLocation) -> Result<Maildir, BackupError> {
 /// Refuses a destination (or repository) `path` inside the source's root, control or index
 /// directories, judged by the directories themselves (device and inode), not by their names.
 pub fn check_outside(md: &Maildir, path: &Path) -> Result<(), BackupError> {
-    let nearest = path.ancestors().find_map(|p| Dir::open_opt(if p.as_os_str().is_empty() { Path::new(".") } else { p }).transpose());
+    // The nearest directory on the way that exists (DEST itself usually does not).
+    let nearest = path.ancestors().find_map(|p| match Dir::open(if p.as_os_str().is_empty() { Path::new(".") } else { p }) {
+        Err(e) if e.is_not_found() || e.errno() == Some(libc::ENOTDIR) => None,
+        r => Some(r),
+    });
     let Some(nearest) = nearest.transpose()? else { return Ok(()) };
     let lineage = nearest.lineage()?;
     let roots = [(Some(&md.root), &md.loc.root), (md.control_root(), md.loc.control.as_ref().unwrap_or(&md.loc.root)), (md.index_root(), md.loc.index.as_ref().unwrap_or(&md.loc.root))];

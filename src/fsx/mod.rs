@@ -192,7 +192,7 @@ impl Dir {
                     let here = shown.join(&comp);
                     let st = rustix::fs::statat(&cur, comp.as_os_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| FsError::io("lstat", here.clone(), e))?;
                     if Meta(st).kind() != Kind::Symlink {
-                        return Err(FsError::io("open directory", here, Errno::NOTDIR));
+                        return Err(FsError::io("open directory", abs, Errno::NOTDIR));
                     }
                     let dir_md = Meta(rustix::fs::fstat(&cur).map_err(|e| FsError::io("stat", shown.clone(), e))?);
                     if !trusted(&dir_md) {
@@ -210,7 +210,7 @@ impl Dir {
                     }
                     push_components(&mut todo, &target);
                 }
-                Err(e) => return Err(FsError::io("open directory", shown.join(&comp), e)),
+                Err(e) => return Err(FsError::io("open directory", abs, e)),
             }
         }
         let fd = rustix::fs::openat(&cur, ".", DIR_FLAGS, Mode::empty()).map_err(|e| FsError::io("open directory", abs.clone(), e))?;
@@ -333,10 +333,23 @@ impl Dir {
         rustix::fs::fstat(&self.fd).map(Meta).map_err(|e| FsError::io("stat", self.path.clone(), e))
     }
 
-    /// `lstat` of `rel` (a symlink is reported, not followed); None if it does not exist.
+    /// The parent of `rel` and its last component; None if the parent does not exist.
+    fn parent_opt<'a>(&'a self, rel: &'a Path) -> Result<Option<(Parent<'a>, &'a OsStr)>> {
+        match self.parent_of(rel) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `lstat` of `rel` (a symlink is reported, not followed; "" is this directory); None if
+    /// it does not exist.
     pub fn lstat(&self, rel: impl AsRef<Path>) -> Result<Option<Meta>> {
         let rel = rel.as_ref();
-        let (dir, name) = self.parent_of(rel)?;
+        if rel.as_os_str().is_empty() {
+            return self.stat().map(Some);
+        }
+        let Some((dir, name)) = self.parent_opt(rel)? else { return Ok(None) };
         match rustix::fs::statat(dir.fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => Ok(Some(Meta(st))),
             Err(Errno::NOENT) => Ok(None),
@@ -555,7 +568,7 @@ impl Dir {
     /// Removes the file (or symlink) `rel`; false if it was not there.
     pub fn unlink(&self, rel: impl AsRef<Path>) -> Result<bool> {
         let rel = rel.as_ref();
-        let (dir, name) = self.parent_of(rel)?;
+        let Some((dir, name)) = self.parent_opt(rel)? else { return Ok(false) };
         match rustix::fs::unlinkat(dir.fd(), name, AtFlags::empty()) {
             Ok(()) => Ok(true),
             Err(Errno::NOENT) => Ok(false),
@@ -566,7 +579,7 @@ impl Dir {
     /// Removes the empty directory `rel`; false if it was not there or not empty.
     pub fn rmdir(&self, rel: impl AsRef<Path>) -> Result<bool> {
         let rel = rel.as_ref();
-        let (dir, name) = self.parent_of(rel)?;
+        let Some((dir, name)) = self.parent_opt(rel)? else { return Ok(false) };
         match rustix::fs::unlinkat(dir.fd(), name, AtFlags::REMOVEDIR) {
             Ok(()) => Ok(true),
             Err(Errno::NOENT) | Err(Errno::NOTEMPTY) | Err(Errno::EXIST) => Ok(false),

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use maildir_backup::manifest::{Manifest, MANIFEST_NAME};
+use maildir_backup::manifest::Manifest;
 
 use super::dovecot::{chown_vmail_recursive, normalize_flags, tempdir, Dovecot, PASSWORD};
 use super::plugin::{plugin_so, MODULE_DIR, PLUGIN_FILE};
@@ -187,7 +187,7 @@ pub fn users_file(dir: &Path, users: &[&str]) -> PathBuf {
 // Inspecting backups
 
 pub fn read_manifest(backup: &Path) -> Manifest {
-    Manifest::read(&backup.join(MANIFEST_NAME)).unwrap_or_else(|e| panic!("manifest of {}: {e}", backup.display()))
+    maildir_backup::fsx::Dir::open(backup).map_err(|e| e.to_string()).and_then(|d| Manifest::read(&d).map_err(|e| e.to_string())).unwrap_or_else(|e| panic!("manifest of {}: {e}", backup.display()))
 }
 
 /// `maildir_backup::verify::verify`, panicking unless the backup is whole.
