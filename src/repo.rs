@@ -202,6 +202,21 @@ pub fn latest_path(series: &Path) -> Option<PathBuf> {
     latest(&dir).map(|n| dir.show(n))
 }
 
+/// Opens a backup or snapshot the admin named. `SERIES/latest` is the snapshot `latest`
+/// names, even in a series the mail user owns (made through doveadm): it is only ever read
+/// as the name of a sibling snapshot, never followed as a symlink.
+pub fn open_snapshot(path: &Path) -> Result<Dir, FsError> {
+    if path.file_name().is_some_and(|n| n == LATEST) {
+        let series = Dir::open(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+        if series.lstat(LATEST)?.is_some_and(|m| m.kind() == fsx::Kind::Symlink) {
+            if let Some(name) = latest(&series) {
+                return series.sub(name);
+            }
+        }
+    }
+    Dir::open(path)
+}
+
 fn point_latest(series: &Dir, snapshot_name: &str) -> Result<(), RepoError> {
     let tmp = format!(".{LATEST}.{:x}", std::process::id());
     series.unlink(&tmp)?;

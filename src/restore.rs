@@ -316,7 +316,7 @@ fn deliver_to_tmp(snapshot: &Dir, m: &MessageRecord, tmp: &mut TmpFiles, owner: 
 
 /// Restores from `snapshot` into `target` as the request says.
 pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> Result<RestoreReport, RestoreError> {
-    let snap = Dir::open(snapshot).map_err(|e| RestoreError::NotASnapshot(snapshot.to_path_buf(), e.to_string()))?;
+    let snap = crate::repo::open_snapshot(snapshot).map_err(|e| RestoreError::NotASnapshot(snapshot.to_path_buf(), e.to_string()))?;
     let manifest = match Manifest::read(&snap) {
         Ok(m) => m,
         Err(ManifestError::Fs(e)) => return Err(RestoreError::NotASnapshot(snapshot.to_path_buf(), e.to_string())),

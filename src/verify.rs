@@ -36,7 +36,7 @@ pub enum VerifyError {
 
 /// Verifies the backup (or snapshot) at `path` with `jobs` threads.
 pub fn verify(path: &Path, jobs: usize) -> Result<VerifyReport, VerifyError> {
-    let dir = match Dir::open(path) {
+    let dir = match crate::repo::open_snapshot(path) {
         Ok(d) => d,
         Err(e) if e.is_not_found() || e.errno() == Some(libc::ENOTDIR) => return Err(VerifyError::NoBackup(path.to_path_buf())),
         Err(e) => return Err(e.into()),

@@ -42,7 +42,8 @@ fn stop_and_check_gone(mut d: Dovecot24) {
     assert!(procs.contains(&pid), "{procs:?}");
     assert!(procs.len() > 1, "master without children? {procs:?}");
     for p in &procs {
-        let r = fs::read_link(format!("/proc/{p}/root")).unwrap();
+        // A child that exited since the listing has nothing left to check.
+        let Ok(r) = fs::read_link(format!("/proc/{p}/root")) else { continue };
         assert_eq!(r, root(), "pid {p} ({}) is not chrooted", cmdline(*p));
     }
     d.stop();
