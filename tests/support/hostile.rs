@@ -120,6 +120,10 @@ impl Out {
     pub fn stderr_line_with(&self, words: &[&str]) -> bool {
         self.stderr.lines().any(|l| words.iter().all(|w| l.contains(w)))
     }
+    /// A stderr line naming `name` and saying "symlink" (in any case).
+    pub fn says_symlink(&self, name: &str) -> bool {
+        self.stderr.lines().any(|l| l.contains(name) && l.to_lowercase().contains("symlink"))
+    }
 }
 
 fn clip(s: &str) -> String {
@@ -338,22 +342,39 @@ sub step {
 "#;
 
 /// Racer body, @ARGV = (symlink target, DIR...): replaces every file that appears in the DIRs with a
-/// symlink to the target, as fast as it can.
+/// symlink to the target. It learns of each new name from inotify (raw syscalls: no module needed), so it
+/// strikes within microseconds of the file's creation.
 pub const TMP_HIJACK_BODY: &str = r#"
+require 'syscall.ph';
 my ($target, @dirs) = @ARGV;
+my $fd = syscall(&SYS_inotify_init1, 0);
+die "inotify_init1: $!" if $fd < 0;
+my %dir_of;
+for my $d (@dirs) {
+    my $w = syscall(&SYS_inotify_add_watch, $fd, $d, 0x100 | 0x80); # IN_CREATE | IN_MOVED_TO
+    die "inotify_add_watch $d: $!" if $w < 0;
+    $dir_of{$w} = $d;
+}
+open(my $in, '<&=', $fd) or die "fdopen: $!";
+my $bits = '';
+vec($bits, $fd, 1) = 1;
+sub hijack {
+    my $p = shift;
+    return 0 if !lstat($p) || -l _ || -d _;
+    return (unlink($p) && symlink($target, $p)) ? 1 : 0;
+}
 sub step {
-    my $s = 0;
-    for my $d (@dirs) {
-        opendir(my $h, $d) or next;
-        for my $e (readdir $h) {
-            next if $e eq '.' || $e eq '..';
-            my $p = "$d/$e";
-            next if -l $p || -d _;
-            $s++ if unlink($p) && symlink($target, $p);
-        }
-        closedir $h;
+    my $r = $bits;
+    return 0 unless select($r, undef, undef, 0.05) > 0;
+    my $buf;
+    defined(sysread($in, $buf, 1 << 16)) or return 0;
+    my ($off, $s) = (0, 0);
+    while ($off + 16 <= length $buf) {
+        my ($w, $mask, $cookie, $len) = unpack('i I I I', substr($buf, $off, 16));
+        my $name = unpack('Z*', substr($buf, $off + 16, $len));
+        $off += 16 + $len;
+        $s += hijack("$dir_of{$w}/$name") if defined $dir_of{$w} && length $name;
     }
-    pause(0.00005) if $s == 0;
     return $s;
 }
 "#;
@@ -384,9 +405,25 @@ impl Victim {
         getrandom::getrandom(&mut r).unwrap();
         let marker = format!("SECRET-{}", r.iter().map(|b| format!("{b:02x}")).collect::<String>());
         let root = parent.join("victim");
-        let mail = root.join("mail");
-        let sub = root.join("sub");
-        for d in [&root, &sub, &mail.join("cur"), &mail.join("new"), &mail.join("tmp")] {
+        let v = Victim {
+            secret: root.join("secret"),
+            mail: root.join("mail"),
+            sub: root.join("sub"),
+            secret_text: format!("3 V1700000000 N2 G{marker}\n1 :{marker},S=40\nroot:$6${marker}$:19000:0:99999:7:::\n"),
+            root,
+            marker,
+            before: Default::default(),
+            secret_atime: Default::default(),
+        };
+        v.populate();
+        v
+    }
+
+    /// (Re)creates the whole tree, takes it as the reference and arms the secret's atime.
+    fn populate(&self) {
+        let _ = fs::remove_dir_all(&self.root);
+        let marker = &self.marker;
+        for d in [&self.root, &self.sub, &self.mail.join("cur"), &self.mail.join("new"), &self.mail.join("tmp")] {
             fs::create_dir_all(d).unwrap();
             fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
         }
@@ -394,35 +431,22 @@ impl Victim {
             fs::write(p, text).unwrap();
             fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
         };
-        let secret = root.join("secret");
-        let secret_text = format!("3 V1700000000 N2 G{marker}\n1 :{marker},S=40\nroot:$6${marker}$:19000:0:99999:7:::\n");
-        put(&secret, 0o600, &secret_text);
-        put(&root.join("notes.txt"), 0o644, "nothing to see\n");
-        put(&sub.join("inner.conf"), 0o644, "inner=1\n");
-        let deeper = sub.join("deeper");
+        put(&self.secret, 0o600, &self.secret_text);
+        put(&self.root.join("notes.txt"), 0o644, "nothing to see\n");
+        put(&self.sub.join("inner.conf"), 0o644, "inner=1\n");
+        let deeper = self.sub.join("deeper");
         fs::create_dir(&deeper).unwrap();
         fs::set_permissions(&deeper, fs::Permissions::from_mode(0o700)).unwrap();
         put(&deeper.join("key"), 0o600, &format!("key {marker}\n"));
         for (i, (d, name)) in [("cur", ":2,S"), ("cur", ":2,FS"), ("new", "")].iter().enumerate() {
             let body = format!("From: root@victim\r\nSubject: {marker}\r\n\r\n{marker}\r\n");
             let unique = format!("1700009{i:03}.M{i}P1.victim,S={}", body.len());
-            put(&mail.join(d).join(format!("{unique}{name}")), 0o600, &body);
+            put(&self.mail.join(d).join(format!("{unique}{name}")), 0o600, &body);
         }
-        put(&mail.join("dovecot-uidlist"), 0o600, &format!("3 V1 N9 G{marker}\n1 :1700009000.M0P1.victim\n"));
-        put(&mail.join("dovecot-keywords"), 0o600, &format!("0 {marker}\n"));
-        let v = Victim {
-            root,
-            secret,
-            mail,
-            sub,
-            marker,
-            secret_text,
-            before: Default::default(),
-            secret_atime: Default::default(),
-        };
-        *v.before.borrow_mut() = tree_listing(&v.root);
-        v.arm();
-        v
+        put(&self.mail.join("dovecot-uidlist"), 0o600, &format!("3 V1 N9 G{marker}\n1 :1700009000.M0P1.victim\n"));
+        put(&self.mail.join("dovecot-keywords"), 0o600, &format!("0 {marker}\n"));
+        *self.before.borrow_mut() = tree_listing(&self.root);
+        self.arm();
     }
 
     /// Sets the secret's atime a year below its mtime: on a relatime filesystem any read moves it.
@@ -446,6 +470,11 @@ impl Victim {
         self.arm();
     }
 
+    /// Recreates the victim as it was (after a failed case, so later cases judge only themselves).
+    pub fn reset(&self) {
+        self.populate();
+    }
+
     /// Panics if the marker is in `out`'s output or in any regular file below `dirs`.
     pub fn assert_not_leaked(&self, out: Option<&Out>, dirs: &[&Path], what: &str) {
         if let Some(o) = out {
@@ -455,6 +484,34 @@ impl Victim {
             let found = files_containing(d, self.marker.as_bytes());
             assert!(found.is_empty(), "{what}: the secret marker {} is in {found:?}", self.marker);
         }
+    }
+}
+
+/// Runs a test's cases one by one, each to its end even when an earlier one failed, then fails listing every
+/// failed case (each case's own panic message is printed as it happens).
+pub struct Cases<'a> {
+    victim: &'a Victim,
+    failed: Vec<String>,
+    total: usize,
+}
+
+impl<'a> Cases<'a> {
+    pub fn new(victim: &'a Victim) -> Cases<'a> {
+        Cases { victim, failed: Vec::new(), total: 0 }
+    }
+
+    pub fn run(&mut self, name: &str, f: impl FnOnce()) {
+        self.total += 1;
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let head: Vec<&str> = msg.lines().take(3).collect();
+            self.failed.push(format!("{name}: {}", head.join(" / ")));
+            self.victim.reset();
+        }
+    }
+
+    pub fn finish(self) {
+        assert!(self.failed.is_empty(), "{} of {} cases failed:\n{}", self.failed.len(), self.total, self.failed.join("\n"));
     }
 }
 
