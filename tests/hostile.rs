@@ -262,7 +262,7 @@ fn backup_races_swapping_dirs_and_control_files_for_symlinks() {
     let w = World::new();
     w.her_maildir(&[("", 20), (".Work", 30), (".Other", 10)]);
     let want = mail_hashes(&w.maildir);
-    let racer = Racer::start("swap dirs and control files", SWAP_BODY, &w.swap_args(RACE_DIRS, RACE_FILES));
+    let racer = Racer::start("swap dirs and control files", SWAP_BODY, &w.swap_args(RACE_DIRS, RACE_FILES, &[]));
     let t = Instant::now();
     let (mut runs, mut ok) = (0, 0);
     while runs < 40 && (runs < 10 || t.elapsed() < Duration::from_secs(15)) {
@@ -406,15 +406,7 @@ fn restore_never_writes_through_symlinked_control_files() {
         let what = format!("{}: a spray of symlinks named like the old temp files", mode_name(full));
         cases.run(&what.clone(), || {
             w.her_maildir(if full { EMPTY } else { HERS });
-            let pids = next_pids(3000);
-            let mut planted = Vec::new();
-            for dir in ["", ".Work"] {
-                for pid in &pids {
-                    for name in [format!("dovecot-uidlist.maildir-backup-restore.{pid}"), format!("dovecot-keywords.maildir-backup.{pid}")] {
-                        planted.push(w.plant_symlink(&Path::new(dir).join(name).to_string_lossy(), &w.victim.secret));
-                    }
-                }
-            }
+            let (pids, planted) = w.spray_old_temp_names(&["", ".Work"]);
             let before = mail_hashes(&w.maildir);
             let o = restore(&snap, &w.maildir);
             assert!(pids.contains(&(o.pid as u32)), "{what}: the restore got pid {}, outside the sprayed range: the attack proved nothing", o.pid);
@@ -459,7 +451,8 @@ fn restore_races_swapping_dirs_and_control_files() {
         let what = format!("{} {rounds} during the race", mode_name(full));
         w.her_maildir(if full { EMPTY } else { HERS });
         let before = mail_hashes(&w.maildir);
-        let racer = Racer::start("swap dirs and control files", SWAP_BODY, &w.swap_args(&dirs, &files));
+        // She strikes once the restore has begun writing (its first file in a tmp/), past any up-front check.
+        let racer = Racer::start("swap dirs and control files", SWAP_BODY, &w.swap_args(&dirs, &files, &["tmp", ".Work/tmp"]));
         let o = restore(&snap, &w.maildir);
         swaps += racer.stop();
         w.assert_stash_clean();

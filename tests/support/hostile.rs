@@ -311,12 +311,28 @@ impl Drop for Racer {
     }
 }
 
-/// Racer body, @ARGV = (stash dir, victim dir, victim file, "d:PATH" | "f:PATH" ...): for each PATH in turn,
-/// renames the real one into the stash, puts a symlink in its place (to the victim dir for `d:`, the victim
-/// file for `f:`), leaves it a moment, removes it and renames the real one back. Whatever root created at
-/// PATH meanwhile is moved aside into the stash as an `intruder`.
+/// Racer body, @ARGV = (stash dir, victim dir, victim file, "d:PATH" | "f:PATH" | "t:DIR" ...): for each PATH
+/// in turn, renames the real one into the stash, puts a symlink in its place (to the victim dir for `d:`, the
+/// victim file for `f:`), leaves it a moment, removes it and renames the real one back. Whatever root created
+/// at PATH meanwhile is moved aside into the stash as an `intruder`. With `t:DIR`s, it lies low until something
+/// appears in one of them (root has checked the layout and started writing), as a patient attacker would, or
+/// for 40 ms at most (a tool that never names a file in tmp/ is attacked all the same).
 pub const SWAP_BODY: &str = r#"
-my ($stash, $vdir, $vfile, @paths) = @ARGV;
+use Time::HiRes ();
+my ($stash, $vdir, $vfile, @args) = @ARGV;
+my @paths = grep { !/^t:/ } @args;
+my @triggers = map { substr($_, 2) } grep { /^t:/ } @args;
+my $armed = !@triggers;
+my $lie_low_until = Time::HiRes::time() + 0.04;
+sub triggered {
+    return 1 if Time::HiRes::time() > $lie_low_until;
+    for my $d (@triggers) {
+        opendir(my $h, $d) or next;
+        my @e = grep { $_ ne '.' && $_ ne '..' } readdir $h;
+        return 1 if @e;
+    }
+    return 0;
+}
 sub put_back {
     my ($p, $away) = @_;
     for my $k (0 .. 1000) {
@@ -326,6 +342,11 @@ sub put_back {
     return 0;
 }
 sub step {
+    unless ($armed) {
+        $armed = triggered();
+        pause(0.0001) unless $armed;
+        return 0 unless $armed;
+    }
     my $s = 0;
     for my $i (0 .. $#paths) {
         my ($kind, $p) = split /:/, $paths[$i], 2;
@@ -798,11 +819,13 @@ impl World {
         assert!(left.is_empty(), "the racer did not put back {left:?}");
     }
 
-    /// "d:PATH" / "f:PATH" arguments for [`SWAP_BODY`], PATHs relative to her Maildir.
-    pub fn swap_args(&self, dirs: &[&str], files: &[&str]) -> Vec<String> {
+    /// Arguments for [`SWAP_BODY`]: swap `dirs` and `files`, once something appears in one of `triggers`
+    /// (at once if none); all relative to her Maildir.
+    pub fn swap_args(&self, dirs: &[&str], files: &[&str], triggers: &[&str]) -> Vec<String> {
         let mut a = vec![self.stash.display().to_string(), self.victim.mail.display().to_string(), self.victim.secret.display().to_string()];
-        a.extend(dirs.iter().map(|d| format!("d:{}", self.maildir.join(d).display())));
-        a.extend(files.iter().map(|f| format!("f:{}", self.maildir.join(f).display())));
+        for (kind, rels) in [("d", dirs), ("f", files), ("t", triggers)] {
+            a.extend(rels.iter().map(|r| format!("{kind}:{}", self.maildir.join(r).display())));
+        }
         a
     }
 }
@@ -818,5 +841,37 @@ pub fn next_pids(n: u32) -> Vec<u32> {
     let read = |p: &str| fs::read_to_string(p).unwrap().trim().parse::<u32>().unwrap();
     let last = read("/proc/sys/kernel/ns_last_pid");
     let max = read("/proc/sys/kernel/pid_max");
-    (1..=n).map(|k| { let p = last + k; if p >= max { 300 + (p - max) } else { p } }).collect()
+    (1..=n)
+        .map(|k| {
+            let p = last + k;
+            if p >= max { 300 + (p - max) } else { p }
+        })
+        .collect()
+}
+
+impl World {
+    /// Plants, in each of `dirs` of her Maildir, symlinks to the secret named like the temp files of the old
+    /// code (`dovecot-uidlist.maildir-backup-restore.PID`, `dovecot-keywords.maildir-backup.PID`) for the
+    /// next 2000 pids, planting on until the window ahead of the kernel's last pid is covered (other tests
+    /// spawn processes and threads meanwhile). Returns the pids covered and the symlinks.
+    pub fn spray_old_temp_names(&self, dirs: &[&str]) -> (std::collections::BTreeSet<u32>, Vec<PathBuf>) {
+        let mut pids = std::collections::BTreeSet::new();
+        let mut planted = Vec::new();
+        let t = Instant::now();
+        loop {
+            let missing: Vec<u32> = next_pids(2000).into_iter().filter(|p| !pids.contains(p)).collect();
+            if missing.len() < 100 && pids.len() >= 2000 {
+                return (pids, planted);
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "pids are used up faster than symlinks can be planted");
+            for pid in missing {
+                for dir in dirs {
+                    for name in [format!("dovecot-uidlist.maildir-backup-restore.{pid}"), format!("dovecot-keywords.maildir-backup.{pid}")] {
+                        planted.push(self.plant_symlink(&Path::new(dir).join(name).to_string_lossy(), &self.victim.secret));
+                    }
+                }
+                pids.insert(pid);
+            }
+        }
+    }
 }
