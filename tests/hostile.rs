@@ -33,9 +33,11 @@
 //!   maildirfolder (in a folder dir without cur/), subscriptions, dovecot-uidvalidity symlinks to the secret,
 //!   and a spray of symlinks under the old predictable temp names (`dovecot-uidlist.maildir-backup-restore.PID`,
 //!   `dovecot-keywords.maildir-backup.PID`) for the next pids: same expectations.
-//! - `restore_chown_race_in_tmp`: her loop replaces every file appearing in tmp/ and `.Work/tmp/` with a
-//!   symlink to the secret (then to a victim dir) while restores run: the victim keeps its owner and content.
-//! - `restore_races_swapping_dirs_and_control_files`: the backup race's loop, during restores.
+//! - `restore_chown_race_in_tmp`: her loop (woken by inotify) replaces every file appearing in tmp/ and
+//!   `.Work/tmp/` with a symlink to the secret (then to a victim dir) while restores run: the victim keeps its
+//!   owner, mode and content.
+//! - `restore_races_swapping_dirs_and_control_files`: the backup race's loop (also swapping tmp/ and
+//!   `.Work/tmp`), during restores; it strikes once the restore has begun writing, past any up-front check.
 //!
 //! Forged snapshots (a copy of a good one, edited as root):
 //! - `forged_manifests_are_refused`: traversal or absolute `folder`/`path`, `name` with `..`, `/`, NUL or
@@ -461,7 +463,7 @@ fn restore_races_swapping_dirs_and_control_files() {
         rounds += 1;
     }
     eprintln!("{rounds} restores ({ok} exit 0) during {swaps} swaps in {:.1?}", t.elapsed());
-    assert!(swaps > 100, "the racer swapped only {swaps} times: the race proved nothing");
+    assert!(swaps > 50, "the racer swapped only {swaps} times: the race proved nothing");
 }
 
 // ---------------------------------------------------------------------------------------------
