@@ -448,7 +448,7 @@ fn restore_races_swapping_dirs_and_control_files() {
     let files = [".Work/dovecot-uidlist", ".Work/dovecot-keywords", "dovecot-uidlist", "dovecot-keywords"];
     let t = Instant::now();
     let (mut rounds, mut swaps, mut ok) = (0, 0, 0);
-    while rounds < 40 && (rounds < 8 || t.elapsed() < Duration::from_secs(15)) {
+    while rounds < 300 && (rounds < 8 || t.elapsed() < Duration::from_secs(15)) {
         let full = rounds % 2 == 1;
         let what = format!("{} {rounds} during the race", mode_name(full));
         w.her_maildir(if full { EMPTY } else { HERS });

@@ -316,14 +316,15 @@ impl Drop for Racer {
 /// victim file for `f:`), leaves it a moment, removes it and renames the real one back. Whatever root created
 /// at PATH meanwhile is moved aside into the stash as an `intruder`. With `t:DIR`s, it lies low until something
 /// appears in one of them (root has checked the layout and started writing), as a patient attacker would, or
-/// for 25 ms at most (a tool that never names a file in tmp/ is attacked all the same).
+/// for a random 0-100 ms at most (so some rounds strike during the checks, others later, and a tool that
+/// never names a file in tmp/ is attacked all the same).
 pub const SWAP_BODY: &str = r#"
 use Time::HiRes ();
 my ($stash, $vdir, $vfile, @args) = @ARGV;
 my @paths = grep { !/^t:/ } @args;
 my @triggers = map { substr($_, 2) } grep { /^t:/ } @args;
 my $armed = !@triggers;
-my $lie_low_until = Time::HiRes::time() + 0.025;
+my $lie_low_until = Time::HiRes::time() + rand(0.1);
 sub triggered {
     return 1 if Time::HiRes::time() > $lie_low_until;
     for my $d (@triggers) {
