@@ -15,6 +15,7 @@ pub mod churn;
 pub mod dovecot;
 pub mod dovecot24;
 pub mod dovecot_common;
+pub mod hostile;
 pub mod imap;
 pub mod plugin;
 pub mod plugin24;
