@@ -16,6 +16,8 @@
 //!   each control file replaced by that file type: exit 0 in time, warned, no uidlist lock left behind.
 //! - `backup_of_a_sparse_2gib_message_stays_sparse_and_small`: peak RSS < 100 MiB, same size in the backup
 //!   but < 1 MiB allocated, warned ("sparse").
+//! - `backup_of_many_links_to_one_file_costs_one_copy`: one 4 MiB message under 200 names (links cost her
+//!   no quota): every name backed up, the file's data stored once.
 //! - `backup_of_a_huge_uidlist_warns_and_stays_small`: a 1 GiB dovecot-uidlist: exit 0, warned, peak RSS
 //!   < 100 MiB, every message backed up.
 //! - `backup_races_swapping_dirs_and_control_files_for_symlinks`: her loop swaps folder dirs, cur/, new/ and
@@ -239,6 +241,36 @@ fn backup_of_a_sparse_2gib_message_stays_sparse_and_small() {
     assert!(md.blocks() * 512 < 1 << 20, "the copy allocates {} bytes on disk: sparseness lost", md.blocks() * 512);
     assert!(o.stderr_line_with(&["sparse"]), "no warning about the sparse message:\n{}", o.show());
     assert_mail_kept(&want, &mail_hashes(&dest), "her other messages");
+}
+
+/// Links cost her no quota: one 4 MiB message under 200 names would be 800 MiB in a backup that copied each
+/// name. The backup holds every name, and each source inode once.
+#[test]
+fn backup_of_many_links_to_one_file_costs_one_copy() {
+    const SIZE: u64 = 4 << 20;
+    const LINKS: usize = 200;
+    let w = World::new();
+    w.her_maildir(HERS);
+    let first = w.maildir.join("cur").join(format!("1700000950.M0P9.links,S={SIZE}:2,S"));
+    her_perl(
+        "open(my $f, '>', $ARGV[0]) or die $!; print $f \"Subject: linked\\r\\n\\r\\n\"; print $f 'x' x ($ARGV[1] - 21); close $f; \
+         for my $i (1 .. $ARGV[2]) { (my $n = $ARGV[0]) =~ s/M0P9/M${i}P9/; link($ARGV[0], $n) or die $! }",
+        &[first.as_os_str(), OsStr::new(&SIZE.to_string()), OsStr::new(&(LINKS - 1).to_string())],
+    );
+    let want = mail_hashes(&w.maildir);
+    let dest = w.top.join("b");
+    let o = backup(&w.maildir, &dest);
+    assert!(o.ok(), "backup failed:\n{}", o.show());
+    assert_eq!(mail_hashes(&dest), want, "the backup's messages (every name)");
+    let mut inodes = std::collections::BTreeMap::new();
+    walk(&dest, &mut |_, md| {
+        if md.is_file() {
+            inodes.insert(md.ino(), md.blocks() * 512);
+        }
+    });
+    let allocated: u64 = inodes.values().sum();
+    assert!(allocated < 2 * SIZE, "the backup allocates {allocated} bytes for {LINKS} links to one {SIZE}-byte file");
+    assert_verifies(&dest, "links");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 use std::time::SystemTime;
 
 use rayon::prelude::*;
@@ -38,6 +39,105 @@ pub struct Tree {
     pub folders: BTreeMap<PathBuf, FolderState>,
     pub keep_owner: bool,
     pub warnings: Vec<String>,
+    /// Source files with several links (Dovecot's hard-linked COPY, or an owner's thousand
+    /// links to one big file), by (device, inode): the folder and key of their staged copy,
+    /// which the other names are hard-linked to. A backup never costs more than its source.
+    shared: HashMap<(u64, u64), (PathBuf, String)>,
+}
+
+/// One staged copy of a multiply-linked source file.
+#[derive(Clone)]
+struct SharedCopy {
+    /// Its path in the staging dir.
+    path: PathBuf,
+    size: u64,
+    blake3: String,
+    /// Where the tree records it: folder and key.
+    at: (PathBuf, String),
+}
+
+/// The multiply-linked source files of one folder's jobs: those staged before, and those
+/// being staged now (each by one job; the others wait for it and link to its copy).
+struct SharedInodes<'t> {
+    tree: &'t Tree,
+    slots: Mutex<HashMap<(u64, u64), Slot>>,
+    settled: Condvar,
+}
+
+enum Slot {
+    Copying,
+    Done(SharedCopy),
+}
+
+impl<'t> SharedInodes<'t> {
+    fn new(tree: &'t Tree) -> Self {
+        SharedInodes { tree, slots: Mutex::new(HashMap::new()), settled: Condvar::new() }
+    }
+
+    /// The staged copy of source inode `id`; or None, and then the caller is the one to make
+    /// it and must `settle` the claim.
+    fn find_or_claim(&self, id: (u64, u64)) -> Option<SharedCopy> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match slots.get(&id) {
+                Some(Slot::Done(c)) => return Some(c.clone()),
+                Some(Slot::Copying) => slots = self.settled.wait(slots).unwrap_or_else(|p| p.into_inner()),
+                None => {
+                    if let Some(c) = self.staged_before(id) {
+                        return Some(c);
+                    }
+                    slots.insert(id, Slot::Copying);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Ends a claim: with the copy made, or (None) with nothing, for the next job to try.
+    fn settle(&self, id: (u64, u64), copy: Option<SharedCopy>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        match copy {
+            Some(c) => slots.insert(id, Slot::Done(c)),
+            None => slots.remove(&id),
+        };
+        self.settled.notify_all();
+    }
+
+    /// A copy staged in an earlier pass, if still where it was.
+    fn staged_before(&self, id: (u64, u64)) -> Option<SharedCopy> {
+        let (rel, key) = self.tree.shared.get(&id)?;
+        let e = self.tree.folders.get(rel)?.entries.get(key)?;
+        Some(SharedCopy { path: staged_path(rel, e.sub, &e.name), size: e.size, blake3: e.blake3.clone(), at: (rel.clone(), key.clone()) })
+    }
+
+    fn into_new(self) -> impl Iterator<Item = ((u64, u64), SharedCopy)> {
+        self.slots.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().filter_map(|(id, s)| match s {
+            Slot::Done(c) => Some((id, c)),
+            Slot::Copying => None,
+        })
+    }
+}
+
+/// A claim on copying a shared inode, released (for another job to try) if not settled.
+struct Claim<'a, 't> {
+    shared: &'a SharedInodes<'t>,
+    id: (u64, u64),
+    done: bool,
+}
+
+impl Claim<'_, '_> {
+    fn settle(mut self, copy: SharedCopy) {
+        self.done = true;
+        self.shared.settle(self.id, Some(copy));
+    }
+}
+
+impl Drop for Claim<'_, '_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.settle(self.id, None);
+        }
+    }
 }
 
 /// Finds an existing copy of a message to hard-link instead of reading the source
@@ -95,7 +195,7 @@ fn staged_path(rel: &Path, sub: Subdir, name: &str) -> PathBuf {
 
 impl Tree {
     pub fn new(staging: Dir, keep_owner: bool) -> Tree {
-        Tree { staging, folders: BTreeMap::new(), keep_owner, warnings: Vec::new() }
+        Tree { staging, folders: BTreeMap::new(), keep_owner, warnings: Vec::new(), shared: HashMap::new() }
     }
 
     /// Records a warning once, however many passes meet the same thing.
@@ -220,7 +320,10 @@ impl Tree {
 
         // Folder by folder, so only one folder's directories are open at a time.
         for (rel, jobs) in jobs {
-            let results = self.run_jobs(md, &rel, &jobs, pool, reuse, progress)?;
+            let shared = SharedInodes::new(self);
+            let results = self.run_jobs(md, &rel, &jobs, pool, reuse, &shared, progress)?;
+            let newly_shared: Vec<_> = shared.into_new().collect();
+            self.shared.extend(newly_shared.into_iter().map(|(id, c)| (id, c.at)));
             let state = self.folders.get_mut(&rel).expect("job folder is staged");
             let mut warnings = Vec::new();
             for (job, result) in jobs.into_iter().zip(results) {
@@ -262,6 +365,7 @@ impl Tree {
         jobs: &[CopyJob],
         pool: &rayon::ThreadPool,
         reuse: Option<&dyn Reuse>,
+        shared: &SharedInodes,
         progress: &dyn Progress,
     ) -> Result<Vec<Result<JobResult, BackupError>>, BackupError> {
         // The source's cur/ and new/ (None: gone or planted since the listing, which reported it).
@@ -271,13 +375,15 @@ impl Tree {
             Err(e) => return Err(e.into()),
         };
         let dst = [self.staging.sub(rel.join("cur"))?, self.staging.sub(rel.join("new"))?];
-        let keep_owner = self.keep_owner;
         Ok(pool.install(|| {
             jobs.par_iter()
                 .map(|job| {
                     let i = job.listed.sub.index();
                     let r = match &src[i] {
-                        Some(s) => run_job(job, s, &dst[i], keep_owner, reuse),
+                        Some(s) => {
+                            let ctx = JobContext { rel, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, reuse, shared };
+                            ctx.run(job)
+                        }
                         None => Ok(JobResult::Vanished),
                     };
                     if let Ok(JobResult::Copied(e, _) | JobResult::Linked(e)) = &r {
@@ -290,43 +396,68 @@ impl Tree {
     }
 }
 
-fn run_job(job: &CopyJob, src: &Dir, dst: &Dir, keep_owner: bool, reuse: Option<&dyn Reuse>) -> Result<JobResult, BackupError> {
-    let name = job.listed.name.as_str();
-    let entry = |size, blake3| Entry { sub: job.listed.sub, name: name.to_string(), size, blake3 };
-    if let Some(reuse) = reuse {
-        // Same unique name = same message (Maildir files never change); the sizes must
-        // agree too, or it is copied afresh.
-        let size = match src.lstat(name)? {
-            Some(md) if md.is_file() => md.size(),
-            _ => return Ok(JobResult::Vanished),
+/// Where one folder's jobs read and write, and what they may link instead.
+struct JobContext<'a> {
+    rel: &'a Path,
+    src: &'a Dir,
+    dst: &'a Dir,
+    staging: &'a Dir,
+    keep_owner: bool,
+    reuse: Option<&'a dyn Reuse>,
+    shared: &'a SharedInodes<'a>,
+}
+
+impl JobContext<'_> {
+    fn run(&self, job: &CopyJob) -> Result<JobResult, BackupError> {
+        let name = job.listed.name.as_str();
+        let entry = |size, blake3| Entry { sub: job.listed.sub, name: name.to_string(), size, blake3 };
+        if let Some(reuse) = self.reuse {
+            // Same unique name = same message (Maildir files never change); the sizes must
+            // agree too, or it is copied afresh.
+            let size = match self.src.lstat(name)? {
+                Some(md) if md.is_file() => md.size(),
+                _ => return Ok(JobResult::Vanished),
+            };
+            let unique = MessageName::parse(name).map(|m| m.unique()).unwrap_or(&job.key);
+            if let Some(blake3) = reuse.link_into(unique, size, self.dst, name) {
+                return Ok(JobResult::Linked(entry(size, blake3)));
+            }
+        }
+        let mut input = match self.src.open_read(name) {
+            Ok(f) => f,
+            Err(e) if e.is_not_found() => return Ok(JobResult::Vanished),
+            Err(e) if e.is_planted() => return Ok(JobResult::Skipped(format!("skipped {e}"))),
+            Err(e) => return Err(e.into()),
         };
-        let unique = MessageName::parse(name).map(|m| m.unique()).unwrap_or(&job.key);
-        if let Some(blake3) = reuse.link_into(unique, size, dst, name) {
-            return Ok(JobResult::Linked(entry(size, blake3)));
+        // A file with other names: copied once, by the first job to meet it; linked after.
+        let mut claim = None;
+        if input.meta.nlink() > 1 {
+            let id = (input.meta.dev(), input.meta.ino());
+            match self.shared.find_or_claim(id) {
+                Some(copy) => {
+                    if self.staging.link(&copy.path, self.dst, name).is_ok() {
+                        return Ok(JobResult::Linked(entry(copy.size, copy.blake3)));
+                    }
+                }
+                None => claim = Some(Claim { shared: self.shared, id, done: false }),
+            }
         }
-    }
-    let mut input = match src.open_read(name) {
-        Ok(f) => f,
-        Err(e) if e.is_not_found() => return Ok(JobResult::Vanished),
-        Err(e) if e.is_planted() => return Ok(JobResult::Skipped(format!("skipped {e}"))),
-        Err(e) => return Err(e.into()),
-    };
-    let out = dst.create(name, 0o600)?;
-    let owner = keep_owner.then(|| input.meta.owner());
-    match fsx::copy_file(&mut input, &out, owner) {
-        Ok(c) => {
-            // Copied as it is, holes and all; but a message file is never sparse by itself.
-            let warning = (c.holes > 0).then(|| {
-                format!("{} is sparse ({} bytes, {} of them holes): copied with its holes", input.path.display(), c.size, c.holes)
-            });
-            Ok(JobResult::Copied(entry(c.size, c.blake3), warning))
-        }
-        Err(fail) => {
-            let _ = dst.unlink(name);
-            Err(match fail {
-                fsx::CopyFail::Source(e) => BackupError::Fs(FsError::Io { op: "read message", path: input.path, source: e }),
-                fsx::CopyFail::Dest(e) => BackupError::Fs(FsError::Io { op: "write backup copy", path: dst.show(name), source: e }),
+        let out = self.dst.create(name, 0o600)?;
+        let owner = self.keep_owner.then(|| input.meta.owner());
+        let c = fsx::copy_file(&mut input, &out, owner).map_err(|fail| {
+            let _ = self.dst.unlink(name);
+            BackupError::Fs(match fail {
+                fsx::CopyFail::Source(e) => FsError::Io { op: "read message", path: input.path.clone(), source: e },
+                fsx::CopyFail::Dest(e) => FsError::Io { op: "write backup copy", path: self.dst.show(name), source: e },
             })
+        })?;
+        if let Some(claim) = claim {
+            let at = (self.rel.to_path_buf(), job.key.clone());
+            claim.settle(SharedCopy { path: staged_path(self.rel, job.listed.sub, name), size: c.size, blake3: c.blake3.clone(), at });
         }
+        // Copied as it is, holes and all; but a message file is never sparse by itself.
+        let warning = (c.holes > 0)
+            .then(|| format!("{} is sparse ({} bytes, {} of them holes): copied with its holes", input.path.display(), c.size, c.holes));
+        Ok(JobResult::Copied(entry(c.size, c.blake3), warning))
     }
 }
