@@ -35,6 +35,9 @@
 //!   maildirfolder (in a folder dir without cur/), subscriptions, dovecot-uidvalidity symlinks to the secret,
 //!   and a spray of symlinks under the old predictable temp names (`dovecot-uidlist.maildir-backup-restore.PID`,
 //!   `dovecot-keywords.maildir-backup.PID`) for the next pids: same expectations.
+//! - `control_dirs_elsewhere_are_never_followed`: CONTROL= in her home; a folder's control dir, or the
+//!   control root itself, a symlink to a victim dir: the backup neither locks nor reads through it (warned;
+//!   a symlinked root refused), the restore refuses it.
 //! - `restore_chown_race_in_tmp`: her loop (woken by inotify) replaces every file appearing in tmp/ and
 //!   `.Work/tmp/` with a symlink to the secret (then to a victim dir) while restores run: the victim keeps its
 //!   owner, mode and content.
@@ -409,6 +412,72 @@ fn restore_into_symlinked_target_folders() {
         }
     }
     results.finish();
+}
+
+/// Moves her control files into a CONTROL= tree of hers (`home/control`), laid out as Dovecot does for
+/// Maildir++: `.INBOX/` and `.Work/` hold each folder's uidlist and keywords, the root the per-user files.
+fn move_control_files(w: &World) -> PathBuf {
+    let control = w.home.join("control");
+    remove_any(&control);
+    for (folder, dir) in [("", ".INBOX"), (".Work", ".Work")] {
+        fs::create_dir_all(control.join(dir)).unwrap();
+        for f in ["dovecot-uidlist", "dovecot-keywords"] {
+            fs::rename(w.maildir.join(folder).join(f), control.join(dir).join(f)).unwrap();
+        }
+    }
+    for f in ["subscriptions", "dovecot-uidvalidity", "dovecot-uidvalidity.65a1b2c3"] {
+        fs::rename(w.maildir.join(f), control.join(f)).unwrap();
+    }
+    chown_tree(&control, w.uid, w.gid);
+    control
+}
+
+/// CONTROL=: her folders' control dirs (uidlist, keywords, and the uidlist lock) are in a tree of hers beside
+/// the Maildir. A folder's control dir made a symlink to the victim's Maildir-shaped dir: the backup neither
+/// locks nor reads through it (exit 0, warned), the restore refuses it; the control root itself a symlink (in
+/// her home, which she can write): both refuse it, naming it.
+#[test]
+fn control_dirs_elsewhere_are_never_followed() {
+    let w = World::new();
+    let (snap, _) = w.clean_snapshot("clean", &[("", 6), (".Work", 9)]);
+    let snap_mail = mail_hashes(&snap);
+    let mut cases = Cases::new(&w.victim);
+    for (planted, shown) in [(".Work", ".Work"), ("", "control")] {
+        let setup = || {
+            w.her_maildir(HERS);
+            let control = move_control_files(&w);
+            let at = if planted.is_empty() { control.clone() } else { control.join(planted) };
+            remove_any(&at);
+            symlink(&w.victim.mail, &at).unwrap();
+            lchown(&at, Some(w.uid), Some(w.gid)).unwrap();
+            format!("maildir:{}:CONTROL={}", w.maildir.display(), control.display())
+        };
+        let what = format!("backup, control dir {shown} a symlink");
+        cases.run(&what.clone(), || {
+            let loc = setup();
+            let dest = w.top.join("b");
+            remove_any(&dest);
+            let o = cli(&[OsStr::new("backup"), OsStr::new(&loc), dest.as_os_str()]);
+            w.victim.check(&what);
+            w.victim.assert_not_leaked(Some(&o), &[&dest], &what);
+            assert!(o.says_symlink(shown), "{what}: no refusal or warning naming {shown} as a symlink:\n{}", o.show());
+            if planted.is_empty() {
+                assert!(!o.ok(), "{what}: a symlinked control root must be refused:\n{}", o.show());
+            } else {
+                assert!(o.ok(), "{what}: backup failed:\n{}", o.show());
+                assert_eq!(mail_hashes(&dest), mail_hashes(&w.maildir), "{what}: the backup's messages");
+            }
+        });
+        let what = format!("merge, control dir {shown} a symlink");
+        cases.run(&what.clone(), || {
+            let loc = setup();
+            let before = mail_hashes(&w.maildir);
+            let o = cli(&[OsStr::new("restore"), snap.as_os_str(), OsStr::new(&loc)]);
+            check_restore(&w, &o, &before, Some(&snap_mail), &[shown], &what);
+            assert!(!o.ok(), "{what}: a restore through a symlinked control dir must be refused:\n{}", o.show());
+        });
+    }
+    cases.finish();
 }
 
 #[test]
