@@ -41,8 +41,16 @@ pub struct Tree {
     pub warnings: Vec<String>,
     /// Source files with several links (Dovecot's hard-linked COPY, or an owner's thousand
     /// links to one big file), by (device, inode): the folder and key of their staged copy,
-    /// which the other names are hard-linked to. A backup never costs more than its source.
-    shared: HashMap<(u64, u64), (PathBuf, String)>,
+    /// which the other names are hard-linked to, and the file's stamp (an inode number is
+    /// reused once the file is gone). A backup never costs more than its source.
+    shared: HashMap<(u64, u64), ((PathBuf, String), Stamp)>,
+}
+
+/// Size and modification time: what tells a file from a later one that got its inode number.
+type Stamp = (u64, i64, i64);
+
+fn stamp_of(m: &fsx::Meta) -> Stamp {
+    (m.size(), m.mtime(), m.mtime_nsec())
 }
 
 /// One staged copy of a multiply-linked source file.
@@ -50,6 +58,8 @@ pub struct Tree {
 struct SharedCopy {
     /// Its path in the staging dir.
     path: PathBuf,
+    /// The source file's when it was copied.
+    stamp: Stamp,
     size: u64,
     blake3: String,
     /// Where the tree records it: folder and key.
@@ -74,20 +84,21 @@ impl<'t> SharedInodes<'t> {
         SharedInodes { tree, slots: Mutex::new(HashMap::new()), settled: Condvar::new() }
     }
 
-    /// The staged copy of source inode `id`; or None, and then the caller is the one to make
-    /// it and must `settle` the claim.
-    fn find_or_claim(&self, id: (u64, u64)) -> Option<SharedCopy> {
+    /// The staged copy of source inode `id` (as of `stamp`); or None, and then the caller
+    /// makes the copy, and settles the claim if it got one.
+    fn find_or_claim<'a>(&'a self, id: (u64, u64), stamp: Stamp) -> Result<SharedCopy, Option<Claim<'a, 't>>> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             match slots.get(&id) {
-                Some(Slot::Done(c)) => return Some(c.clone()),
+                Some(Slot::Done(c)) if c.stamp == stamp => return Ok(c.clone()),
+                Some(Slot::Done(_)) => return Err(None), // another file with a reused inode number
                 Some(Slot::Copying) => slots = self.settled.wait(slots).unwrap_or_else(|p| p.into_inner()),
                 None => {
-                    if let Some(c) = self.staged_before(id) {
-                        return Some(c);
+                    if let Some(c) = self.staged_before(id).filter(|c| c.stamp == stamp) {
+                        return Ok(c);
                     }
                     slots.insert(id, Slot::Copying);
-                    return None;
+                    return Err(Some(Claim { shared: self, id, done: false }));
                 }
             }
         }
@@ -105,9 +116,10 @@ impl<'t> SharedInodes<'t> {
 
     /// A copy staged in an earlier pass, if still where it was.
     fn staged_before(&self, id: (u64, u64)) -> Option<SharedCopy> {
-        let (rel, key) = self.tree.shared.get(&id)?;
+        let ((rel, key), stamp) = self.tree.shared.get(&id)?;
         let e = self.tree.folders.get(rel)?.entries.get(key)?;
-        Some(SharedCopy { path: staged_path(rel, e.sub, &e.name), size: e.size, blake3: e.blake3.clone(), at: (rel.clone(), key.clone()) })
+        let path = staged_path(rel, e.sub, &e.name);
+        Some(SharedCopy { path, stamp: *stamp, size: e.size, blake3: e.blake3.clone(), at: (rel.clone(), key.clone()) })
     }
 
     fn into_new(self) -> impl Iterator<Item = ((u64, u64), SharedCopy)> {
@@ -318,34 +330,35 @@ impl Tree {
             jobs.entry(rel).or_default().push(CopyJob { key, listed });
         }
 
-        // Folder by folder, so only one folder's directories are open at a time.
-        for (rel, jobs) in jobs {
-            let shared = SharedInodes::new(self);
-            let results = self.run_jobs(md, &rel, &jobs, pool, reuse, &shared, progress)?;
-            let newly_shared: Vec<_> = shared.into_new().collect();
-            self.shared.extend(newly_shared.into_iter().map(|(id, c)| (id, c.at)));
+        let jobs: Vec<(PathBuf, Vec<CopyJob>)> = jobs.into_iter().collect();
+        let shared = SharedInodes::new(self);
+        let mut results = Vec::with_capacity(jobs.len());
+        // Folders in batches: jobs of several folders run side by side (one directory's lock is
+        // not a bottleneck), while only a batch's directories are open at once.
+        for batch in jobs.chunks(FOLDERS_PER_BATCH) {
+            results.extend(self.run_jobs(md, batch, pool, reuse, &shared, progress)?);
+        }
+        let newly_shared: Vec<_> = shared.into_new().collect();
+        self.shared.extend(newly_shared.into_iter().map(|(id, c)| (id, (c.at, c.stamp))));
+        let mut warnings = Vec::new();
+        for ((rel, job), result) in jobs.into_iter().flat_map(|(rel, js)| js.into_iter().map(move |j| (rel.clone(), j))).zip(results) {
             let state = self.folders.get_mut(&rel).expect("job folder is staged");
-            let mut warnings = Vec::new();
-            for (job, result) in jobs.into_iter().zip(results) {
-                match result? {
-                    JobResult::Copied(e, warning) => {
-                        stats.copied += 1;
-                        stats.bytes += e.size;
-                        state.entries.insert(job.key, e);
-                        warnings.extend(warning);
-                    }
-                    JobResult::Linked(e) => {
-                        stats.linked += 1;
-                        state.entries.insert(job.key, e);
-                    }
-                    JobResult::Vanished => stats.vanished += 1,
-                    JobResult::Skipped(w) => warnings.push(w),
+            match result? {
+                JobResult::Copied(e, warning) => {
+                    stats.copied += 1;
+                    stats.bytes += e.size;
+                    state.entries.insert(job.key, e);
+                    warnings.extend(warning);
                 }
-            }
-            for w in warnings {
-                self.warn(&w);
+                JobResult::Linked(e) => {
+                    stats.linked += 1;
+                    state.entries.insert(job.key, e);
+                }
+                JobResult::Vanished => stats.vanished += 1,
+                JobResult::Skipped(w) => warnings.push(w),
             }
         }
+        self.warn_all(warnings);
 
         for (rel, e) in departed.into_values().flatten() {
             self.staging.unlink(staged_path(&rel, e.sub, &e.name))?;
@@ -357,31 +370,36 @@ impl Tree {
         Ok(stats)
     }
 
-    /// Copies one folder's new messages in parallel.
+    /// Copies the new messages of a batch of folders in parallel; the results in job order.
     fn run_jobs(
         &self,
         md: &Maildir,
-        rel: &Path,
-        jobs: &[CopyJob],
+        batch: &[(PathBuf, Vec<CopyJob>)],
         pool: &rayon::ThreadPool,
         reuse: Option<&dyn Reuse>,
         shared: &SharedInodes,
         progress: &dyn Progress,
     ) -> Result<Vec<Result<JobResult, BackupError>>, BackupError> {
-        // The source's cur/ and new/ (None: gone or planted since the listing, which reported it).
-        let src: [Option<Dir>; 2] = match md.root.sub_opt(rel) {
-            Ok(Some(d)) => super::scan::open_subdirs(&d, &mut Vec::new())?,
-            Ok(None) | Err(FsError::Symlink { .. }) => [None, None],
-            Err(e) => return Err(e.into()),
-        };
-        let dst = [self.staging.sub(rel.join("cur"))?, self.staging.sub(rel.join("new"))?];
+        let mut dirs = Vec::with_capacity(batch.len());
+        for (rel, _) in batch {
+            // The source's cur/ and new/ (None: gone or planted since the listing, which said so).
+            let src: [Option<Dir>; 2] = match md.root.sub_opt(rel) {
+                Ok(Some(d)) => super::scan::open_subdirs(&d, &mut Vec::new())?,
+                Ok(None) => [None, None],
+                Err(e) if e.is_planted() => [None, None],
+                Err(e) => return Err(e.into()),
+            };
+            dirs.push((src, [self.staging.sub(rel.join("cur"))?, self.staging.sub(rel.join("new"))?]));
+        }
+        let all: Vec<(usize, &CopyJob)> = batch.iter().enumerate().flat_map(|(i, (_, js))| js.iter().map(move |j| (i, j))).collect();
         Ok(pool.install(|| {
-            jobs.par_iter()
-                .map(|job| {
+            all.par_iter()
+                .map(|&(f, job)| {
+                    let (src, dst) = &dirs[f];
                     let i = job.listed.sub.index();
                     let r = match &src[i] {
                         Some(s) => {
-                            let ctx = JobContext { rel, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, reuse, shared };
+                            let ctx = JobContext { rel: &batch[f].0, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, reuse, shared };
                             ctx.run(job)
                         }
                         None => Ok(JobResult::Vanished),
@@ -395,6 +413,9 @@ impl Tree {
         }))
     }
 }
+
+/// Folders whose jobs run together (each holds four directories open meanwhile).
+const FOLDERS_PER_BATCH: usize = 64;
 
 /// Where one folder's jobs read and write, and what they may link instead.
 struct JobContext<'a> {
@@ -430,16 +451,16 @@ impl JobContext<'_> {
             Err(e) => return Err(e.into()),
         };
         // A file with other names: copied once, by the first job to meet it; linked after.
+        let stamp = stamp_of(&input.meta);
         let mut claim = None;
         if input.meta.nlink() > 1 {
-            let id = (input.meta.dev(), input.meta.ino());
-            match self.shared.find_or_claim(id) {
-                Some(copy) => {
+            match self.shared.find_or_claim((input.meta.dev(), input.meta.ino()), stamp) {
+                Ok(copy) => {
                     if self.staging.link(&copy.path, self.dst, name).is_ok() {
                         return Ok(JobResult::Linked(entry(copy.size, copy.blake3)));
                     }
                 }
-                None => claim = Some(Claim { shared: self.shared, id, done: false }),
+                Err(c) => claim = c,
             }
         }
         let out = self.dst.create(name, 0o600)?;
@@ -453,7 +474,7 @@ impl JobContext<'_> {
         })?;
         if let Some(claim) = claim {
             let at = (self.rel.to_path_buf(), job.key.clone());
-            claim.settle(SharedCopy { path: staged_path(self.rel, job.listed.sub, name), size: c.size, blake3: c.blake3.clone(), at });
+            claim.settle(SharedCopy { path: staged_path(self.rel, job.listed.sub, name), stamp, size: c.size, blake3: c.blake3.clone(), at });
         }
         // Copied as it is, holes and all; but a message file is never sparse by itself.
         let warning = (c.holes > 0)
