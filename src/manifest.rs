@@ -55,8 +55,15 @@ pub struct FolderRecord {
     /// messages Dovecot expunged and has not yet dropped from its uidlist.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uidlist_expunged: Vec<String>,
+    /// The uidlist named more expunged messages than a record holds (`EXPUNGED_LIMIT`): the
+    /// list is cut short, and verify does not hold the uidlist's other lines against the files.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uidlist_expunged_partial: bool,
     pub messages: u64,
 }
+
+/// Bytes of expunged unique names a folder record lists at most (well inside `LINE_LIMIT`).
+pub const EXPUNGED_LIMIT: usize = 4 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MessageRecord {
@@ -110,8 +117,11 @@ impl ManifestError {
 
 impl Manifest {
     /// Writes the manifest as a new file (0600, like the mail it describes) in `dir`, flushed.
+    /// It is first checked as `read` will check it: a backup is never written that its own
+    /// restore would refuse.
     pub fn write(&self, dir: &Dir) -> Result<(), ManifestError> {
         let path = dir.show(MANIFEST_NAME);
+        self.check_records().map_err(|what| ManifestError::Bad { path: format!("{} (being written)", path.display()), line: 0, what })?;
         let io_err = |op, e| ManifestError::Fs(FsError::Io { op, path: path.clone(), source: e });
         let mut w = BufWriter::new(dir.create(MANIFEST_NAME, 0o600)?);
         let mut put = |r: &Record| -> io::Result<()> {
@@ -164,6 +174,13 @@ impl Manifest {
             *out.entry(m.folder.as_str()).or_default() += m.size;
         }
         out
+    }
+
+    /// Every record as `read` checks it, and the counts.
+    fn check_records(&self) -> Result<(), String> {
+        self.folders.iter().try_for_each(|f| check_folder(f, self.header.layout))?;
+        self.messages.iter().try_for_each(check_message)?;
+        self.check_counts()
     }
 
     /// The header's counts and sums agree with the records; every message is in a folder

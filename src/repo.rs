@@ -308,7 +308,7 @@ pub fn plan_prune(snaps: &[Snapshot], policy: KeepPolicy) -> (Vec<Snapshot>, Vec
 pub fn remove_snapshot(series: &Dir, snap: &Snapshot) -> Result<(), RepoError> {
     let doomed = format!(".{}.maildir-backup-deleting", snap.name);
     series.remove_tree(&doomed)?; // left by an interrupted prune
-    series.rename(&snap.name, series, &doomed, Replace::Never)?;
+    series.rename_dir_noreplace(OsStr::new(&snap.name), OsStr::new(&doomed))?;
     series.remove_tree(&doomed)?;
     Ok(())
 }

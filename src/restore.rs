@@ -126,8 +126,12 @@ fn select<'m>(snapshot: &Dir, manifest: &'m Manifest, req: &RestoreRequest) -> R
     } else {
         req.folders.iter().map(|n| folder_by_name(n)).collect::<Result<_, _>>()?
     };
+    let mut messages_of: HashMap<&str, Vec<&'m MessageRecord>> = HashMap::new();
+    for m in &manifest.messages {
+        messages_of.entry(m.folder.as_str()).or_default().push(m);
+    }
     for f in &whole_folders {
-        for m in manifest.messages.iter().filter(|m| m.folder == f.path) {
+        for m in messages_of.get(f.path.as_str()).into_iter().flatten() {
             add(f, m);
         }
     }
@@ -192,7 +196,8 @@ fn has_mail(md: &Maildir) -> Result<bool, RestoreError> {
 }
 
 /// The owner for everything we create (only root gives files away): the target root's,
-/// else the owner recorded in the manifest, else the snapshot's (older backups were theirs).
+/// else the owner the backup recorded, if the snapshot is one we (or root) made; else the
+/// snapshot's own (older backups, or one a user made and could have edited).
 fn owner_for(target_root: Option<&Dir>, manifest: &Manifest, snapshot: &Dir) -> Result<Option<Owner>, RestoreError> {
     if !fsx::running_as_root() {
         return Ok(None);
@@ -200,9 +205,11 @@ fn owner_for(target_root: Option<&Dir>, manifest: &Manifest, snapshot: &Dir) -> 
     if let Some(t) = target_root {
         return Ok(Some(t.stat()?.owner()));
     }
+    let snap = snapshot.stat()?;
+    let ours = snap.owner().uid == 0 && snap.mode() & 0o022 == 0;
     Ok(Some(match manifest.header.owner {
-        Some(o) => o,
-        None => snapshot.stat()?.owner(),
+        Some(o) if ours => o,
+        _ => snap.owner(),
     }))
 }
 
@@ -300,17 +307,36 @@ impl Drop for TmpFiles<'_> {
     }
 }
 
+/// Snapshot files with several names already delivered, still open: their other names are
+/// delivered as links to the same copy (a restore takes no more room than its snapshot).
+#[derive(Default)]
+struct Delivered(HashMap<(u64, u64), std::fs::File>);
+
+/// How many such files stay open at once.
+const MAX_DELIVERED: usize = 1024;
+
 /// Copies the snapshot file `m` into the folder's tmp/ under a new random name, owned by
 /// `owner` (set on the descriptor: whatever the user does to tmp/ meanwhile, we never chown
 /// anything else).
-fn deliver_to_tmp(snapshot: &Dir, m: &MessageRecord, tmp: &mut TmpFiles, owner: Option<Owner>) -> Result<String, RestoreError> {
+fn deliver_to_tmp(snapshot: &Dir, m: &MessageRecord, tmp: &mut TmpFiles, owner: Option<Owner>, delivered: &mut Delivered) -> Result<String, RestoreError> {
     let mut src = snapshot.open_read(m.rel_path())?;
-    let (name, out) = tmp.tmp.create_temp(&format!("{}.restore", fresh_unique(&m.unique)), 0o600)?;
+    let prefix = format!("{}.restore", fresh_unique(&m.unique));
+    let id = (src.meta.dev(), src.meta.ino());
+    if let Some(copy) = delivered.0.get(&id) {
+        if let Ok(name) = tmp.tmp.link_open_file(copy, &prefix) {
+            tmp.names.push(name.clone());
+            return Ok(name);
+        }
+    }
+    let (name, out) = tmp.tmp.create_temp(&prefix, 0o600)?;
     tmp.names.push(name.clone());
     fsx::copy_file(&mut src, &out, owner).map_err(|fail| match fail {
         fsx::CopyFail::Source(e) => FsError::Io { op: "read", path: src.path.clone(), source: e },
         fsx::CopyFail::Dest(e) => FsError::Io { op: "write", path: tmp.tmp.show(&name), source: e },
     })?;
+    if src.meta.nlink() > 1 && delivered.0.len() < MAX_DELIVERED {
+        delivered.0.insert(id, out);
+    }
     Ok(name)
 }
 
@@ -373,6 +399,7 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
         None => Dir::open_or_create(&target.root, 0o700, owner)?.0,
     };
     let targets = Targets { loc: target.clone(), root, layout: target.layout, control: std::cell::OnceCell::new() };
+    let mut delivered = Delivered::default();
     for (f, rel, msgs) in by_folder.values() {
         let tf = Folder::at(target, rel.clone());
         let (dirs, created) = ensure_folder(&targets, &tf, owner)?;
@@ -395,9 +422,9 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
             ));
         }
         if full && keeps_uids {
-            restore_folder_full(&snap, &snap_dir, &dirs, msgs, owner, req, &mut report)?;
+            restore_folder_full(&snap, &snap_dir, &dirs, msgs, owner, req, &mut report, &mut delivered)?;
         } else {
-            restore_folder_merge(&snap, &snap_dir, &dirs, msgs, owner, req, &mut report)?;
+            restore_folder_merge(&snap, &snap_dir, &dirs, msgs, owner, req, &mut report, &mut delivered)?;
         }
     }
     if full {
@@ -407,13 +434,24 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
 }
 
 /// Every selected file must be a regular file of the size and checksum the manifest says.
+/// A file under several names is read once.
 fn check_selected(snap: &Dir, selected: &[Selected]) -> Result<(), RestoreError> {
     let mut bad = Vec::new();
+    let mut hashed: HashMap<(u64, u64), (u64, String)> = HashMap::new();
     for s in selected {
         let rel = s.msg.rel_path();
-        match snap.open_read(&rel).map_err(|e| e.to_string()).and_then(|mut f| fsx::hash_file(&mut f).map_err(|e| e.to_string())) {
+        let sum = snap.open_read(&rel).map_err(|e| e.to_string()).and_then(|mut f| {
+            let id = (f.meta.dev(), f.meta.ino());
+            if let Some(known) = hashed.get(&id) {
+                return Ok(known.clone());
+            }
+            let sum = fsx::hash_file(&mut f).map_err(|e| e.to_string())?;
+            hashed.insert(id, sum.clone());
+            Ok(sum)
+        });
+        match sum {
             Ok((size, sum)) if size == s.msg.size && sum == s.msg.blake3 => {}
-            Ok(_) => bad.push(format!("{}: content differs from the manifest", snap.show(&rel).display())),
+            Ok(_) => bad.push(format!("{}: content differs from the manifest", fsx::shown(&snap.show(&rel)))),
             Err(e) => bad.push(e),
         }
     }
@@ -449,6 +487,8 @@ struct Present {
     /// size -> (directory, name) of files of that size
     by_size: HashMap<u64, Vec<(usize, String)>>,
     dirs: Vec<Dir>,
+    /// Checksums already computed: each of the target's files is read at most once.
+    sums: std::cell::RefCell<HashMap<(usize, String), Option<String>>>,
 }
 
 impl Present {
@@ -477,11 +517,17 @@ impl Present {
 
     fn has(&self, m: &MessageRecord) -> bool {
         self.uniques.contains(&m.unique)
-            || self.by_size.get(&m.size).is_some_and(|files| {
-                files.iter().any(|(d, name)| {
-                    self.dirs[*d].open_read(name).ok().and_then(|mut f| fsx::hash_file(&mut f).ok()).is_some_and(|(_, sum)| sum == m.blake3)
-                })
-            })
+            || self.by_size.get(&m.size).is_some_and(|files| files.iter().any(|(d, name)| self.sum(*d, name).is_some_and(|s| s == m.blake3)))
+    }
+
+    fn sum(&self, d: usize, name: &str) -> Option<String> {
+        let key = (d, name.to_string());
+        if let Some(s) = self.sums.borrow().get(&key) {
+            return s.clone();
+        }
+        let s = self.dirs[d].open_read(name).ok().and_then(|mut f| fsx::hash_file(&mut f).ok()).map(|(_, s)| s);
+        self.sums.borrow_mut().insert(key, s.clone());
+        s
     }
 }
 
@@ -494,11 +540,12 @@ fn restore_folder_full(
     owner: Option<Owner>,
     req: &RestoreRequest,
     report: &mut RestoreReport,
+    delivered: &mut Delivered,
 ) -> Result<(), RestoreError> {
     let mut tmp = TmpFiles { tmp: &tf.tmp, names: Vec::new() };
     let mut staged = Vec::new();
     for m in msgs {
-        staged.push((deliver_to_tmp(snap, m, &mut tmp, owner)?, *m));
+        staged.push((deliver_to_tmp(snap, m, &mut tmp, owner, delivered)?, *m));
     }
     let lock = DotLock::acquire_in(&tf.control, UIDLIST, &req.lock)?;
     for (name, m) in staged {
@@ -544,6 +591,7 @@ fn restore_folder_merge(
     owner: Option<Owner>,
     req: &RestoreRequest,
     report: &mut RestoreReport,
+    delivered: &mut Delivered,
 ) -> Result<(), RestoreError> {
     let snap_kw = Keywords::read(snap_dir)?;
     let already = Present::of_subdirs(tf.subdirs()?)?;
@@ -554,7 +602,7 @@ fn restore_folder_merge(
             report.skip(&tf.name, &m.unique);
             continue;
         }
-        staged.push((deliver_to_tmp(snap, m, &mut tmp, owner)?, *m));
+        staged.push((deliver_to_tmp(snap, m, &mut tmp, owner, delivered)?, *m));
     }
     let lock = DotLock::acquire_in(&tf.control, UIDLIST, &req.lock)?;
     let kw_old = tf.control.lstat(KEYWORDS_FILE)?;

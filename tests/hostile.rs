@@ -14,10 +14,13 @@
 //!   subscriptions, dovecot-uidvalidity each a symlink to the secret: exit 0, warned, not read.
 //! - `backup_survives_fifos`, `backup_survives_unix_sockets`, `backup_survives_device_nodes`: a message and
 //!   each control file replaced by that file type: exit 0 in time, warned, no uidlist lock left behind.
-//! - `backup_of_a_sparse_2gib_message_stays_sparse_and_small`: peak RSS < 100 MiB, same size in the backup
-//!   but < 1 MiB allocated, warned ("sparse").
-//! - `backup_of_many_links_to_one_file_costs_one_copy`: one 4 MiB message under 200 names (links cost her
-//!   no quota): every name backed up, the file's data stored once.
+//! - `backup_skips_a_sparse_2gib_message`: peak RSS < 100 MiB, the holes never read, the file left out
+//!   with a warning naming it ("sparse"), the backup < 1 MiB.
+//! - `many_links_to_one_file_cost_one_copy`: one 4 MiB file under 200 message names, and linked as every
+//!   folder's uidlist and 50 uidvalidity markers (links cost her no quota): every message name backed up and
+//!   restored, the data stored once each time; the linked control files skipped with a warning.
+//! - `a_plain_backup_is_closed_to_her_whatever_her_modes`: her Maildir opened 0755; the backup's top dir is
+//!   0700 root: she can neither list it nor append to or truncate her messages in it.
 //! - `backup_of_a_huge_uidlist_warns_and_stays_small`: a 1 GiB dovecot-uidlist: exit 0, warned, peak RSS
 //!   < 100 MiB, every message backed up.
 //! - `backup_races_swapping_dirs_and_control_files_for_symlinks`: her loop swaps folder dirs, cur/, new/ and
@@ -224,7 +227,7 @@ fn backup_survives_device_nodes() {
 }
 
 #[test]
-fn backup_of_a_sparse_2gib_message_stays_sparse_and_small() {
+fn backup_skips_a_sparse_2gib_message() {
     const SIZE: u64 = 2 << 30;
     let w = World::new();
     w.her_maildir(HERS);
@@ -239,41 +242,94 @@ fn backup_of_a_sparse_2gib_message_stays_sparse_and_small() {
     let o = backup(&w.maildir, &dest);
     assert!(o.ok(), "backup failed:\n{}", o.show());
     assert!(o.maxrss_kib < RSS_LIMIT_KIB, "peak RSS {} KiB:\n{}", o.maxrss_kib, o.show());
-    let md = fs::symlink_metadata(dest.join("cur").join(&name)).unwrap_or_else(|e| panic!("the sparse message in the backup: {e}\n{}", o.show()));
-    assert_eq!(md.len(), SIZE, "size of the copy");
-    assert!(md.blocks() * 512 < 1 << 20, "the copy allocates {} bytes on disk: sparseness lost", md.blocks() * 512);
-    assert!(o.stderr_line_with(&["sparse"]), "no warning about the sparse message:\n{}", o.show());
+    // Holes cost her nothing and would cost us a read (and a checksum) of every byte: a message
+    // file is never sparse, so it is left out, and said so.
+    assert!(o.stderr_line_with(&[&name, "sparse"]), "no warning naming the sparse message:\n{}", o.show());
+    assert!(fs::symlink_metadata(dest.join("cur").join(&name)).is_err(), "the sparse file is in the backup");
+    let mut allocated = 0;
+    walk(&dest, &mut |_, md| allocated += md.blocks() * 512);
+    assert!(allocated < 1 << 20, "the backup allocates {allocated} bytes");
     assert_mail_kept(&want, &mail_hashes(&dest), "her other messages");
+    assert_verifies(&dest, "sparse");
 }
 
-/// Links cost her no quota: one 4 MiB message under 200 names would be 800 MiB in a backup that copied each
-/// name. The backup holds every name, and each source inode once.
+/// Links cost her no quota: one 4 MiB message under 200 names would be 800 MiB in a backup (and again in a
+/// restore) that copied each name; the same file linked as every folder's dovecot-uidlist and as many
+/// dovecot-uidvalidity.* markers, likewise. The backup holds every message name and stores each source
+/// file once; a control file with several names is skipped (Dovecot's never have more than one); the
+/// restore into a new Maildir stores the message once too.
 #[test]
-fn backup_of_many_links_to_one_file_costs_one_copy() {
+fn many_links_to_one_file_cost_one_copy() {
     const SIZE: u64 = 4 << 20;
     const LINKS: usize = 200;
     let w = World::new();
-    w.her_maildir(HERS);
+    w.her_maildir(&[("", 2), (".Work", 2), (".A", 1), (".B", 1), (".C", 1)]);
     let first = w.maildir.join("cur").join(format!("1700000950.M0P9.links,S={SIZE}:2,S"));
     her_perl(
         "open(my $f, '>', $ARGV[0]) or die $!; print $f \"Subject: linked\\r\\n\\r\\n\"; print $f 'x' x ($ARGV[1] - 21); close $f; \
-         for my $i (1 .. $ARGV[2]) { (my $n = $ARGV[0]) =~ s/M0P9/M${i}P9/; link($ARGV[0], $n) or die $! }",
-        &[first.as_os_str(), OsStr::new(&SIZE.to_string()), OsStr::new(&(LINKS - 1).to_string())],
+         for my $i (1 .. $ARGV[2]) { (my $n = $ARGV[0]) =~ s/M0P9/M${i}P9/; link($ARGV[0], $n) or die $! } \
+         for my $d (@ARGV[3 .. $#ARGV]) { unlink \"$d/dovecot-uidlist\"; link($ARGV[0], \"$d/dovecot-uidlist\") or die $! } \
+         for my $i (1 .. 50) { link($ARGV[0], \"$ARGV[3]/dovecot-uidvalidity.$i\") or die $! }",
+        &[
+            first.as_os_str(),
+            OsStr::new(&SIZE.to_string()),
+            OsStr::new(&(LINKS - 1).to_string()),
+            w.maildir.as_os_str(),
+            w.maildir.join(".Work").as_os_str(),
+            w.maildir.join(".A").as_os_str(),
+            w.maildir.join(".B").as_os_str(),
+            w.maildir.join(".C").as_os_str(),
+        ],
     );
     let want = mail_hashes(&w.maildir);
+    let allocated = |root: &Path| {
+        let mut inodes = std::collections::BTreeMap::new();
+        walk(root, &mut |_, md| {
+            if md.is_file() {
+                inodes.insert(md.ino(), md.blocks() * 512);
+            }
+        });
+        inodes.values().sum::<u64>()
+    };
     let dest = w.top.join("b");
     let o = backup(&w.maildir, &dest);
     assert!(o.ok(), "backup failed:\n{}", o.show());
     assert_eq!(mail_hashes(&dest), want, "the backup's messages (every name)");
-    let mut inodes = std::collections::BTreeMap::new();
-    walk(&dest, &mut |_, md| {
-        if md.is_file() {
-            inodes.insert(md.ino(), md.blocks() * 512);
-        }
-    });
-    let allocated: u64 = inodes.values().sum();
-    assert!(allocated < 2 * SIZE, "the backup allocates {allocated} bytes for {LINKS} links to one {SIZE}-byte file");
+    assert!(allocated(&dest) < 2 * SIZE, "the backup allocates {} bytes for {LINKS} links to one {SIZE}-byte file", allocated(&dest));
+    assert!(o.stderr_line_with(&[".Work/dovecot-uidlist", "names"]), "no warning about the linked uidlist:\n{}", o.show());
     assert_verifies(&dest, "links");
+
+    let target = w.top.join("restored/Maildir");
+    let o = restore(&dest, &target);
+    assert!(o.ok(), "restore failed:\n{}", o.show());
+    assert_eq!(mail_hashes(&target), want, "the restored messages (every name)");
+    assert!(allocated(&target) < 2 * SIZE, "the restore allocates {} bytes for {LINKS} names of one file", allocated(&target));
+}
+
+/// She opens her Maildir to everyone (chmod 755, as a user may): the plain backup root makes of it must still
+/// be root's alone — she can neither list it nor change her messages in it.
+#[test]
+fn a_plain_backup_is_closed_to_her_whatever_her_modes() {
+    let w = World::new();
+    w.her_maildir(HERS);
+    her_perl("chmod(0755, @ARGV) == @ARGV or die $!", &[w.maildir.clone(), w.maildir.join("cur"), w.maildir.join(".Work"), w.maildir.join(".Work/cur")]);
+    let dest = w.top.join("b");
+    let o = backup(&w.maildir, &dest);
+    assert!(o.ok(), "backup failed:\n{}", o.show());
+    let md = fs::symlink_metadata(&dest).unwrap();
+    assert_eq!((md.mode() & 0o777, md.uid()), (0o700, 0), "the backup's top directory");
+    let message = fs::read_dir(dest.join("cur")).unwrap().flatten().next().unwrap().path();
+    let before = tree_listing(&dest);
+    for (what, c) in [
+        ("list the backup", { let mut c = as_her("ls"); c.arg(&dest); c }),
+        ("append to a message", { let mut c = as_her("sh"); c.args(["-c", "echo owned >> \"$0\""]).arg(&message); c }),
+        ("truncate a message", { let mut c = as_her("truncate"); c.args(["-s", "0"]).arg(&message); c }),
+    ] {
+        let r = run_limited(c, CLI_LIMIT);
+        assert!(!r.ok(), "as {HOSTILE}, {what} succeeded");
+    }
+    assert_same_tree(&before, &tree_listing(&dest), "the backup");
+    assert_verifies(&dest, "closed");
 }
 
 #[test]

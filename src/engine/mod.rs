@@ -18,7 +18,7 @@ use crate::maildir::folders::{self, is_maildir};
 use crate::maildir::location::LocationError;
 use crate::maildir::uidlist::{self, UidlistError};
 use crate::maildir::{Folder, MailLocation, Maildir, MessageName, MESSAGE_DIRS};
-use crate::manifest::{FolderRecord, Header, Manifest, ManifestError, MessageRecord};
+use crate::manifest::{FolderRecord, Header, Manifest, ManifestError, MessageRecord, EXPUNGED_LIMIT};
 use crate::staging::{Staging, StagingError};
 use crate::sysexits::{self, ExitCode};
 
@@ -348,7 +348,7 @@ fn copy_into(
         passes,
         changed_during_backup: changed,
         taken_at,
-        warnings: tree.warnings.clone(),
+        warnings: tree.warnings(),
         folder_details: manifest
             .folders
             .iter()
@@ -372,8 +372,13 @@ fn copy_indexes(md: &Maildir, tree: &Tree) {
         let (Some(from), Ok(to)) = (from, tree.staging.sub(&to)) else { continue };
         for e in from.list().unwrap_or_default() {
             let Some(name) = e.name.to_str().filter(|n| wanted(n)) else { continue };
-            // Only regular files, never over anything, never through a symlink.
-            let (Ok(mut input), Ok(out)) = (from.open_read(name), to.create(name, 0o600)) else { continue };
+            // Only regular files with one name (see copy_control), never over anything, never
+            // through a symlink.
+            let Ok(mut input) = from.open_read(name) else { continue };
+            if input.meta.nlink() > 1 {
+                continue;
+            }
+            let Ok(out) = to.create(name, 0o600) else { continue };
             let owner = tree.keep_owner.then(|| input.meta.owner());
             if fsx::copy_file(&mut input, &out, owner).is_err() {
                 let _ = to.unlink(name);
@@ -397,11 +402,17 @@ fn finish_dirs(md: &Maildir, tree: &Tree) -> Result<(), BackupError> {
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     dirs.dedup();
     for rel in dirs {
-        match md.root.lstat(&rel)? {
-            Some(m) if m.is_dir() => tree.staging.sub(&rel)?.copy_dir_meta(&m)?,
-            _ => {} // gone meanwhile: keep our defaults
-        }
+        let source = match md.root.lstat(&rel) {
+            Ok(Some(m)) if m.is_dir() => m,
+            Err(e) if !e.is_planted() => return Err(e.into()),
+            _ => continue, // gone or replaced meanwhile: keep our defaults
+        };
+        tree.staging.sub(&rel)?.copy_dir_meta(&source)?;
     }
+    // The backup's top directory is nobody's business but its maker's, whatever the source
+    // allowed: no way in for the mail user, whose files inside keep their owner.
+    let top = tree.staging.stat()?;
+    tree.staging.set_mode(top.mode() & 0o700)?;
     Ok(())
 }
 
@@ -413,7 +424,7 @@ fn build_manifest(md: &Maildir, tree: &Tree, taken_at: i64, held: Duration, byte
         let path = rel.to_string_lossy().into_owned();
         let mut entries: Vec<_> = state.entries.values().collect();
         let uniques: HashSet<&str> = entries.iter().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
-        let (uidlist_header, uidlist_expunged) = expunged_in_uidlist(&tree.staging.sub(rel)?, &uniques)?;
+        let uidlist = summarize_uidlist(&tree.staging.sub(rel)?, &uniques)?;
         entries.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
         for e in &entries {
             let name = MessageName::parse(&e.name);
@@ -428,7 +439,14 @@ fn build_manifest(md: &Maildir, tree: &Tree, taken_at: i64, held: Duration, byte
                 blake3: e.blake3.clone(),
             });
         }
-        folders.push(FolderRecord { path, name: state.folder.name.clone(), uidlist_header, uidlist_expunged, messages: entries.len() as u64 });
+        folders.push(FolderRecord {
+            path,
+            name: state.folder.name.clone(),
+            uidlist_header: uidlist.header,
+            uidlist_expunged: uidlist.expunged,
+            uidlist_expunged_partial: uidlist.partial,
+            messages: entries.len() as u64,
+        });
     }
     let owner = fsx::running_as_root().then(|| md.root.stat().map(|m| m.owner())).transpose()?;
     Ok(Manifest {
@@ -450,25 +468,40 @@ fn build_manifest(md: &Maildir, tree: &Tree, taken_at: i64, held: Duration, byte
     })
 }
 
-/// The staged uidlist's header, and the unique names it lists that have no file: messages
-/// Dovecot expunged and has not yet dropped from its uidlist. Read as a stream.
-fn expunged_in_uidlist(dir: &Dir, uniques: &HashSet<&str>) -> Result<(Option<String>, Vec<String>), BackupError> {
+/// What the staged uidlist says beyond the files: its header, and the unique names it lists
+/// that have no file (messages Dovecot expunged and has not yet dropped from its uidlist),
+/// cut short past `EXPUNGED_LIMIT` bytes. Read as a stream.
+struct UidlistSummary {
+    header: Option<String>,
+    expunged: Vec<String>,
+    partial: bool,
+}
+
+fn summarize_uidlist(dir: &Dir, uniques: &HashSet<&str>) -> Result<UidlistSummary, BackupError> {
+    let mut sum = UidlistSummary { header: None, expunged: Vec::new(), partial: false };
     let reader = match uidlist::Reader::open(dir) {
         Ok(Some(r)) => r,
         // Unreadable as a uidlist: carried as it is, described by nothing.
-        Ok(None) | Err(UidlistError::Syntax { .. }) => return Ok((None, Vec::new())),
+        Ok(None) | Err(UidlistError::Syntax { .. }) => return Ok(sum),
         Err(UidlistError::Fs(e)) => return Err(e.into()),
     };
-    let header = reader.header.line.clone();
-    let mut expunged = Vec::new();
+    sum.header = Some(reader.header.line.clone());
+    let mut bytes = 0;
     for entry in reader {
         match entry {
-            Ok(e) if !uniques.contains(e.unique.as_str()) => expunged.push(e.unique),
+            Ok(e) if !uniques.contains(e.unique.as_str()) => {
+                bytes += e.unique.len();
+                if bytes > EXPUNGED_LIMIT {
+                    sum.partial = true;
+                    break;
+                }
+                sum.expunged.push(e.unique);
+            }
             Ok(_) => {}
             Err(UidlistError::Syntax { .. }) => break,
             Err(UidlistError::Fs(e)) => return Err(e.into()),
         }
     }
-    expunged.sort();
-    Ok((Some(header), expunged))
+    sum.expunged.sort();
+    Ok(sum)
 }

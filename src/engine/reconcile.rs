@@ -301,9 +301,16 @@ pub struct ControlFiles {
 fn copy_control(src: &Dir, name: &str, tree: &Tree, dst: &Path, warnings: &mut Vec<String>) -> Result<Option<Precopied>, BackupError> {
     let limit = control_file_limit(name);
     let mut source = match src.open_read_opt(name) {
-        Ok(Some(f)) if f.meta.size() <= limit => f,
+        Ok(Some(f)) if f.meta.size() <= limit && f.meta.nlink() == 1 => f,
         Ok(Some(f)) => {
-            warnings.push(format!("skipped {}", FsError::TooBig { path: f.path, size: f.meta.size(), limit, what: "this control file" }));
+            // Dovecot's control files have one name each: a linked one would be stored once
+            // per name (a thousand links cost their owner nothing, and us a thousand copies).
+            let why = if f.meta.nlink() > 1 {
+                format!("{} has {} names; Dovecot's control files have one", fsx::shown(&f.path), f.meta.nlink())
+            } else {
+                FsError::TooBig { path: f.path, size: f.meta.size(), limit, what: "this control file" }.to_string()
+            };
+            warnings.push(format!("skipped {why}"));
             tree.staging.unlink(dst)?;
             return Ok(None);
         }
@@ -372,7 +379,7 @@ pub fn copy_control_files(md: &Maildir, tree: &Tree, mut pre: ControlFiles, warn
                 continue;
             };
             let now = match src.lstat(name)? {
-                Some(m) if m.is_file() => m,
+                Some(m) if m.is_file() && m.nlink() == 1 => m,
                 _ => {
                     // Gone, or planted: copy_control says which and removes our copy.
                     copy_control(src, name, tree, dst, warnings)?;

@@ -3,7 +3,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
-use crate::fsx::{Dir, FsError, Kind, Meta};
+use crate::fsx::{self, Dir, FsError, Kind, Meta};
+use crate::maildir::folders::bounded_warnings;
 use crate::maildir::{Folder, Maildir, MessageName, Subdir};
 
 /// Where a message file is right now.
@@ -84,23 +85,26 @@ pub fn list_folder(subs: &[Option<Dir>; 2]) -> Result<Listing, FsError> {
     for (i, sub) in Subdir::ALL.into_iter().enumerate() {
         let Some(dir) = &subs[i] else { continue };
         listing.stamps[i] = Some(DirStamp::of(&dir.stat()?));
+        let mut skipped = Vec::new();
         for entry in dir.list()? {
+            let shown = || fsx::shown(&dir.show(&entry.name));
             let Some(name) = entry.name.to_str() else {
-                listing.warnings.push(format!("skipped {}: the file name is not UTF-8", dir.show(&entry.name).display()));
+                skipped.push(format!("skipped {}: the file name is not UTF-8", shown()));
                 continue;
             };
             let Some(msg) = MessageName::parse(name) else { continue };
             if !msg.is_safe() {
-                listing.warnings.push(format!("skipped {:?} in {}: control characters in a file name", name, dir.path().display()));
+                skipped.push(format!("skipped {}: control characters in a file name", shown()));
                 continue;
             }
             if entry.kind != Kind::File {
-                listing.warnings.push(format!("skipped {}: it is {}, not a regular file", dir.show(name).display(), entry.kind.describe()));
+                skipped.push(format!("skipped {}: it is {}, not a regular file", shown(), entry.kind.describe()));
                 continue;
             }
             let key = key_for(&listing.entries, msg.unique(), name);
             listing.entries.insert(key, Listed { sub, name: name.to_string() });
         }
+        listing.warnings.extend(bounded_warnings(skipped, dir.path()));
     }
     Ok(listing)
 }
@@ -133,7 +137,7 @@ pub fn partial_listing(subs: &[Option<Dir>; 2], changes: &super::watch::Changes,
                 }
                 Ok(Some(md)) => listing.warnings.push(format!(
                     "skipped {}: it is {}, not a regular file",
-                    dir.show(&l.name).display(),
+                    fsx::shown(&dir.show(&l.name)),
                     md.kind().describe()
                 )),
                 _ => {}

@@ -2,7 +2,8 @@
 //! fresh listing of the source. Renames (flag changes, new/ -> cur/) become renames in the
 //! copy, messages moved between folders are moved in the copy, only new messages are read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::SystemTime;
@@ -13,6 +14,9 @@ use super::scan::{DirStamp, Listed, Listing};
 use super::{BackupError, Progress};
 use crate::fsx::{self, Dir, FsError, Replace};
 use crate::maildir::{Folder, Maildir, MessageName, Subdir, FOLDER_CONTROL_FILES, MAILDIRFOLDER, MESSAGE_DIRS};
+
+/// Warnings kept for the report; a Maildir full of planted files must not flood the log.
+const MAX_WARNINGS: usize = 1000;
 
 /// A message as it is in the staged copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +42,11 @@ pub struct Tree {
     pub staging: Dir,
     pub folders: BTreeMap<PathBuf, FolderState>,
     pub keep_owner: bool,
-    pub warnings: Vec<String>,
+    warnings: Vec<String>,
+    /// Hashes of every warning given, shown or not: each is given once.
+    warned: HashSet<u64>,
+    /// Warnings past `MAX_WARNINGS`, counted only.
+    unshown: u64,
     /// Source files with several links (Dovecot's hard-linked COPY, or an owner's thousand
     /// links to one big file), by (device, inode): the folder and key of their staged copy,
     /// which the other names are hard-linked to, and the file's stamp (an inode number is
@@ -193,8 +201,7 @@ struct CopyJob {
 }
 
 enum JobResult {
-    /// Copied; with a warning if the file was odd (sparse).
-    Copied(Entry, Option<String>),
+    Copied(Entry),
     Linked(Entry),
     Vanished,
     /// Not a message we may read (planted): the warning to give.
@@ -207,14 +214,30 @@ fn staged_path(rel: &Path, sub: Subdir, name: &str) -> PathBuf {
 
 impl Tree {
     pub fn new(staging: Dir, keep_owner: bool) -> Tree {
-        Tree { staging, folders: BTreeMap::new(), keep_owner, warnings: Vec::new(), shared: HashMap::new() }
+        Tree { staging, folders: BTreeMap::new(), keep_owner, warnings: Vec::new(), warned: HashSet::new(), unshown: 0, shared: HashMap::new() }
     }
 
     /// Records a warning once, however many passes meet the same thing.
     pub fn warn(&mut self, w: &str) {
-        if !self.warnings.iter().any(|x| x == w) {
-            self.warnings.push(w.to_string());
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        w.hash(&mut h);
+        if !self.warned.insert(h.finish()) {
+            return;
         }
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(w.to_string());
+        } else {
+            self.unshown += 1;
+        }
+    }
+
+    /// The warnings given, and how many more there were.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = self.warnings.clone();
+        if self.unshown > 0 {
+            w.push(format!("{} more warnings not shown", self.unshown));
+        }
+        w
     }
 
     pub fn warn_all(&mut self, warnings: Vec<String>) {
@@ -344,11 +367,10 @@ impl Tree {
         for ((rel, job), result) in jobs.into_iter().flat_map(|(rel, js)| js.into_iter().map(move |j| (rel.clone(), j))).zip(results) {
             let state = self.folders.get_mut(&rel).expect("job folder is staged");
             match result? {
-                JobResult::Copied(e, warning) => {
+                JobResult::Copied(e) => {
                     stats.copied += 1;
                     stats.bytes += e.size;
                     state.entries.insert(job.key, e);
-                    warnings.extend(warning);
                 }
                 JobResult::Linked(e) => {
                     stats.linked += 1;
@@ -404,7 +426,7 @@ impl Tree {
                         }
                         None => Ok(JobResult::Vanished),
                     };
-                    if let Ok(JobResult::Copied(e, _) | JobResult::Linked(e)) = &r {
+                    if let Ok(JobResult::Copied(e) | JobResult::Linked(e)) = &r {
                         progress.advance(1, e.size);
                     }
                     r
@@ -476,9 +498,6 @@ impl JobContext<'_> {
             let at = (self.rel.to_path_buf(), job.key.clone());
             claim.settle(SharedCopy { path: staged_path(self.rel, job.listed.sub, name), stamp, size: c.size, blake3: c.blake3.clone(), at });
         }
-        // Copied as it is, holes and all; but a message file is never sparse by itself.
-        let warning = (c.holes > 0)
-            .then(|| format!("{} is sparse ({} bytes, {} of them holes): copied with its holes", input.path.display(), c.size, c.holes));
-        Ok(JobResult::Copied(entry(c.size, c.blake3), warning))
+        Ok(JobResult::Copied(entry(c.size, c.blake3)))
     }
 }

@@ -31,23 +31,35 @@ use rustix::io::Errno;
 
 pub use copy::{copy_file, hash_file, Copied, CopyFail};
 pub use meta::{apply, running_as_root, safe_mode, set_mode, set_mtime, set_owner, Kind, Meta, Owner};
-pub use name::{check_name, check_rel, has_control, NAME_MAX};
+pub use name::{check_name, check_rel, has_control, NAME_MAX, PATH_MAX};
 
-/// What went wrong, always with the path (for the admin) and the operation.
+/// What went wrong, always with the path (for the admin) and the operation. Paths are shown
+/// with control characters escaped: names come from users who may want to forge log lines.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {}: {source}", shown(path))]
     Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
-    #[error("{path} is or passes through a symlink; symlinks are never followed")]
+    #[error("{} is or passes through a symlink; symlinks are never followed", shown(path))]
     Symlink { path: PathBuf },
-    #[error("{path} is a symlink in a directory others can write ({dir}); give the real path")]
+    #[error("{} is a symlink in a directory others can write ({}); give the real path", shown(path), shown(dir))]
     UntrustedSymlink { path: PathBuf, dir: PathBuf },
-    #[error("{path} is {}, not a regular file; not read", .kind.describe())]
+    #[error("{} is {}, not a regular file; not read", shown(path), .kind.describe())]
     NotRegular { path: PathBuf, kind: Kind },
-    #[error("{path} is {size} bytes, over the limit of {limit} bytes for {what}")]
+    #[error("{} is sparse ({size} bytes, of which {holes} are holes): nothing we copy is, so it is not read", shown(path))]
+    Sparse { path: PathBuf, size: u64, holes: u64 },
+    #[error("{} is {size} bytes, over the limit of {limit} bytes for {what}", shown(path))]
     TooBig { path: PathBuf, size: u64, limit: u64, what: &'static str },
-    #[error("{path}: unsafe name: {why}")]
+    #[error("{}: unsafe name: {why}", shown(path))]
     BadName { path: PathBuf, why: &'static str },
+}
+
+/// A path for a message: control characters (newlines, escape sequences) escaped.
+pub fn shown(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    if !has_control(&s) {
+        return s.into_owned();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 impl FsError {
@@ -77,22 +89,25 @@ impl FsError {
             | FsError::Symlink { path }
             | FsError::UntrustedSymlink { path, .. }
             | FsError::NotRegular { path, .. }
+            | FsError::Sparse { path, .. }
             | FsError::TooBig { path, .. }
             | FsError::BadName { path, .. } => path,
         }
     }
 
-    /// True for what a hostile owner can put in place of a file we wanted: a symlink, a FIFO,
-    /// a socket, a device, something far too big. Callers skip such a file with a warning.
+    /// True for what a hostile owner can put in place of a file or directory we wanted: a
+    /// symlink, a FIFO, a socket, a device, a sparse or far too big file, a file where a
+    /// directory should be. Callers skip it with a warning.
     pub fn is_planted(&self) -> bool {
-        matches!(self, FsError::Symlink { .. } | FsError::NotRegular { .. } | FsError::TooBig { .. })
+        matches!(self, FsError::Symlink { .. } | FsError::NotRegular { .. } | FsError::Sparse { .. } | FsError::TooBig { .. })
+            || self.errno() == Some(libc::ENOTDIR)
     }
 
     pub fn exit_code(&self) -> i32 {
         use crate::sysexits;
         match self {
             FsError::Io { source, .. } => sysexits::for_io_error(source),
-            FsError::Symlink { .. } | FsError::NotRegular { .. } | FsError::TooBig { .. } | FsError::BadName { .. } => {
+            FsError::Symlink { .. } | FsError::NotRegular { .. } | FsError::Sparse { .. } | FsError::TooBig { .. } | FsError::BadName { .. } => {
                 sysexits::EX_DATAERR
             }
             FsError::UntrustedSymlink { .. } => sysexits::EX_NOPERM,
@@ -388,7 +403,8 @@ impl Dir {
     }
 
     /// Opens the regular file `rel` for reading. A FIFO, socket or device is refused without
-    /// blocking (`FsError::NotRegular`), a symlink without being followed.
+    /// blocking (`FsError::NotRegular`), a symlink without being followed, a sparse file (which
+    /// costs its owner nothing and us a read of every hole) with `FsError::Sparse`.
     pub fn open_read(&self, rel: impl AsRef<Path>) -> Result<ReadFile> {
         let rel = rel.as_ref();
         let path = self.show(rel);
@@ -404,6 +420,19 @@ impl Dir {
         let meta = Meta(rustix::fs::fstat(&fd).map_err(|e| FsError::io("fstat", path.clone(), e))?);
         if !meta.is_file() {
             return Err(FsError::NotRegular { path, kind: meta.kind() });
+        }
+        // Fewer blocks than bytes: maybe compressed or inline, maybe sparse; only a hole says.
+        if meta.allocated() < meta.size() {
+            let data_end = match rustix::fs::seek(&fd, rustix::fs::SeekFrom::Hole(0)) {
+                Ok(h) => h,
+                Err(Errno::INVAL) | Err(Errno::NXIO) => meta.size(), // no SEEK_HOLE here
+                Err(e) => return Err(FsError::io("seek", path, e)),
+            };
+            if data_end < meta.size() {
+                let holes = meta.size().saturating_sub(meta.allocated());
+                return Err(FsError::Sparse { path, size: meta.size(), holes });
+            }
+            rustix::fs::seek(&fd, rustix::fs::SeekFrom::Start(0)).map_err(|e| FsError::io("seek", path.clone(), e))?;
         }
         Ok(ReadFile { file: File::from(fd), meta, path })
     }
@@ -534,7 +563,8 @@ impl Dir {
         }
         match rustix::fs::renameat_with(fd.fd(), fname, td.fd(), tname, RenameFlags::NOREPLACE) {
             Err(Errno::INVAL) | Err(Errno::NOSYS) => {
-                // No RENAME_NOREPLACE here (NFS): link() never replaces either.
+                // No RENAME_NOREPLACE here (NFS): link() never replaces either (files only:
+                // directories go through `rename_dir_noreplace`).
                 rustix::fs::linkat(fd.fd(), fname, td.fd(), tname, AtFlags::empty()).map_err(err)?;
                 rustix::fs::unlinkat(fd.fd(), fname, AtFlags::empty()).map_err(err)
             }
@@ -545,6 +575,8 @@ impl Dir {
     /// Renames a directory `from` to `to` in the same directory, never replacing anything.
     /// Only for directories the admin owns (the publish of a backup).
     pub fn rename_dir_noreplace(&self, from: &OsStr, to: &OsStr) -> Result<()> {
+        self.check_one(from)?;
+        self.check_one(to)?;
         let err = |e| FsError::io("rename", self.show(from), e);
         match rustix::fs::renameat_with(&self.fd, from, &self.fd, to, RenameFlags::NOREPLACE) {
             Err(Errno::INVAL) | Err(Errno::NOSYS) => {
@@ -563,6 +595,22 @@ impl Dir {
         let (fd, fname) = self.parent_of(from)?;
         let (td, tname) = to_dir.parent_of(to)?;
         rustix::fs::linkat(fd.fd(), fname, td.fd(), tname, AtFlags::empty()).map_err(|e| FsError::io("link", self.show(from), e))
+    }
+
+    /// Gives the open file `f` a new random name `<prefix>.<random>` here: the very file we
+    /// hold, whatever names point where by now. Through /proc/self/fd, so it needs no privilege.
+    pub fn link_open_file(&self, f: &File, prefix: &str) -> Result<String> {
+        let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
+        for _ in 0..16 {
+            let name = format!("{prefix}.{}", random_hex());
+            self.check_one(OsStr::new(&name))?;
+            match rustix::fs::linkat(rustix::fs::CWD, proc.as_str(), &self.fd, name.as_str(), AtFlags::SYMLINK_FOLLOW) {
+                Ok(()) => return Ok(name),
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(FsError::io("link", self.show(&name), e)),
+            }
+        }
+        Err(FsError::io("link into", self.path.clone(), Errno::EXIST))
     }
 
     /// Removes the file (or symlink) `rel`; false if it was not there.
@@ -587,9 +635,16 @@ impl Dir {
         }
     }
 
-    /// Removes `name` and everything below it, descending only through real directories.
+    /// Checks that `name` is one entry of this directory.
+    fn check_one(&self, name: &OsStr) -> Result<()> {
+        check_name(name).map_err(|why| FsError::BadName { path: self.show(name), why })
+    }
+
+    /// Removes the entry `name` and everything below it, descending only through real
+    /// directories.
     pub fn remove_tree(&self, name: impl AsRef<Path>) -> Result<()> {
         let name = name.as_ref();
+        self.check_one(name.as_os_str())?;
         match self.lstat(name)? {
             None => return Ok(()),
             Some(md) if !md.is_dir() => {
@@ -632,7 +687,7 @@ impl Dir {
 
     /// The target of the symlink `name`; None if there is no such symlink.
     pub fn read_link(&self, name: &str) -> Result<Option<PathBuf>> {
-        self.check(Path::new(name))?;
+        self.check_one(OsStr::new(name))?;
         match rustix::fs::readlinkat(&self.fd, name, Vec::new()) {
             Ok(t) => Ok(Some(PathBuf::from(OsStr::from_bytes(t.as_bytes())))),
             Err(Errno::NOENT) | Err(Errno::INVAL) => Ok(None),
@@ -642,12 +697,13 @@ impl Dir {
 
     /// Creates the symlink `name` -> `target` (never followed by us; for `latest`).
     pub fn symlink(&self, target: &Path, name: &str) -> Result<()> {
-        self.check(Path::new(name))?;
+        self.check_one(OsStr::new(name))?;
         rustix::fs::symlinkat(target, &self.fd, name).map_err(|e| FsError::io("create symlink", self.show(name), e))
     }
 
     /// Sets `name`'s times to now (without following a symlink).
     pub fn touch(&self, name: &str) -> Result<()> {
+        self.check_one(OsStr::new(name))?;
         let now = rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW };
         rustix::fs::utimensat(&self.fd, name, &rustix::fs::Timestamps { last_access: now, last_modification: now }, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| FsError::io("touch", self.show(name), e))
@@ -702,6 +758,9 @@ impl Dir {
 
     /// Refreshes NFS's cached attributes of `name` (a no-op chown, as Dovecot does).
     pub fn nfs_flush(&self, name: &str) {
+        if check_name(OsStr::new(name)).is_err() {
+            return;
+        }
         let _ = rustix::fs::chownat(&self.fd, name, None, None, AtFlags::SYMLINK_NOFOLLOW);
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::location::{Layout, MailLocation};
 use super::{Maildir, MESSAGE_DIRS};
-use crate::fsx::{Dir, FsError, Kind};
+use crate::fsx::{self, Dir, FsError, Kind, PATH_MAX};
 
 /// One mailbox: where its directories are, relative to the Maildir's roots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,42 +48,67 @@ pub fn is_maildir(dir: &Dir) -> Result<bool, FsError> {
     Ok(dir.lstat("cur")?.is_some_and(|m| m.is_dir()))
 }
 
-/// Lists the folders of a Maildir, sorted by relative path. Symlinks are left out and named
-/// in the returned warnings.
+/// Lists the folders of a Maildir, sorted by relative path. Symlinks, and names no Dovecot
+/// folder has (control characters, not UTF-8), are left out and named in the warnings.
 pub fn discover(md: &Maildir) -> Result<(Vec<Folder>, Vec<String>), FsError> {
+    let layout = md.loc.layout;
     let mut rels = Vec::new();
     let mut warnings = Vec::new();
-    walk(md.loc.layout, &md.root, PathBuf::new(), &mut rels, &mut warnings)?;
+    // Depth first with an explicit stack of paths (not of open directories): a deep or wide
+    // LAYOUT=fs tree costs neither our stack nor our descriptors.
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let dir = match md.root.sub(&rel) {
+            Ok(d) => d,
+            // Gone or replaced since its parent was listed: not a folder now.
+            Err(e) if e.is_not_found() || e.is_planted() => continue,
+            Err(e) => return Err(e),
+        };
+        if is_maildir(&dir)? {
+            rels.push(rel.clone());
+        }
+        if layout == Layout::MaildirPlusPlus && !rel.as_os_str().is_empty() {
+            continue; // Maildir++ folders do not nest
+        }
+        let mut skipped = Vec::new();
+        for entry in dir.list()? {
+            if !matches!(entry.kind, Kind::Dir | Kind::Symlink) {
+                continue;
+            }
+            let name = entry.name.to_str();
+            if name.is_some_and(|n| MESSAGE_DIRS.contains(&n)) {
+                continue;
+            }
+            let plus_plus_name = name.is_some_and(|n| n.starts_with('.') && !n.starts_with(".."));
+            if layout == Layout::MaildirPlusPlus && !plus_plus_name {
+                continue;
+            }
+            let shown = || fsx::shown(&dir.show(&entry.name));
+            let child = rel.join(&entry.name);
+            if entry.kind == Kind::Symlink {
+                skipped.push(format!("skipped symlink {} (symlinks are never followed)", shown()));
+            } else if name.is_none_or(fsx::has_control) {
+                skipped.push(format!("skipped folder {}: no Dovecot folder has such a name", shown()));
+            } else if child.as_os_str().len() > PATH_MAX {
+                skipped.push(format!("skipped folder {}: nested too deep", shown()));
+            } else {
+                todo.push(child);
+            }
+        }
+        warnings.extend(bounded_warnings(skipped, dir.path()));
+    }
     rels.sort();
     Ok((rels.into_iter().map(|r| Folder::at(&md.loc, r)).collect(), warnings))
 }
 
-fn walk(layout: Layout, dir: &Dir, rel: PathBuf, out: &mut Vec<PathBuf>, warnings: &mut Vec<String>) -> Result<(), FsError> {
-    if is_maildir(dir)? {
-        out.push(rel.clone());
+/// Warnings about one directory's entries, at most a handful: a directory full of planted
+/// entries must not flood the report (the rest are counted).
+pub fn bounded_warnings(mut skipped: Vec<String>, dir: &Path) -> Vec<String> {
+    const MAX: usize = 20;
+    if skipped.len() > MAX {
+        let more = skipped.len() - MAX;
+        skipped.truncate(MAX);
+        skipped.push(format!("skipped {more} more entries of {}", fsx::shown(dir)));
     }
-    let at_root = rel.as_os_str().is_empty();
-    if layout == Layout::MaildirPlusPlus && !at_root {
-        return Ok(()); // Maildir++ folders do not nest
-    }
-    for entry in dir.list()? {
-        let Some(name) = entry.name.to_str() else { continue };
-        if MESSAGE_DIRS.contains(&name) {
-            continue;
-        }
-        if layout == Layout::MaildirPlusPlus && (!name.starts_with('.') || name.starts_with("..")) {
-            continue;
-        }
-        match entry.kind {
-            Kind::Symlink => warnings.push(format!("skipped symlink {} (symlinks are never followed)", dir.show(name).display())),
-            Kind::Dir => match dir.sub(name) {
-                Ok(sub) => walk(layout, &sub, rel.join(name), out, warnings)?,
-                // Renamed or swapped for a symlink since the listing: not a folder now.
-                Err(e) if e.is_not_found() || e.is_planted() => {}
-                Err(e) => return Err(e),
-            },
-            _ => {}
-        }
-    }
-    Ok(())
+    skipped
 }
