@@ -697,6 +697,7 @@ fn touch_if_ours(lock: &LockFile, dev: u64, ino: u64) -> Result<bool, LockError>
 /// Background toucher of held locks (one thread for any number of them).
 pub struct Refresher {
     stop: Arc<(Mutex<bool>, Condvar)>,
+    targets: Arc<Mutex<Vec<(LockFile, u64, u64)>>>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -706,9 +707,11 @@ pub fn keep_all_fresh(locks: &[DotLock], every: Duration) -> Refresher {
 }
 
 impl Refresher {
-    fn start(mut targets: Vec<(LockFile, u64, u64)>, every: Duration) -> Refresher {
+    fn start(targets: Vec<(LockFile, u64, u64)>, every: Duration) -> Refresher {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = stop.clone();
+        let targets = Arc::new(Mutex::new(targets));
+        let shared = targets.clone();
         let thread = thread::spawn(move || {
             let (lock, cv) = &*flag;
             let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -720,7 +723,7 @@ impl Refresher {
                 if *stopped {
                     return;
                 }
-                targets.retain(|(lock, dev, ino)| match touch_if_ours(lock, *dev, *ino) {
+                shared.lock().unwrap_or_else(|p| p.into_inner()).retain(|(lock, dev, ino)| match touch_if_ours(lock, *dev, *ino) {
                     Ok(true) => true,
                     Ok(false) => {
                         eprintln!("warning: lock {} is no longer ours; stopped refreshing it", lock.path().display());
@@ -733,7 +736,12 @@ impl Refresher {
                 });
             }
         });
-        Refresher { stop, thread: Some(thread) }
+        Refresher { stop, targets, thread: Some(thread) }
+    }
+
+    /// Keeps `lock` fresh too.
+    pub fn add(&self, lock: &DotLock) {
+        self.targets.lock().unwrap_or_else(|p| p.into_inner()).push((lock.lock.clone(), lock.dev, lock.ino));
     }
 }
 

@@ -120,16 +120,16 @@ fn raw_folders<'a>(p: *const ffi::mb_folder, n: u32) -> &'a [ffi::mb_folder] {
 }
 
 struct DovecotLocks<'j> {
-    job: &'j ffi::mb_user_job,
+    boxes: &'j DovecotMailboxes<'j>,
     held: Vec<u32>,
 }
 
 impl DovecotLocks<'_> {
     fn unlock_all(&mut self) {
-        if let Some(unlock) = self.job.unlock {
+        if let Some(unlock) = self.boxes.job.unlock {
             for i in self.held.drain(..) {
                 // SAFETY: the shim's callback, on the thread that called us.
-                unsafe { unlock(self.job.ctx, i) }
+                unsafe { unlock(self.boxes.job.ctx, i) }
             }
         }
     }
@@ -137,12 +137,23 @@ impl DovecotLocks<'_> {
 
 impl HeldLocks for DovecotLocks<'_> {
     fn touch(&self) {
-        if let Some(touch) = self.job.touch {
+        if let Some(touch) = self.boxes.job.touch {
             for &i in &self.held {
                 // SAFETY: as above.
-                unsafe { touch(self.job.ctx, i) }
+                unsafe { touch(self.boxes.job.ctx, i) }
             }
         }
+    }
+    fn add(&mut self, md: &Maildir, more: &[Folder], _opts: &BackupOptions, _warnings: &mut Vec<String>)
+        -> Result<Result<(), String>, BackupError> {
+        for (f, i) in self.boxes.indexes(more) {
+            match self.boxes.try_lock(md, f, i, engine::reconcile::NEXT_LOCK_WAIT)? {
+                Ok(true) => self.held.push(i),
+                Ok(false) => {}
+                Err(why) => return Ok(Err(why)),
+            }
+        }
+        Ok(Ok(()))
     }
     fn release(mut self: Box<Self>, _warnings: &mut Vec<String>) {
         self.unlock_all();
@@ -191,36 +202,51 @@ impl Mailboxes for DovecotMailboxes<'_> {
 
     fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32, _warnings: &mut Vec<String>)
         -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError> {
-        let order: Vec<u32> = {
-            let st = self.state.borrow();
-            folders.iter().filter_map(|f| st.folders.iter().position(|g| g == f).map(|p| st.index[p])).collect()
-        };
-        let try_lock = self.job.try_lock.ok_or(BackupError::Unstable(0))?;
+        let order = self.indexes(folders);
         let (locks, since) = engine::reconcile::lock_all_or_none(order.len(), opts.lock.timeout, attempts, |n, wait| {
-            // Dovecot's try-lock never waits; poll it for up to `wait` before backing off.
-            let until = Instant::now() + wait;
-            loop {
-                // SAFETY: the shim's callback, on the thread that called us.
-                match unsafe { try_lock(self.job.ctx, order[n]) } {
-                    1 => return Ok(Ok(OneLock { job: self.job, i: order[n], held: true })),
-                    // Renamed or deleted since it was listed: nothing left to protect; the engine
-                    // lists the folders again after locking and starts over if they changed.
-                    _ if !still_there(md, &folders[n]) => return Ok(Ok(OneLock { job: self.job, i: order[n], held: false })),
-                    0 if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
-                    0 => return Ok(Err(format!("Dovecot holds the uidlist lock of {}", folders[n].name))),
-                    _ => {
-                        return Err(BackupError::Io {
-                            op: "lock (Dovecot maildir_uidlist_try_lock)",
-                            path: md.loc.control.as_ref().unwrap_or(&md.loc.root).join(&folders[n].control_rel),
-                            source: std::io::Error::other("see Dovecot's error log line above"),
-                        })
-                    }
-                }
-            }
+            let (f, i) = order[n];
+            Ok(self.try_lock(md, f, i, wait)?.map(|held| OneLock { job: self.job, i, held }))
         })?;
         let held = locks.iter().filter(|l| l.held).map(|l| l.i).collect();
         std::mem::forget(locks); // ownership passes to DovecotLocks, which unlocks them
-        Ok((Box::new(DovecotLocks { job: self.job, held }), since))
+        Ok((Box::new(DovecotLocks { boxes: self, held }), since))
+    }
+}
+
+impl DovecotMailboxes<'_> {
+    /// Each of `folders` with its index in the shim's array (folders the shim no longer lists
+    /// are left out).
+    fn indexes<'f>(&self, folders: &'f [Folder]) -> Vec<(&'f Folder, u32)> {
+        let st = self.state.borrow();
+        folders.iter().filter_map(|f| st.folders.iter().position(|g| g == f).map(|p| (f, st.index[p]))).collect()
+    }
+
+    /// Dovecot's uidlist lock of folder `f` (shim index `i`), polled for up to `wait` (Dovecot's
+    /// try-lock never waits): Ok(true) held, Ok(false) the folder is gone (nothing left to
+    /// protect; the engine sees it gone), Err(why) busy.
+    fn try_lock(&self, md: &Maildir, f: &Folder, i: u32, wait: Duration) -> Result<Result<bool, String>, BackupError> {
+        let try_lock = self.job.try_lock.ok_or_else(|| BackupError::Io {
+            op: "lock",
+            path: md.loc.root.clone(),
+            source: std::io::Error::other("the shim lends no uidlist lock"),
+        })?;
+        let until = Instant::now() + wait;
+        loop {
+            // SAFETY: the shim's callback, on the thread that called us.
+            match unsafe { try_lock(self.job.ctx, i) } {
+                1 => return Ok(Ok(true)),
+                _ if !still_there(md, f) => return Ok(Ok(false)),
+                0 if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
+                0 => return Ok(Err(format!("Dovecot holds the uidlist lock of {}", f.name))),
+                _ => {
+                    return Err(BackupError::Io {
+                        op: "lock (Dovecot maildir_uidlist_try_lock)",
+                        path: md.loc.control.as_ref().unwrap_or(&md.loc.root).join(&f.control_rel),
+                        source: std::io::Error::other("see Dovecot's error log line above"),
+                    })
+                }
+            }
+        }
     }
 }
 

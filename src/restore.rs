@@ -8,6 +8,7 @@
 //!   `cur/` with their flags) under the folder's lock, so Dovecot gives them new UIDs on its
 //!   next sync. Keyword letters are remapped to the target's `dovecot-keywords`. Nothing in
 //!   the target is overwritten or deleted.
+//!
 //! Everything selected is checked against the manifest before the target is touched.
 //!
 //! The target belongs to its user, who may be hostile and may race us: everything in it is
@@ -315,29 +316,40 @@ struct Delivered(HashMap<(u64, u64), std::fs::File>);
 /// How many such files stay open at once.
 const MAX_DELIVERED: usize = 1024;
 
-/// Copies the snapshot file `m` into the folder's tmp/ under a new random name, owned by
-/// `owner` (set on the descriptor: whatever the user does to tmp/ meanwhile, we never chown
-/// anything else).
-fn deliver_to_tmp(snapshot: &Dir, m: &MessageRecord, tmp: &mut TmpFiles, owner: Option<Owner>, delivered: &mut Delivered) -> Result<String, RestoreError> {
-    let mut src = snapshot.open_read(m.rel_path())?;
-    let prefix = format!("{}.restore", fresh_unique(&m.unique));
-    let id = (src.meta.dev(), src.meta.ino());
-    if let Some(copy) = delivered.0.get(&id) {
-        if let Ok(name) = tmp.tmp.link_open_file(copy, &prefix) {
-            tmp.names.push(name.clone());
-            return Ok(name);
+/// One restore under way: where from, for whom, what it did so far.
+struct Session<'a> {
+    snap: &'a Dir,
+    owner: Option<Owner>,
+    req: &'a RestoreRequest,
+    report: RestoreReport,
+    delivered: Delivered,
+}
+
+impl Session<'_> {
+    /// Copies the snapshot file `m` into the folder's tmp/ under a new random name, owned by
+    /// the target's owner (set on the descriptor: whatever the user does to tmp/ meanwhile,
+    /// we never chown anything else).
+    fn deliver(&mut self, m: &MessageRecord, tmp: &mut TmpFiles) -> Result<String, RestoreError> {
+        let mut src = self.snap.open_read(m.rel_path())?;
+        let prefix = format!("{}.restore", fresh_unique(&m.unique));
+        let id = (src.meta.dev(), src.meta.ino());
+        if let Some(copy) = self.delivered.0.get(&id) {
+            if let Ok(name) = tmp.tmp.link_open_file(copy, &prefix) {
+                tmp.names.push(name.clone());
+                return Ok(name);
+            }
         }
+        let (name, out) = tmp.tmp.create_temp(&prefix, 0o600)?;
+        tmp.names.push(name.clone());
+        fsx::copy_file(&mut src, &out, self.owner).map_err(|fail| match fail {
+            fsx::CopyFail::Source(e) => FsError::Io { op: "read", path: src.path.clone(), source: e },
+            fsx::CopyFail::Dest(e) => FsError::Io { op: "write", path: tmp.tmp.show(&name), source: e },
+        })?;
+        if src.meta.nlink() > 1 && self.delivered.0.len() < MAX_DELIVERED {
+            self.delivered.0.insert(id, out);
+        }
+        Ok(name)
     }
-    let (name, out) = tmp.tmp.create_temp(&prefix, 0o600)?;
-    tmp.names.push(name.clone());
-    fsx::copy_file(&mut src, &out, owner).map_err(|fail| match fail {
-        fsx::CopyFail::Source(e) => FsError::Io { op: "read", path: src.path.clone(), source: e },
-        fsx::CopyFail::Dest(e) => FsError::Io { op: "write", path: tmp.tmp.show(&name), source: e },
-    })?;
-    if src.meta.nlink() > 1 && delivered.0.len() < MAX_DELIVERED {
-        delivered.0.insert(id, out);
-    }
-    Ok(name)
 }
 
 /// Restores from `snapshot` into `target` as the request says.
@@ -399,12 +411,12 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
         None => Dir::open_or_create(&target.root, 0o700, owner)?.0,
     };
     let targets = Targets { loc: target.clone(), root, layout: target.layout, control: std::cell::OnceCell::new() };
-    let mut delivered = Delivered::default();
+    let mut session = Session { snap: &snap, owner, req, report, delivered: Delivered::default() };
     for (f, rel, msgs) in by_folder.values() {
         let tf = Folder::at(target, rel.clone());
         let (dirs, created) = ensure_folder(&targets, &tf, owner)?;
         if created {
-            report.folders_created += 1;
+            session.report.folders_created += 1;
         }
         let snap_dir = snap.sub(&f.path)?;
         // The snapshot's UIDs are kept only where the target never gave out UIDs under another
@@ -416,21 +428,21 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
             Err(_) => false,
         };
         if full && !keeps_uids {
-            report.warnings.push(format!(
+            session.report.warnings.push(format!(
                 "{}: the target's UIDVALIDITY differs from the snapshot's; merged with new UIDs instead of keeping the old ones",
                 f.name
             ));
         }
         if full && keeps_uids {
-            restore_folder_full(&snap, &snap_dir, &dirs, msgs, owner, req, &mut report, &mut delivered)?;
+            restore_folder_full(&mut session, &snap_dir, &dirs, msgs)?;
         } else {
-            restore_folder_merge(&snap, &snap_dir, &dirs, msgs, owner, req, &mut report, &mut delivered)?;
+            restore_folder_merge(&mut session, &snap_dir, &dirs, msgs)?;
         }
     }
     if full {
         restore_user_files(&snap, targets.control_root(owner)?, owner)?;
     }
-    Ok(report)
+    Ok(session.report)
 }
 
 /// Every selected file must be a regular file of the size and checksum the manifest says.
@@ -532,28 +544,19 @@ impl Present {
 }
 
 /// Full restore of one folder: same names, same uidlist and keywords, under the lock.
-fn restore_folder_full(
-    snap: &Dir,
-    snap_dir: &Dir,
-    tf: &TargetFolder,
-    msgs: &[&MessageRecord],
-    owner: Option<Owner>,
-    req: &RestoreRequest,
-    report: &mut RestoreReport,
-    delivered: &mut Delivered,
-) -> Result<(), RestoreError> {
+fn restore_folder_full(s: &mut Session, snap_dir: &Dir, tf: &TargetFolder, msgs: &[&MessageRecord]) -> Result<(), RestoreError> {
     let mut tmp = TmpFiles { tmp: &tf.tmp, names: Vec::new() };
     let mut staged = Vec::new();
     for m in msgs {
-        staged.push((deliver_to_tmp(snap, m, &mut tmp, owner, delivered)?, *m));
+        staged.push((s.deliver(m, &mut tmp)?, *m));
     }
-    let lock = DotLock::acquire_in(&tf.control, UIDLIST, &req.lock)?;
+    let lock = DotLock::acquire_in(&tf.control, UIDLIST, &s.req.lock)?;
     for (name, m) in staged {
         match tf.tmp.rename(&name, tf.sub(m.dir), &m.name, Replace::Never) {
-            Ok(()) => report.restore(&tf.name, &m.name),
+            Ok(()) => s.report.restore(&tf.name, &m.name),
             Err(e) if e.errno() == Some(libc::EEXIST) => {
                 tf.tmp.unlink(&name)?;
-                report.skip(&tf.name, &m.unique);
+                s.report.skip(&tf.name, &m.unique);
             }
             Err(e) => return Err(e.into()),
         }
@@ -568,7 +571,7 @@ fn restore_folder_full(
         }
         let mode = snap_dir.lstat(UIDLIST)?.map_or(0o600, |m| m.mode());
         let mut rest = src.into_rest();
-        tf.control.replace_file(UIDLIST, mode, owner, |f| {
+        tf.control.replace_file(UIDLIST, mode, s.owner, |f| {
             f.write_all(header.as_bytes())?;
             f.write_all(b"\n")?;
             io::copy(&mut rest, f).map(|_| ())
@@ -576,35 +579,26 @@ fn restore_folder_full(
     }
     if let Some(bytes) = snap_dir.read_small(KEYWORDS_FILE, crate::maildir::CONTROL_FILE_LIMIT, "a dovecot-keywords")? {
         let mode = snap_dir.lstat(KEYWORDS_FILE)?.map_or(0o600, |m| m.mode());
-        tf.control.replace_file(KEYWORDS_FILE, mode, owner, |f| f.write_all(&bytes))?;
+        tf.control.replace_file(KEYWORDS_FILE, mode, s.owner, |f| f.write_all(&bytes))?;
     }
     lock.release()?;
     Ok(())
 }
 
 /// Merge into a live folder: skip what is there, deliver the rest with new UIDs to come.
-fn restore_folder_merge(
-    snap: &Dir,
-    snap_dir: &Dir,
-    tf: &TargetFolder,
-    msgs: &[&MessageRecord],
-    owner: Option<Owner>,
-    req: &RestoreRequest,
-    report: &mut RestoreReport,
-    delivered: &mut Delivered,
-) -> Result<(), RestoreError> {
+fn restore_folder_merge(s: &mut Session, snap_dir: &Dir, tf: &TargetFolder, msgs: &[&MessageRecord]) -> Result<(), RestoreError> {
     let snap_kw = Keywords::read(snap_dir)?;
     let already = Present::of_subdirs(tf.subdirs()?)?;
     let mut tmp = TmpFiles { tmp: &tf.tmp, names: Vec::new() };
     let mut staged = Vec::new();
     for m in msgs {
         if already.has(m) {
-            report.skip(&tf.name, &m.unique);
+            s.report.skip(&tf.name, &m.unique);
             continue;
         }
-        staged.push((deliver_to_tmp(snap, m, &mut tmp, owner, delivered)?, *m));
+        staged.push((s.deliver(m, &mut tmp)?, *m));
     }
-    let lock = DotLock::acquire_in(&tf.control, UIDLIST, &req.lock)?;
+    let lock = DotLock::acquire_in(&tf.control, UIDLIST, &s.req.lock)?;
     let kw_old = tf.control.lstat(KEYWORDS_FILE)?;
     let mut target_kw = Keywords::read(&tf.control)?;
     let kw_before = target_kw.clone();
@@ -618,7 +612,7 @@ fn restore_folder_merge(
     for (tmp_name, m) in staged {
         if present.has(m) {
             tf.tmp.unlink(&tmp_name)?;
-            report.skip(&tf.name, &m.unique);
+            s.report.skip(&tf.name, &m.unique);
             continue;
         }
         let mut flags: Vec<char> = Vec::new();
@@ -626,7 +620,7 @@ fn restore_folder_merge(
             if c.is_ascii_lowercase() {
                 match snap_kw.name_of(c).and_then(|name| target_kw.letter_for(name)) {
                     Some(l) => flags.push(l),
-                    None => report.warnings.push(format!("{}/{}: keyword letter {c} dropped (unknown or no free letter)", tf.name, m.unique)),
+                    None => s.report.warnings.push(format!("{}/{}: keyword letter {c} dropped (unknown or no free letter)", tf.name, m.unique)),
                 }
             } else {
                 flags.push(c);
@@ -638,7 +632,7 @@ fn restore_folder_merge(
         let unique = if known.contains(&m.unique) { fresh_unique(&m.unique) } else { m.unique.clone() };
         let name = crate::maildir::filename::with_flags(&unique, &flags.into_iter().collect::<String>());
         tf.tmp.rename(&tmp_name, &tf.cur, &name, Replace::Never)?;
-        report.restore(&tf.name, &name);
+        s.report.restore(&tf.name, &name);
     }
     if target_kw != kw_before {
         // Dovecot re-reads dovecot-keywords only when its mtime, in whole seconds, differs from
@@ -648,7 +642,7 @@ fn restore_folder_merge(
         let mode = kw_old.filter(|m| m.is_file()).map_or(0o600, |m| m.mode());
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         let mtime = kw_old.map_or(now, |m| now.max(m.mtime() + 1));
-        target_kw.write(&tf.control, mode, owner, mtime)?;
+        target_kw.write(&tf.control, mode, s.owner, mtime)?;
     }
     lock.release()?;
     Ok(())

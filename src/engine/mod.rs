@@ -53,6 +53,11 @@ impl Mailboxes for OnDisk {
     }
 }
 
+/// Rounds of taking every lock before giving up (each after a busy lock let go of all).
+const MAX_LOCK_ROUNDS: u32 = 10;
+/// Listings that may each find new folders to lock while the locks are held.
+const MAX_NEW_FOLDER_ROUNDS: u32 = 20;
+
 /// Catch-up passes stop once a pass changes no more than this many messages.
 const SMALL_PASS: u64 = 20;
 const MAX_CATCH_UP_PASSES: u32 = 4;
@@ -79,8 +84,8 @@ pub enum BackupError {
     Manifest(#[from] ManifestError),
     #[error("could not lock all folders within {waited:.1?} ({attempts} attempts); last busy: {why}")]
     LockTimeout { waited: Duration, attempts: u32, why: String },
-    #[error("the source kept changing: folders were still being created after {0} attempts to lock them all")]
-    Unstable(u32),
+    #[error("the source kept changing: could not lock all folders in {0} rounds (last: {1})")]
+    Unstable(u32, String),
 }
 
 impl ExitCode for BackupError {
@@ -94,7 +99,7 @@ impl ExitCode for BackupError {
             BackupError::Io { source, .. } => sysexits::for_io_error(source),
             BackupError::Fs(e) => e.exit_code(),
             BackupError::Manifest(e) => e.exit_code(),
-            BackupError::Unstable(_) | BackupError::LockTimeout { .. } => sysexits::EX_TEMPFAIL,
+            BackupError::Unstable(..) | BackupError::LockTimeout { .. } => sysexits::EX_TEMPFAIL,
         }
     }
 }
@@ -218,6 +223,34 @@ pub fn backup_to(
     Ok(report)
 }
 
+/// Lists the folders again and locks any that appeared since `locked` were locked, until a
+/// listing finds no new one. Returns the folders now locked, and why a new one could not be
+/// locked (then the caller lets go of all and starts over).
+fn lock_new_folders(
+    md: &Maildir,
+    mailboxes: &dyn Mailboxes,
+    tree: &mut Tree,
+    locks: &mut dyn HeldLocks,
+    mut locked: Vec<Folder>,
+    opts: &BackupOptions,
+) -> Result<(Vec<Folder>, Option<String>), BackupError> {
+    for _ in 0..MAX_NEW_FOLDER_ROUNDS {
+        let now_found = discover(md, mailboxes, tree)?;
+        let more: Vec<Folder> = now_found.iter().filter(|f| !locked.contains(f)).cloned().collect();
+        if more.is_empty() {
+            return Ok((now_found, None));
+        }
+        let mut w = Vec::new();
+        let added = locks.add(md, &more, opts, &mut w)?;
+        tree.warn_all(w);
+        if let Err(why) = added {
+            return Ok((now_found, Some(why)));
+        }
+        locked.extend(more);
+    }
+    Ok((locked, Some(format!("folders were still being created after {MAX_NEW_FOLDER_ROUNDS} listings"))))
+}
+
 fn discover(md: &Maildir, mailboxes: &dyn Mailboxes, tree: &mut Tree) -> Result<Vec<Folder>, BackupError> {
     let mut warnings = Vec::new();
     let found = mailboxes.folders(md, &mut warnings)?;
@@ -278,17 +311,18 @@ fn copy_into(
         let mut w = Vec::new();
         let control = reconcile::precopy_control_files(md, &tree, &mut w)?;
         let found = discover(md, mailboxes, &mut tree)?;
-        let (locks, since) = mailboxes.lock_all(md, &found, opts, &mut attempts, &mut w)?;
+        let (mut locks, since) = mailboxes.lock_all(md, &found, opts, &mut attempts, &mut w)?;
         tree.warn_all(w);
         lock_rounds += 1;
-        // A folder created after we listed the folders is not locked: start over.
-        let now_found = discover(md, mailboxes, &mut tree)?;
-        if now_found.iter().any(|f| !found.contains(f)) {
+        // Folders created while we took the locks are locked too, one at a time, without
+        // letting go of the others; only a busy one (or endless creation) means starting over.
+        let (now_found, busy) = lock_new_folders(md, mailboxes, &mut tree, locks.as_mut(), found, opts)?;
+        if let Some(why) = busy {
             let mut w = Vec::new();
             locks.release(&mut w);
             tree.warn_all(w);
-            if lock_rounds >= 10 {
-                return Err(BackupError::Unstable(lock_rounds));
+            if lock_rounds >= MAX_LOCK_ROUNDS {
+                return Err(BackupError::Unstable(lock_rounds, why));
             }
             continue;
         }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::scan::{dir_stamps, list_folder, open_subdirs, partial_listing, Listed, Listing};
 use super::sync::{FolderState, Tree};
 use super::watch::Watcher;
-use super::BackupError;
+use super::{BackupError, BackupOptions};
 use crate::dotlock::{self, DotLock, LockError, LockSettings};
 use crate::fsx::{self, Dir, FsError, Meta, ReadFile, Replace};
 use crate::maildir::{control_file_limit, is_user_control_file, Folder, Maildir, FOLDER_CONTROL_FILES, MAILDIRFOLDER, UIDLIST};
@@ -23,12 +23,16 @@ use crate::maildir::{control_file_limit, is_user_control_file, Folder, Maildir, 
 const FIRST_LOCK_WAIT: Duration = Duration::from_millis(1000);
 /// How long to wait for each further lock, while holding others (and so blocking Dovecot on
 /// those folders): only a moment, then back off from all of them.
-const NEXT_LOCK_WAIT: Duration = Duration::from_millis(20);
+pub const NEXT_LOCK_WAIT: Duration = Duration::from_millis(20);
 
 /// Locks held on every folder for the reconcile, however they were taken.
 pub trait HeldLocks {
     /// Refreshes the locks so a long reconcile never looks stale.
     fn touch(&self) {}
+    /// Also locks `more`, folders that appeared after the locks were taken, waiting only a
+    /// moment for each (`NEXT_LOCK_WAIT`): Ok(Err(why)) if one stays busy.
+    fn add(&mut self, md: &Maildir, more: &[Folder], opts: &BackupOptions, warnings: &mut Vec<String>)
+        -> Result<Result<(), String>, BackupError>;
     /// Releases everything; warnings say if a lock was taken from us.
     fn release(self: Box<Self>, warnings: &mut Vec<String>);
 }
@@ -85,6 +89,22 @@ pub struct DotLockSet {
 }
 
 impl HeldLocks for DotLockSet {
+    fn add(&mut self, md: &Maildir, more: &[Folder], opts: &BackupOptions, warnings: &mut Vec<String>)
+        -> Result<Result<(), String>, BackupError> {
+        for f in more {
+            let Some(dir) = control_dir_to_lock(md, f, warnings)? else { continue };
+            match lock_one(&dir, &opts.lock, NEXT_LOCK_WAIT)? {
+                Ok(Some(l)) => {
+                    self._refresher.add(&l);
+                    self.locks.push(l);
+                }
+                Ok(None) => {}
+                Err(why) => return Ok(Err(why)),
+            }
+        }
+        Ok(Ok(()))
+    }
+
     fn release(self: Box<Self>, warnings: &mut Vec<String>) {
         let DotLockSet { locks, _refresher } = *self;
         drop(_refresher);
@@ -102,32 +122,43 @@ impl HeldLocks for DotLockSet {
     }
 }
 
-/// Locks the uidlist of every folder with our own dot-lock. Folders whose control dir does
-/// not exist yet (Dovecot never opened them) have nothing to protect and are skipped; one
-/// replaced by a symlink is never followed (and reported).
+/// A folder's control dir, if it has one to lock (Dovecot never opened a folder without it);
+/// one replaced by a symlink is never followed, and reported.
+fn control_dir_to_lock(md: &Maildir, f: &Folder, warnings: &mut Vec<String>) -> Result<Option<Arc<Dir>>, BackupError> {
+    match md.control_dir(f) {
+        Ok(d) => Ok(d.map(Arc::new)),
+        Err(e) if e.is_planted() => {
+            warnings.push(format!("not locked: {e}"));
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One folder's uidlist lock, waiting up to `wait`: Ok(None) if the folder was deleted
+/// meanwhile (nothing left to protect), Err(why) if it stays busy.
+fn lock_one(dir: &Arc<Dir>, set: &LockSettings, wait: Duration) -> Result<Result<Option<DotLock>, String>, BackupError> {
+    let quick = LockSettings { timeout: wait, ..set.clone() };
+    match DotLock::acquire_in(dir, UIDLIST, &quick) {
+        Ok(l) => Ok(Ok(Some(l))),
+        Err(e @ LockError::Timeout { .. }) => Ok(Err(e.to_string())),
+        // Deleted since we listed it: the relist sees it gone.
+        Err(_) if dir.is_removed() => Ok(Ok(None)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Locks the uidlist of every folder with our own dot-lock, all or none.
 pub fn dotlock_all(md: &Maildir, folders: &[Folder], set: &LockSettings, attempts: &mut u32, warnings: &mut Vec<String>)
     -> Result<(DotLockSet, Instant), BackupError> {
     let mut order: Vec<(&Folder, Arc<Dir>)> = Vec::with_capacity(folders.len());
     for f in folders {
-        match md.control_dir(f) {
-            Ok(Some(d)) => order.push((f, Arc::new(d))),
-            Ok(None) => {}
-            Err(e) if e.is_planted() => warnings.push(format!("not locked: {e}")),
-            Err(e) => return Err(e.into()),
+        if let Some(d) = control_dir_to_lock(md, f, warnings)? {
+            order.push((f, d));
         }
     }
     order.sort_by(|a, b| a.0.control_rel.cmp(&b.0.control_rel));
-    let (locks, since) = lock_all_or_none(order.len(), set.timeout, attempts, |i, wait| {
-        let quick = LockSettings { timeout: wait, ..set.clone() };
-        let dir = &order[i].1;
-        match DotLock::acquire_in(dir, UIDLIST, &quick) {
-            Ok(l) => Ok(Ok(Some(l))),
-            Err(e @ LockError::Timeout { .. }) => Ok(Err(e.to_string())),
-            // Deleted since we listed it: nothing left to protect; the relist sees it gone.
-            Err(_) if dir.is_removed() => Ok(Ok(None)),
-            Err(e) => Err(e.into()),
-        }
-    })?;
+    let (locks, since) = lock_all_or_none(order.len(), set.timeout, attempts, |i, wait| lock_one(&order[i].1, set, wait))?;
     let locks: Vec<DotLock> = locks.into_iter().flatten().collect();
     let refresher = dotlock::keep_all_fresh(&locks, dotlock::TOUCH_INTERVAL);
     Ok((DotLockSet { locks, _refresher: refresher }, since))

@@ -58,6 +58,8 @@ pub struct Owner {
 #[derive(Debug, Clone, Copy)]
 pub struct Meta(pub(super) Stat);
 
+// `struct stat`'s field types differ between architectures: the casts are not all no-ops.
+#[allow(clippy::unnecessary_cast)]
 impl Meta {
     pub fn kind(&self) -> Kind {
         Kind::from_file_type(FileType::from_raw_mode(self.0.st_mode as _))
@@ -103,6 +105,7 @@ impl Meta {
     pub fn ctime_nsec(&self) -> i64 {
         self.0.st_ctime_nsec as i64
     }
+    #[allow(clippy::unnecessary_cast)]
     pub(super) fn times(&self) -> Timestamps {
         Timestamps {
             last_access: Timespec { tv_sec: self.0.st_atime as _, tv_nsec: self.0.st_atime_nsec as _ },
