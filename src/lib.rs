@@ -1,5 +1,6 @@
-//! maildir-backup core: Maildir model, dotlock, copy engine, manifest and verify.
-//! Nothing in this library knows about Dovecot's process model; the doveadm plugin
+//! maildir-backup core: the file layer every module goes through (`fsx`: directory
+//! descriptors, never a followed symlink), Maildir model, dotlock, copy engine, manifest and
+//! verify. Nothing in this library knows about Dovecot's process model; the doveadm plugin
 //! (`plugin`) and the CLI (`src/main.rs`) are thin layers over it.
 
 pub mod dotlock;
