@@ -719,11 +719,6 @@ impl Dir {
         rustix::fs::syncfs(&self.fd).map_err(|e| FsError::io("syncfs", self.path.clone(), e))
     }
 
-    /// Gives this directory `md`'s mode (without set-id bits) and times, and `owner` if given.
-    pub fn apply(&self, md: &Meta, owner: Option<Owner>) -> Result<()> {
-        apply(&self.fd, md, owner).map_err(|e| FsError::io("set metadata of", self.path.clone(), e))
-    }
-
     /// Gives this directory `md`'s permission bits, without write access for group or others
     /// (a backup's directories are never open to everyone), and its times. Owners are left.
     pub fn copy_dir_meta(&self, md: &Meta) -> Result<()> {
@@ -746,10 +741,6 @@ impl Dir {
             out.push((m.dev(), m.ino()));
             cur = rustix::fs::openat(&cur, "..", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(err)?;
         }
-    }
-
-    pub fn set_owner(&self, owner: Owner) -> Result<()> {
-        set_owner(&self.fd, owner).map_err(|e| FsError::io("chown", self.path.clone(), e))
     }
 
     pub fn set_mode(&self, m: u32) -> Result<()> {
