@@ -80,8 +80,6 @@ pub struct LockSettings {
     pub use_excl: bool,
     /// Flush NFS attribute caches before judging a lock (Dovecot's `mail_nfs_storage`).
     pub nfs_flush: bool,
-    /// Wake on inotify events instead of only polling.
-    pub use_notify: bool,
 }
 
 impl Default for LockSettings {
@@ -91,7 +89,6 @@ impl Default for LockSettings {
             stale_timeout: UIDLIST_STALE_TIMEOUT,
             use_excl: false,
             nfs_flush: false,
-            use_notify: true,
         }
     }
 }
@@ -557,7 +554,7 @@ impl DotLock {
                     wait = (wait + wait / 2).min(MAX_WAIT);
                 }
                 let left = deadline.map_or(wait, |d| d.saturating_duration_since(Instant::now()));
-                wait_for_change(&lock, wait.min(left), set.use_notify);
+                wait_for_change(&lock, wait.min(left));
             }
             first = false;
             if let Verdict::Free = judge.check(now_secs())? {
@@ -596,11 +593,6 @@ impl DotLock {
     }
     pub fn held_for(&self) -> Duration {
         self.locked_at.elapsed()
-    }
-
-    /// Refreshes the lock's mtime so it never looks stale; only if it is still ours.
-    pub fn touch(&self) -> Result<bool, LockError> {
-        touch_if_ours(&self.lock, self.dev, self.ino)
     }
 
     /// Keeps the lock fresh from a background thread until the returned guard is dropped.
@@ -756,12 +748,13 @@ impl Drop for Refresher {
     }
 }
 
-/// Sleeps up to `max`, waking early when the lock file is removed, renamed or touched.
-fn wait_for_change(lock: &LockFile, max: Duration, use_notify: bool) {
+/// Sleeps up to `max`, waking early when the lock file is removed, renamed or touched (where
+/// inotify works; else it polls).
+fn wait_for_change(lock: &LockFile, max: Duration) {
     if max.is_zero() {
         return;
     }
-    if use_notify && wait_inotify(lock, max) {
+    if wait_inotify(lock, max) {
         return;
     }
     thread::sleep(max);

@@ -362,14 +362,7 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
     };
     let selected = select(&snap, &manifest, req)?;
     // Where each folder goes, checked (with every selected file) before the target is touched.
-    let mut by_folder: BTreeMap<&str, (&FolderRecord, PathBuf, Vec<&MessageRecord>)> = BTreeMap::new();
-    for s in &selected {
-        if !by_folder.contains_key(s.folder.path.as_str()) {
-            let rel = target_rel(s.folder, manifest.header.layout, target.layout)?;
-            by_folder.insert(s.folder.path.as_str(), (s.folder, rel, Vec::new()));
-        }
-        by_folder.get_mut(s.folder.path.as_str()).expect("inserted above").2.push(s.msg);
-    }
+    let by_folder = group_by_target_folder(&selected, manifest.header.layout, target.layout)?;
     check_selected(&snap, &selected)?;
 
     let existing = match Dir::open_opt(&target.root)? {
@@ -387,23 +380,9 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
         Some(md) => !has_mail(md)?,
         None => true,
     };
-    let mut report = RestoreReport { mode: if full { "full" } else { "merge" }.to_string(), ..Default::default() };
-
+    let report = RestoreReport { mode: if full { "full" } else { "merge" }.to_string(), ..Default::default() };
     if req.dry_run {
-        for (f, rel, msgs) in by_folder.values() {
-            let present = match &target_md {
-                Some(md) => Present::of(md.root.sub_opt(rel)?.as_ref())?,
-                None => Present::default(),
-            };
-            for m in msgs {
-                if present.has(m) {
-                    report.skip(&f.name, &m.unique);
-                } else {
-                    report.restore(&f.name, &format!("{} flags {:?}", m.unique, m.flags));
-                }
-            }
-        }
-        return Ok(report);
+        return dry_run(target_md.as_ref(), &by_folder, report);
     }
 
     let root = match existing {
@@ -413,36 +392,74 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
     let targets = Targets { loc: target.clone(), root, layout: target.layout, control: std::cell::OnceCell::new() };
     let mut session = Session { snap: &snap, owner, req, report, delivered: Delivered::default() };
     for (f, rel, msgs) in by_folder.values() {
-        let tf = Folder::at(target, rel.clone());
-        let (dirs, created) = ensure_folder(&targets, &tf, owner)?;
-        if created {
-            session.report.folders_created += 1;
-        }
-        let snap_dir = snap.sub(&f.path)?;
-        // The snapshot's UIDs are kept only where the target never gave out UIDs under another
-        // UIDVALIDITY: putting an older one back could hand out UIDs clients already saw.
-        let snap_v = uidlist::Reader::open(&snap_dir)?.and_then(|u| u.header.uid_validity);
-        let keeps_uids = match uidlist::Reader::open(&dirs.control) {
-            Ok(Some(old)) => old.header.uid_validity == snap_v,
-            Ok(None) => true,
-            Err(_) => false,
-        };
-        if full && !keeps_uids {
-            session.report.warnings.push(format!(
-                "{}: the target's UIDVALIDITY differs from the snapshot's; merged with new UIDs instead of keeping the old ones",
-                f.name
-            ));
-        }
-        if full && keeps_uids {
-            restore_folder_full(&mut session, &snap_dir, &dirs, msgs)?;
-        } else {
-            restore_folder_merge(&mut session, &snap_dir, &dirs, msgs)?;
-        }
+        restore_folder(&mut session, &targets, f, rel, msgs, full)?;
     }
     if full {
         restore_user_files(&snap, targets.control_root(owner)?, owner)?;
     }
     Ok(session.report)
+}
+
+/// The selected messages by snapshot folder, with the folder's path in the target.
+type ByFolder<'m> = BTreeMap<&'m str, (&'m FolderRecord, PathBuf, Vec<&'m MessageRecord>)>;
+
+fn group_by_target_folder<'m>(selected: &[Selected<'m>], from: Layout, to: Layout) -> Result<ByFolder<'m>, RestoreError> {
+    let mut by_folder: ByFolder = BTreeMap::new();
+    for s in selected {
+        if !by_folder.contains_key(s.folder.path.as_str()) {
+            let rel = target_rel(s.folder, from, to)?;
+            by_folder.insert(s.folder.path.as_str(), (s.folder, rel, Vec::new()));
+        }
+        by_folder.get_mut(s.folder.path.as_str()).expect("inserted above").2.push(s.msg);
+    }
+    Ok(by_folder)
+}
+
+/// What a restore would do, without doing it.
+fn dry_run(target: Option<&Maildir>, by_folder: &ByFolder, mut report: RestoreReport) -> Result<RestoreReport, RestoreError> {
+    for (f, rel, msgs) in by_folder.values() {
+        let present = match target {
+            Some(md) => Present::of(md.root.sub_opt(rel)?.as_ref())?,
+            None => Present::default(),
+        };
+        for m in msgs {
+            if present.has(m) {
+                report.skip(&f.name, &m.unique);
+            } else {
+                report.restore(&f.name, &format!("{} flags {:?}", m.unique, m.flags));
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Restores one snapshot folder into the target folder at `rel`: in full (same UIDs) if the
+/// restore is full and the target never gave out UIDs under another UIDVALIDITY, else merged.
+fn restore_folder(s: &mut Session, targets: &Targets, f: &FolderRecord, rel: &Path, msgs: &[&MessageRecord], full: bool) -> Result<(), RestoreError> {
+    let tf = Folder::at(&targets.loc, rel.to_path_buf());
+    let (dirs, created) = ensure_folder(targets, &tf, s.owner)?;
+    if created {
+        s.report.folders_created += 1;
+    }
+    let snap_dir = s.snap.sub(&f.path)?;
+    // Putting an older UIDVALIDITY back could hand out UIDs clients already saw.
+    let snap_v = uidlist::Reader::open(&snap_dir)?.and_then(|u| u.header.uid_validity);
+    let keeps_uids = match uidlist::Reader::open(&dirs.control) {
+        Ok(Some(old)) => old.header.uid_validity == snap_v,
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    if full && !keeps_uids {
+        s.report.warnings.push(format!(
+            "{}: the target's UIDVALIDITY differs from the snapshot's; merged with new UIDs instead of keeping the old ones",
+            f.name
+        ));
+    }
+    if full && keeps_uids {
+        restore_folder_full(s, &snap_dir, &dirs, msgs)
+    } else {
+        restore_folder_merge(s, &snap_dir, &dirs, msgs)
+    }
 }
 
 /// Every selected file must be a regular file of the size and checksum the manifest says.

@@ -114,7 +114,6 @@ impl RunArgs {
                 stale_timeout: self.stale_timeout,
                 use_excl: self.mode.excl_lock,
                 nfs_flush: self.mode.nfs,
-                use_notify: true,
             },
             jobs: self.jobs.into(),
             with_indexes: self.with_indexes,

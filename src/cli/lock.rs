@@ -111,7 +111,6 @@ pub fn run_lock(a: LockArgs) -> i32 {
         stale_timeout: a.stale_timeout.unwrap_or(default_stale),
         use_excl: a.mode.excl_lock,
         nfs_flush: a.mode.nfs,
-        use_notify: true,
     };
 
     // Block the termination signals before any thread exists, so they reach our sigwait
@@ -242,7 +241,6 @@ pub fn run_maildirlock(a: MaildirlockArgs) -> i32 {
         stale_timeout: dotlock::UIDLIST_STALE_TIMEOUT,
         use_excl: std::env::var_os("DOTLOCK_USE_EXCL").is_some(),
         nfs_flush: std::env::var_os("MAIL_NFS_STORAGE").is_some(),
-        use_notify: true,
     };
     let (mut rd, wr) = match std::io::pipe() {
         Ok(p) => p,

@@ -58,6 +58,9 @@ const MAX_LOCK_ROUNDS: u32 = 10;
 /// Listings that may each find new folders to lock while the locks are held.
 const MAX_NEW_FOLDER_ROUNDS: u32 = 20;
 
+/// Passes under the locks before giving up on a source that keeps renaming (with a warning).
+const MAX_LOCKED_PASSES: u32 = 5;
+
 /// Catch-up passes stop once a pass changes no more than this many messages.
 const SMALL_PASS: u64 = 20;
 const MAX_CATCH_UP_PASSES: u32 = 4;
@@ -223,39 +226,195 @@ pub fn backup_to(
     Ok(report)
 }
 
-/// Lists the folders again and locks any that appeared since `locked` were locked, until a
-/// listing finds no new one. Returns the folders now locked, and why a new one could not be
-/// locked (then the caller lets go of all and starts over).
-fn lock_new_folders(
-    md: &Maildir,
-    mailboxes: &dyn Mailboxes,
-    tree: &mut Tree,
-    locks: &mut dyn HeldLocks,
-    mut locked: Vec<Folder>,
-    opts: &BackupOptions,
-) -> Result<(Vec<Folder>, Option<String>), BackupError> {
-    for _ in 0..MAX_NEW_FOLDER_ROUNDS {
-        let now_found = discover(md, mailboxes, tree)?;
-        let more: Vec<Folder> = now_found.iter().filter(|f| !locked.contains(f)).cloned().collect();
-        if more.is_empty() {
-            return Ok((now_found, None));
-        }
-        let mut w = Vec::new();
-        let added = locks.add(md, &more, opts, &mut w)?;
-        tree.warn_all(w);
-        if let Err(why) = added {
-            return Ok((now_found, Some(why)));
-        }
-        locked.extend(more);
-    }
-    Ok((locked, Some(format!("folders were still being created after {MAX_NEW_FOLDER_ROUNDS} listings"))))
+/// One backup under way: where from and how, the staged copy, and what the passes did.
+struct Run<'a> {
+    md: &'a Maildir,
+    mailboxes: &'a dyn Mailboxes,
+    opts: &'a BackupOptions,
+    reuse: Option<&'a dyn Reuse>,
+    progress: &'a dyn Progress,
+    pool: rayon::ThreadPool,
+    tree: Tree,
+    /// inotify on every folder's cur/ and new/ (None on NFS, where it sees nothing of other
+    /// clients, or where inotify is not available).
+    watcher: Option<watch::Watcher>,
+    total: PassStats,
+    passes: u32,
+    changed: u64,
+    lock_attempts: u32,
 }
 
-fn discover(md: &Maildir, mailboxes: &dyn Mailboxes, tree: &mut Tree) -> Result<Vec<Folder>, BackupError> {
-    let mut warnings = Vec::new();
-    let found = mailboxes.folders(md, &mut warnings)?;
-    tree.warn_all(warnings);
-    Ok(found)
+/// What the locked reconcile took: when, and for how long the locks were held.
+struct Reconciled {
+    taken_at: i64,
+    held: Duration,
+}
+
+impl Run<'_> {
+    /// The folders as they are now (their warnings recorded).
+    fn discover(&mut self) -> Result<Vec<Folder>, BackupError> {
+        let mut warnings = Vec::new();
+        let found = self.mailboxes.folders(self.md, &mut warnings)?;
+        self.tree.warn_all(warnings);
+        Ok(found)
+    }
+
+    /// Applies listings to the staged copy and counts what they changed.
+    fn apply(&mut self, listings: Vec<(Folder, Option<scan::Listing>)>) -> Result<PassStats, BackupError> {
+        let s = self.tree.apply(self.md, listings, &self.pool, self.reuse, self.progress)?;
+        self.passes += 1;
+        self.total.add(&s);
+        Ok(s)
+    }
+
+    /// Lists the folders that may have changed since their last listing, and applies that.
+    fn relist_and_apply(&mut self, folders: &[Folder]) -> Result<PassStats, BackupError> {
+        let listings = reconcile::relist(self.md, &self.tree, folders, self.opts.lock.nfs_flush, self.watcher.as_mut())?;
+        let s = self.apply(listings)?;
+        self.changed += s.changes();
+        Ok(s)
+    }
+
+    /// Everything, without any lock: each folder watched, then listed in full, then copied.
+    fn bulk(&mut self) -> Result<(), BackupError> {
+        self.progress.phase("copying");
+        let found = self.discover()?;
+        let mut listings = Vec::with_capacity(found.len());
+        for f in &found {
+            listings.push((f.clone(), reconcile::watch_and_list(self.md, f, self.watcher.as_mut())?));
+        }
+        self.progress.total(listings.iter().filter_map(|(_, l)| l.as_ref()).map(|l| l.entries.len() as u64).sum());
+        self.apply(listings)?;
+        Ok(())
+    }
+
+    /// What changed meanwhile, still without a lock, until a pass finds little: so the locked
+    /// pass is short.
+    fn catch_up(&mut self) -> Result<(), BackupError> {
+        for _ in 0..MAX_CATCH_UP_PASSES {
+            let found = self.discover()?;
+            if self.relist_and_apply(&found)?.changes() <= SMALL_PASS {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Catches up, takes every folder's lock, brings the copy to exactly what the source holds
+    /// at that instant, takes the control files, lets go. A lock found busy lets go of all,
+    /// and it all starts again (`MAX_LOCK_ROUNDS` times at most).
+    fn reconcile(&mut self) -> Result<Reconciled, BackupError> {
+        for round in 1..=MAX_LOCK_ROUNDS {
+            self.catch_up()?;
+            self.progress.phase("reconciling");
+            let mut w = Vec::new();
+            let control = reconcile::precopy_control_files(self.md, &self.tree, &mut w)?;
+            let found = self.discover()?;
+            let (mut locks, since) = self.mailboxes.lock_all(self.md, &found, self.opts, &mut self.lock_attempts, &mut w)?;
+            self.tree.warn_all(w);
+            let (folders, busy) = self.lock_new_folders(locks.as_mut(), found)?;
+            let mut w = Vec::new();
+            if let Some(why) = busy {
+                locks.release(&mut w);
+                self.tree.warn_all(w);
+                if round == MAX_LOCK_ROUNDS {
+                    return Err(BackupError::Unstable(round, why));
+                }
+                continue;
+            }
+            let result = self.settle(&folders, locks.as_ref(), control, &mut w);
+            locks.release(&mut w);
+            let held = since.elapsed();
+            self.tree.warn_all(w);
+            return Ok(Reconciled { taken_at: result?, held });
+        }
+        unreachable!("the last round returns")
+    }
+
+    /// Lists the folders again and locks any that appeared since `locked` were locked (one at
+    /// a time, holding the others), until a listing finds no new one. Returns the folders now
+    /// locked, and why a new one could not be locked (then all are let go).
+    fn lock_new_folders(&mut self, locks: &mut dyn HeldLocks, mut locked: Vec<Folder>) -> Result<(Vec<Folder>, Option<String>), BackupError> {
+        for _ in 0..MAX_NEW_FOLDER_ROUNDS {
+            let now_found = self.discover()?;
+            let more: Vec<Folder> = now_found.iter().filter(|f| !locked.contains(f)).cloned().collect();
+            if more.is_empty() {
+                return Ok((now_found, None));
+            }
+            let mut w = Vec::new();
+            let added = locks.add(self.md, &more, self.opts, &mut w)?;
+            self.tree.warn_all(w);
+            if let Err(why) = added {
+                return Ok((now_found, Some(why)));
+            }
+            locked.extend(more);
+        }
+        Ok((locked, Some(format!("folders were still being created after {MAX_NEW_FOLDER_ROUNDS} listings"))))
+    }
+
+    /// Under the locks: looks again until a pass finds nothing more (a name that vanished
+    /// between listing and copying, or was missed by a stat or a readdir racing a rename,
+    /// Dovecot's rare renames without the lock, shows up in the next pass through inotify or
+    /// the directory times; never a full rescan of everything), then takes the control files.
+    /// Returns the instant the backup stands for.
+    fn settle(&mut self, folders: &[Folder], locks: &dyn HeldLocks, control: reconcile::ControlFiles, w: &mut Vec<String>) -> Result<i64, BackupError> {
+        let mut settled = false;
+        for _ in 0..MAX_LOCKED_PASSES {
+            let s = self.relist_and_apply(folders)?;
+            locks.touch();
+            if s.vanished == 0 && s.removed == 0 {
+                settled = true;
+                break;
+            }
+        }
+        if !settled {
+            w.push("the source kept renaming messages during the reconcile; a message renamed in its last moment may be missing".to_string());
+        }
+        let taken_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        reconcile::copy_control_files(self.md, &self.tree, control, w)?;
+        Ok(taken_at)
+    }
+
+    /// Index files (if asked), the manifest, the directories' metadata; the report.
+    fn finish(self, started: Instant, r: Reconciled) -> Result<BackupReport, BackupError> {
+        let (md, tree) = (self.md, &self.tree);
+        if self.opts.with_indexes {
+            copy_indexes(md, tree);
+        }
+        self.progress.phase("finishing");
+        let manifest = build_manifest(md, tree, r.taken_at, r.held, self.total.bytes)?;
+        manifest.write(&tree.staging)?;
+        // Last: anything written into a directory after this would change its mtime again.
+        finish_dirs(md, tree)?;
+        let bytes_by_folder = manifest.bytes_by_folder();
+        let folder_details = manifest
+            .folders
+            .iter()
+            .map(|f| FolderSummary {
+                name: f.name.clone(),
+                path: f.path.clone(),
+                messages: f.messages,
+                bytes: bytes_by_folder.get(f.path.as_str()).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(BackupReport {
+            source: md.loc.to_mail_location(),
+            destination: tree.staging.path().to_path_buf(),
+            folders: manifest.header.folders,
+            messages: manifest.header.messages,
+            bytes: manifest.header.bytes,
+            bytes_copied: self.total.bytes,
+            messages_linked: self.total.linked,
+            lock_hold_ms: r.held.as_secs_f64() * 1000.0,
+            lock_attempts: self.lock_attempts,
+            seconds: started.elapsed().as_secs_f64(),
+            passes: self.passes,
+            changed_during_backup: self.changed,
+            taken_at: r.taken_at,
+            warnings: tree.warnings(),
+            folder_details,
+        })
+    }
 }
 
 /// Copies `md` into the (existing, empty) directory `out`, including the manifest.
@@ -269,131 +428,27 @@ fn copy_into(
     progress: &dyn Progress,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
-    let keep_owner = fsx::running_as_root();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
         .build()
         .map_err(|e| BackupError::Io { op: "start copy threads", path: out.path().to_path_buf(), source: io::Error::other(e) })?;
-    let mut tree = Tree::new(out, keep_owner);
-    let nfs = opts.lock.nfs_flush;
-    // inotify cannot see changes made by other NFS clients.
-    let mut watcher = if nfs { None } else { watch::Watcher::new() };
-
-    // Bulk: everything, no lock.
-    progress.phase("copying");
-    let found = discover(md, mailboxes, &mut tree)?;
-    let mut listings = Vec::with_capacity(found.len());
-    for f in &found {
-        listings.push((f.clone(), reconcile::watch_and_list(md, f, watcher.as_mut())?));
-    }
-    progress.total(listings.iter().filter_map(|(_, l)| l.as_ref()).map(|l| l.entries.len() as u64).sum());
-    let mut total = tree.apply(md, listings, &pool, reuse, progress)?;
-    let mut passes = 1;
-    let mut changed = 0u64;
-
-    // Catch up on what changed meanwhile, still without a lock, so the locked pass is short.
-    let mut attempts = 0u32;
-    let mut lock_rounds = 0u32;
-    let (held, taken_at) = loop {
-        for _ in 0..MAX_CATCH_UP_PASSES {
-            let found = discover(md, mailboxes, &mut tree)?;
-            let listings = reconcile::relist(md, &tree, &found, nfs, watcher.as_mut())?;
-            let s = tree.apply(md, listings, &pool, reuse, progress)?;
-            passes += 1;
-            changed += s.changes();
-            total.add(&s);
-            if s.changes() <= SMALL_PASS {
-                break;
-            }
-        }
-
-        progress.phase("reconciling");
-        let mut w = Vec::new();
-        let control = reconcile::precopy_control_files(md, &tree, &mut w)?;
-        let found = discover(md, mailboxes, &mut tree)?;
-        let (mut locks, since) = mailboxes.lock_all(md, &found, opts, &mut attempts, &mut w)?;
-        tree.warn_all(w);
-        lock_rounds += 1;
-        // Folders created while we took the locks are locked too, one at a time, without
-        // letting go of the others; only a busy one (or endless creation) means starting over.
-        let (now_found, busy) = lock_new_folders(md, mailboxes, &mut tree, locks.as_mut(), found, opts)?;
-        if let Some(why) = busy {
-            let mut w = Vec::new();
-            locks.release(&mut w);
-            tree.warn_all(w);
-            if lock_rounds >= MAX_LOCK_ROUNDS {
-                return Err(BackupError::Unstable(lock_rounds, why));
-            }
-            continue;
-        }
-        let mut w = Vec::new();
-        let result = (|| -> Result<i64, BackupError> {
-            // Look again until a pass finds nothing more: a name that vanished between listing
-            // and copying, or was missed by a stat or a readdir racing a rename (Dovecot's rare
-            // renames without the lock), shows up in the next pass through inotify or the
-            // directory times; never a full rescan of everything under the lock.
-            let mut settled = false;
-            for _ in 0..5 {
-                let listings = reconcile::relist(md, &tree, &now_found, nfs, watcher.as_mut())?;
-                let s = tree.apply(md, listings, &pool, reuse, progress)?;
-                locks.touch();
-                passes += 1;
-                changed += s.changes();
-                total.add(&s);
-                if s.vanished == 0 && s.removed == 0 {
-                    settled = true;
-                    break;
-                }
-            }
-            if !settled {
-                w.push("the source kept renaming messages during the reconcile; a message renamed in its last moment may be missing".to_string());
-            }
-            let taken_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-            reconcile::copy_control_files(md, &tree, control, &mut w)?;
-            Ok(taken_at)
-        })();
-        locks.release(&mut w);
-        let held = since.elapsed();
-        tree.warn_all(w);
-        break (held, result?);
+    let mut run = Run {
+        md,
+        mailboxes,
+        opts,
+        reuse,
+        progress,
+        pool,
+        tree: Tree::new(out, fsx::running_as_root()),
+        watcher: if opts.lock.nfs_flush { None } else { watch::Watcher::new() },
+        total: PassStats::default(),
+        passes: 0,
+        changed: 0,
+        lock_attempts: 0,
     };
-
-    if opts.with_indexes {
-        copy_indexes(md, &tree);
-    }
-    progress.phase("finishing");
-    let manifest = build_manifest(md, &tree, taken_at, held, total.bytes)?;
-    manifest.write(&tree.staging)?;
-    // Last: anything written into a directory after this would change its mtime again.
-    finish_dirs(md, &tree)?;
-
-    let bytes_by_folder = manifest.bytes_by_folder();
-    Ok(BackupReport {
-        source: md.loc.to_mail_location(),
-        destination: tree.staging.path().to_path_buf(),
-        folders: manifest.header.folders,
-        messages: manifest.header.messages,
-        bytes: manifest.header.bytes,
-        bytes_copied: total.bytes,
-        messages_linked: total.linked,
-        lock_hold_ms: held.as_secs_f64() * 1000.0,
-        lock_attempts: attempts,
-        seconds: started.elapsed().as_secs_f64(),
-        passes,
-        changed_during_backup: changed,
-        taken_at,
-        warnings: tree.warnings(),
-        folder_details: manifest
-            .folders
-            .iter()
-            .map(|f| FolderSummary {
-                name: f.name.clone(),
-                path: f.path.clone(),
-                messages: f.messages,
-                bytes: bytes_by_folder.get(f.path.as_str()).copied().unwrap_or(0),
-            })
-            .collect(),
-    })
+    run.bulk()?;
+    let reconciled = run.reconcile()?;
+    run.finish(started, reconciled)
 }
 
 /// Best effort: index files are not protected by the uidlist lock, and Dovecot rebuilds

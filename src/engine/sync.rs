@@ -194,6 +194,18 @@ impl PassStats {
     }
 }
 
+/// What a pass's listings say against the staged copy.
+#[derive(Default)]
+struct Diff {
+    /// Messages that left a folder, by key: a candidate source for a move into another. One
+    /// unique name can leave several folders in one pass (Dovecot's COPY/MOVE hard-link under
+    /// the same name), so every one is kept: each staged copy must be reused or removed.
+    departed: HashMap<String, Vec<(PathBuf, Entry)>>,
+    /// New in a folder: (folder, key, where it is).
+    added: Vec<(PathBuf, String, Listed)>,
+    gone_folders: Vec<PathBuf>,
+}
+
 /// A message to copy (or link) into a folder's staged copy.
 struct CopyJob {
     key: String,
@@ -279,7 +291,8 @@ impl Tree {
         Ok(())
     }
 
-    /// Applies fresh listings (None = the folder is gone) to the staged copy.
+    /// Applies fresh listings (None = the folder is gone) to the staged copy: renames what was
+    /// renamed, moves what moved between folders, copies what is new, removes what is gone.
     pub fn apply(
         &mut self,
         md: &Maildir,
@@ -289,71 +302,98 @@ impl Tree {
         progress: &dyn Progress,
     ) -> Result<PassStats, BackupError> {
         let mut stats = PassStats::default();
-        // Messages that left a folder, by key: a candidate source for a move into another. One
-        // unique name can leave several folders in one pass (Dovecot's COPY/MOVE hard-link under
-        // the same name), so keep every one: each staged copy must be reused or removed.
-        let mut departed: HashMap<String, Vec<(PathBuf, Entry)>> = HashMap::new();
-        let mut added: Vec<(PathBuf, String, Listed)> = Vec::new();
-        let mut gone_folders = Vec::new();
-
+        let mut diff = Diff::default();
         for (folder, listing) in listings {
-            let Some(listing) = listing else {
-                if let Some(state) = self.folders.get_mut(&folder.rel) {
-                    for (k, e) in state.entries.drain() {
-                        departed.entry(k).or_default().push((folder.rel.clone(), e));
-                    }
+            self.take_listing(&folder, listing, &mut diff, &mut stats)?;
+        }
+        let jobs = self.move_or_queue(diff.added, &mut diff.departed, &mut stats)?;
+        self.copy(md, jobs, pool, reuse, progress, &mut stats)?;
+        for (rel, e) in diff.departed.into_values().flatten() {
+            self.staging.unlink(staged_path(&rel, e.sub, &e.name))?;
+            stats.removed += 1;
+        }
+        for rel in diff.gone_folders {
+            self.drop_folder(&rel)?;
+        }
+        Ok(stats)
+    }
+
+    /// Compares one folder's listing with its staged copy: renames in the copy what was renamed
+    /// in the folder; notes what is new and what left (in `diff`).
+    fn take_listing(&mut self, folder: &Folder, listing: Option<Listing>, diff: &mut Diff, stats: &mut PassStats) -> Result<(), BackupError> {
+        let Some(listing) = listing else {
+            if let Some(state) = self.folders.get_mut(&folder.rel) {
+                for (k, e) in state.entries.drain() {
+                    diff.departed.entry(k).or_default().push((folder.rel.clone(), e));
                 }
-                gone_folders.push(folder.rel.clone());
-                continue;
-            };
-            self.ensure_folder(&folder)?;
-            for w in &listing.warnings {
-                self.warn(w);
             }
-            let state = self.folders.get_mut(&folder.rel).expect("ensured above");
-            state.stamps = listing.stamps;
-            state.listed_at = listing.listed_at;
-            let in_scope = |k: &String| listing.touched.as_ref().is_none_or(|t| t.contains(k));
-            let gone: Vec<String> =
-                state.entries.keys().filter(|k| !listing.entries.contains_key(*k) && in_scope(k)).cloned().collect();
-            for k in gone {
-                if let Some(e) = state.entries.remove(&k) {
-                    departed.entry(k).or_default().push((folder.rel.clone(), e));
-                }
-            }
-            for (key, listed) in listing.entries {
-                match state.entries.get_mut(&key) {
-                    Some(e) if e.sub == listed.sub && e.name == listed.name => {}
-                    Some(e) => {
-                        // Flags changed or new/ -> cur/: the same message under a new name.
-                        let from = staged_path(&folder.rel, e.sub, &e.name);
-                        let to = staged_path(&folder.rel, listed.sub, &listed.name);
-                        self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
-                        e.sub = listed.sub;
-                        e.name = listed.name;
-                        stats.renamed += 1;
-                    }
-                    None => added.push((folder.rel.clone(), key, listed)),
-                }
+            diff.gone_folders.push(folder.rel.clone());
+            return Ok(());
+        };
+        self.ensure_folder(folder)?;
+        self.warn_all(listing.warnings);
+        let state = self.folders.get_mut(&folder.rel).expect("ensured above");
+        state.stamps = listing.stamps;
+        state.listed_at = listing.listed_at;
+        let in_scope = |k: &String| listing.touched.as_ref().is_none_or(|t| t.contains(k));
+        let gone: Vec<String> = state.entries.keys().filter(|k| !listing.entries.contains_key(*k) && in_scope(k)).cloned().collect();
+        for k in gone {
+            if let Some(e) = state.entries.remove(&k) {
+                diff.departed.entry(k).or_default().push((folder.rel.clone(), e));
             }
         }
+        for (key, listed) in listing.entries {
+            match state.entries.get_mut(&key) {
+                Some(e) if e.sub == listed.sub && e.name == listed.name => {}
+                Some(e) => {
+                    // Flags changed or new/ -> cur/: the same message under a new name.
+                    let from = staged_path(&folder.rel, e.sub, &e.name);
+                    let to = staged_path(&folder.rel, listed.sub, &listed.name);
+                    self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
+                    e.sub = listed.sub;
+                    e.name = listed.name;
+                    stats.renamed += 1;
+                }
+                None => diff.added.push((folder.rel.clone(), key, listed)),
+            }
+        }
+        Ok(())
+    }
 
+    /// A new message that left another folder in this pass was moved (Dovecot keeps the unique
+    /// name): moves our copy too. The others are to be copied: returned by folder.
+    fn move_or_queue(
+        &mut self,
+        added: Vec<(PathBuf, String, Listed)>,
+        departed: &mut HashMap<String, Vec<(PathBuf, Entry)>>,
+        stats: &mut PassStats,
+    ) -> Result<Vec<(PathBuf, Vec<CopyJob>)>, BackupError> {
         let mut jobs: BTreeMap<PathBuf, Vec<CopyJob>> = BTreeMap::new();
         for (rel, key, listed) in added {
-            if let Some((from_rel, e)) = departed.get_mut(&key).and_then(Vec::pop) {
-                // Moved between folders (Dovecot keeps the unique name): move our copy too.
-                let from = staged_path(&from_rel, e.sub, &e.name);
-                let to = staged_path(&rel, listed.sub, &listed.name);
-                self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
-                let entry = Entry { sub: listed.sub, name: listed.name, ..e };
-                self.folders.get_mut(&rel).expect("listed folder is staged").entries.insert(key, entry);
-                stats.moved += 1;
+            let Some((from_rel, e)) = departed.get_mut(&key).and_then(Vec::pop) else {
+                jobs.entry(rel).or_default().push(CopyJob { key, listed });
                 continue;
-            }
-            jobs.entry(rel).or_default().push(CopyJob { key, listed });
+            };
+            let from = staged_path(&from_rel, e.sub, &e.name);
+            let to = staged_path(&rel, listed.sub, &listed.name);
+            self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
+            let entry = Entry { sub: listed.sub, name: listed.name, ..e };
+            self.folders.get_mut(&rel).expect("listed folder is staged").entries.insert(key, entry);
+            stats.moved += 1;
         }
+        Ok(jobs.into_iter().collect())
+    }
 
-        let jobs: Vec<(PathBuf, Vec<CopyJob>)> = jobs.into_iter().collect();
+    /// Copies (or links) the new messages and records them.
+    fn copy(
+        &mut self,
+        md: &Maildir,
+        jobs: Vec<(PathBuf, Vec<CopyJob>)>,
+        pool: &rayon::ThreadPool,
+        reuse: Option<&dyn Reuse>,
+        progress: &dyn Progress,
+        stats: &mut PassStats,
+    ) -> Result<(), BackupError> {
         let shared = SharedInodes::new(self);
         let mut results = Vec::with_capacity(jobs.len());
         // Folders in batches: jobs of several folders run side by side (one directory's lock is
@@ -381,15 +421,7 @@ impl Tree {
             }
         }
         self.warn_all(warnings);
-
-        for (rel, e) in departed.into_values().flatten() {
-            self.staging.unlink(staged_path(&rel, e.sub, &e.name))?;
-            stats.removed += 1;
-        }
-        for rel in gone_folders {
-            self.drop_folder(&rel)?;
-        }
-        Ok(stats)
+        Ok(())
     }
 
     /// Copies the new messages of a batch of folders in parallel; the results in job order.
