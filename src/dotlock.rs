@@ -16,7 +16,6 @@
 //! followed or read.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -121,13 +120,6 @@ pub fn my_hostname() -> &'static str {
 /// The content of a lock made by this process: `<pid>:<hostname>`, no newline (Dovecot's format).
 pub fn lock_content() -> String {
     format!("{}:{}", std::process::id(), my_hostname())
-}
-
-/// `<path>.lock`
-pub fn lock_path_for(path: &Path) -> PathBuf {
-    let mut s: OsString = path.as_os_str().to_owned();
-    s.push(".lock");
-    PathBuf::from(s)
 }
 
 /// Locks this process holds, by (dev, ino): a lock naming our own pid is ours to keep, not

@@ -72,7 +72,8 @@ pub fn open_subdirs(folder: &Dir, warnings: &mut Vec<String>) -> Result<[Option<
 
 /// The stamps of a folder's cur/ and new/ as they are now.
 pub fn dir_stamps(md: &Maildir, f: &Folder) -> [Option<DirStamp>; 2] {
-    Subdir::ALL.map(|sub| match md.root.lstat(f.rel.join(sub.as_str())) {
+    let Ok(dir) = md.root.sub(&f.rel) else { return [None, None] };
+    Subdir::ALL.map(|sub| match dir.lstat(sub.as_str()) {
         Ok(Some(m)) if m.is_dir() => Some(DirStamp::of(&m)),
         _ => None,
     })

@@ -83,18 +83,6 @@ impl FsError {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        match self {
-            FsError::Io { path, .. }
-            | FsError::Symlink { path }
-            | FsError::UntrustedSymlink { path, .. }
-            | FsError::NotRegular { path, .. }
-            | FsError::Sparse { path, .. }
-            | FsError::TooBig { path, .. }
-            | FsError::BadName { path, .. } => path,
-        }
-    }
-
     /// True for what a hostile owner can put in place of a file or directory we wanted: a
     /// symlink, a FIFO, a socket, a device, a sparse or far too big file, a file where a
     /// directory should be. Callers skip it with a warning.
