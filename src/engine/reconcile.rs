@@ -144,6 +144,9 @@ fn lock_one(dir: &Arc<Dir>, set: &LockSettings, wait: Duration) -> Result<Result
         Err(e @ LockError::Timeout { .. }) => Ok(Err(e.to_string())),
         // Deleted since we listed it: the relist sees it gone.
         Err(_) if dir.is_removed() => Ok(Ok(None)),
+        // Our lock file vanished as we made it: the folder is being deleted (Dovecot empties
+        // it, then removes it). As good as busy: let go of all and look again.
+        Err(LockError::Fs(e)) if e.is_not_found() => Ok(Err(format!("{e} (the folder is being deleted)"))),
         Err(e) => Err(e.into()),
     }
 }
