@@ -28,8 +28,16 @@
 #  define DOVECOT_PREREQ(maj, min, micro) 0
 #endif
 
+/* doveadm maildir-backup: its parameters, read once in init; the user's settings fill in
+   what the command line left out, in run. */
 struct maildir_backup_cmd_context {
 	struct doveadm_mail_cmd_context ctx;
+	const char *const *patterns;
+	const char *dest;
+	double lock_timeout_secs; /* < 0: not given */
+	int64_t jobs;             /* 0: not given */
+	bool with_indexes;
+	bool invalid;             /* a parameter was refused (said in init) */
 };
 
 /* What the lock and output callbacks need for one user. */
@@ -117,6 +125,15 @@ static void print_failed_box(const char *username, const char *vname, const char
 	doveadm_print("0");
 	doveadm_print("0");
 	doveadm_print(why);
+}
+
+/* Seconds, fractions allowed; -1 if str is not a non-negative number. */
+static int parse_secs(const char *str, double *secs_r)
+{
+	char *end;
+
+	*secs_r = strtod(str, &end);
+	return (*end != '\0' || end == str || *secs_r < 0) ? -1 : 0;
 }
 
 /* The plugin's settings from dovecot.conf, as strings (NULL: not set). */
@@ -269,86 +286,90 @@ static int cb_relist(void *context, const struct mb_folder **folders_r, unsigned
 	return 0;
 }
 
+/* The command line wins over the user's settings. */
+static int merge_settings(struct maildir_backup_cmd_context *bctx, struct mail_user *user,
+			  struct mb_user_job *job)
+{
+	struct backup_settings set;
+	int64_t jobs = bctx->jobs;
+
+	if (get_settings(user, &set) < 0)
+		return -1;
+	job->dest_template = bctx->dest != NULL ? bctx->dest : set.dest;
+	job->lock_timeout_secs = bctx->lock_timeout_secs;
+	if (job->lock_timeout_secs < 0 && set.lock_timeout != NULL &&
+	    parse_secs(set.lock_timeout, &job->lock_timeout_secs) < 0) {
+		i_error("maildir-backup: invalid maildir_backup_lock_timeout: %s", set.lock_timeout);
+		return -1;
+	}
+	if (jobs == 0 && set.jobs != NULL && str_to_int64(set.jobs, &jobs) < 0) {
+		i_error("maildir-backup: invalid maildir_backup_jobs: %s", set.jobs);
+		return -1;
+	}
+	job->jobs = jobs > 0 ? (unsigned int)jobs : 0;
+	job->with_indexes = bctx->with_indexes || set.with_indexes ? 1 : 0;
+	return 0;
+}
+
+static void lock_ctx_init(struct lock_ctx *lc, struct doveadm_mail_cmd_context *ctx,
+			  struct mail_user *user, const char *const *patterns)
+{
+	i_zero(lc);
+	lc->cmd = ctx;
+	lc->user = user;
+	lc->patterns = patterns;
+	lc->username = user->username;
+	i_array_init(&lc->boxes, 16);
+	i_array_init(&lc->folders, 16);
+	i_array_init(&lc->locked, 16);
+	i_array_init(&lc->seen, 16);
+}
+
+static void lock_ctx_deinit(struct lock_ctx *lc)
+{
+	struct mailbox *box;
+
+	for (unsigned int i = 0; i < array_count(&lc->boxes); i++)
+		cb_unlock(lc, i);
+	array_foreach_elem(&lc->boxes, box)
+		mailbox_free(&box);
+	array_free(&lc->boxes);
+	array_free(&lc->folders);
+	array_free(&lc->locked);
+	array_free(&lc->seen);
+}
+
 static int
 cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *user)
 {
-	const char *const all[] = { "*", NULL };
-	const char *const *patterns = all;
-	const char *dest = NULL, *timeout_str = NULL;
-	struct backup_settings set;
-	int64_t jobs = 0;
-	bool with_indexes = FALSE;
+	struct maildir_backup_cmd_context *bctx =
+		container_of(ctx, struct maildir_backup_cmd_context, ctx);
 	struct mail_namespace *inbox_ns;
 	struct mb_user_job job;
 	struct lock_ctx lc;
-	struct mailbox *box;
 	const char *root, *control_root, *index_root;
-	int ret = 0, code;
+	int ret, code;
 
-	(void)doveadm_cmd_param_array(ctx->cctx, "mailbox", &patterns);
-	(void)doveadm_cmd_param_str(ctx->cctx, "destination", &dest);
-	(void)doveadm_cmd_param_str(ctx->cctx, "lock-timeout", &timeout_str);
-	(void)doveadm_cmd_param_int64(ctx->cctx, "jobs", &jobs);
-	(void)doveadm_cmd_param_bool(ctx->cctx, "with-indexes", &with_indexes);
-
-	/* Settings from dovecot.conf; the command line wins. */
-	if (get_settings(user, &set) < 0) {
+	i_zero(&job);
+	if (bctx->invalid) {
+		ctx->exit_code = EX_USAGE;
+		return -1;
+	}
+	if (merge_settings(bctx, user, &job) < 0 ||
+	    get_roots(user, &inbox_ns, &root, &control_root, &index_root) < 0) {
 		ctx->exit_code = EX_CONFIG;
 		return -1;
 	}
-	if (dest == NULL)
-		dest = set.dest;
-	if (timeout_str == NULL)
-		timeout_str = set.lock_timeout;
-	if (jobs == 0 && set.jobs != NULL && str_to_int64(set.jobs, &jobs) < 0) {
-		i_error("maildir-backup: invalid maildir_backup_jobs: %s", set.jobs);
-		ctx->exit_code = EX_CONFIG;
-		return -1;
-	}
-	if (!with_indexes)
-		with_indexes = set.with_indexes;
-
-	if (get_roots(user, &inbox_ns, &root, &control_root, &index_root) < 0) {
-		ctx->exit_code = EX_CONFIG;
-		return -1;
-	}
-
-	i_zero(&lc);
-	lc.cmd = ctx;
-	lc.user = user;
-	lc.patterns = patterns;
-	lc.username = user->username;
-	i_array_init(&lc.boxes, 16);
-	i_array_init(&lc.folders, 16);
-	i_array_init(&lc.locked, 16);
-	i_array_init(&lc.seen, 16);
+	lock_ctx_init(&lc, ctx, user, bctx->patterns);
 	list_boxes(&lc);
 	ret = lc.ret;
 
-	i_zero(&job);
 	job.username = user->username;
-	job.dest_template = dest;
 	job.root_dir = root;
 	job.control_root = control_root;
 	job.index_root = index_root;
 	job.layout = inbox_ns->list->name;
 	job.folders = array_get(&lc.folders, &job.folder_count);
-	job.lock_timeout_secs = -1;
-	if (timeout_str != NULL) {
-		double secs;
-		char *end;
-
-		secs = strtod(timeout_str, &end);
-		if (*end != '\0' || secs < 0) {
-			i_error("maildir-backup: invalid lock timeout: %s", timeout_str);
-			ctx->exit_code = EX_USAGE;
-			ret = -1;
-			goto out;
-		}
-		job.lock_timeout_secs = secs;
-	}
-	job.jobs = jobs > 0 ? (unsigned int)jobs : 0;
-	job.with_indexes = with_indexes ? 1 : 0;
 	job.ctx = &lc;
 	job.try_lock = cb_try_lock;
 	job.unlock = cb_unlock;
@@ -362,28 +383,37 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 		ctx->exit_code = code;
 		ret = -1;
 	}
-out:
-	for (unsigned int i = 0; i < array_count(&lc.boxes); i++)
-		cb_unlock(&lc, i);
-	array_foreach_elem(&lc.boxes, box)
-		mailbox_free(&box);
-	array_free(&lc.boxes);
-	array_free(&lc.folders);
-	array_free(&lc.locked);
-	array_free(&lc.seen);
+	lock_ctx_deinit(&lc);
 	return ret;
 }
 
 /* v.init lost its args parameter in 2.4. */
 #if DOVECOT_PREREQ(2,4,0)
-#  define INIT_PARAMS struct doveadm_mail_cmd_context *ctx ATTR_UNUSED
+#  define INIT_PARAMS struct doveadm_mail_cmd_context *ctx
 #else
-#  define INIT_PARAMS struct doveadm_mail_cmd_context *ctx ATTR_UNUSED, \
+#  define INIT_PARAMS struct doveadm_mail_cmd_context *ctx, \
 	const char *const args[] ATTR_UNUSED
 #endif
 
 static void cmd_maildir_backup_init(INIT_PARAMS)
 {
+	struct maildir_backup_cmd_context *bctx =
+		container_of(ctx, struct maildir_backup_cmd_context, ctx);
+	static const char *const all[] = { "*", NULL };
+	const char *timeout_str = NULL;
+
+	bctx->patterns = all;
+	bctx->lock_timeout_secs = -1;
+	(void)doveadm_cmd_param_array(ctx->cctx, "mailbox", &bctx->patterns);
+	(void)doveadm_cmd_param_str(ctx->cctx, "destination", &bctx->dest);
+	(void)doveadm_cmd_param_int64(ctx->cctx, "jobs", &bctx->jobs);
+	(void)doveadm_cmd_param_bool(ctx->cctx, "with-indexes", &bctx->with_indexes);
+	if (doveadm_cmd_param_str(ctx->cctx, "lock-timeout", &timeout_str) &&
+	    parse_secs(timeout_str, &bctx->lock_timeout_secs) < 0) {
+		i_error("maildir-backup: invalid lock timeout: %s", timeout_str);
+		bctx->invalid = TRUE;
+	}
+
 	doveadm_print_header_simple("user");
 	doveadm_print_header_simple("mailbox");
 	doveadm_print_header("messages", "messages", DOVEADM_PRINT_HEADER_FLAG_RIGHT_JUSTIFY);
@@ -456,37 +486,46 @@ static void cb_restore_error(void *context, const char *message)
 	i_error("maildir-backup-restore: user %s: %s", rc->username, message);
 }
 
+/* doveadm maildir-backup-restore: its parameters, read once in init. */
+struct restore_cmd_context {
+	struct doveadm_mail_cmd_context ctx;
+	const char *snapshot;
+	const char *const *folders, *const *messages, *const *uids;
+	bool dry_run;
+};
+
 static int
 cmd_maildir_backup_restore_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *user)
 {
+	struct restore_cmd_context *rctx =
+		container_of(ctx, struct restore_cmd_context, ctx);
 	struct mb_restore_job job;
 	struct restore_row_ctx rc;
 	struct mail_namespace *ns;
 	const char *root, *control_root, *index_root;
-	bool dry_run = FALSE;
 	int code;
 
-	i_zero(&job);
-	if (!doveadm_cmd_param_str(ctx->cctx, "snapshot", &job.snapshot_template)) {
+	if (rctx->snapshot == NULL) {
 		i_error("maildir-backup-restore: no snapshot given");
 		ctx->exit_code = EX_USAGE;
 		return -1;
 	}
-	(void)doveadm_cmd_param_array(ctx->cctx, "folder", &job.folders);
-	(void)doveadm_cmd_param_array(ctx->cctx, "message", &job.messages);
-	(void)doveadm_cmd_param_array(ctx->cctx, "uid", &job.uids);
-	(void)doveadm_cmd_param_bool(ctx->cctx, "dry-run", &dry_run);
 	if (get_roots(user, &ns, &root, &control_root, &index_root) < 0) {
 		ctx->exit_code = EX_CONFIG;
 		return -1;
 	}
+	i_zero(&job);
 	rc.username = user->username;
 	job.username = user->username;
+	job.snapshot_template = rctx->snapshot;
+	job.folders = rctx->folders;
+	job.messages = rctx->messages;
+	job.uids = rctx->uids;
+	job.dry_run = rctx->dry_run ? 1 : 0;
 	job.root_dir = root;
 	job.control_root = control_root;
 	job.index_root = index_root;
 	job.layout = ns->list->name;
-	job.dry_run = dry_run ? 1 : 0;
 	job.ctx = &rc;
 	job.row = cb_restore_row;
 	job.error = cb_restore_error;
@@ -500,6 +539,15 @@ cmd_maildir_backup_restore_run(struct doveadm_mail_cmd_context *ctx, struct mail
 
 static void cmd_maildir_backup_restore_init(INIT_PARAMS)
 {
+	struct restore_cmd_context *rctx =
+		container_of(ctx, struct restore_cmd_context, ctx);
+
+	(void)doveadm_cmd_param_str(ctx->cctx, "snapshot", &rctx->snapshot);
+	(void)doveadm_cmd_param_array(ctx->cctx, "folder", &rctx->folders);
+	(void)doveadm_cmd_param_array(ctx->cctx, "message", &rctx->messages);
+	(void)doveadm_cmd_param_array(ctx->cctx, "uid", &rctx->uids);
+	(void)doveadm_cmd_param_bool(ctx->cctx, "dry-run", &rctx->dry_run);
+
 	doveadm_print_header_simple("user");
 	doveadm_print_header_simple("mode");
 	doveadm_print_header("restored", "restored", DOVEADM_PRINT_HEADER_FLAG_RIGHT_JUSTIFY);
@@ -509,17 +557,17 @@ static void cmd_maildir_backup_restore_init(INIT_PARAMS)
 
 static struct doveadm_mail_cmd_context *cmd_maildir_backup_restore_alloc(void)
 {
-	struct doveadm_mail_cmd_context *ctx;
+	struct restore_cmd_context *rctx;
 
-	ctx = doveadm_mail_cmd_alloc(struct doveadm_mail_cmd_context);
-	ctx->v.init = cmd_maildir_backup_restore_init;
-	ctx->v.run = cmd_maildir_backup_restore_run;
+	rctx = doveadm_mail_cmd_alloc(struct restore_cmd_context);
+	rctx->ctx.v.init = cmd_maildir_backup_restore_init;
+	rctx->ctx.v.run = cmd_maildir_backup_restore_run;
 #if !DOVECOT_PREREQ(2,4,0)
-	ctx->v.parse_arg = cmd_maildir_backup_parse_arg;
-	ctx->getopt_args = "m:g:U:n";
+	rctx->ctx.v.parse_arg = cmd_maildir_backup_parse_arg;
+	rctx->ctx.getopt_args = "m:g:U:n";
 #endif
 	doveadm_print_init(DOVEADM_PRINT_TYPE_TABLE);
-	return ctx;
+	return &rctx->ctx;
 }
 
 static struct doveadm_cmd_ver2 maildir_backup_restore_cmd = {

@@ -507,7 +507,7 @@ fn try_create<'a>(lock: &'a LockFile, set: &LockSettings, post: &mut Option<Post
     Ok(Some(file))
 }
 
-/// A held dot-lock. Dropping it releases it (with a warning on stderr if it was overridden).
+/// A held dot-lock. Dropping it releases it (with a deferred warning if it was overridden).
 #[derive(Debug)]
 pub struct DotLock {
     lock: LockFile,
@@ -651,10 +651,10 @@ impl Drop for DotLock {
             match self.release_inner() {
                 Ok(outcome) => {
                     if let Some(w) = release_warning(&self.lock.path(), outcome, held) {
-                        eprintln!("{w}");
+                        crate::warnings::defer(w);
                     }
                 }
-                Err(e) => eprintln!("warning: releasing lock: {e}"),
+                Err(e) => crate::warnings::defer(format!("warning: releasing lock: {e}")),
             }
         }
     }
@@ -710,11 +710,11 @@ impl Refresher {
                 shared.lock().unwrap_or_else(|p| p.into_inner()).retain(|(lock, dev, ino)| match touch_if_ours(lock, *dev, *ino) {
                     Ok(true) => true,
                     Ok(false) => {
-                        eprintln!("warning: lock {} is no longer ours; stopped refreshing it", lock.path().display());
+                        crate::warnings::defer(format!("warning: lock {} is no longer ours; stopped refreshing it", lock.path().display()));
                         false
                     }
                     Err(e) => {
-                        eprintln!("warning: refreshing lock: {e}");
+                        crate::warnings::defer(format!("warning: refreshing lock: {e}"));
                         true
                     }
                 });

@@ -12,7 +12,7 @@ use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, Progress, Reuse};
 use crate::fsx::{self, Dir, FsError, Replace};
-use crate::maildir::MailLocation;
+use crate::maildir::Maildir;
 use crate::manifest::{Manifest, MANIFEST_NAME};
 use crate::staging::{Staging, STAGING_SUFFIX};
 
@@ -225,9 +225,19 @@ fn point_latest(series: &Dir, snapshot_name: &str) -> Result<(), RepoError> {
     Ok(())
 }
 
-/// Takes a new snapshot of `source` into `REPO/<name>/<now>` and points `latest` at it.
+/// Refuses a series name that is not one plain directory name (or is hidden, like our own
+/// staging and deleting names).
+pub fn check_series_name(name: &str) -> Result<(), RepoError> {
+    if fsx::check_name(OsStr::new(name)).is_err() || name.starts_with('.') {
+        return Err(RepoError::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+/// Takes a new snapshot of `md` into `REPO/<name>/<now>` and points `latest` at it. The
+/// caller has checked that `repo` is outside the Maildir.
 pub fn snapshot(
-    source: &MailLocation,
+    md: &Maildir,
     mailboxes: &dyn Mailboxes,
     repo: &Path,
     name: &str,
@@ -235,12 +245,7 @@ pub fn snapshot(
     paranoid: bool,
     progress: &dyn Progress,
 ) -> Result<BackupReport, RepoError> {
-    if fsx::check_name(OsStr::new(name)).is_err() || name.starts_with('.') {
-        return Err(RepoError::BadName(name.to_string()));
-    }
-    let md = engine::open_source(source)?;
-    // Before creating anything: never a repository inside the Maildir it backs up.
-    engine::check_outside(&md, &repo.join(name))?;
+    check_series_name(name)?;
     let (repo_dir, _) = Dir::open_or_create(repo, REPO_MODE, None)?;
     let (series, _) = repo_dir.ensure_dir(name, REPO_MODE, None)?;
     remove_dead_staging(&series)?;
@@ -253,7 +258,7 @@ pub fn snapshot(
     }
     let snap_name = now.format(TIME_FORMAT).to_string();
     let reuse = previous.as_ref().map(|p| p as &dyn Reuse);
-    let report = engine::backup_to(&md, mailboxes, &series, OsStr::new(&snap_name), opts, reuse, progress)?;
+    let report = engine::backup_to(md, mailboxes, &series, OsStr::new(&snap_name), opts, reuse, progress)?;
     point_latest(&series, &snap_name)?;
     Ok(report)
 }
@@ -273,11 +278,19 @@ fn remove_dead_staging(series: &Dir) -> Result<(), RepoError> {
 
 /// How many snapshots a prune keeps (restic's rules: each count keeps the newest snapshot of
 /// that many distinct days / ISO weeks / months; the newest snapshot is always kept).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct KeepPolicy {
+    /// Keep the newest N snapshots.
+    #[arg(long = "keep-last", value_name = "N", default_value_t = 0)]
     pub last: usize,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long = "keep-daily", value_name = "N", default_value_t = 0)]
     pub daily: usize,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one.
+    #[arg(long = "keep-weekly", value_name = "N", default_value_t = 0)]
     pub weekly: usize,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long = "keep-monthly", value_name = "N", default_value_t = 0)]
     pub monthly: usize,
 }
 

@@ -326,6 +326,14 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// Lets go of a folder's lock; one someone took from us meanwhile is reported.
+    fn release(&mut self, lock: DotLock) -> Result<(), RestoreError> {
+        let (path, held) = (lock.lock_path(), lock.held_for());
+        let outcome = lock.release()?;
+        self.report.warnings.extend(crate::dotlock::release_warning(&path, outcome, held));
+        Ok(())
+    }
+
     /// Copies the snapshot file `m` into the folder's tmp/ under a new random name, owned by
     /// the target's owner (set on the descriptor: whatever the user does to tmp/ meanwhile,
     /// we never chown anything else).
@@ -598,8 +606,7 @@ fn restore_folder_full(s: &mut Session, snap_dir: &Dir, tf: &TargetFolder, msgs:
         let mode = snap_dir.lstat(KEYWORDS_FILE)?.map_or(0o600, |m| m.mode());
         tf.control.replace_file(KEYWORDS_FILE, mode, s.owner, |f| f.write_all(&bytes))?;
     }
-    lock.release()?;
-    Ok(())
+    s.release(lock)
 }
 
 /// Merge into a live folder: skip what is there, deliver the rest with new UIDs to come.
@@ -632,22 +639,12 @@ fn restore_folder_merge(s: &mut Session, snap_dir: &Dir, tf: &TargetFolder, msgs
             s.report.skip(&tf.name, &m.unique);
             continue;
         }
-        let mut flags: Vec<char> = Vec::new();
-        for c in m.flags.chars() {
-            if c.is_ascii_lowercase() {
-                match snap_kw.name_of(c).and_then(|name| target_kw.letter_for(name)) {
-                    Some(l) => flags.push(l),
-                    None => s.report.warnings.push(format!("{}/{}: keyword letter {c} dropped (unknown or no free letter)", tf.name, m.unique)),
-                }
-            } else {
-                flags.push(c);
-            }
-        }
-        flags.sort_unstable();
-        flags.dedup();
+        let flags = remap_flags(&m.flags, &snap_kw, &mut target_kw, |c| {
+            s.report.warnings.push(format!("{}/{}: keyword letter {c} dropped (unknown or no free letter)", tf.name, m.unique))
+        });
         // A unique name the target's uidlist still remembers would get its old UID back.
         let unique = if known.contains(&m.unique) { fresh_unique(&m.unique) } else { m.unique.clone() };
-        let name = crate::maildir::filename::with_flags(&unique, &flags.into_iter().collect::<String>());
+        let name = crate::maildir::filename::with_flags(&unique, &flags);
         tf.tmp.rename(&tmp_name, &tf.cur, &name, Replace::Never)?;
         s.report.restore(&tf.name, &name);
     }
@@ -661,6 +658,24 @@ fn restore_folder_merge(s: &mut Session, snap_dir: &Dir, tf: &TargetFolder, msgs
         let mtime = kw_old.map_or(now, |m| now.max(m.mtime() + 1));
         target_kw.write(&tf.control, mode, s.owner, mtime)?;
     }
-    lock.release()?;
-    Ok(())
+    s.release(lock)
+}
+
+/// `flags` with the snapshot's keyword letters (`from`) turned into the target's (`to`, which
+/// gains letters as needed); `dropped` hears of each keyword that cannot be had.
+fn remap_flags(flags: &str, from: &Keywords, to: &mut Keywords, mut dropped: impl FnMut(char)) -> String {
+    let mut out: Vec<char> = Vec::new();
+    for c in flags.chars() {
+        if !c.is_ascii_lowercase() {
+            out.push(c);
+            continue;
+        }
+        match from.name_of(c).and_then(|name| to.letter_for(name)) {
+            Some(l) => out.push(l),
+            None => dropped(c),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out.into_iter().collect()
 }

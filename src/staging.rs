@@ -52,11 +52,17 @@ pub struct Staging {
     published: bool,
 }
 
-/// `dest`'s parent, opened, and `dest`'s name in it.
+/// Mode of the directories made on the way to a destination: like a repository's, for the
+/// eyes of whoever runs the backup.
+const PARENT_MODE: u32 = 0o700;
+
+/// `dest`'s parent, opened (and made first if missing, like `mkdir -p`), and `dest`'s name
+/// in it.
 pub fn split_dest(dest: &Path) -> Result<(Dir, OsString), StagingError> {
     let name = dest.file_name().filter(|n| *n != "..").ok_or_else(|| StagingError::BadDest(dest.to_path_buf()))?;
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    Ok((Dir::open(parent)?, name.to_os_string()))
+    let (parent, _) = Dir::open_or_create(parent, PARENT_MODE, None)?;
+    Ok((parent, name.to_os_string()))
 }
 
 /// `.<name>.maildir-backup-staging`

@@ -16,7 +16,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -518,65 +518,4 @@ fn short_reconcile_releases_the_locks_at_once() {
     }
     eprintln!("short reconciles under CPU load: (wall s, lock_hold_ms) {results:.2?}");
     assert!(slow.is_none(), "the uidlist locks were held long after a trivial reconcile: {}", slow.unwrap());
-}
-
-/// Dovecot's COPY (and MOVE) hard-links a message into another folder under the same unique name, so one
-/// unique name can be in two folders at once. If it then leaves both between two passes of a backup (both
-/// expunged, or moved on), both staged copies must go. Driven pass by pass through the library, so the
-/// interleaving is exact.
-#[test]
-fn a_message_leaving_two_folders_in_one_pass_leaves_no_stale_copy() {
-    use maildir_backup::engine::reconcile::watch_and_list;
-    use maildir_backup::engine::{NoProgress, Tree};
-    use maildir_backup::fsx::Dir;
-    use maildir_backup::maildir::{folders, MailLocation, Maildir};
-
-    let d = Dovecot::start(DovecotOptions::default());
-    populate(&d, USER, &["INBOX", "Archive"], 3);
-    let mut imap = d.imap(USER);
-    imap.select("INBOX").unwrap();
-    imap.uid_copy("2", "Archive").unwrap();
-    let root = d.maildir(USER);
-    let unique_of = |dir: &Path| -> BTreeSet<String> {
-        churn::all_files(&dir.join("cur"))
-            .iter()
-            .chain(churn::all_files(&dir.join("new")).iter())
-            .map(|f| f.file_name().unwrap().to_string_lossy().split(':').next().unwrap().to_string())
-            .collect()
-    };
-    let shared: Vec<String> = unique_of(&root).intersection(&unique_of(&root.join(".Archive"))).cloned().collect();
-    assert_eq!(shared.len(), 1, "COPY should hard-link under the same unique name");
-    let x = shared[0].clone();
-
-    let md = Maildir::open(&MailLocation::parse(&d.mail_location(USER)).unwrap()).unwrap();
-    let out = tempdir();
-    let staging = out.path().join("staging");
-    fs::create_dir(&staging).unwrap();
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    let mut tree = Tree::new(Dir::open(&staging).unwrap(), true);
-    let pass = |tree: &mut Tree| {
-        let (found, _) = folders::discover(&md).unwrap();
-        let listings = found.iter().map(|f| (f.clone(), watch_and_list(&md, f, None).unwrap())).collect();
-        tree.apply(&md, listings, &pool, None, &NoProgress).unwrap()
-    };
-    pass(&mut tree);
-    assert_eq!(churn::all_files(&staging).iter().filter(|f| f.to_string_lossy().contains(&x)).count(), 2);
-
-    // Now it leaves both folders before the next pass: expunged from INBOX, moved on from Archive.
-    imap.uid_expunge("2").unwrap();
-    imap.select("Archive").unwrap();
-    let in_archive = imap.uid_search_all().unwrap();
-    imap.uid_move(&in_archive.last().unwrap().to_string(), "INBOX").unwrap();
-    imap.select("INBOX").unwrap();
-    let last = *imap.uid_search_all().unwrap().last().unwrap();
-    imap.uid_expunge(&last.to_string()).unwrap();
-    imap.logout();
-    assert!(!unique_of(&root).contains(&x) && !unique_of(&root.join(".Archive")).contains(&x));
-    pass(&mut tree);
-
-    let left: Vec<PathBuf> = churn::all_files(&staging).into_iter().filter(|f| f.to_string_lossy().contains(&x)).collect();
-    let tracked: usize = tree.folders.values().map(|s| s.entries.len()).sum();
-    let on_disk = churn::all_files(&staging).iter().filter(|f| matches!(f.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()), Some("cur") | Some("new"))).count();
-    assert!(left.is_empty(), "a message gone from both folders is still staged (and no longer tracked): {left:?}");
-    assert_eq!(on_disk, tracked, "staged message files vs the tree's entries");
 }

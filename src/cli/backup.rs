@@ -2,61 +2,17 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use maildir_backup::dotlock::LockSettings;
-use maildir_backup::engine::{self, BackupOptions, BackupReport, Progress};
-use maildir_backup::maildir::{Layout, MailLocation};
-use maildir_backup::sysexits::{self, ExitCode};
+use maildir_backup::engine::{BackupOptions, BackupReport, OnDisk, Progress};
+use maildir_backup::job::{self, Destination};
+use maildir_backup::sysexits;
 use maildir_backup::verify;
+use maildir_backup::warnings;
 
-use super::lock::LockModeArgs;
-use super::parse_secs;
-
-/// Where the mail is: a 2.3 mail_location / path, or Dovecot 2.4's settings as options.
-#[derive(Args, Debug, Clone)]
-pub struct SourceArgs {
-    /// Dovecot 2.4 `mail_path`: the Maildir root (then give only DEST as argument).
-    #[arg(long, value_name = "DIR")]
-    pub mail_path: Option<PathBuf>,
-    /// Dovecot 2.4 `mail_control_path` (2.3: CONTROL=).
-    #[arg(long, value_name = "DIR", requires = "mail_path")]
-    pub control_path: Option<PathBuf>,
-    /// Dovecot 2.4 `mail_index_path` (2.3: INDEX=).
-    #[arg(long, value_name = "DIR", requires = "mail_path")]
-    pub index_path: Option<PathBuf>,
-    /// Dovecot 2.4 `mailbox_list_layout` (2.3: LAYOUT=): maildir++ or fs.
-    #[arg(long, value_name = "LAYOUT", requires = "mail_path", value_parser = parse_layout)]
-    pub layout: Option<Layout>,
-}
-
-fn parse_layout(s: &str) -> Result<Layout, String> {
-    Layout::parse(s).ok_or_else(|| format!("unknown layout '{s}' (expected maildir++ or fs)"))
-}
-
-impl SourceArgs {
-    /// Splits positionals into (source, rest) according to whether --mail-path was given.
-    pub fn resolve(&self, positionals: &[String], want_rest: usize) -> Result<(MailLocation, Vec<String>), String> {
-        match &self.mail_path {
-            Some(root) => {
-                if positionals.len() != want_rest {
-                    return Err(format!("with --mail-path, give {want_rest} argument(s) after the options"));
-                }
-                let loc = MailLocation { root: root.clone(), control: self.control_path.clone(), index: self.index_path.clone(), layout: self.layout.unwrap_or(Layout::MaildirPlusPlus) };
-                Ok((loc, positionals.to_vec()))
-            }
-            None => {
-                if positionals.len() != want_rest + 1 {
-                    return Err(format!("give SOURCE and {want_rest} more argument(s), or use --mail-path"));
-                }
-                let loc = MailLocation::parse(&positionals[0]).map_err(|e| e.to_string())?;
-                Ok((loc, positionals[1..].to_vec()))
-            }
-        }
-    }
-}
+use super::args::{SourceArgs, UidlistLockArgs};
+use super::{Failure, Outcome, Stderr};
 
 /// Back up a live Maildir consistently (bulk copy, then a short reconcile under Dovecot's lock).
 #[derive(Args, Debug)]
@@ -81,17 +37,11 @@ pub struct BackupArgs {
     pub run: RunArgs,
 }
 
-/// Options shared by everything that takes a backup.
+/// How a backup runs and reports.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Seconds to keep trying to lock all folders for the reconcile.
-    #[arg(long, default_value = "122", value_parser = parse_secs, value_name = "SECS")]
-    pub lock_timeout: Duration,
-    /// Break a uidlist lock nobody changed for SECS (0 = never).
-    #[arg(long, default_value = "120", value_parser = parse_secs, value_name = "SECS")]
-    pub stale_timeout: Duration,
     #[command(flatten)]
-    pub mode: LockModeArgs,
+    pub lock: UidlistLockArgs,
     /// Parallel copy threads.
     #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub jobs: u16,
@@ -108,16 +58,7 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn options(&self) -> BackupOptions {
-        BackupOptions {
-            lock: LockSettings {
-                timeout: self.lock_timeout,
-                stale_timeout: self.stale_timeout,
-                use_excl: self.mode.excl_lock,
-                nfs_flush: self.mode.nfs,
-            },
-            jobs: self.jobs.into(),
-            with_indexes: self.with_indexes,
-        }
+        BackupOptions { lock: self.lock.settings(), jobs: self.jobs.into(), with_indexes: self.with_indexes }
     }
 
     pub fn progress(&self) -> Bar {
@@ -175,9 +116,7 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 pub fn print_report(r: &BackupReport, run: &RunArgs) {
-    for w in &r.warnings {
-        eprintln!("maildir-backup: {w}");
-    }
+    warnings::emit(&Stderr("maildir-backup: "), &r.warnings);
     if run.json {
         println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
     } else if !run.quiet {
@@ -196,42 +135,27 @@ pub fn print_report(r: &BackupReport, run: &RunArgs) {
     }
 }
 
-pub fn run_backup(a: BackupArgs) -> i32 {
-    let want_rest = if a.repo.is_some() { 0 } else { 1 };
-    let (source, rest) = match a.source.resolve(&a.paths, want_rest) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("maildir-backup backup: {e}");
-            return sysexits::EX_USAGE;
-        }
-    };
-    let bar = a.run.progress();
-    let opts = a.run.options();
-    let (result, target) = match &a.repo {
-        Some(repo) => {
-            let Some(name) = a.name.clone().or_else(|| maildir_backup::repo::default_name(&source.root)) else {
-                eprintln!("maildir-backup backup: cannot derive a name from {}; give --name", source.root.display());
-                return sysexits::EX_USAGE;
-            };
-            let r = maildir_backup::repo::snapshot(&source, &engine::OnDisk, repo, &name, &opts, a.paranoid, &bar);
-            (r.map_err(|e| (e.to_string(), e.exit_code())), repo.join(name))
-        }
-        None => {
-            let dest = PathBuf::from(&rest[0]);
-            (engine::backup(&source, &dest, &opts, &bar).map_err(|e| (e.to_string(), e.exit_code())), dest)
-        }
-    };
-    drop(bar);
-    match result {
-        Ok(r) => {
-            print_report(&r, &a.run);
-            0
-        }
-        Err((msg, code)) => {
-            eprintln!("maildir-backup backup: {msg}; nothing was published at {}", target.display());
-            code
-        }
+impl BackupArgs {
+    /// The source and the destination the arguments name.
+    fn paths(&self) -> Result<(maildir_backup::maildir::MailLocation, Destination), Failure> {
+        let want_rest = if self.repo.is_some() { 0 } else { 1 };
+        let (source, rest) = self.source.resolve(&self.paths, want_rest)?;
+        let dest = match &self.repo {
+            Some(repo) => Destination::repo(repo.clone(), self.name.clone(), &source, self.paranoid)?,
+            None => Destination::Dir(PathBuf::from(&rest[0])),
+        };
+        Ok((source, dest))
     }
+}
+
+pub fn run_backup(a: BackupArgs) -> Outcome {
+    let (source, dest) = a.paths()?;
+    let bar = a.run.progress();
+    let result = job::run_backup(&source, &OnDisk, &dest, &a.run.options(), &bar);
+    drop(bar);
+    warnings::emit_deferred(&Stderr("maildir-backup: "));
+    print_report(&result?, &a.run);
+    Ok(sysexits::EX_OK)
 }
 
 /// Check a backup against its manifest and its dovecot-uidlist files.
@@ -241,16 +165,14 @@ pub struct VerifyArgs {
     pub backup: PathBuf,
     #[arg(long, short = 'j', default_value_t = 4)]
     pub jobs: u16,
+    /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run_verify(a: VerifyArgs) -> i32 {
+pub fn run_verify(a: VerifyArgs) -> Outcome {
     match verify::verify(&a.backup, a.jobs.into()) {
-        Err(e) => {
-            eprintln!("maildir-backup verify: {e}");
-            sysexits::EX_NOINPUT
-        }
+        Err(e) => Err(Failure::new(sysexits::EX_NOINPUT, e.to_string())),
         Ok(r) => {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
@@ -267,7 +189,7 @@ pub fn run_verify(a: VerifyArgs) -> i32 {
                     if r.is_whole() { "whole".to_string() } else { format!("{} problem(s)", r.problems.len()) }
                 );
             }
-            if r.is_whole() { 0 } else { 1 }
+            Ok(if r.is_whole() { 0 } else { 1 })
         }
     }
 }

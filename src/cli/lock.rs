@@ -13,11 +13,12 @@ use clap::Args;
 use maildir_backup::dotlock::{self, DotLock, LockSettings};
 use maildir_backup::fsx::Dir;
 use maildir_backup::maildir::UIDLIST;
-use maildir_backup::sysexits::{self, ExitCode};
+use maildir_backup::sysexits;
+use maildir_backup::warnings;
 use nix::sys::signal::{SigSet, Signal};
 
-use super::parse_secs;
-
+use super::args::{parse_secs, LockModeArgs};
+use super::{Failure, Outcome, Stderr};
 
 /// Hold a Maildir's dovecot-uidlist.lock (or PATH.lock) while COMMAND runs.
 #[derive(Args, Debug)]
@@ -41,16 +42,6 @@ pub struct LockArgs {
     command: Vec<String>,
 }
 
-#[derive(Args, Debug, Clone, Copy)]
-pub struct LockModeArgs {
-    /// Create the lock with O_EXCL instead of link() (Dovecot's dotlock_use_excl = yes).
-    #[arg(long)]
-    pub excl_lock: bool,
-    /// The Maildir is on NFS: flush attribute caches before judging locks (mail_nfs_storage = yes).
-    #[arg(long)]
-    pub nfs: bool,
-}
-
 /// Drop-in for Dovecot's maildirlock: prints the holder's pid and exits 0 once locked (1 on
 /// timeout); the holder keeps the lock until it gets SIGTERM or SIGINT.
 #[derive(Args, Debug)]
@@ -70,11 +61,11 @@ pub fn refresh_interval(stale: Duration) -> Duration {
 }
 
 /// The directory to lock in, opened (symlinks only where the admin alone could have made them).
-fn open_dir(dir: &Path, what: &str) -> Result<Arc<Dir>, (i32, String)> {
+fn open_dir(dir: &Path, what: &str) -> Result<Arc<Dir>, Failure> {
     match Dir::open(dir) {
         Ok(d) => Ok(Arc::new(d)),
-        Err(e) if e.errno() == Some(libc::ENOTDIR) => Err((sysexits::EX_NOINPUT, format!("{what} {} is not a directory", dir.display()))),
-        Err(e) => Err((e.exit_code(), format!("{what}: {e}"))),
+        Err(e) if e.errno() == Some(libc::ENOTDIR) => Err(Failure::new(sysexits::EX_NOINPUT, format!("{what} {} is not a directory", dir.display()))),
+        Err(e) => Err(Failure::new(e.exit_code(), format!("{what}: {e}"))),
     }
 }
 
@@ -86,43 +77,60 @@ fn signals() -> SigSet {
     set
 }
 
-pub fn run_lock(a: LockArgs) -> i32 {
-    let target = match (&a.file, &a.mailbox_dir) {
-        (Some(file), _) => {
-            let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let name = file.file_name().and_then(|n| n.to_str()).map(str::to_string);
-            open_dir(parent, "directory of").and_then(|d| {
-                let name = name.ok_or((sysexits::EX_USAGE, format!("--file {}: no usable file name", file.display())))?;
-                Ok((d, name, dotlock::GENERIC_STALE_TIMEOUT))
-            })
-        }
-        (None, Some(dir)) => open_dir(dir, "mailbox dir").map(|d| (d, UIDLIST.to_string(), dotlock::UIDLIST_STALE_TIMEOUT)),
-        (None, None) => unreachable!("clap requires MAILBOX_DIR or --file"),
-    };
-    let (dir, protected, default_stale) = match target {
-        Ok(t) => t,
-        Err((code, msg)) => {
-            eprintln!("maildir-backup lock: {msg}");
-            return code;
-        }
-    };
-    let set = LockSettings {
-        timeout: a.timeout,
-        stale_timeout: a.stale_timeout.unwrap_or(default_stale),
-        use_excl: a.mode.excl_lock,
-        nfs_flush: a.mode.nfs,
-    };
-
-    // Block the termination signals before any thread exists, so they reach our sigwait
-    // thread only (the command gets them unblocked again in pre_exec below).
-    let sigs = signals();
-    if let Err(e) = sigs.thread_block() {
-        eprintln!("maildir-backup lock: pthread_sigmask: {e}");
-        return sysexits::EX_SOFTWARE;
+impl LockArgs {
+    /// The directory to lock in, the file the lock protects there, and its lock settings.
+    fn target(&self) -> Result<(Arc<Dir>, String, LockSettings), Failure> {
+        let (dir, protected, default_stale) = match (&self.file, &self.mailbox_dir) {
+            (Some(file), _) => {
+                let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let dir = open_dir(parent, "directory of")?;
+                let name = file.file_name().and_then(|n| n.to_str()).ok_or_else(|| Failure::usage(format!("--file {}: no usable file name", file.display())))?;
+                (dir, name.to_string(), dotlock::GENERIC_STALE_TIMEOUT)
+            }
+            (None, Some(dir)) => (open_dir(dir, "mailbox dir")?, UIDLIST.to_string(), dotlock::UIDLIST_STALE_TIMEOUT),
+            (None, None) => unreachable!("clap requires MAILBOX_DIR or --file"),
+        };
+        let set = LockSettings {
+            timeout: self.timeout,
+            stale_timeout: self.stale_timeout.unwrap_or(default_stale),
+            use_excl: self.mode.excl_lock,
+            nfs_flush: self.mode.nfs,
+        };
+        Ok((dir, protected, set))
     }
+}
 
-    // One thread takes the termination signals for the whole run: while we wait for the lock
-    // they end the wait (nothing runs); once the command runs they are forwarded to it.
+pub fn run_lock(a: LockArgs) -> Outcome {
+    let (dir, protected, set) = a.target()?;
+    // Block the termination signals before any thread exists, so they reach our sigwait
+    // thread only (the command gets them unblocked again in run_command).
+    let sigs = signals();
+    sigs.thread_block().map_err(|e| Failure::new(sysexits::EX_SOFTWARE, format!("pthread_sigmask: {e}")))?;
+    take_signals(sigs);
+
+    let lock = match acquire_interruptible(&dir, &protected, &set)? {
+        Some(l) => l,
+        None => {
+            let sig = SIGNALLED.load(Ordering::SeqCst);
+            return Err(Failure::new(128 + sig, format!("interrupted by signal {sig} while waiting for the lock")));
+        }
+    };
+    let sig = SIGNALLED.load(Ordering::SeqCst);
+    if sig != 0 {
+        // Signalled just as we got it: run nothing.
+        release_and_warn(lock);
+        return Ok(128 + sig);
+    }
+    let refresher = lock.keep_fresh(refresh_interval(set.stale_timeout));
+    let code = run_command(&a.command, sigs);
+    drop(refresher);
+    release_and_warn(lock);
+    code
+}
+
+/// One thread takes the termination signals for the whole run: while we wait for the lock
+/// they end the wait (nothing runs); once the command runs they are forwarded to it.
+fn take_signals(sigs: SigSet) {
     std::thread::spawn(move || loop {
         if let Ok(sig) = sigs.wait() {
             SIGNALLED.store(sig as i32, Ordering::SeqCst);
@@ -132,59 +140,31 @@ pub fn run_lock(a: LockArgs) -> i32 {
             }
         }
     });
+}
 
-    let lock = match acquire_interruptible(&dir, &protected, &set) {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            let sig = SIGNALLED.load(Ordering::SeqCst);
-            eprintln!("maildir-backup lock: interrupted by signal {sig} while waiting for the lock");
-            return 128 + sig;
-        }
-        Err(e) => {
-            eprintln!("maildir-backup lock: {e}");
-            return e.exit_code();
-        }
-    };
-    if SIGNALLED.load(Ordering::SeqCst) != 0 {
-        // Signalled just as we got it: run nothing.
-        let sig = SIGNALLED.load(Ordering::SeqCst);
-        release_and_warn(lock);
-        return 128 + sig;
-    }
-    let refresher = lock.keep_fresh(refresh_interval(set.stale_timeout));
-
-    let mut command = Command::new(&a.command[0]);
-    command.args(&a.command[1..]);
+/// Runs `argv` with the termination signals unblocked; its exit code (126/127 as a shell
+/// gives if it cannot be run, 128 + signal if a signal ended it).
+fn run_command(argv: &[String], sigs: SigSet) -> Outcome {
+    let mut command = Command::new(&argv[0]);
+    command.args(&argv[1..]);
     // std::process does not reset the signal mask: without this the command would start with
     // SIGINT/SIGTERM/SIGHUP/SIGQUIT blocked and ignore the signals we forward to it.
     // SAFETY: pthread_sigmask is async-signal-safe.
     unsafe {
         command.pre_exec(move || sigs.thread_unblock().map_err(std::io::Error::from));
     }
-    let code = match command.spawn() {
-        Err(e) => {
-            eprintln!("maildir-backup lock: run {}: {e}", a.command[0]);
-            if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 }
-        }
-        Ok(mut child) => {
-            CHILD.store(child.id() as i32, Ordering::SeqCst);
-            // A signal that came between the check above and now was not forwarded yet.
-            let sig = SIGNALLED.load(Ordering::SeqCst);
-            if sig != 0 {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::try_from(sig).unwrap_or(Signal::SIGTERM));
-            }
-            match child.wait() {
-                Ok(status) => exit_status_code(status),
-                Err(e) => {
-                    eprintln!("maildir-backup lock: wait for {}: {e}", a.command[0]);
-                    sysexits::EX_SOFTWARE
-                }
-            }
-        }
-    };
-    drop(refresher);
-    release_and_warn(lock);
-    code
+    let mut child = command.spawn().map_err(|e| {
+        let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+        Failure::new(code, format!("run {}: {e}", argv[0]))
+    })?;
+    CHILD.store(child.id() as i32, Ordering::SeqCst);
+    // A signal that came between the check before the spawn and now was not forwarded yet.
+    let sig = SIGNALLED.load(Ordering::SeqCst);
+    if sig != 0 {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::try_from(sig).unwrap_or(Signal::SIGTERM));
+    }
+    let status = child.wait().map_err(|e| Failure::new(sysexits::EX_SOFTWARE, format!("wait for {}: {e}", argv[0])))?;
+    Ok(exit_status_code(status))
 }
 
 /// A termination signal received (0: none) and the running command's pid (0: none yet).
@@ -221,82 +201,69 @@ fn exit_status_code(status: std::process::ExitStatus) -> i32 {
 fn release_and_warn(lock: DotLock) {
     let held = lock.held_for();
     let path = lock.lock_path();
+    let sink = Stderr("maildir-backup: ");
     match lock.release() {
-        Ok(outcome) => {
-            if let Some(w) = dotlock::release_warning(&path, outcome, held) {
-                eprintln!("maildir-backup: {w}");
-            }
+        Ok(outcome) => warnings::emit(&sink, &dotlock::release_warning(&path, outcome, held).into_iter().collect::<Vec<_>>()),
+        Err(e) => {
+            warnings::emit_deferred(&sink);
+            eprintln!("maildir-backup: {e}");
         }
-        Err(e) => eprintln!("maildir-backup: {e}"),
     }
 }
 
-pub fn run_maildirlock(a: MaildirlockArgs) -> i32 {
-    let Ok(timeout) = a.timeout.parse::<u32>() else {
-        eprintln!("maildirlock: Invalid timeout value: {}", a.timeout);
-        return 1;
-    };
+pub fn run_maildirlock(a: MaildirlockArgs) -> Outcome {
+    let failed = |what: &str| Failure::new(1, what.to_string());
+    let timeout = a.timeout.parse::<u32>().map_err(|_| failed(&format!("Invalid timeout value: {}", a.timeout)))?;
     let set = LockSettings {
         timeout: Duration::from_secs(timeout.into()),
         stale_timeout: dotlock::UIDLIST_STALE_TIMEOUT,
         use_excl: std::env::var_os("DOTLOCK_USE_EXCL").is_some(),
         nfs_flush: std::env::var_os("MAIL_NFS_STORAGE").is_some(),
     };
-    let (mut rd, wr) = match std::io::pipe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("maildirlock: pipe: {e}");
-            return 1;
-        }
-    };
+    let (mut rd, wr) = std::io::pipe().map_err(|e| failed(&format!("pipe: {e}")))?;
     // SAFETY: no threads exist yet in this process (clap parsing spawns none).
-    match unsafe { nix::unistd::fork() } {
-        Err(e) => {
-            eprintln!("maildirlock: fork: {e}");
-            1
-        }
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
+    match unsafe { nix::unistd::fork() }.map_err(|e| failed(&format!("fork: {e}")))? {
+        nix::unistd::ForkResult::Parent { child } => {
             drop(wr);
             let mut byte = [0u8; 1];
             match rd.read(&mut byte) {
                 Ok(1) => {
                     print!("{child}");
                     let _ = std::io::stdout().flush();
-                    0
+                    Ok(0)
                 }
-                _ => 1, // the holder could not lock (it said why on stderr)
+                _ => Ok(1), // the holder could not lock (it said why on stderr)
             }
         }
-        Ok(nix::unistd::ForkResult::Child) => {
+        nix::unistd::ForkResult::Child => {
             drop(rd);
-            // Our stdout must not keep `$(maildirlock ...)` waiting: point it at stderr.
-            let _ = nix::unistd::dup2(std::io::stderr().as_raw_fd(), std::io::stdout().as_raw_fd());
-            let sigs = signals();
-            if sigs.thread_block().is_err() {
-                return 1;
-            }
-            let lock = match DotLock::acquire(&a.dir.join(UIDLIST), &set) {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("maildirlock: {e}");
-                    return 1;
-                }
-            };
-            let mut wr = wr;
-            if wr.write_all(b"\0").is_err() {
-                return 1;
-            }
-            drop(wr);
-            let refresher = lock.keep_fresh(refresh_interval(set.stale_timeout));
-            loop {
-                match sigs.wait() {
-                    Ok(Signal::SIGTERM) | Ok(Signal::SIGINT) => break,
-                    _ => {}
-                }
-            }
-            drop(refresher);
-            release_and_warn(lock);
-            0
+            hold_for_maildirlock(&a.dir, &set, wr)
         }
     }
+}
+
+/// The holder `maildirlock` forks: locks, tells its parent through `ready`, and keeps the
+/// lock until SIGTERM or SIGINT.
+fn hold_for_maildirlock(dir: &Path, set: &LockSettings, mut ready: std::io::PipeWriter) -> Outcome {
+    // Our stdout must not keep `$(maildirlock ...)` waiting: point it at stderr.
+    let _ = nix::unistd::dup2(std::io::stderr().as_raw_fd(), std::io::stdout().as_raw_fd());
+    let sigs = signals();
+    if sigs.thread_block().is_err() {
+        return Ok(1);
+    }
+    let lock = DotLock::acquire(&dir.join(UIDLIST), set).map_err(|e| Failure::new(1, e.to_string()))?;
+    if ready.write_all(b"\0").is_err() {
+        return Ok(1);
+    }
+    drop(ready);
+    let refresher = lock.keep_fresh(refresh_interval(set.stale_timeout));
+    loop {
+        match sigs.wait() {
+            Ok(Signal::SIGTERM) | Ok(Signal::SIGINT) => break,
+            _ => {}
+        }
+    }
+    drop(refresher);
+    release_and_warn(lock);
+    Ok(0)
 }

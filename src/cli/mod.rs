@@ -1,12 +1,14 @@
-//! Subcommands of the CLI.
+//! The subcommands. Each `run_*` returns its exit code or a [`Failure`], which `run` prints,
+//! once, as `maildir-backup <command>: <why>`.
 
+mod args;
 mod backup;
 mod lock;
 mod repo;
 
-use std::time::Duration;
-
 use clap::{Parser, Subcommand};
+use maildir_backup::sysexits::{self, ExitCode};
+use maildir_backup::warnings::Sink;
 
 #[derive(Parser, Debug)]
 #[command(name = "maildir-backup", version, about = "Consistent, live backups of Dovecot Maildirs")]
@@ -26,23 +28,52 @@ enum Command {
     Maildirlock(lock::MaildirlockArgs),
 }
 
-pub fn run(cli: Cli) -> i32 {
-    match cli.command {
-        Command::Backup(a) => backup::run_backup(a),
-        Command::Verify(a) => backup::run_verify(a),
-        Command::Snapshots(a) => repo::run_snapshots(a),
-        Command::Restore(a) => repo::run_restore(a),
-        Command::Prune(a) => repo::run_prune(a),
-        Command::Lock(a) => lock::run_lock(a),
-        Command::Maildirlock(a) => lock::run_maildirlock(a),
+/// A command that failed: why, and the exit code that says so.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, message: impl Into<String>) -> Failure {
+        Failure { code, message: message.into() }
+    }
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure::new(sysexits::EX_USAGE, message)
     }
 }
 
-/// Parses seconds, fractions allowed ("0.5", "120").
-pub fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("'{s}' is not a non-negative number of seconds"));
+impl<E: std::error::Error + ExitCode> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure::new(e.exit_code(), e.to_string())
     }
-    Duration::try_from_secs_f64(v).map_err(|_| format!("'{s}' seconds is too large"))
+}
+
+/// An exit code, or why the command failed.
+pub type Outcome = Result<i32, Failure>;
+
+/// Warnings on stderr, each after `prefix`.
+pub struct Stderr(pub &'static str);
+
+impl Sink for Stderr {
+    fn warn(&self, message: &str) {
+        eprintln!("{}{message}", self.0);
+    }
+}
+
+pub fn run(cli: Cli) -> i32 {
+    let (name, outcome) = match cli.command {
+        Command::Backup(a) => ("maildir-backup backup", backup::run_backup(a)),
+        Command::Verify(a) => ("maildir-backup verify", backup::run_verify(a)),
+        Command::Snapshots(a) => ("maildir-backup snapshots", repo::run_snapshots(a)),
+        Command::Restore(a) => ("maildir-backup restore", repo::run_restore(a)),
+        Command::Prune(a) => ("maildir-backup prune", repo::run_prune(a)),
+        Command::Lock(a) => ("maildir-backup lock", lock::run_lock(a)),
+        Command::Maildirlock(a) => ("maildirlock", lock::run_maildirlock(a)),
+    };
+    outcome.unwrap_or_else(|f| {
+        eprintln!("{name}: {}", f.message);
+        f.code
+    })
 }

@@ -4,20 +4,23 @@ use std::path::PathBuf;
 
 use chrono::Utc;
 use clap::Args;
-use maildir_backup::dotlock::LockSettings;
+use maildir_backup::job::{self, RestorePlan, SnapshotRef};
 use maildir_backup::manifest::Manifest;
-use maildir_backup::repo::{self, KeepPolicy};
-use maildir_backup::restore::{self, RestoreRequest};
-use maildir_backup::sysexits::{self, ExitCode};
+use maildir_backup::repo::{self, KeepPolicy, Series};
+use maildir_backup::restore::{RestoreReport, RestoreRequest};
+use maildir_backup::sysexits::ExitCode;
+use maildir_backup::warnings;
 
-use super::backup::{human_bytes, SourceArgs};
-use super::parse_secs;
+use super::args::{SourceArgs, UidlistLockArgs};
+use super::backup::human_bytes;
+use super::{Outcome, Stderr};
 
 /// List the snapshots of a repository (or of one name in it).
 #[derive(Args, Debug)]
 pub struct SnapshotsArgs {
     /// REPO or REPO/NAME.
     pub path: PathBuf,
+    /// Print the list as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -33,35 +36,10 @@ struct SnapshotRow {
     age_seconds: i64,
 }
 
-pub fn run_snapshots(a: SnapshotsArgs) -> i32 {
-    let series = match repo::series_under(&a.path) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("maildir-backup snapshots: {e}");
-            return e.exit_code();
-        }
-    };
+pub fn run_snapshots(a: SnapshotsArgs) -> Outcome {
     let mut rows = Vec::new();
-    for s in series {
-        let snaps = match s.snapshots() {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("maildir-backup snapshots: {e}");
-                return e.exit_code();
-            }
-        };
-        for snap in snaps {
-            let header = s.dir.sub(&snap.name).ok().and_then(|d| Manifest::read_header(&d).ok());
-            rows.push(SnapshotRow {
-                name: s.name.clone(),
-                snapshot: snap.name.clone(),
-                messages: header.as_ref().map_or(0, |h| h.messages),
-                bytes: header.as_ref().map_or(0, |h| h.bytes),
-                new_bytes: header.as_ref().map_or(0, |h| h.bytes_copied),
-                age_seconds: (Utc::now() - snap.time).num_seconds(),
-                path: snap.path,
-            });
-        }
+    for s in repo::series_under(&a.path)? {
+        rows.extend(snapshot_rows(&s)?);
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
@@ -79,7 +57,25 @@ pub fn run_snapshots(a: SnapshotsArgs) -> i32 {
             );
         }
     }
-    0
+    Ok(0)
+}
+
+/// A row per snapshot of `s`, sized from its manifest's header (zeros if unreadable).
+fn snapshot_rows(s: &Series) -> Result<Vec<SnapshotRow>, repo::RepoError> {
+    let mut rows = Vec::new();
+    for snap in s.snapshots()? {
+        let header = s.dir.sub(&snap.name).ok().and_then(|d| Manifest::read_header(&d).ok());
+        rows.push(SnapshotRow {
+            name: s.name.clone(),
+            snapshot: snap.name.clone(),
+            messages: header.as_ref().map_or(0, |h| h.messages),
+            bytes: header.as_ref().map_or(0, |h| h.bytes),
+            new_bytes: header.as_ref().map_or(0, |h| h.bytes_copied),
+            age_seconds: (Utc::now() - snap.time).num_seconds(),
+            path: snap.path,
+        });
+    }
+    Ok(rows)
 }
 
 fn human_age(secs: i64) -> String {
@@ -96,54 +92,44 @@ fn human_age(secs: i64) -> String {
 pub struct PruneArgs {
     /// REPO or REPO/NAME.
     pub path: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    pub keep_last: usize,
-    #[arg(long, default_value_t = 0)]
-    pub keep_daily: usize,
-    #[arg(long, default_value_t = 0)]
-    pub keep_weekly: usize,
-    #[arg(long, default_value_t = 0)]
-    pub keep_monthly: usize,
+    #[command(flatten)]
+    pub keep: KeepPolicy,
     /// Only say what would be removed.
     #[arg(long)]
     pub dry_run: bool,
 }
 
-pub fn run_prune(a: PruneArgs) -> i32 {
-    let policy = KeepPolicy { last: a.keep_last, daily: a.keep_daily, weekly: a.keep_weekly, monthly: a.keep_monthly };
-    let series = match repo::series_under(&a.path) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("maildir-backup prune: {e}");
-            return e.exit_code();
-        }
-    };
+pub fn run_prune(a: PruneArgs) -> Outcome {
     let mut code = 0;
-    for s in series {
-        let snaps = match s.snapshots() {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("maildir-backup prune: {e}");
-                code = e.exit_code();
-                continue;
-            }
-        };
-        let (keep, remove) = repo::plan_prune(&snaps, policy);
-        for k in &keep {
-            println!("keep   {}", k.path.display());
-        }
-        for r in &remove {
-            if a.dry_run {
-                println!("would remove {}", r.path.display());
-            } else if let Err(e) = repo::remove_snapshot(&s.dir, r) {
-                eprintln!("maildir-backup prune: {e}");
-                code = e.exit_code();
-            } else {
-                println!("removed {}", r.path.display());
-            }
+    for s in repo::series_under(&a.path)? {
+        let done = prune_series(&s, a.keep, a.dry_run).unwrap_or_else(|e| {
+            eprintln!("maildir-backup prune: {e}");
+            e.exit_code()
+        });
+        code = if done == 0 { code } else { done };
+    }
+    Ok(code)
+}
+
+/// Prunes one series, printing what it keeps and removes. Goes on past a snapshot it cannot
+/// remove (said on stderr): returns 0, or the exit code of the last such failure.
+fn prune_series(s: &Series, keep: KeepPolicy, dry_run: bool) -> Result<i32, repo::RepoError> {
+    let (kept, doomed) = repo::plan_prune(&s.snapshots()?, keep);
+    for k in &kept {
+        println!("keep   {}", k.path.display());
+    }
+    let mut code = 0;
+    for r in &doomed {
+        if dry_run {
+            println!("would remove {}", r.path.display());
+        } else if let Err(e) = repo::remove_snapshot(&s.dir, r) {
+            eprintln!("maildir-backup prune: {e}");
+            code = e.exit_code();
+        } else {
+            println!("removed {}", r.path.display());
         }
     }
-    code
+    Ok(code)
 }
 
 /// Restore a backup or snapshot into a (possibly live) Maildir: a full restore into an empty
@@ -168,58 +154,48 @@ pub struct RestoreArgs {
     /// Only list what would be restored or skipped.
     #[arg(long)]
     pub dry_run: bool,
-    /// Seconds to wait for each target folder's lock.
-    #[arg(long, default_value = "122", value_parser = parse_secs, value_name = "SECS")]
-    pub lock_timeout: std::time::Duration,
+    #[command(flatten)]
+    pub lock: UidlistLockArgs,
+    /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run_restore(a: RestoreArgs) -> i32 {
+pub fn run_restore(a: RestoreArgs) -> Outcome {
     // SNAPSHOT comes first; the target is the rest (or the --mail-path options).
-    let snapshot = PathBuf::from(&a.paths[0]);
-    let (target, _) = match a.target.resolve(&a.paths[1..], 0) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("maildir-backup restore: {e}");
-            return sysexits::EX_USAGE;
-        }
+    let (target, _) = a.target.resolve(&a.paths[1..], 0)?;
+    let plan = RestorePlan {
+        snapshot: SnapshotRef::Path(PathBuf::from(&a.paths[0])),
+        target,
+        request: RestoreRequest { folders: a.folder, messages: a.message, uids: a.uid, dry_run: a.dry_run, lock: a.lock.settings() },
     };
-    let req = RestoreRequest {
-        folders: a.folder,
-        messages: a.message,
-        uids: a.uid,
-        dry_run: a.dry_run,
-        lock: LockSettings { timeout: a.lock_timeout, ..LockSettings::default() },
-    };
-    match restore::restore(&snapshot, &target, &req) {
-        Ok(r) => {
-            for w in &r.warnings {
-                eprintln!("maildir-backup restore: warning: {w}");
-            }
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-            } else {
-                if a.dry_run {
-                    for act in &r.actions {
-                        println!("{act}");
-                    }
-                }
-                println!(
-                    "{} restore into {}: {} {}, {} skipped (already there), {} folder(s) created",
-                    r.mode,
-                    target.root.display(),
-                    r.restored,
-                    if a.dry_run { "would be restored" } else { "restored" },
-                    r.skipped,
-                    r.folders_created
-                );
-            }
-            0
-        }
-        Err(e) => {
-            eprintln!("maildir-backup restore: {e}");
-            e.exit_code()
+    let result = job::run_restore(&plan);
+    let sink = Stderr("maildir-backup restore: warning: ");
+    warnings::emit_deferred(&sink);
+    let r = result?;
+    warnings::emit(&sink, &r.warnings);
+    print_restore(&r, &plan, a.json);
+    Ok(0)
+}
+
+fn print_restore(r: &RestoreReport, plan: &RestorePlan, json: bool) {
+    let dry_run = plan.request.dry_run;
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+        return;
+    }
+    if dry_run {
+        for act in &r.actions {
+            println!("{act}");
         }
     }
+    println!(
+        "{} restore into {}: {} {}, {} skipped (already there), {} folder(s) created",
+        r.mode,
+        plan.target.root.display(),
+        r.restored,
+        if dry_run { "would be restored" } else { "restored" },
+        r.skipped,
+        r.folders_created
+    );
 }

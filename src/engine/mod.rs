@@ -1,10 +1,15 @@
 //! The backup engine: a bulk copy without any lock, catch-up passes, then a short
 //! reconcile under every folder's uidlist lock, so the result equals the mail at one instant.
+//!
+//! Public: the options, the report, the errors, and the two traits a front end may supply
+//! (`Mailboxes`, `Progress`). The phases live here (`Run`); the modules below are internals:
+//! `scan` lists a folder, `watch` hears of changes (inotify), `sync` applies listings to the
+//! staged copy, `reconcile` takes the locks and the control files.
 
-pub mod reconcile;
-pub mod scan;
-pub mod sync;
-pub mod watch;
+pub(crate) mod reconcile;
+pub(crate) mod scan;
+pub(crate) mod sync;
+pub(crate) mod watch;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -23,7 +28,7 @@ use crate::staging::{Staging, StagingError};
 use crate::sysexits::{self, ExitCode};
 
 pub use reconcile::HeldLocks;
-pub use sync::{PassStats, Reuse, Tree};
+pub(crate) use sync::{PassStats, Reuse, Tree};
 
 /// Where a backup's folders come from and how they are locked: walking the Maildir with
 /// our own dot-lock (`OnDisk`, the CLI), or Dovecot's mailbox list with Dovecot's lock (the
@@ -164,7 +169,7 @@ pub struct FolderSummary {
 }
 
 /// Opens the source Maildir: it must exist and be a Maildir.
-pub fn open_source(loc: &MailLocation) -> Result<Maildir, BackupError> {
+pub(crate) fn open_source(loc: &MailLocation) -> Result<Maildir, BackupError> {
     let md = match Maildir::open(loc) {
         Ok(md) => md,
         Err(e) if e.is_not_found() => return Err(BackupError::NoSource(loc.root.clone())),
@@ -179,7 +184,7 @@ pub fn open_source(loc: &MailLocation) -> Result<Maildir, BackupError> {
 
 /// Refuses a destination (or repository) `path` inside the source's root, control or index
 /// directories, judged by the directories themselves (device and inode), not by their names.
-pub fn check_outside(md: &Maildir, path: &Path) -> Result<(), BackupError> {
+pub(crate) fn check_outside(md: &Maildir, path: &Path) -> Result<(), BackupError> {
     // The nearest directory on the way that exists (DEST itself usually does not).
     let nearest = path.ancestors().find_map(|p| match Dir::open(if p.as_os_str().is_empty() { Path::new(".") } else { p }) {
         Err(e) if e.is_not_found() || e.errno() == Some(libc::ENOTDIR) => None,
@@ -198,17 +203,9 @@ pub fn check_outside(md: &Maildir, path: &Path) -> Result<(), BackupError> {
     Ok(())
 }
 
-/// Backs up `source` into the new directory `dest`, published whole or not at all.
-pub fn backup(source: &MailLocation, dest: &Path, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupReport, BackupError> {
-    let md = open_source(source)?;
-    check_outside(&md, dest)?;
-    let (parent, name) = crate::staging::split_dest(dest)?;
-    backup_to(&md, &OnDisk, &parent, &name, opts, None, progress)
-}
-
 /// Backs up `md` into the new directory `name` in `parent`, published whole or not at all,
 /// with the folders and locks of `mailboxes` and earlier copies from `reuse`.
-pub fn backup_to(
+pub(crate) fn backup_to(
     md: &Maildir,
     mailboxes: &dyn Mailboxes,
     parent: &Dir,

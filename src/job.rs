@@ -1,0 +1,208 @@
+//! The jobs both front ends run. The CLI and the doveadm plugin each turn their own arguments
+//! into a [`Destination`] (or a [`SnapshotRef`]) and options, call [`run_backup`] or
+//! [`run_restore`], and show the report; checking the paths, making missing parent
+//! directories and wording the errors happen here, once.
+
+use std::path::{Path, PathBuf};
+
+use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, Progress};
+use crate::maildir::MailLocation;
+use crate::repo::{self, RepoError};
+use crate::restore::{self, RestoreError, RestoreReport, RestoreRequest};
+use crate::staging::{self, StagingError};
+use crate::sysexits::{self, ExitCode};
+use crate::template::{self, TemplateError};
+
+/// A doveadm destination template starting with this writes a snapshot into a repository.
+pub const REPO_PREFIX: &str = "repo:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("relative path {0} but the working directory it is relative to is unknown; give an absolute path")]
+    NoBase(PathBuf),
+    #[error("cannot derive a series name from {0}; give --name")]
+    NoSeriesName(PathBuf),
+    #[error("no snapshot in {0}")]
+    NoSnapshot(PathBuf),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error("{source}; nothing was published at {}", dest.display())]
+    Unpublished { dest: PathBuf, source: Box<JobError> },
+}
+
+impl From<StagingError> for JobError {
+    fn from(e: StagingError) -> Self {
+        JobError::Backup(e.into())
+    }
+}
+
+impl ExitCode for JobError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            JobError::Template(_) | JobError::NoBase(_) | JobError::NoSeriesName(_) => sysexits::EX_USAGE,
+            JobError::NoSnapshot(_) => sysexits::EX_NOINPUT,
+            JobError::Backup(e) => e.exit_code(),
+            JobError::Repo(e) => e.exit_code(),
+            JobError::Restore(e) => e.exit_code(),
+            JobError::Unpublished { source, .. } => source.exit_code(),
+        }
+    }
+}
+
+/// Where a backup goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A new directory, published whole or not at all (its parents made if missing).
+    Dir(PathBuf),
+    /// A new dated snapshot in `repo/<series>/`, messages unchanged since the previous one
+    /// hard-linked from it (with `paranoid`, only if their checksums match too).
+    Repo { repo: PathBuf, series: String, paranoid: bool },
+}
+
+impl Destination {
+    /// A snapshot series in `repo`, named `name` or else after the source's directory.
+    pub fn repo(repo: PathBuf, name: Option<String>, source: &MailLocation, paranoid: bool) -> Result<Destination, JobError> {
+        let series = name.or_else(|| repo::default_name(&source.root)).ok_or_else(|| JobError::NoSeriesName(source.root.clone()))?;
+        repo::check_series_name(&series)?;
+        Ok(Destination::Repo { repo, series, paranoid })
+    }
+
+    /// From a doveadm template for `user`: `repo:REPO` (a series named after the user) or a
+    /// directory, per-user variables expanded, a relative path taken from `base`.
+    pub fn from_template(template: &str, user: &str, base: Option<&Path>) -> Result<Destination, JobError> {
+        match template.strip_prefix(REPO_PREFIX) {
+            Some(repo) => {
+                repo::check_series_name(user)?;
+                Ok(Destination::Repo { repo: user_path(repo, user, base)?, series: user.to_string(), paranoid: false })
+            }
+            None => Ok(Destination::Dir(user_path(template, user, base)?)),
+        }
+    }
+
+    /// Where the backup appears (for messages).
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Destination::Dir(p) => p.clone(),
+            Destination::Repo { repo, series, .. } => repo.join(series),
+        }
+    }
+}
+
+/// A backup to restore from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotRef {
+    /// A backup or snapshot directory (`SERIES/latest` included).
+    Path(PathBuf),
+    /// The newest snapshot of a series.
+    Latest(PathBuf),
+}
+
+impl SnapshotRef {
+    /// From a doveadm template for `user`: `repo:REPO` (the newest snapshot of the user's
+    /// series) or a backup directory; a relative path is taken from `base`.
+    pub fn from_template(template: &str, user: &str, base: Option<&Path>) -> Result<SnapshotRef, JobError> {
+        match template.strip_prefix(REPO_PREFIX) {
+            Some(repo) => Ok(SnapshotRef::Latest(user_path(repo, user, base)?.join(user))),
+            None => Ok(SnapshotRef::Path(user_path(template, user, base)?)),
+        }
+    }
+
+    fn resolve(&self) -> Result<PathBuf, JobError> {
+        match self {
+            SnapshotRef::Path(p) => Ok(p.clone()),
+            SnapshotRef::Latest(series) => repo::latest_path(series).ok_or_else(|| JobError::NoSnapshot(series.clone())),
+        }
+    }
+}
+
+/// `template` expanded for `user`, made absolute from `base` if relative.
+fn user_path(template: &str, user: &str, base: Option<&Path>) -> Result<PathBuf, JobError> {
+    let path = PathBuf::from(template::expand(template, user)?);
+    match base {
+        _ if path.is_absolute() => Ok(path),
+        Some(base) => Ok(base.join(path)),
+        None => Err(JobError::NoBase(path)),
+    }
+}
+
+/// Backs up `source`, whose folders and locks `mailboxes` gives, into `dest`: all of it, or
+/// nothing (then the error says so).
+pub fn run_backup(
+    source: &MailLocation,
+    mailboxes: &dyn Mailboxes,
+    dest: &Destination,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport, JobError> {
+    backup_into(source, mailboxes, dest, opts, progress).map_err(|e| JobError::Unpublished { dest: dest.path(), source: Box::new(e) })
+}
+
+fn backup_into(
+    source: &MailLocation,
+    mailboxes: &dyn Mailboxes,
+    dest: &Destination,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport, JobError> {
+    let md = engine::open_source(source)?;
+    // Before creating any directory: never a destination inside the Maildir it backs up.
+    engine::check_outside(&md, &dest.path())?;
+    match dest {
+        Destination::Dir(path) => {
+            let (parent, name) = staging::split_dest(path)?;
+            Ok(engine::backup_to(&md, mailboxes, &parent, &name, opts, None, progress)?)
+        }
+        Destination::Repo { repo, series, paranoid } => Ok(repo::snapshot(&md, mailboxes, repo, series, opts, *paranoid, progress)?),
+    }
+}
+
+/// What to restore, from where, into which Maildir.
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    pub snapshot: SnapshotRef,
+    pub target: MailLocation,
+    pub request: RestoreRequest,
+}
+
+/// Restores as `plan` says (with `request.dry_run`, only says what it would do).
+pub fn run_restore(plan: &RestorePlan) -> Result<RestoreReport, JobError> {
+    let snapshot = plan.snapshot.resolve()?;
+    Ok(restore::restore(&snapshot, &plan.target, &plan.request)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_give_destinations() {
+        let base = Path::new("/start");
+        assert_eq!(Destination::from_template("/b/%n", "al@d", None).unwrap(), Destination::Dir("/b/al".into()));
+        assert_eq!(Destination::from_template("b/%u", "al", Some(base)).unwrap(), Destination::Dir("/start/b/al".into()));
+        assert_eq!(
+            Destination::from_template("repo:/r/%d", "al@d", None).unwrap(),
+            Destination::Repo { repo: "/r/d".into(), series: "al@d".into(), paranoid: false }
+        );
+        assert!(matches!(Destination::from_template("rel", "al", None), Err(JobError::NoBase(_))));
+        assert!(matches!(Destination::from_template("/b/%x", "al", None), Err(JobError::Template(_))));
+        assert_eq!(SnapshotRef::from_template("repo:/r", "al", None).unwrap(), SnapshotRef::Latest("/r/al".into()));
+        assert_eq!(SnapshotRef::from_template("s/%u", "al", Some(base)).unwrap(), SnapshotRef::Path("/start/s/al".into()));
+    }
+
+    #[test]
+    fn series_names_are_checked() {
+        let src = MailLocation::plain("/srv/mail/alice/Maildir");
+        let d = Destination::repo("/r".into(), None, &src, true).unwrap();
+        assert_eq!(d, Destination::Repo { repo: "/r".into(), series: "alice".into(), paranoid: true });
+        assert_eq!(d.path(), PathBuf::from("/r/alice"));
+        assert!(Destination::repo("/r".into(), Some(".hidden".into()), &src, false).is_err());
+        assert!(Destination::repo("/r".into(), Some("a/b".into()), &src, false).is_err());
+        assert!(matches!(Destination::repo("/r".into(), None, &MailLocation::plain("/"), false), Err(JobError::NoSeriesName(_))));
+    }
+}

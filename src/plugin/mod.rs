@@ -1,0 +1,241 @@
+//! The doveadm plugin's Rust side: FFI only. The C shim (`c-shim/`) registers the commands,
+//! reads their parameters and the user's settings, finds the user's mailboxes through
+//! Dovecot and lends us Dovecot's own uidlist lock; this module turns one user's call into a
+//! job (`crate::job`), the same the CLI runs, and the result into output rows, log lines and
+//! an exit code.
+
+mod mailboxes;
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::engine::{BackupOptions, BackupReport, NoProgress};
+use crate::job::{self, Destination, RestorePlan, SnapshotRef};
+use crate::maildir::{Layout, MailLocation};
+use crate::restore::{RestoreReport, RestoreRequest};
+use crate::sysexits::{self, ExitCode};
+use crate::warnings::{self, Sink};
+use mailboxes::DovecotMailboxes;
+
+#[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
+mod ffi {
+    include!(concat!(env!("OUT_DIR"), "/shim_bindings.rs"));
+}
+
+/// `doveadm_<name>_plugin_version`: a `const char *` holding the ABI string of the Dovecot
+/// whose headers the shim was compiled against, so another release refuses the plugin.
+#[repr(transparent)]
+pub struct AbiVersion(*const c_char);
+// SAFETY: points at an immutable, 'static, NUL-terminated string.
+unsafe impl Sync for AbiVersion {}
+
+#[no_mangle]
+pub static doveadm_maildir_backup_plugin_version: AbiVersion =
+    AbiVersion(concat!(env!("MB_DOVECOT_ABI_VERSION"), "\0").as_ptr() as *const c_char);
+
+/// doveadm's working directory when it loaded us: for `-u` it later changes to the user's home (or
+/// `/`), so a relative destination is resolved against this, as the caller meant.
+static START_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+fn start_dir() -> Option<&'static std::path::Path> {
+    START_DIR.get().and_then(|d| d.as_deref())
+}
+
+#[no_mangle]
+pub extern "C" fn doveadm_maildir_backup_plugin_init(_module: *mut c_void) {
+    let _ = START_DIR.set(std::env::current_dir().ok());
+    // SAFETY: called once by doveadm's module loader on its main thread.
+    unsafe { ffi::mb_shim_init() }
+}
+
+#[no_mangle]
+pub extern "C" fn doveadm_maildir_backup_plugin_deinit() {
+    // SAFETY: as above.
+    unsafe { ffi::mb_shim_deinit() }
+}
+
+/// # Safety
+/// `p` is NULL or a valid NUL-terminated string for the duration of the call.
+unsafe fn opt_str(p: *const c_char) -> Option<String> {
+    (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+}
+
+/// # Safety
+/// `p` is NULL or a NULL-terminated array of valid C strings.
+unsafe fn str_array(mut p: *const *const c_char) -> Vec<String> {
+    let mut out = Vec::new();
+    if p.is_null() {
+        return out;
+    }
+    while !(*p).is_null() {
+        out.push(CStr::from_ptr(*p).to_string_lossy().into_owned());
+        p = p.add(1);
+    }
+    out
+}
+
+fn c_string(s: &str) -> Option<CString> {
+    CString::new(s.replace('\0', " ")).ok()
+}
+
+/// Dovecot's error log through the shim (`maildir-backup: user U: ...`).
+struct DovecotLog {
+    ctx: *mut c_void,
+    error: Option<unsafe extern "C" fn(*mut c_void, *const c_char)>,
+}
+
+impl DovecotLog {
+    fn error(&self, msg: &str) {
+        if let (Some(error), Some(c)) = (self.error, c_string(msg)) {
+            // SAFETY: the shim's callback with a valid C string, on doveadm's thread.
+            unsafe { error(self.ctx, c.as_ptr()) }
+        }
+    }
+
+    /// Logs `e` (after any warnings kept meanwhile) and gives its exit code.
+    fn failed(&self, e: &job::JobError) -> c_int {
+        warnings::emit_deferred(self);
+        self.error(&e.to_string());
+        e.exit_code()
+    }
+}
+
+impl Sink for DovecotLog {
+    fn warn(&self, message: &str) {
+        self.error(&format!("warning: {message}"));
+    }
+}
+
+fn report_error(job: &ffi::mb_user_job, msg: &str) {
+    DovecotLog { ctx: job.ctx, error: job.error }.error(msg);
+}
+
+fn row(job: &ffi::mb_user_job, mailbox: &str, messages: u64, bytes: u64, lock_ms: f64, status: &str) {
+    if let (Some(row), Some(m), Some(s)) = (job.row, c_string(mailbox), c_string(status)) {
+        // SAFETY: as above.
+        unsafe { row(job.ctx, m.as_ptr(), messages, bytes, lock_ms, s.as_ptr()) }
+    }
+}
+
+/// Runs `body`, turning a panic into an internal error (logged) rather than unwinding into C.
+fn guarded(log: &DovecotLog, what: &str, body: impl FnOnce() -> c_int + std::panic::UnwindSafe) -> c_int {
+    std::panic::catch_unwind(body).unwrap_or_else(|_| {
+        log.error(&format!("internal error (panic) in maildir-backup {what}"));
+        sysexits::EX_SOFTWARE
+    })
+}
+
+fn location_from(root: *const c_char, control: *const c_char, index: *const c_char, layout: *const c_char) -> MailLocation {
+    // SAFETY: the shim's strings live for the call.
+    let (root, control, index, layout) = unsafe { (opt_str(root).unwrap_or_default(), opt_str(control), opt_str(index), opt_str(layout)) };
+    MailLocation {
+        root: PathBuf::from(root),
+        control: control.map(PathBuf::from),
+        index: index.map(PathBuf::from),
+        layout: layout.as_deref().and_then(Layout::parse).unwrap_or(Layout::MaildirPlusPlus),
+    }
+}
+
+/// Backs up one user for `doveadm maildir-backup`; returns a sysexits code.
+#[no_mangle]
+pub extern "C" fn mb_backup_user(job: *const ffi::mb_user_job) -> c_int {
+    // SAFETY: the shim passes NULL or a job that lives for this call.
+    let Some(job) = (unsafe { job.as_ref() }) else { return sysexits::EX_SOFTWARE };
+    let log = DovecotLog { ctx: job.ctx, error: job.error };
+    guarded(&log, "backup; nothing was published", || backup_user(job, &log))
+}
+
+fn backup_options(job: &ffi::mb_user_job) -> BackupOptions {
+    let mut opts = BackupOptions::default();
+    if job.lock_timeout_secs >= 0.0 {
+        opts.lock.timeout = Duration::from_secs_f64(job.lock_timeout_secs);
+    }
+    if job.jobs > 0 {
+        opts.jobs = job.jobs as usize;
+    }
+    opts.with_indexes = job.with_indexes != 0;
+    opts
+}
+
+fn backup_user(job: &ffi::mb_user_job, log: &DovecotLog) -> c_int {
+    // SAFETY: the shim's strings live for this call.
+    let (user, template) = unsafe { (opt_str(job.username).unwrap_or_default(), opt_str(job.dest_template)) };
+    let Some(template) = template else {
+        log.error("no destination: give one on the command line or set maildir_backup_dest");
+        return sysexits::EX_USAGE;
+    };
+    let dest = match Destination::from_template(&template, &user, start_dir()) {
+        Ok(d) => d,
+        Err(e) => return log.failed(&e),
+    };
+    let location = location_from(job.root_dir, job.control_root, job.index_root, job.layout);
+    let (mailboxes, code) = DovecotMailboxes::new(job, location.clone());
+    match job::run_backup(&location, &mailboxes, &dest, &backup_options(job), &NoProgress) {
+        Ok(report) => {
+            print_backup(job, log, &report, &mailboxes);
+            code
+        }
+        Err(e) => log.failed(&e),
+    }
+}
+
+/// A row per folder, named as Dovecot names it; the warnings to the log.
+fn print_backup(job: &ffi::mb_user_job, log: &DovecotLog, report: &BackupReport, mailboxes: &DovecotMailboxes) {
+    warnings::emit(log, &report.warnings);
+    for f in &report.folder_details {
+        let shown = mailboxes.vname(&f.path).unwrap_or_else(|| f.name.clone());
+        row(job, &shown, f.messages, f.bytes, report.lock_hold_ms, "ok");
+    }
+}
+
+/// Restores into one user for `doveadm maildir-backup-restore`; returns a sysexits code.
+#[no_mangle]
+pub extern "C" fn mb_restore_user(job: *const ffi::mb_restore_job) -> c_int {
+    // SAFETY: the shim passes NULL or a job that lives for this call.
+    let Some(job) = (unsafe { job.as_ref() }) else { return sysexits::EX_SOFTWARE };
+    let log = DovecotLog { ctx: job.ctx, error: job.error };
+    guarded(&log, "restore", || restore_user(job, &log))
+}
+
+fn restore_plan(job: &ffi::mb_restore_job) -> Result<RestorePlan, job::JobError> {
+    // SAFETY: the shim's strings and arrays live for this call.
+    let (user, template, folders, messages, uids) = unsafe {
+        (
+            opt_str(job.username).unwrap_or_default(),
+            opt_str(job.snapshot_template).unwrap_or_default(),
+            str_array(job.folders),
+            str_array(job.messages),
+            str_array(job.uids),
+        )
+    };
+    Ok(RestorePlan {
+        snapshot: SnapshotRef::from_template(&template, &user, start_dir())?,
+        target: location_from(job.root_dir, job.control_root, job.index_root, job.layout),
+        request: RestoreRequest { folders, messages, uids, dry_run: job.dry_run != 0, ..Default::default() },
+    })
+}
+
+fn restore_user(job: &ffi::mb_restore_job, log: &DovecotLog) -> c_int {
+    let result = restore_plan(job).and_then(|plan| Ok((job::run_restore(&plan)?, plan.request.dry_run)));
+    match result {
+        Ok((report, dry_run)) => {
+            warnings::emit(log, &report.warnings);
+            restore_row(job, &report, if dry_run { "dry run" } else { "ok" });
+            sysexits::EX_OK
+        }
+        Err(e) => {
+            let code = log.failed(&e);
+            restore_row(job, &RestoreReport { mode: "-".into(), ..Default::default() }, "failed");
+            code
+        }
+    }
+}
+
+fn restore_row(job: &ffi::mb_restore_job, r: &RestoreReport, status: &str) {
+    if let (Some(row), Some(m), Some(s)) = (job.row, c_string(&r.mode), c_string(status)) {
+        // SAFETY: the shim's callback with valid C strings.
+        unsafe { row(job.ctx, m.as_ptr(), r.restored, r.skipped, s.as_ptr()) }
+    }
+}
