@@ -423,7 +423,7 @@ static void cmd_maildir_backup_init(INIT_PARAMS)
 }
 
 #if !DOVECOT_PREREQ(2,4,0)
-/* 2.3 passes every short option through parse_arg; values are read from cctx in run(). */
+/* 2.3 passes every short option through parse_arg; values are read from cctx in init(). */
 static bool cmd_maildir_backup_parse_arg(struct doveadm_mail_cmd_context *ctx ATTR_UNUSED,
 					 int c ATTR_UNUSED)
 {

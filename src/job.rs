@@ -140,26 +140,19 @@ pub fn run_backup(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport, JobError> {
-    backup_into(source, mailboxes, dest, opts, progress).map_err(|e| JobError::Unpublished { dest: dest.path(), source: Box::new(e) })
-}
-
-fn backup_into(
-    source: &MailLocation,
-    mailboxes: &dyn Mailboxes,
-    dest: &Destination,
-    opts: &BackupOptions,
-    progress: &dyn Progress,
-) -> Result<BackupReport, JobError> {
-    let md = engine::open_source(source)?;
-    // Before creating any directory: never a destination inside the Maildir it backs up.
-    engine::check_outside(&md, &dest.path())?;
-    match dest {
-        Destination::Dir(path) => {
-            let (parent, name) = staging::split_dest(path)?;
-            Ok(engine::backup_to(&md, mailboxes, &parent, &name, opts, None, progress)?)
+    let attempt = || -> Result<BackupReport, JobError> {
+        let md = engine::open_source(source)?;
+        // Before creating any directory: never a destination inside the Maildir it backs up.
+        engine::check_outside(&md, &dest.path())?;
+        match dest {
+            Destination::Dir(path) => {
+                let (parent, name) = staging::split_dest(path)?;
+                Ok(engine::backup_to(&md, mailboxes, &parent, &name, opts, None, progress)?)
+            }
+            Destination::Repo { repo, series, paranoid } => Ok(repo::snapshot(&md, mailboxes, repo, series, opts, *paranoid, progress)?),
         }
-        Destination::Repo { repo, series, paranoid } => Ok(repo::snapshot(&md, mailboxes, repo, series, opts, *paranoid, progress)?),
-    }
+    };
+    attempt().map_err(|e| JobError::Unpublished { dest: dest.path(), source: Box::new(e) })
 }
 
 /// What to restore, from where, into which Maildir.

@@ -26,7 +26,7 @@ use crate::fsx::{self, Dir, FsError, Kind, Owner, Replace};
 use crate::maildir::folders::{self, Folder};
 use crate::maildir::keywords::{Keywords, KEYWORDS_FILE};
 use crate::maildir::uidlist::{self, UidlistError};
-use crate::maildir::{is_user_control_file, Layout, MailLocation, Maildir, MessageName, Subdir, MAILDIRFOLDER, UIDLIST};
+use crate::maildir::{is_user_control_file, Layout, MailLocation, Maildir, MessageName, Subdir, MAILDIRFOLDER, MESSAGE_DIRS, UIDLIST};
 use crate::manifest::{check_folder_path, FolderRecord, Manifest, ManifestError, MessageRecord, MANIFEST_NAME};
 use crate::sysexits::{self, ExitCode};
 
@@ -241,7 +241,7 @@ impl TargetFolder {
 fn ensure_folder(target: &Targets, tf: &Folder, owner: Option<Owner>) -> Result<(TargetFolder, bool), RestoreError> {
     let dir = target.root.ensure_dirs(&tf.rel, 0o700, owner)?;
     let created = !folders::is_maildir(&dir)?;
-    let [cur, new, tmp] = ["cur", "new", "tmp"].map(|s| dir.ensure_dir(s, 0o700, owner).map(|(d, _)| d));
+    let [cur, new, tmp] = MESSAGE_DIRS.map(|s| dir.ensure_dir(s, 0o700, owner).map(|(d, _)| d));
     let control = target.control_root(owner)?.ensure_dirs(&tf.control_rel, 0o700, owner)?;
     if created && target.layout == Layout::MaildirPlusPlus && !tf.is_inbox() {
         match dir.create(MAILDIRFOLDER, 0o600) {
