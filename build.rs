@@ -55,6 +55,9 @@ fn main() {
     let mut build = cc::Build::new();
     build.file("c-shim/doveadm-maildir-backup.c").include("c-shim").define("HAVE_CONFIG_H", None).flag_if_supported("-std=gnu99");
     build.flag_if_supported("-Wno-unused-parameter");
+    // Where this Dovecot loads modules from, for messages that say where to install ours.
+    let moduledir = vars.get("dovecot_moduledir").map(String::as_str).unwrap_or("/usr/lib/dovecot/modules");
+    build.define("MB_MODULEDIR", Some(format!("\"{moduledir}\"").as_str()));
     if is_24 {
         build.file("c-shim/maildir-backup-settings.c");
     }

@@ -148,8 +148,18 @@ static int get_settings(struct mail_user *user, struct backup_settings *set_r)
 	const struct maildir_backup_settings *set;
 	const char *error;
 
+	i_zero(set_r);
 	if (settings_get(user->event, &maildir_backup_setting_parser_info, 0,
 			 &set, &error) < 0) {
+		/* Without our settings module Dovecot knows no maildir_backup_* keys
+		   (and then dovecot.conf cannot set any): run with the defaults. */
+		if (strstr(error, "has no settings struct named") != NULL) {
+			i_warning("maildir-backup: Dovecot's configuration has no maildir_backup "
+				  "settings, so the defaults are used: install "
+				  "libmaildir_backup_settings.so into %s/settings/ to set them "
+				  "in dovecot.conf", MB_MODULEDIR);
+			return 0;
+		}
 		i_error("maildir-backup: settings: %s", error);
 		return -1;
 	}

@@ -135,7 +135,7 @@ impl Iterator for Reader {
 fn parse_entry(line: &str) -> Option<UidEntry> {
     let (left, name) = line.split_once(" :")?;
     let uid: u32 = left.split(' ').next()?.parse().ok()?;
-    let unique = name.split(':').next().unwrap_or(name).to_string();
+    let unique = super::MessageName { full: name }.unique().to_string();
     Some(UidEntry { uid, unique })
 }
 
