@@ -115,7 +115,7 @@ pub fn human_bytes(b: u64) -> String {
     if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", units[i]) }
 }
 
-pub fn print_report(r: &BackupReport, run: &RunArgs) {
+fn print_report(r: &BackupReport, run: &RunArgs) {
     warnings::emit(&Stderr("maildir-backup: "), &r.warnings);
     if run.json {
         println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());

@@ -16,7 +16,7 @@ use crate::sysexits;
 
 /// Dovecot's mailboxes of one user, locked with Dovecot's own lock through the shim. Listed again
 /// through the shim each time the engine asks, like the CLI walks the Maildir again: a folder created
-/// or renamed during the backup is found, and the engine starts its reconcile over.
+/// or renamed during the backup is found, and locked in its turn.
 pub(super) struct DovecotMailboxes<'j> {
     job: &'j ffi::mb_user_job,
     loc: MailLocation,
