@@ -149,3 +149,6 @@ pub fn partial_listing(subs: &[Option<Dir>; 2], changes: &super::watch::Changes,
     listing.touched = Some(touched);
     listing
 }
+
+#[cfg(test)]
+mod tests;
