@@ -90,3 +90,11 @@ pub fn ino(p: &Path) -> u64 {
 pub fn blake3_hex(b: &[u8]) -> String {
     blake3::hash(b).to_hex().to_string()
 }
+
+/// A real backup of `loc` into the new directory `dest` (the engine without the job layer).
+pub fn backup(loc: &MailLocation, dest: &Path, opts: &crate::engine::BackupOptions) -> Result<crate::engine::BackupReport, crate::engine::BackupError> {
+    let md = crate::engine::open_source(loc)?;
+    crate::engine::check_outside(&md, dest)?;
+    let (parent, name) = crate::staging::split_dest(dest)?;
+    crate::engine::backup_to(&md, &crate::engine::OnDisk, &parent, &name, opts, None, &crate::engine::NoProgress)
+}

@@ -234,7 +234,7 @@ fn acquire_and_release_in_both_modes() {
         let s = Setup::new();
         let set = LockSettings { use_excl, ..settings(120) };
         let l = DotLock::acquire_in(&s.lock.dir, FILE, &set).unwrap();
-        assert_eq!(others(&s), [s.lock.name.clone()], "use_excl {use_excl}: only the lock, no post left");
+        assert_eq!(others(&s), [s.lock.name.as_str()], "use_excl {use_excl}: only the lock, no post left");
         assert_eq!(fs::read_to_string(s.path(&s.lock.name)).unwrap(), lock_content());
         assert_eq!(l.lock_path(), s.path(&s.lock.name));
         assert_eq!(l.release().unwrap(), ReleaseOutcome::Released);
@@ -263,7 +263,7 @@ fn a_second_acquire_while_held_times_out() {
     // Zero: one try.
     let once = LockSettings { timeout: Duration::ZERO, ..settings(120) };
     assert!(matches!(DotLock::acquire_in(&s.lock.dir, FILE, &once), Err(LockError::Timeout { .. })));
-    assert_eq!(others(&s), [s.lock.name.clone()], "no post left behind by the waiters");
+    assert_eq!(others(&s), [s.lock.name.as_str()], "no post left behind by the waiters");
     assert_eq!(first.release().unwrap(), ReleaseOutcome::Released);
     DotLock::acquire_in(&s.lock.dir, FILE, &once).unwrap().release().unwrap();
 }

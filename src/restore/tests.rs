@@ -5,7 +5,7 @@ use std::fs;
 use std::time::Duration;
 
 use super::*;
-use crate::engine::{self, BackupOptions, NoProgress};
+use crate::engine::BackupOptions;
 use crate::test_support::*;
 
 /// A backup of a hand-made Maildir: INBOX (uids 1, 2), Sent (uid 1), Archive.2024 (no
@@ -45,7 +45,7 @@ fn snapshot_of(layout: Layout) -> Snap {
     let loc = MailLocation { layout, ..MailLocation::plain(&src) };
     let path = t.path().join("snap");
     let opts = BackupOptions { jobs: 2, ..Default::default() };
-    engine::backup(&loc, &path, &opts, &NoProgress).unwrap();
+    backup(&loc, &path, &opts).unwrap();
     let dir = crate::repo::open_snapshot(&path).unwrap();
     let manifest = Manifest::read(&dir).unwrap();
     Snap { t, path, dir, manifest }
@@ -119,7 +119,7 @@ fn a_folder_name_with_a_colon_takes_the_last_colon_for_the_uid() {
     put(&src.join(".Work:Old"), "cur", &format!("{A}:2,"), &body(A));
     fs::write(src.join(".Work:Old/dovecot-uidlist"), format!("3 V1 N8 G00\n7 :{A}\n")).unwrap();
     let path = t.path().join("snap");
-    engine::backup(&MailLocation::plain(&src), &path, &BackupOptions::default(), &NoProgress).unwrap();
+    backup(&MailLocation::plain(&src), &path, &BackupOptions::default()).unwrap();
     let dir = Dir::open(&path).unwrap();
     let manifest = Manifest::read(&dir).unwrap();
     let snap = Snap { t, path, dir, manifest };

@@ -287,7 +287,7 @@ fn a_backup_survives_a_fifo_in_place_of_new() {
     mkfifo(&root.join(".Work/new"));
     let dest = t.path().join("backup");
     let opts = crate::engine::BackupOptions { jobs: 1, ..Default::default() };
-    let r = crate::engine::backup(&crate::maildir::MailLocation::plain(&root), &dest, &opts, &NoProgress)
+    let r = backup(&crate::maildir::MailLocation::plain(&root), &dest, &opts)
         .unwrap_or_else(|e| panic!("a FIFO in place of .Work/new fails the whole backup: {e}"));
     assert_eq!(r.messages, 2);
     assert!(r.warnings.iter().any(|w| w.contains(".Work/new")), "{:?}", r.warnings);
