@@ -776,3 +776,6 @@ fn wait_inotify(lock: &LockFile, max: Duration) -> bool {
     let _ = poll(&mut fds, timeout);
     true
 }
+
+#[cfg(test)]
+mod tests;

@@ -20,3 +20,5 @@ pub mod sysexits;
 pub(crate) mod template;
 pub mod verify;
 pub mod warnings;
+#[cfg(test)]
+mod test_support;

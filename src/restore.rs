@@ -679,3 +679,6 @@ fn remap_flags(flags: &str, from: &Keywords, to: &mut Keywords, mut dropped: imp
     out.dedup();
     out.into_iter().collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -454,3 +454,6 @@ fn append_tail(p: &mut Precopied, tree: &Tree, dst: &Path, now: &Meta) -> Result
     fsx::apply(&out, now, tree.keep_owner.then(|| now.owner())).map_err(err("set metadata of", tree.staging.show(dst)))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -57,11 +57,11 @@ fn key_for(entries: &HashMap<String, Listed>, unique: &str, full: &str) -> Strin
     }
 }
 
-/// A folder's cur/ and new/, opened (None where missing). One replaced by a symlink is never
+/// A folder's cur/ and new/, opened (None where missing). One replaced by a symlink or a file is never
 /// followed: it is reported in `warnings` and counts as missing.
 pub fn open_subdirs(folder: &Dir, warnings: &mut Vec<String>) -> Result<[Option<Dir>; 2], FsError> {
     let open = |sub: Subdir, warnings: &mut Vec<String>| match folder.sub_opt(sub.as_str()) {
-        Err(e @ FsError::Symlink { .. }) => {
+        Err(e) if e.is_planted() => {
             warnings.push(format!("skipped {e}"));
             Ok(None)
         }
@@ -149,3 +149,6 @@ pub fn partial_listing(subs: &[Option<Dir>; 2], changes: &super::watch::Changes,
     listing.touched = Some(touched);
     listing
 }
+
+#[cfg(test)]
+mod tests;

@@ -533,3 +533,6 @@ impl JobContext<'_> {
         Ok(JobResult::Copied(entry(c.size, c.blake3)))
     }
 }
+
+#[cfg(test)]
+mod tests;

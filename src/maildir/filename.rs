@@ -97,3 +97,6 @@ mod tests {
         assert_eq!(with_flags("u", "RS"), "u:2,RS");
     }
 }
+
+#[cfg(test)]
+mod name_tests;

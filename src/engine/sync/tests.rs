@@ -1,0 +1,310 @@
+//! `Tree::apply` on Maildirs made by hand: what each kind of change in the source becomes in
+//! the staged copy, fed by the real listing functions (`discover`, `watch_and_list`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::engine::NoProgress;
+use crate::maildir::folders;
+use crate::maildir::MailLocation;
+use crate::test_support::*;
+
+/// A source Maildir and an empty staging dir, both in one temp dir.
+struct World {
+    _t: tempfile::TempDir,
+    src: PathBuf,
+    staging: PathBuf,
+    pool: rayon::ThreadPool,
+}
+
+impl World {
+    fn new(folders: &[&str]) -> World {
+        let t = tmp();
+        let src = t.path().join("Maildir");
+        make_maildir(&src, folders);
+        let staging = t.path().join("staging");
+        fs::create_dir(&staging).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        World { _t: t, src, staging, pool }
+    }
+
+    fn tree(&self) -> Tree {
+        Tree::new(Dir::open(&self.staging).unwrap(), false)
+    }
+
+    /// One full pass: every folder listed, gone ones as None, applied.
+    fn pass(&self, tree: &mut Tree) -> PassStats {
+        let md = open(&self.src);
+        let known: Vec<Folder> = tree.folders.values().map(|s| s.folder.clone()).collect();
+        let listings = list_all(&md, &known);
+        tree.apply(&md, listings, &self.pool, None, &NoProgress).unwrap()
+    }
+
+    fn staged(&self) -> Vec<String> {
+        message_files(&self.staging).iter().map(|p| p.strip_prefix(&self.staging).unwrap().to_string_lossy().into_owned()).collect()
+    }
+}
+
+/// The tree's entries as staged paths, sorted: must equal the message files in staging.
+fn tracked(tree: &Tree) -> Vec<String> {
+    let mut out: Vec<String> = tree
+        .folders
+        .iter()
+        .flat_map(|(rel, s)| s.entries.values().map(move |e| staged_path(rel, e.sub, &e.name).to_string_lossy().into_owned()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn no_changes() -> PassStats {
+    PassStats::default()
+}
+
+#[test]
+fn new_messages_are_copied_with_size_and_checksum() {
+    let w = World::new(&[".Archive"]);
+    put(&w.src, "cur", "1.M1P1.h,S=10:2,S", &body("1"));
+    put(&w.src, "new", "2.M2P2.h", &body("2"));
+    put(&w.src.join(".Archive"), "cur", "3.M3P3.h:2,", &body("3"));
+    let mut tree = w.tree();
+    let s = w.pass(&mut tree);
+    let bytes: u64 = ["1", "2", "3"].iter().map(|u| body(u).len() as u64).sum();
+    assert_eq!(s, PassStats { copied: 3, bytes, ..no_changes() });
+    assert_eq!(w.staged(), vec![".Archive/cur/3.M3P3.h:2,", "cur/1.M1P1.h,S=10:2,S", "new/2.M2P2.h"]);
+    assert_eq!(tracked(&tree), w.staged());
+    assert_eq!(fs::read(w.staging.join("new/2.M2P2.h")).unwrap(), body("2"));
+    let e = &tree.folders[Path::new("")].entries["1.M1P1.h,S=10"];
+    assert_eq!((e.sub, e.name.as_str(), e.size), (Subdir::Cur, "1.M1P1.h,S=10:2,S", body("1").len() as u64));
+    assert_eq!(e.blake3, blake3_hex(&body("1")));
+    // Folder dirs are made in the staged copy, tmp/ included.
+    assert!(w.staging.join(".Archive/tmp").is_dir());
+    // Nothing changed: nothing done.
+    assert_eq!(w.pass(&mut tree), no_changes());
+}
+
+#[test]
+fn a_flag_change_is_a_rename_in_the_copy_not_a_new_copy() {
+    let w = World::new(&[]);
+    put(&w.src, "cur", "1.M1P1.h:2,", &body("1"));
+    let mut tree = w.tree();
+    w.pass(&mut tree);
+    let staged_ino = ino(&w.staging.join("cur/1.M1P1.h:2,"));
+    fs::rename(w.src.join("cur/1.M1P1.h:2,"), w.src.join("cur/1.M1P1.h:2,FS")).unwrap();
+    let s = w.pass(&mut tree);
+    assert_eq!(s, PassStats { renamed: 1, ..no_changes() });
+    assert_eq!(w.staged(), vec!["cur/1.M1P1.h:2,FS"]);
+    // The very same staged file, renamed: never read again.
+    assert_eq!(ino(&w.staging.join("cur/1.M1P1.h:2,FS")), staged_ino);
+    assert_eq!(tree.folders[Path::new("")].entries["1.M1P1.h"].name, "1.M1P1.h:2,FS");
+    assert_eq!(tracked(&tree), w.staged());
+}
+
+#[test]
+fn new_to_cur_is_a_rename_in_the_copy() {
+    let w = World::new(&[]);
+    put(&w.src, "new", "1.M1P1.h", &body("1"));
+    let mut tree = w.tree();
+    w.pass(&mut tree);
+    let staged_ino = ino(&w.staging.join("new/1.M1P1.h"));
+    fs::rename(w.src.join("new/1.M1P1.h"), w.src.join("cur/1.M1P1.h:2,S")).unwrap();
+    assert_eq!(w.pass(&mut tree), PassStats { renamed: 1, ..no_changes() });
+    assert_eq!(w.staged(), vec!["cur/1.M1P1.h:2,S"]);
+    assert_eq!(ino(&w.staging.join("cur/1.M1P1.h:2,S")), staged_ino);
+    assert_eq!(tree.folders[Path::new("")].entries["1.M1P1.h"].sub, Subdir::Cur);
+}
+
+#[test]
+fn a_removed_message_is_removed_from_the_copy() {
+    let w = World::new(&[]);
+    put(&w.src, "cur", "1.M1P1.h:2,", &body("1"));
+    put(&w.src, "cur", "2.M2P2.h:2,", &body("2"));
+    let mut tree = w.tree();
+    w.pass(&mut tree);
+    fs::remove_file(w.src.join("cur/1.M1P1.h:2,")).unwrap();
+    assert_eq!(w.pass(&mut tree), PassStats { removed: 1, ..no_changes() });
+    assert_eq!(w.staged(), vec!["cur/2.M2P2.h:2,"]);
+    assert_eq!(tracked(&tree), w.staged());
+}
+
+#[test]
+fn a_message_moved_between_folders_is_moved_in_the_copy() {
+    let w = World::new(&[".Archive"]);
+    put(&w.src, "cur", "1.M1P1.h:2,S", &body("1"));
+    let mut tree = w.tree();
+    w.pass(&mut tree);
+    let staged_ino = ino(&w.staging.join("cur/1.M1P1.h:2,S"));
+    // Dovecot's MOVE keeps the unique name.
+    fs::rename(w.src.join("cur/1.M1P1.h:2,S"), w.src.join(".Archive/cur/1.M1P1.h:2,S")).unwrap();
+    assert_eq!(w.pass(&mut tree), PassStats { moved: 1, ..no_changes() });
+    assert_eq!(w.staged(), vec![".Archive/cur/1.M1P1.h:2,S"]);
+    assert_eq!(ino(&w.staging.join(".Archive/cur/1.M1P1.h:2,S")), staged_ino);
+    assert_eq!(tracked(&tree), w.staged());
+}
+
+#[test]
+fn a_renamed_folder_is_moved_and_the_old_one_dropped() {
+    let w = World::new(&[".Old"]);
+    let old = w.src.join(".Old");
+    put(&old, "cur", "1.M1P1.h:2,", &body("1"));
+    put(&old, "new", "2.M2P2.h", &body("2"));
+    let mut tree = w.tree();
+    w.pass(&mut tree);
+    fs::rename(&old, w.src.join(".New")).unwrap();
+    assert_eq!(w.pass(&mut tree), PassStats { moved: 2, ..no_changes() });
+    assert_eq!(w.staged(), vec![".New/cur/1.M1P1.h:2,", ".New/new/2.M2P2.h"]);
+    assert!(!w.staging.join(".Old").exists(), "the gone folder's staged dir is removed");
+    assert!(!tree.folders.contains_key(Path::new(".Old")));
+    assert_eq!(tracked(&tree), w.staged());
+}
+
+#[test]
+fn a_name_that_vanishes_between_listing_and_copy_counts_as_vanished() {
+    let w = World::new(&[".Archive"]);
+    put(&w.src, "cur", "1.M1P1.h:2,", &body("1"));
+    put(&w.src, "cur", "2.M2P2.h:2,", &body("2"));
+    put(&w.src.join(".Archive"), "new", "3.M3P3.h", &body("3"));
+    let md = open(&w.src);
+    let listings = list_all(&md, &[]);
+    // After the listing, before the copy: one expunged, one renamed (flags), and a folder's
+    // new/ removed altogether.
+    fs::remove_file(w.src.join("cur/1.M1P1.h:2,")).unwrap();
+    fs::rename(w.src.join("cur/2.M2P2.h:2,"), w.src.join("cur/2.M2P2.h:2,S")).unwrap();
+    fs::remove_file(w.src.join(".Archive/new/3.M3P3.h")).unwrap();
+    fs::remove_dir(w.src.join(".Archive/new")).unwrap();
+    let mut tree = w.tree();
+    let s = tree.apply(&md, listings, &w.pool, None, &NoProgress).unwrap();
+    assert_eq!(s, PassStats { vanished: 3, ..no_changes() });
+    assert!(w.staged().is_empty());
+    assert!(tracked(&tree).is_empty(), "nothing recorded for what was not copied");
+    // The next pass finds the renamed one.
+    fs::create_dir(w.src.join(".Archive/new")).unwrap();
+    let s = w.pass(&mut tree);
+    assert_eq!((s.copied, s.vanished), (1, 0));
+    assert_eq!(w.staged(), vec!["cur/2.M2P2.h:2,S"]);
+}
+
+#[test]
+fn hard_linked_copies_are_staged_once() {
+    // Dovecot's COPY hard-links the file into the other folder under the same unique name.
+    let w = World::new(&[".Archive", ".Other"]);
+    let a = put(&w.src, "cur", "x.M1P1.h,S=9:2,", &body("x"));
+    fs::hard_link(&a, w.src.join(".Archive/cur/x.M1P1.h,S=9:2,S")).unwrap();
+    fs::hard_link(&a, w.src.join(".Other/new/x.M1P1.h,S=9")).unwrap();
+    let mut tree = w.tree();
+    let s = w.pass(&mut tree);
+    assert_eq!((s.copied, s.linked, s.bytes), (1, 2, body("x").len() as u64));
+    let staged = w.staged();
+    assert_eq!(staged.len(), 3);
+    let inos: std::collections::HashSet<u64> = staged.iter().map(|p| ino(&w.staging.join(p))).collect();
+    assert_eq!(inos.len(), 1, "one copy, linked under every name: {staged:?}");
+    for e in tree.folders.values().flat_map(|s| s.entries.values()) {
+        assert_eq!(e.blake3, blake3_hex(&body("x")));
+    }
+}
+
+/// Root-free equivalent of the Dovecot-driven `a_message_leaving_two_folders_in_one_pass_leaves_no_stale_copy`:
+/// one unique name hard-linked into two folders (COPY), then gone from both before the next pass.
+#[test]
+fn a_message_leaving_two_folders_in_one_pass_leaves_no_stale_copy() {
+    let w = World::new(&[".Archive"]);
+    let x = "1700000002.M2P2.host,S=40";
+    for u in ["1700000001.M1P1.host", "1700000003.M3P3.host"] {
+        put(&w.src, "cur", &format!("{u}:2,"), &body(u));
+        put(&w.src.join(".Archive"), "cur", &format!("{u}.a:2,"), &body(u));
+    }
+    let inbox_x = put(&w.src, "cur", &format!("{x}:2,S"), &body(x));
+    let archive_x = w.src.join(".Archive/cur").join(format!("{x}:2,S"));
+    fs::hard_link(&inbox_x, &archive_x).unwrap();
+    let mut tree = w.tree();
+    w.pass(&mut tree);
+    assert_eq!(w.staged().iter().filter(|p| p.contains(x)).count(), 2);
+
+    // Before the next pass: expunged from INBOX, moved from Archive to INBOX, expunged there.
+    fs::remove_file(&inbox_x).unwrap();
+    let moved = w.src.join("cur").join(format!("{x}:2,S"));
+    fs::rename(&archive_x, &moved).unwrap();
+    fs::remove_file(&moved).unwrap();
+    let s = w.pass(&mut tree);
+    assert_eq!(s, PassStats { removed: 2, ..no_changes() });
+
+    let left: Vec<String> = w.staged().into_iter().filter(|p| p.contains(x)).collect();
+    assert!(left.is_empty(), "a message gone from both folders is still staged (and no longer tracked): {left:?}");
+    assert_eq!(tracked(&tree), w.staged(), "staged message files vs the tree's entries");
+    assert_eq!(w.staged().len(), 4);
+}
+
+/// The same unique name in two folders, both gone, and it turns up in a third: one staged copy
+/// is moved there, the other removed; none is left behind untracked.
+#[test]
+fn a_message_leaving_two_folders_for_a_third_is_moved_once() {
+    let w = World::new(&[".A", ".B", ".C"]);
+    let x = "x.M1P1.h";
+    let in_a = put(&w.src.join(".A"), "cur", &format!("{x}:2,"), &body(x));
+    let in_b = w.src.join(".B/cur").join(format!("{x}:2,"));
+    fs::hard_link(&in_a, &in_b).unwrap();
+    let mut tree = w.tree();
+    w.pass(&mut tree);
+    fs::rename(&in_a, w.src.join(".C/cur").join(format!("{x}:2,F"))).unwrap();
+    fs::remove_file(&in_b).unwrap();
+    let s = w.pass(&mut tree);
+    assert_eq!(s, PassStats { moved: 1, removed: 1, ..no_changes() });
+    assert_eq!(w.staged(), vec![format!(".C/cur/{x}:2,F")]);
+    assert_eq!(tracked(&tree), w.staged());
+}
+
+/// A hard-linked message staged in an earlier pass: a new name for the same inode in another
+/// folder is linked to the earlier copy, not read again.
+#[test]
+fn a_later_link_to_a_staged_file_is_linked_not_copied() {
+    let w = World::new(&[".Archive"]);
+    let a = put(&w.src, "cur", "x.M1P1.h:2,", &body("x"));
+    fs::hard_link(&a, w.src.join("cur/y.M2P2.h:2,")).unwrap();
+    let mut tree = w.tree();
+    assert_eq!(w.pass(&mut tree).copied, 1);
+    fs::hard_link(&a, w.src.join(".Archive/cur/x.M1P1.h:2,S")).unwrap();
+    let s = w.pass(&mut tree);
+    assert_eq!((s.copied, s.linked, s.bytes), (0, 1, 0));
+    assert_eq!(ino(&w.staging.join(".Archive/cur/x.M1P1.h:2,S")), ino(&w.staging.join("cur/x.M1P1.h:2,")));
+}
+
+#[test]
+fn planted_entries_are_skipped_with_a_warning() {
+    let w = World::new(&[]);
+    put(&w.src, "cur", "ok.M1P1.h:2,", &body("ok"));
+    std::os::unix::fs::symlink("/etc/passwd", w.src.join("cur/evil.M2P2.h:2,")).unwrap();
+    nix::unistd::mkfifo(&w.src.join("cur/fifo.M3P3.h:2,"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut tree = w.tree();
+    let s = w.pass(&mut tree);
+    assert_eq!(s.copied, 1);
+    assert_eq!(w.staged(), vec!["cur/ok.M1P1.h:2,"]);
+    let warnings = tree.warnings().join("\n");
+    assert!(warnings.contains("evil.M2P2.h") && warnings.contains("fifo.M3P3.h"), "{warnings}");
+    // Given once, however many passes meet them.
+    w.pass(&mut tree);
+    assert_eq!(tree.warnings().len(), 2, "{:?}", tree.warnings());
+}
+
+#[test]
+fn layout_fs_folders_nest() {
+    let t = tmp();
+    let src = t.path().join("Maildir");
+    make_maildir(&src, &["Archive", "Archive/2024"]);
+    put(&src.join("Archive/2024"), "cur", "1.M1P1.h:2,", &body("1"));
+    let loc = MailLocation { layout: crate::maildir::Layout::Fs, ..MailLocation::plain(&src) };
+    let md = open_at(&loc);
+    let (found, _) = folders::discover(&md).unwrap();
+    assert_eq!(found.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["INBOX", "Archive", "Archive/2024"]);
+    let staging = t.path().join("staging");
+    fs::create_dir(&staging).unwrap();
+    let mut tree = Tree::new(Dir::open(&staging).unwrap(), false);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    tree.apply(&md, list_all(&md, &[]), &pool, None, &NoProgress).unwrap();
+    assert!(staging.join("Archive/2024/cur/1.M1P1.h:2,").is_file());
+    // The child folder goes: the parent (a folder itself) stays.
+    fs::remove_dir_all(src.join("Archive/2024")).unwrap();
+    let known: Vec<Folder> = tree.folders.values().map(|s| s.folder.clone()).collect();
+    let s = tree.apply(&md, list_all(&md, &known), &pool, None, &NoProgress).unwrap();
+    assert_eq!(s.removed, 1);
+    assert!(!staging.join("Archive/2024").exists() && staging.join("Archive/cur").is_dir());
+}

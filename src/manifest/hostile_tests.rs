@@ -1,0 +1,208 @@
+//! A manifest is untrusted input: every way one can be wrong is refused by `read` (with the
+//! line), and `write` never writes one `read` would refuse.
+
+use std::fs;
+
+use super::*;
+use crate::test_support::tmp;
+
+const SUM: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
+
+fn header(folders: u64, messages: u64, bytes: u64) -> Header {
+    Header {
+        format: FORMAT,
+        tool: "test".into(),
+        source: "maildir:/m".into(),
+        layout: Layout::MaildirPlusPlus,
+        taken_at: 1,
+        lock_hold_ms: 0,
+        folders,
+        messages,
+        bytes,
+        bytes_copied: 0,
+        owner: None,
+    }
+}
+
+fn folder(path: &str, name: &str, messages: u64) -> FolderRecord {
+    FolderRecord { path: path.into(), name: name.into(), uidlist_header: None, uidlist_expunged: vec![], uidlist_expunged_partial: false, messages }
+}
+
+fn message(folder: &str, name: &str, size: u64) -> MessageRecord {
+    let n = MessageName::parse(name).unwrap();
+    MessageRecord { folder: folder.into(), dir: Subdir::Cur, name: name.into(), unique: n.unique().into(), flags: n.flags().into(), size, blake3: SUM.into() }
+}
+
+fn good() -> Manifest {
+    Manifest {
+        header: header(2, 2, 30),
+        folders: vec![folder("", "INBOX", 1), folder(".Sent", "Sent", 1)],
+        messages: vec![message("", "a.M1P1.h:2,S", 10), message(".Sent", "b.M2P2.h:2,", 20)],
+    }
+}
+
+/// The lines `write` writes for `m` (written unchecked, as a hostile hand would).
+fn lines_of(m: &Manifest) -> Vec<String> {
+    let mut v = vec![serde_json::to_string(&Record::Backup(m.header.clone())).unwrap()];
+    v.extend(m.folders.iter().map(|f| serde_json::to_string(&Record::Folder(f.clone())).unwrap()));
+    v.extend(m.messages.iter().map(|r| serde_json::to_string(&Record::Message(r.clone())).unwrap()));
+    v
+}
+
+/// Reads a manifest made of `lines`.
+fn read_lines(lines: &[String]) -> Result<Manifest, ManifestError> {
+    let t = tmp();
+    fs::write(t.path().join(MANIFEST_NAME), lines.join("\n") + "\n").unwrap();
+    Manifest::read(&Dir::open(t.path()).unwrap())
+}
+
+/// `read` refuses it at `line` with a message containing `what`, and `write` refuses it too.
+fn refused(m: &Manifest, line: usize, what: &str) {
+    match read_lines(&lines_of(m)) {
+        Err(ManifestError::Bad { line: l, what: w, .. }) => {
+            assert!(w.contains(what), "expected {what:?}, got {w:?}");
+            assert_eq!(l, line, "{w}");
+        }
+        other => panic!("expected a refusal ({what}), got {other:?}"),
+    }
+    let t = tmp();
+    let dir = Dir::open(t.path()).unwrap();
+    assert!(matches!(m.write(&dir), Err(ManifestError::Bad { .. })), "write accepted what read refuses ({what})");
+    assert!(!t.path().join(MANIFEST_NAME).exists());
+}
+
+#[test]
+fn a_good_manifest_round_trips() {
+    let t = tmp();
+    let dir = Dir::open(t.path()).unwrap();
+    good().write(&dir).unwrap();
+    assert_eq!(Manifest::read(&dir).unwrap(), good());
+    assert_eq!(Manifest::read_header(&dir).unwrap(), good().header);
+    // Empty lines are tolerated.
+    let mut lines = lines_of(&good());
+    lines.insert(2, String::new());
+    assert_eq!(read_lines(&lines).unwrap(), good());
+}
+
+#[test]
+fn folder_paths_that_climb_out_or_are_not_folders_are_refused() {
+    for bad in ["..", "../x", "/etc", ".a/../..", ".Sent/..", "Sent", ".a/b", "cur", ".x\n", "./.Sent"] {
+        let mut m = good();
+        m.folders[1].path = bad.into();
+        m.messages[1].folder = bad.into();
+        refused(&m, 3, "folder");
+    }
+    let mut m = good();
+    m.header.layout = Layout::Fs;
+    m.folders[1].path = "a/new".into();
+    m.messages[1].folder = "a/new".into();
+    refused(&m, 3, "not folders");
+}
+
+#[test]
+fn unusable_folder_names_are_refused() {
+    for bad in ["", "Sent\n", "\x1b[2J", &"x".repeat(4097)] {
+        let mut m = good();
+        m.folders[1].name = bad.to_string();
+        refused(&m, 3, "folder name");
+    }
+}
+
+#[test]
+fn message_records_that_name_files_outside_are_refused() {
+    for bad in ["../../etc/passwd", "a/b", "..", "x\ny", ".hidden", ""] {
+        let mut m = good();
+        m.messages[1].name = bad.into();
+        m.messages[1].unique = bad.into();
+        m.messages[1].flags = String::new();
+        refused(&m, 5, "not usable");
+    }
+    // A message whose folder climbs out: refused on its own line.
+    let mut m = good();
+    m.messages[1].folder = "../..".into();
+    refused(&m, 5, "folder");
+}
+
+#[test]
+fn records_that_disagree_with_themselves_are_refused() {
+    let mut m = good();
+    m.messages[0].unique = "other".into();
+    refused(&m, 4, "do not match");
+    let mut m = good();
+    m.messages[0].flags = "FS".into();
+    refused(&m, 4, "do not match");
+    for bad in ["", "abc", &SUM.to_uppercase().replace('A', "G"), &format!("{SUM}00")] {
+        let mut m = good();
+        m.messages[0].blake3 = bad.to_string();
+        refused(&m, 4, "checksum");
+    }
+}
+
+#[test]
+fn counts_that_disagree_are_refused() {
+    let mut m = good();
+    m.header.messages = 3;
+    refused(&m, 1, "the header counts");
+    let mut m = good();
+    m.header.bytes = 31;
+    refused(&m, 1, "bytes");
+    let mut m = good();
+    m.folders[0].messages = 2;
+    refused(&m, 1, "says 2 messages");
+    let mut m = good();
+    m.messages[1].folder = ".Other".into();
+    refused(&m, 1, "which has no record");
+    let mut m = good();
+    m.folders[1].path = String::new();
+    refused(&m, 1, "listed twice");
+    let mut m = good();
+    m.messages[1] = m.messages[0].clone();
+    m.folders = vec![folder("", "INBOX", 2), folder(".Sent", "Sent", 0)];
+    m.header.bytes = 20;
+    refused(&m, 1, "listed twice");
+    let mut m = good();
+    m.messages[0].size = u64::MAX;
+    refused(&m, 1, "overflow");
+}
+
+#[test]
+fn broken_structure_is_refused() {
+    let lines = lines_of(&good());
+    let bad = |lines: Vec<String>, what: &str, line: usize| match read_lines(&lines) {
+        Err(ManifestError::Bad { line: l, what: w, .. }) => assert!(w.contains(what) && l == line, "expected {what:?} at {line}, got {w:?} at {l}"),
+        other => panic!("expected {what}: {other:?}"),
+    };
+    bad(lines[1..].to_vec(), "no backup header", 1);
+    bad(vec![String::new(), String::new()], "no backup header", 3);
+    bad([lines.clone(), vec![lines[0].clone()]].concat(), "a second header", 6);
+    bad([lines.clone(), vec!["{not json".into()]].concat(), "", 6);
+    bad([lines.clone(), vec![r#"{"kind":"other"}"#.into()]].concat(), "", 6);
+    let mut m = good();
+    m.header.format = FORMAT + 1;
+    bad(lines_of(&m), "manifest format", 1);
+}
+
+#[test]
+fn an_oversized_line_is_refused_without_reading_on() {
+    let t = tmp();
+    let mut content = lines_of(&good()).join("\n");
+    content.push('\n');
+    content.push_str(&"x".repeat((LINE_LIMIT + 10) as usize));
+    fs::write(t.path().join(MANIFEST_NAME), content).unwrap();
+    match Manifest::read(&Dir::open(t.path()).unwrap()) {
+        Err(ManifestError::Bad { line: 6, what, .. }) => assert!(what.contains("line longer than"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_manifest_that_is_not_a_regular_file_is_not_read() {
+    let t = tmp();
+    fs::write(t.path().join("elsewhere"), lines_of(&good()).join("\n")).unwrap();
+    std::os::unix::fs::symlink(t.path().join("elsewhere"), t.path().join(MANIFEST_NAME)).unwrap();
+    let dir = Dir::open(t.path()).unwrap();
+    assert!(matches!(Manifest::read(&dir), Err(ManifestError::Fs(FsError::Symlink { .. }))));
+    fs::remove_file(t.path().join(MANIFEST_NAME)).unwrap();
+    nix::unistd::mkfifo(&t.path().join(MANIFEST_NAME), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    assert!(matches!(Manifest::read(&dir), Err(ManifestError::Fs(FsError::NotRegular { .. }))), "a FIFO never blocks us");
+}
