@@ -441,19 +441,27 @@ static bool cmd_maildir_backup_parse_arg(struct doveadm_mail_cmd_context *ctx AT
 }
 #endif
 
-static struct doveadm_mail_cmd_context *cmd_maildir_backup_alloc(void)
+/* What every command's alloc sets up: its init and run, 2.3's short options, a table. */
+static struct doveadm_mail_cmd_context *
+cmd_setup(struct doveadm_mail_cmd_context *ctx, __typeof__(ctx->v.init) init,
+	  __typeof__(ctx->v.run) run, const char *getopt_args ATTR_UNUSED)
 {
-	struct maildir_backup_cmd_context *ctx;
-
-	ctx = doveadm_mail_cmd_alloc(struct maildir_backup_cmd_context);
-	ctx->ctx.v.init = cmd_maildir_backup_init;
-	ctx->ctx.v.run = cmd_maildir_backup_run;
+	ctx->v.init = init;
+	ctx->v.run = run;
 #if !DOVECOT_PREREQ(2,4,0)
-	ctx->ctx.v.parse_arg = cmd_maildir_backup_parse_arg;
-	ctx->ctx.getopt_args = "m:t:j:i";
+	ctx->v.parse_arg = cmd_maildir_backup_parse_arg;
+	ctx->getopt_args = getopt_args;
 #endif
 	doveadm_print_init(DOVEADM_PRINT_TYPE_TABLE);
-	return &ctx->ctx;
+	return ctx;
+}
+
+static struct doveadm_mail_cmd_context *cmd_maildir_backup_alloc(void)
+{
+	struct maildir_backup_cmd_context *bctx =
+		doveadm_mail_cmd_alloc(struct maildir_backup_cmd_context);
+
+	return cmd_setup(&bctx->ctx, cmd_maildir_backup_init, cmd_maildir_backup_run, "m:t:j:i");
 }
 
 static struct doveadm_cmd_ver2 maildir_backup_cmd = {
@@ -567,17 +575,10 @@ static void cmd_maildir_backup_restore_init(INIT_PARAMS)
 
 static struct doveadm_mail_cmd_context *cmd_maildir_backup_restore_alloc(void)
 {
-	struct restore_cmd_context *rctx;
+	struct restore_cmd_context *rctx = doveadm_mail_cmd_alloc(struct restore_cmd_context);
 
-	rctx = doveadm_mail_cmd_alloc(struct restore_cmd_context);
-	rctx->ctx.v.init = cmd_maildir_backup_restore_init;
-	rctx->ctx.v.run = cmd_maildir_backup_restore_run;
-#if !DOVECOT_PREREQ(2,4,0)
-	rctx->ctx.v.parse_arg = cmd_maildir_backup_parse_arg;
-	rctx->ctx.getopt_args = "m:g:U:n";
-#endif
-	doveadm_print_init(DOVEADM_PRINT_TYPE_TABLE);
-	return &rctx->ctx;
+	return cmd_setup(&rctx->ctx, cmd_maildir_backup_restore_init,
+			 cmd_maildir_backup_restore_run, "m:g:U:n");
 }
 
 static struct doveadm_cmd_ver2 maildir_backup_restore_cmd = {
