@@ -11,7 +11,7 @@ pub(crate) mod scan;
 pub(crate) mod sync;
 pub(crate) mod watch;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ use crate::manifest::{FolderRecord, Header, Manifest, ManifestError, MessageReco
 use crate::staging::{Staging, StagingError};
 use crate::sysexits::{self, ExitCode};
 
-pub use reconcile::HeldLocks;
+pub use reconcile::{Busy, HeldLocks};
 pub(crate) use sync::{PassStats, Reuse, Tree};
 
 /// Where a backup's folders come from and how they are locked: walking the Maildir with
@@ -36,7 +36,7 @@ pub(crate) use sync::{PassStats, Reuse, Tree};
 pub trait Mailboxes {
     /// The folders as they are now (asked again during the backup).
     fn folders(&self, md: &Maildir, warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError>;
-    /// Locks every folder's uidlist, all or none; returns when the successful round began.
+    /// Locks every folder's uidlist, all or none; returns when the first of them was taken.
     fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32, warnings: &mut Vec<String>)
         -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError>;
 }
@@ -58,9 +58,8 @@ impl Mailboxes for OnDisk {
     }
 }
 
-/// Rounds of taking every lock before giving up (each after a busy lock let go of all).
-const MAX_LOCK_ROUNDS: u32 = 10;
-/// Listings that may each find new folders to lock while the locks are held.
+/// Listings that may each find new folders to lock while the locks are held (then all are let
+/// go, and the round repeated, until the lock timeout).
 const MAX_NEW_FOLDER_ROUNDS: u32 = 20;
 
 /// Passes under the locks before giving up on a source that keeps renaming (with a warning).
@@ -92,8 +91,8 @@ pub enum BackupError {
     Manifest(#[from] ManifestError),
     #[error("could not lock all folders within {waited:.1?} ({attempts} attempts); last busy: {why}")]
     LockTimeout { waited: Duration, attempts: u32, why: String },
-    #[error("the source kept changing: could not lock all folders in {0} rounds (last: {1})")]
-    Unstable(u32, String),
+    #[error("the source kept changing: could not lock all folders within {waited:.1?} ({rounds} rounds); kept changing: {folders} (last: {why})")]
+    Unstable { waited: Duration, rounds: u32, folders: String, why: String },
 }
 
 impl ExitCode for BackupError {
@@ -107,7 +106,7 @@ impl ExitCode for BackupError {
             BackupError::Io { source, .. } => sysexits::for_io_error(source),
             BackupError::Fs(e) => e.exit_code(),
             BackupError::Manifest(e) => e.exit_code(),
-            BackupError::Unstable(..) | BackupError::LockTimeout { .. } => sysexits::EX_TEMPFAIL,
+            BackupError::Unstable { .. } | BackupError::LockTimeout { .. } => sysexits::EX_TEMPFAIL,
         }
     }
 }
@@ -241,6 +240,32 @@ struct Run<'a> {
     lock_attempts: u32,
 }
 
+/// The folders whose locks kept a round from completing, and how often.
+#[derive(Default)]
+struct Unsettled {
+    rounds: u32,
+    by_folder: BTreeMap<String, u32>,
+    last_why: String,
+}
+
+impl Unsettled {
+    fn note(&mut self, busy: Busy) {
+        self.rounds += 1;
+        *self.by_folder.entry(busy.folder).or_default() += 1;
+        self.last_why = busy.why;
+    }
+
+    /// The exit-75 error: which folders kept changing, the most troublesome first.
+    fn into_error(self, waited: Duration) -> BackupError {
+        let mut counts: Vec<(String, u32)> = self.by_folder.into_iter().collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let shown: Vec<String> = counts.iter().take(10).map(|(f, n)| format!("{f} ({n}×)")).collect();
+        let more = counts.len().saturating_sub(shown.len());
+        let folders = if more > 0 { format!("{} and {more} more", shown.join(", ")) } else { shown.join(", ") };
+        BackupError::Unstable { waited, rounds: self.rounds, folders, why: self.last_why }
+    }
+}
+
 /// What the locked reconcile took: when, and for how long the locks were held.
 struct Reconciled {
     taken_at: i64,
@@ -298,24 +323,28 @@ impl Run<'_> {
     }
 
     /// Catches up, takes every folder's lock, brings the copy to exactly what the source holds
-    /// at that instant, takes the control files, lets go. A lock found busy lets go of all,
-    /// and it all starts again (`MAX_LOCK_ROUNDS` times at most).
+    /// at that instant, takes the control files, lets go. A new folder whose lock stays busy
+    /// lets go of all, and it all starts again, until the lock timeout.
     fn reconcile(&mut self) -> Result<Reconciled, BackupError> {
-        for round in 1..=MAX_LOCK_ROUNDS {
+        let started = Instant::now();
+        let mut unsettled = Unsettled::default();
+        loop {
             self.catch_up()?;
             self.progress.phase("reconciling");
             let mut w = Vec::new();
             let control = reconcile::precopy_control_files(self.md, &self.tree, &mut w)?;
             let found = self.discover()?;
-            let (mut locks, since) = self.mailboxes.lock_all(self.md, &found, self.opts, &mut self.lock_attempts, &mut w)?;
+            let opts = self.opts_with_time_left(started);
+            let (mut locks, since) = self.mailboxes.lock_all(self.md, &found, &opts, &mut self.lock_attempts, &mut w)?;
             self.tree.warn_all(w);
             let (folders, busy) = self.lock_new_folders(locks.as_mut(), found)?;
             let mut w = Vec::new();
-            if let Some(why) = busy {
+            if let Some(busy) = busy {
                 locks.release(&mut w);
                 self.tree.warn_all(w);
-                if round == MAX_LOCK_ROUNDS {
-                    return Err(BackupError::Unstable(round, why));
+                unsettled.note(busy);
+                if started.elapsed() >= self.opts.lock.timeout {
+                    return Err(unsettled.into_error(started.elapsed()));
                 }
                 continue;
             }
@@ -325,28 +354,37 @@ impl Run<'_> {
             self.tree.warn_all(w);
             return Ok(Reconciled { taken_at: result?, held });
         }
-        unreachable!("the last round returns")
+    }
+
+    /// The options, with what is left of the lock timeout since `started`.
+    fn opts_with_time_left(&self, started: Instant) -> BackupOptions {
+        let mut opts = self.opts.clone();
+        opts.lock.timeout = opts.lock.timeout.saturating_sub(started.elapsed());
+        opts
     }
 
     /// Lists the folders again and locks any that appeared since `locked` were locked (one at
     /// a time, holding the others), until a listing finds no new one. Returns the folders now
-    /// locked, and why a new one could not be locked (then all are let go).
-    fn lock_new_folders(&mut self, locks: &mut dyn HeldLocks, mut locked: Vec<Folder>) -> Result<(Vec<Folder>, Option<String>), BackupError> {
+    /// locked, and which new one could not be locked (then all are let go).
+    fn lock_new_folders(&mut self, locks: &mut dyn HeldLocks, mut locked: Vec<Folder>) -> Result<(Vec<Folder>, Option<Busy>), BackupError> {
+        let mut more = Vec::new();
         for _ in 0..MAX_NEW_FOLDER_ROUNDS {
             let now_found = self.discover()?;
-            let more: Vec<Folder> = now_found.iter().filter(|f| !locked.contains(f)).cloned().collect();
+            more = now_found.iter().filter(|f| !locked.contains(f)).cloned().collect();
             if more.is_empty() {
                 return Ok((now_found, None));
             }
             let mut w = Vec::new();
             let added = locks.add(self.md, &more, self.opts, &mut w)?;
             self.tree.warn_all(w);
-            if let Err(why) = added {
-                return Ok((now_found, Some(why)));
+            if let Err(busy) = added {
+                return Ok((now_found, Some(busy)));
             }
-            locked.extend(more);
+            locked.extend(more.iter().cloned());
         }
-        Ok((locked, Some(format!("folders were still being created after {MAX_NEW_FOLDER_ROUNDS} listings"))))
+        let names: Vec<&str> = more.iter().map(|f| f.name.as_str()).collect();
+        let why = format!("folders were still being created after {MAX_NEW_FOLDER_ROUNDS} listings");
+        Ok((locked, Some(Busy { folder: names.join(", "), why })))
     }
 
     /// Under the locks: looks again until a pass finds nothing more (a name that vanished

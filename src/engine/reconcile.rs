@@ -30,11 +30,18 @@ pub trait HeldLocks {
     /// Refreshes the locks so a long reconcile never looks stale.
     fn touch(&self) {}
     /// Also locks `more`, folders that appeared after the locks were taken, waiting only a
-    /// moment for each (`NEXT_LOCK_WAIT`): Ok(Err(why)) if one stays busy.
+    /// moment for each (`NEXT_LOCK_WAIT`): Ok(Err(busy)) if one stays busy.
     fn add(&mut self, md: &Maildir, more: &[Folder], opts: &BackupOptions, warnings: &mut Vec<String>)
-        -> Result<Result<(), String>, BackupError>;
+        -> Result<Result<(), Busy>, BackupError>;
     /// Releases everything; warnings say if a lock was taken from us.
     fn release(self: Box<Self>, warnings: &mut Vec<String>);
+}
+
+/// A folder whose lock stayed busy, and what held it.
+#[derive(Debug, Clone)]
+pub struct Busy {
+    pub folder: String,
+    pub why: String,
 }
 
 fn jitter(attempt: u32) -> Duration {
@@ -44,10 +51,12 @@ fn jitter(attempt: u32) -> Duration {
     Duration::from_millis(base + u64::from(u16::from_ne_bytes(b)) % (50 + base * 2))
 }
 
-/// Takes `n` locks all or none. `try_one(i, wait)` gives the lock (dropping it releases it),
+/// Takes `n` locks all or none. `try_one(i, wait)` gives lock `i` (dropping it releases it),
 /// or `Err(why)` if it is busy after `wait`. If one is busy, all taken are released and the
 /// round repeated after a random pause, until `timeout`: never hold one while waiting for
-/// another that Dovecot holds. Returns the locks and when the successful round began.
+/// another that Dovecot holds. The lock found busy is tried first in the next round, with the
+/// long wait of a round's first lock (holding none then), so that a folder Dovecot keeps busy
+/// cannot fail every round at its 20 ms. Returns the locks and when the first was taken.
 pub fn lock_all_or_none<T>(
     n: usize,
     timeout: Duration,
@@ -57,27 +66,36 @@ pub fn lock_all_or_none<T>(
     let started = Instant::now();
     // A timeout too large to represent means: keep trying (for a century).
     let deadline = started.checked_add(timeout).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
+    let mut order: Vec<usize> = (0..n).collect();
     loop {
         *attempts += 1;
-        let since = Instant::now();
+        // The hold begins with the first lock taken (waiting for it holds nothing).
+        let mut since = Instant::now();
         let mut held = Vec::with_capacity(n);
         let mut busy = None;
-        for i in 0..n {
+        for (pos, &i) in order.iter().enumerate() {
             let per_lock = if held.is_empty() { FIRST_LOCK_WAIT } else { NEXT_LOCK_WAIT };
             let wait = deadline.saturating_duration_since(Instant::now()).min(per_lock);
             match try_one(i, wait)? {
-                Ok(lock) => held.push(lock),
+                Ok(lock) => {
+                    if held.is_empty() {
+                        since = Instant::now();
+                    }
+                    held.push(lock)
+                }
                 Err(why) => {
-                    busy = Some(why);
+                    busy = Some((pos, why));
                     break;
                 }
             }
         }
-        let Some(why) = busy else { return Ok((held, since)) };
+        let Some((pos, why)) = busy else { return Ok((held, since)) };
         drop(held);
         if Instant::now() >= deadline {
             return Err(BackupError::LockTimeout { waited: started.elapsed(), attempts: *attempts, why });
         }
+        let first = order.remove(pos);
+        order.insert(0, first);
         std::thread::sleep(jitter(*attempts).min(deadline.saturating_duration_since(Instant::now())));
     }
 }
@@ -90,7 +108,7 @@ pub struct DotLockSet {
 
 impl HeldLocks for DotLockSet {
     fn add(&mut self, md: &Maildir, more: &[Folder], opts: &BackupOptions, warnings: &mut Vec<String>)
-        -> Result<Result<(), String>, BackupError> {
+        -> Result<Result<(), Busy>, BackupError> {
         for f in more {
             let Some(dir) = control_dir_to_lock(md, f, warnings)? else { continue };
             match lock_one(&dir, &opts.lock, NEXT_LOCK_WAIT)? {
@@ -99,7 +117,7 @@ impl HeldLocks for DotLockSet {
                     self.locks.push(l);
                 }
                 Ok(None) => {}
-                Err(why) => return Ok(Err(why)),
+                Err(why) => return Ok(Err(Busy { folder: f.name.clone(), why })),
             }
         }
         Ok(Ok(()))

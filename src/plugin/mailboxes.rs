@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{ffi, opt_str, row, report_error};
 use crate::engine::reconcile::{lock_all_or_none, NEXT_LOCK_WAIT};
-use crate::engine::{BackupError, BackupOptions, HeldLocks, Mailboxes};
+use crate::engine::{BackupError, BackupOptions, Busy, HeldLocks, Mailboxes};
 use crate::maildir::folders::{folder_name, is_maildir};
 use crate::maildir::{Folder, MailLocation, Maildir};
 use crate::sysexits;
@@ -120,12 +120,12 @@ impl HeldLocks for DovecotLocks<'_> {
         }
     }
     fn add(&mut self, md: &Maildir, more: &[Folder], _opts: &BackupOptions, _warnings: &mut Vec<String>)
-        -> Result<Result<(), String>, BackupError> {
+        -> Result<Result<(), Busy>, BackupError> {
         for (f, i) in self.boxes.indexes(more) {
             match self.boxes.try_lock(md, f, i, NEXT_LOCK_WAIT)? {
                 Ok(true) => self.held.push(i),
                 Ok(false) => {}
-                Err(why) => return Ok(Err(why)),
+                Err(why) => return Ok(Err(Busy { folder: f.name.clone(), why })),
             }
         }
         Ok(Ok(()))
