@@ -348,11 +348,15 @@ impl Run<'_> {
                 }
                 continue;
             }
+            self.tree.defer_big_copies(true);
             let result = self.settle(&folders, locks.as_ref(), control, &mut w);
             locks.release(&mut w);
             let held = since.elapsed();
+            self.tree.defer_big_copies(false);
             self.tree.warn_all(w);
-            return Ok(Reconciled { taken_at: result?, held });
+            let taken_at = result?;
+            self.total.add(&self.tree.copy_deferred(&self.pool, self.progress)?);
+            return Ok(Reconciled { taken_at, held });
         }
     }
 

@@ -17,6 +17,12 @@ use crate::maildir::{Folder, Maildir, MessageName, Subdir, FOLDER_CONTROL_FILES,
 
 /// Warnings kept for the report; a Maildir full of planted files must not flood the log.
 const MAX_WARNINGS: usize = 1000;
+/// While the locks are held, a new message at least this big is only opened, and copied once
+/// they are let go: a message file never changes, so the file opened under the locks is the
+/// message as it was at the instant, and users do not wait for its copy.
+const DEFER_FROM: u64 = 256 * 1024;
+/// Deferred copies at most (each holds two descriptors); past it, copied at once.
+const MAX_DEFERRED: usize = 64;
 
 /// A message as it is in the staged copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +58,20 @@ pub struct Tree {
     /// which the other names are hard-linked to, and the file's stamp (an inode number is
     /// reused once the file is gone). A backup never costs more than its source.
     shared: HashMap<(u64, u64), ((PathBuf, String), Stamp)>,
+    /// Whether big new messages are to be deferred (see `DEFER_FROM`), and those that were.
+    deferring: bool,
+    deferred: Vec<Deferred>,
+}
+
+/// A copy left for after the locks: the source as opened under them, and the staged file
+/// made for it then (renamed or removed by later passes like any other).
+struct Deferred {
+    rel: PathBuf,
+    key: String,
+    input: fsx::ReadFile,
+    out: std::fs::File,
+    shown: PathBuf,
+    owner: Option<fsx::Owner>,
 }
 
 /// Size and modification time: what tells a file from a later one that got its inode number.
@@ -214,6 +234,8 @@ struct CopyJob {
 
 enum JobResult {
     Copied(Entry),
+    /// Staged empty, to be filled once the locks are let go (size known, checksum not yet).
+    Deferred(Entry, Deferred),
     Linked(Entry),
     Vanished,
     /// Not a message we may read (planted): the warning to give.
@@ -226,7 +248,52 @@ fn staged_path(rel: &Path, sub: Subdir, name: &str) -> PathBuf {
 
 impl Tree {
     pub fn new(staging: Dir, keep_owner: bool) -> Tree {
-        Tree { staging, folders: BTreeMap::new(), keep_owner, warnings: Vec::new(), warned: HashSet::new(), unshown: 0, shared: HashMap::new() }
+        Tree {
+            staging,
+            folders: BTreeMap::new(),
+            keep_owner,
+            warnings: Vec::new(),
+            warned: HashSet::new(),
+            unshown: 0,
+            shared: HashMap::new(),
+            deferring: false,
+            deferred: Vec::new(),
+        }
+    }
+
+    /// From now on (while the locks are held), big new messages are only opened and staged
+    /// empty; `copy_deferred` fills them.
+    pub fn defer_big_copies(&mut self, on: bool) {
+        self.deferring = on;
+    }
+
+    /// Fills the staged files of the deferred copies (in parallel) and records their checksums.
+    pub fn copy_deferred(&mut self, pool: &rayon::ThreadPool, progress: &dyn Progress) -> Result<PassStats, BackupError> {
+        let mut deferred = std::mem::take(&mut self.deferred);
+        let copied: Vec<Result<fsx::Copied, BackupError>> = pool.install(|| {
+            deferred
+                .par_iter_mut()
+                .map(|d| {
+                    let c = fsx::copy_file(&mut d.input, &d.out, d.owner).map_err(|fail| copy_fail(&d.input.path, &d.shown, fail))?;
+                    progress.advance(0, c.size);
+                    Ok(c)
+                })
+                .collect()
+        });
+        let mut stats = PassStats::default();
+        for (d, c) in deferred.iter().zip(copied) {
+            let c = c?;
+            stats.bytes += c.size;
+            // Where a later pass left it: still in its folder, moved to another (same key), or
+            // removed (then nothing to record). Only deferred entries lack a checksum.
+            let home = self.folders.get_mut(&d.rel).and_then(|s| s.entries.get_mut(&d.key)).filter(|e| e.blake3.is_empty()).is_some();
+            let holders = self.folders.iter_mut().filter(|(rel, _)| !home || **rel == d.rel);
+            for e in holders.filter_map(|(_, s)| s.entries.get_mut(&d.key)).filter(|e| e.blake3.is_empty()) {
+                e.size = c.size;
+                e.blake3 = c.blake3.clone();
+            }
+        }
+        Ok(stats)
     }
 
     /// Records a warning once, however many passes meet the same thing.
@@ -412,6 +479,11 @@ impl Tree {
                     stats.bytes += e.size;
                     state.entries.insert(job.key, e);
                 }
+                JobResult::Deferred(e, d) => {
+                    stats.copied += 1;
+                    state.entries.insert(job.key, e);
+                    self.deferred.push(d);
+                }
                 JobResult::Linked(e) => {
                     stats.linked += 1;
                     state.entries.insert(job.key, e);
@@ -446,6 +518,8 @@ impl Tree {
             dirs.push((src, [self.staging.sub(rel.join("cur"))?, self.staging.sub(rel.join("new"))?]));
         }
         let all: Vec<(usize, &CopyJob)> = batch.iter().enumerate().flat_map(|(i, (_, js))| js.iter().map(move |j| (i, j))).collect();
+        let slots = std::sync::atomic::AtomicUsize::new(MAX_DEFERRED.saturating_sub(self.deferred.len()));
+        let defer_slots = self.deferring.then_some(&slots);
         Ok(pool.install(|| {
             all.par_iter()
                 .map(|&(f, job)| {
@@ -453,13 +527,15 @@ impl Tree {
                     let i = job.listed.sub.index();
                     let r = match &src[i] {
                         Some(s) => {
-                            let ctx = JobContext { rel: &batch[f].0, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, reuse, shared };
+                            let ctx = JobContext { rel: &batch[f].0, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, reuse, shared, defer_slots };
                             ctx.run(job)
                         }
                         None => Ok(JobResult::Vanished),
                     };
-                    if let Ok(JobResult::Copied(e) | JobResult::Linked(e)) = &r {
-                        progress.advance(1, e.size);
+                    match &r {
+                        Ok(JobResult::Copied(e) | JobResult::Linked(e)) => progress.advance(1, e.size),
+                        Ok(JobResult::Deferred(..)) => progress.advance(1, 0),
+                        _ => {}
                     }
                     r
                 })
@@ -480,9 +556,17 @@ struct JobContext<'a> {
     keep_owner: bool,
     reuse: Option<&'a dyn Reuse>,
     shared: &'a SharedInodes<'a>,
+    /// Copies that may still be deferred in this pass (None: none may).
+    defer_slots: Option<&'a std::sync::atomic::AtomicUsize>,
 }
 
 impl JobContext<'_> {
+    /// Takes a deferral slot for a file of `size` bytes, if it is big and one is left.
+    fn may_defer(&self, size: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        size >= DEFER_FROM && self.defer_slots.is_some_and(|s| s.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok())
+    }
+
     fn run(&self, job: &CopyJob) -> Result<JobResult, BackupError> {
         let name = job.listed.name.as_str();
         let entry = |size, blake3| Entry { sub: job.listed.sub, name: name.to_string(), size, blake3 };
@@ -519,12 +603,14 @@ impl JobContext<'_> {
         }
         let out = self.dst.create(name, 0o600)?;
         let owner = self.keep_owner.then(|| input.meta.owner());
+        if claim.is_none() && self.may_defer(input.meta.size()) {
+            let size = input.meta.size();
+            let d = Deferred { rel: self.rel.to_path_buf(), key: job.key.clone(), shown: self.dst.show(name), input, out, owner };
+            return Ok(JobResult::Deferred(entry(size, String::new()), d));
+        }
         let c = fsx::copy_file(&mut input, &out, owner).map_err(|fail| {
             let _ = self.dst.unlink(name);
-            BackupError::Fs(match fail {
-                fsx::CopyFail::Source(e) => FsError::Io { op: "read message", path: input.path.clone(), source: e },
-                fsx::CopyFail::Dest(e) => FsError::Io { op: "write backup copy", path: self.dst.show(name), source: e },
-            })
+            copy_fail(&input.path, &self.dst.show(name), fail)
         })?;
         if let Some(claim) = claim {
             let at = (self.rel.to_path_buf(), job.key.clone());
@@ -532,6 +618,13 @@ impl JobContext<'_> {
         }
         Ok(JobResult::Copied(entry(c.size, c.blake3)))
     }
+}
+
+fn copy_fail(from: &Path, to: &Path, fail: fsx::CopyFail) -> BackupError {
+    BackupError::Fs(match fail {
+        fsx::CopyFail::Source(e) => FsError::Io { op: "read message", path: from.to_path_buf(), source: e },
+        fsx::CopyFail::Dest(e) => FsError::Io { op: "write backup copy", path: to.to_path_buf(), source: e },
+    })
 }
 
 #[cfg(test)]
