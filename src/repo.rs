@@ -316,19 +316,52 @@ pub fn plan_prune(snaps: &[Snapshot], policy: KeepPolicy) -> (Vec<Snapshot>, Vec
     (keep, remove)
 }
 
+/// What a snapshot being removed is renamed to: `.<name>.maildir-backup-deleting`.
+const DELETING_SUFFIX: &str = ".maildir-backup-deleting";
+
 /// Removes a snapshot of `series`: renamed away first (so it vanishes at once), then
 /// deleted. Other snapshots are unaffected: each is a full tree, shared files are only hard links.
 pub fn remove_snapshot(series: &Dir, snap: &Snapshot) -> Result<(), RepoError> {
-    let doomed = format!(".{}.maildir-backup-deleting", snap.name);
+    let doomed = format!(".{}{DELETING_SUFFIX}", snap.name);
     series.remove_tree(&doomed)?; // left by an interrupted prune
     series.rename_dir_noreplace(OsStr::new(&snap.name), OsStr::new(&doomed))?;
     series.remove_tree(&doomed)?;
     Ok(())
 }
 
+/// Finishes the removals a killed prune left half done (snapshots already renamed away, so
+/// no longer listed); returns how many.
+pub fn finish_interrupted_removals(series: &Dir) -> Result<usize, RepoError> {
+    let mut done = 0;
+    for e in series.list()? {
+        let Some(name) = e.name.to_str() else { continue };
+        let interrupted = name.strip_prefix('.').and_then(|n| n.strip_suffix(DELETING_SUFFIX)).is_some_and(|n| parse_time(n).is_some());
+        if interrupted && e.kind == fsx::Kind::Dir {
+            series.remove_tree(name)?;
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interrupted_removal_is_finished_by_the_next_prune() {
+        let t = tempfile::tempdir().unwrap();
+        for name in ["2026-01-01T010000Z", ".2026-01-02T010000Z.maildir-backup-deleting", ".other.maildir-backup-deleting", ".2026-01-03T010000Z.maildir-backup-staging"] {
+            std::fs::create_dir_all(t.path().join(name).join("cur")).unwrap();
+        }
+        std::fs::write(t.path().join(".2026-01-04T010000Z.maildir-backup-deleting"), b"a file").unwrap();
+        let series = Dir::open(t.path()).unwrap();
+        assert_eq!(finish_interrupted_removals(&series).unwrap(), 1);
+        let mut left: Vec<String> = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        // Only our own half-removed snapshot goes; nothing else is touched.
+        assert_eq!(left, [".2026-01-03T010000Z.maildir-backup-staging", ".2026-01-04T010000Z.maildir-backup-deleting", ".other.maildir-backup-deleting", "2026-01-01T010000Z"]);
+    }
 
     fn snap(s: &str) -> Snapshot {
         Snapshot { name: s.into(), path: PathBuf::from(s), time: parse_time(s).unwrap() }

@@ -114,6 +114,12 @@ pub fn run_prune(a: PruneArgs) -> Outcome {
 /// Prunes one series, printing what it keeps and removes. Goes on past a snapshot it cannot
 /// remove (said on stderr): returns 0, or the exit code of the last such failure.
 fn prune_series(s: &Series, keep: KeepPolicy, dry_run: bool) -> Result<i32, repo::RepoError> {
+    if !dry_run {
+        let finished = repo::finish_interrupted_removals(&s.dir)?;
+        if finished > 0 {
+            println!("finished {finished} removal(s) an interrupted prune left in {}", s.dir.path().display());
+        }
+    }
     let (kept, doomed) = repo::plan_prune(&s.snapshots()?, keep);
     for k in &kept {
         println!("keep   {}", k.path.display());
