@@ -119,8 +119,11 @@ impl Staging {
             }
             Err(e) => return Err(e.into()),
         }
-        let _ = self.parent.sync();
         self.published = true;
+        // Published either way; only its survival of a crash is in doubt.
+        if let Err(e) = self.parent.sync() {
+            crate::warnings::defer(format!("published {}, but {e}: it may not survive a crash of this machine", self.parent.show(&self.dest).display()));
+        }
         Ok(())
     }
 }
