@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use support::churn::{self, Churn, ChurnOptions, Tracker};
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
 const USER: &str = "alice";
 const FOLDERS: &[&str] = &["INBOX", "Work", "Lists", "Archive"];
 const PER_FOLDER: usize = 200;

@@ -28,9 +28,9 @@ use nix::unistd::Pid;
 use support::churn::{self, Churn, ChurnOptions, Tracker};
 use support::dovecot24::{chown_vmail_recursive_root, tempdir_in_root};
 use support::plugin24::*;
-use support::plugin_users::{assert_verified, read_manifest, vmail_tempdir, LockHolder, Run, EX_CONFIG, EX_TEMPFAIL, EX_USAGE};
+use support::plugin_users::{assert_verified, read_manifest, vmail_tempdir, LockHolder};
 use support::repo_helpers::{mid_flags, take_snapshot};
-use support::procs::{build_hold_shim, files_in, host, mb, run_cmd, run_maildirlock, secs, spawn, wait_until};
+use support::procs::{build_hold_shim, files_in, host, mb, run_maildirlock, secs, spawn, wait_until};
 use support::*;
 
 const LOCK: &str = "dovecot-uidlist.lock";
@@ -227,7 +227,7 @@ fn d24_lock_held_by_dovecot_times_out_75() {
     let ino = fs::metadata(&lock).unwrap().ino();
     let mut cmd = mb();
     cmd.arg("lock").args(["--timeout", "2"]).arg(&control).arg("--").arg("touch").arg(&ran);
-    let done = run_cmd(cmd);
+    let done = Run::of(cmd);
     let after = (fs::read_to_string(&lock).ok(), fs::metadata(&lock).map(|m| m.ino()).ok());
     let select_done_early = imap.poll_tagged(&tag, secs(0.1)).is_some();
     release();
@@ -245,7 +245,7 @@ fn d24_lock_held_by_dovecot_times_out_75() {
     assert!(wait_until(secs(5.0), || !lock.exists()), "Dovecot did not remove its lock");
     let mut cmd = mb();
     cmd.arg("lock").args(["--timeout", "5"]).arg(&control).arg("--").arg("touch").arg(&ran);
-    let done = run_cmd(cmd);
+    let done = Run::of(cmd);
     assert_eq!(done.code(), Some(0), "{}", done.show());
     assert!(ran.exists());
     imap.logout();
@@ -320,7 +320,7 @@ fn d24_cli_backups_under_imap_churn() {
         let start = tracker.tick();
         let mut cmd = mb();
         cmd.args(source_args(&dest));
-        let r = run_cmd(cmd);
+        let r = Run::of(cmd);
         let end = tracker.tick();
         ops_during += churn.ops() - ops0;
         assert_eq!(r.code(), Some(0), "{}", r.show());
@@ -343,7 +343,7 @@ fn d24_cli_backups_under_imap_churn() {
     for (dest, start, end) in &runs {
         let mut cmd = mb();
         cmd.arg("verify").arg(dest);
-        let v = run_cmd(cmd);
+        let v = Run::of(cmd);
         assert_eq!(v.code(), Some(0), "{}", v.show());
         let tmp = churn::files_under_tmp(dest);
         assert!(tmp.is_empty(), "{}: files in tmp/: {tmp:?}", dest.display());
@@ -361,7 +361,7 @@ fn d24_cli_backups_under_imap_churn() {
     let src: BTreeMap<&str, Vec<(u32, String)>> = CHURN_FOLDERS.iter().map(|f| (*f, d.fetch_uid_flags("alice", f, None))).collect();
     let mut cmd = mb();
     cmd.args(source_args(&dest));
-    let r = run_cmd(cmd);
+    let r = Run::of(cmd);
     assert_eq!(r.code(), Some(0), "{}", r.show());
     let json: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("--json output ({e}): {}", r.show()));
     assert_eq!(json["messages"].as_u64(), Some(src.values().map(|v| v.len() as u64).sum()), "{}", r.stdout);
@@ -421,7 +421,7 @@ fn d24_plugin_user_backups_under_churn() {
         let manifest = read_manifest(dest);
         let printed = rows_by_user(&r.json_rows()).remove("alice").unwrap_or_default();
         let recorded: BTreeMap<String, u64> = manifest.folders.iter().map(|f| (f.name.clone(), f.messages)).collect();
-        assert_eq!(printed, recorded, "{}", r.describe());
+        assert_eq!(printed, recorded, "{}", r.show());
     }
     eprintln!("d24_plugin_user_backups_under_churn: {:.1?}", t0.elapsed());
 }
@@ -472,7 +472,7 @@ fn d24_plugin_all_users_split_dirs_and_fs_layout() {
     let rows = r.json_rows();
     let by_user = rows_by_user(&rows);
     let users: BTreeSet<&str> = by_user.keys().map(String::as_str).collect();
-    assert_eq!(users, ["alice", "bob", "carol", "dave"].into_iter().collect(), "{}", r.describe());
+    assert_eq!(users, ["alice", "bob", "carol", "dave"].into_iter().collect(), "{}", r.show());
     for row in &rows {
         for k in ["user", "mailbox", "messages", "bytes", "lock_ms", "status"] {
             assert!(row.contains_key(k), "row {row:?} lacks {k}");
@@ -500,7 +500,7 @@ fn d24_plugin_all_users_split_dirs_and_fs_layout() {
                 (rel.to_string_lossy().trim_end_matches('/').to_string(), *n)
             })
             .collect();
-        assert_eq!(printed, recorded, "{user}: JSON rows (left) vs manifest folders (right), by directory\n{}", r.describe());
+        assert_eq!(printed, recorded, "{user}: JSON rows (left) vs manifest folders (right), by directory\n{}", r.show());
         assert!(m.header.source.contains(&cp(&mail_root)), "{user}: manifest source {:?}", m.header.source);
         if user == "bob" {
             assert!(m.header.source.contains(&format!("{c}/ctl/bob")), "bob: manifest source {:?}", m.header.source);
@@ -610,7 +610,7 @@ fn d24_full_restore_into_a_fresh_user() {
     let target = d.maildir("fresh");
     let mut cmd = mb();
     cmd.arg("restore").arg(&snapshot).arg(&target);
-    let r = run_cmd(cmd);
+    let r = Run::of(cmd);
     assert_eq!(r.code(), Some(0), "{}", r.show());
     assert!(r.stdout.starts_with("full restore"), "{}", r.show());
     chown_vmail_recursive_root(&d.dir().join("mail/fresh"));
@@ -680,8 +680,8 @@ fn d24_plugin_restore_merges_expunged_messages() {
     let (d, _out, repo_arg, before) = snapshot_then_expunge();
     let r = run24(&d, &["-f", "json", "maildir-backup-restore", "-u", "alice", &repo_arg]);
     r.expect_ok();
-    assert_eq!(restored_count(&r), 4, "{}", r.describe());
-    assert!(r.json_rows().iter().all(|row| row["mode"] == "merge" && row["user"] == "alice"), "{}", r.describe());
+    assert_eq!(restored_count(&r), 4, "{}", r.show());
+    assert!(r.json_rows().iter().all(|row| row["mode"] == "merge" && row["user"] == "alice"), "{}", r.show());
     let mut imap = d.imap("alice");
     for f in ["INBOX", "Sent"] {
         imap.select(f).unwrap();
@@ -713,7 +713,7 @@ fn d24_plugin_restore_twice_adds_nothing() {
     let (d, _out, repo_arg, before) = snapshot_then_expunge();
     let r1 = run24(&d, &["-f", "json", "maildir-backup-restore", "-u", "alice", &repo_arg]);
     r1.expect_ok();
-    assert_eq!(restored_count(&r1), 4, "{}", r1.describe());
+    assert_eq!(restored_count(&r1), 4, "{}", r1.show());
     let r2 = run24(&d, &["-f", "json", "maildir-backup-restore", "-u", "alice", &repo_arg]);
     r2.expect_ok();
     let mut imap = d.imap("alice");
@@ -724,7 +724,7 @@ fn d24_plugin_restore_twice_adds_nothing() {
     }
     imap.logout();
     eprintln!("restore 1: {:.2?}, restore 2: {:.2?}; (folder, before, after): {counts:?}", r1.elapsed, r2.elapsed);
-    assert_eq!(restored_count(&r2), 0, "the second restore restored again; (folder, messages before, after): {counts:?}\n{}", r2.describe());
+    assert_eq!(restored_count(&r2), 0, "the second restore restored again; (folder, messages before, after): {counts:?}\n{}", r2.show());
     assert!(counts.iter().all(|(_, b, a)| b == a), "duplicates: {counts:?}");
     eprintln!("d24_plugin_restore_twice_adds_nothing: {:.1?}", t0.elapsed());
 }
@@ -747,14 +747,14 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 
 /// Checks that doveadm (with `-D`) refused our module and said why, and that it did not crash.
 fn assert_refused(r: &Run, what: &str) {
-    assert!(!r.stderr.contains("Panic") && !r.stderr.contains("Fatal"), "{what}: doveadm crashed:\n{}", r.describe());
+    assert!(!r.stderr.contains("Panic") && !r.stderr.contains("Fatal"), "{what}: doveadm crashed:\n{}", r.show());
     let line = r.stderr.lines().find(|l| l.contains("doveadm_maildir_backup_plugin") || l.contains(support::plugin::PLUGIN_FILE));
-    let Some(line) = line else { panic!("{what}: doveadm -D does not mention our module:\n{}", r.describe()) };
+    let Some(line) = line else { panic!("{what}: doveadm -D does not mention our module:\n{}", r.show()) };
     assert!(
         line.contains("Module is for different ABI version") || (line.contains("dlopen() failed") && line.contains("undefined symbol")),
         "{what}: refused for another reason: {line}"
     );
-    assert!(!r.stderr.contains("Module loaded:"), "{what}: a module was loaded:\n{}", r.describe());
+    assert!(!r.stderr.contains("Module loaded:"), "{what}: a module was loaded:\n{}", r.show());
     eprintln!("{what}: {line}");
 }
 
@@ -783,11 +783,11 @@ fn d24_cross_release_plugins_are_refused_cleanly() {
     // 2.3's plugin in 2.4's doveadm.
     let r = run24_with_module_dir(&d24, m23, &["-D", "mailbox", "list", "-u", "alice"]);
     r.expect_ok();
-    assert!(r.stdout.lines().any(|l| l == "Sent"), "{}", r.describe());
+    assert!(r.stdout.lines().any(|l| l == "Sent"), "{}", r.show());
     assert_refused(&r, "2.3 plugin in 2.4 doveadm");
     let r = run24_with_module_dir(&d24, m23, &["mailbox", "list", "-u", "alice"]);
     r.expect_ok();
-    assert!(!r.stderr.contains("Error") && !r.stderr.contains("Fatal"), "{}", r.describe());
+    assert!(!r.stderr.contains("Error") && !r.stderr.contains("Fatal"), "{}", r.show());
     let out24 = tempdir_in_root();
     vmail_dir24(out24.path());
     run24_with_module_dir(&d24, m23, &["maildir-backup", "-u", "alice", &cp(&out24.path().join("x"))]).expect_code(EX_USAGE).expect_stderr(&["usage"]);
@@ -798,11 +798,11 @@ fn d24_cross_release_plugins_are_refused_cleanly() {
     // 2.4's plugin in 2.3's doveadm.
     let r = run23_with_module_dir(&d23, m24, &["-D", "mailbox", "list", "-u", "alice"]);
     r.expect_ok();
-    assert!(r.stdout.lines().any(|l| l == "Sent"), "{}", r.describe());
+    assert!(r.stdout.lines().any(|l| l == "Sent"), "{}", r.show());
     assert_refused(&r, "2.4 plugin in 2.3 doveadm");
     let r = run23_with_module_dir(&d23, m24, &["mailbox", "list", "-u", "alice"]);
     r.expect_ok();
-    assert!(!r.stderr.contains("Error") && !r.stderr.contains("Fatal"), "{}", r.describe());
+    assert!(!r.stderr.contains("Error") && !r.stderr.contains("Fatal"), "{}", r.show());
     let out23 = vmail_tempdir();
     run23_with_module_dir(&d23, m24, &["maildir-backup", "-u", "alice", &out23.path().join("x").display().to_string()]).expect_code(EX_USAGE).expect_stderr(&["usage"]);
     run23_with_module_dir(&d23, m23, &["maildir-backup", "-u", "alice", &out23.path().join("ok").display().to_string()]).expect_ok();

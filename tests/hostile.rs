@@ -65,6 +65,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::hostile::*;
+use support::EX_DATAERR;
 use support::repo_helpers::{assert_same_tree, tree_listing};
 
 type Hashes = std::collections::BTreeMap<String, usize>;

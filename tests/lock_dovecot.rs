@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::procs::{build_hold_shim, files_in, host, lock_cmd, run, run_maildirlock, secs, spawn, wait_until};
-use support::{message, Dovecot, DovecotOptions, Imap};
+use support::{message, Dovecot, DovecotOptions, Imap, EX_TEMPFAIL};
 
 const LOCK: &str = "dovecot-uidlist.lock";
-const EX_TEMPFAIL: i32 = 75;
 
 // ---------------------------------------------------------------------------------------------
 // helpers

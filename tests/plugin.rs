@@ -140,7 +140,7 @@ fn backups_under_imap_churn_lose_nothing() {
         let rows = r.json_rows();
         let printed: BTreeMap<String, u64> = rows.iter().map(|r| (r["mailbox"].clone(), r["messages"].parse().unwrap())).collect();
         let recorded: BTreeMap<String, u64> = manifest.folders.iter().map(|f| (f.name.clone(), f.messages)).collect();
-        assert_eq!(printed, recorded, "{}", r.describe());
+        assert_eq!(printed, recorded, "{}", r.show());
     }
 }
 
@@ -237,7 +237,7 @@ fn all_users_with_split_dirs_and_fs_layout() {
     let r = run_plugin(&d, &["-f", "json", "maildir-backup", "-A", &format!("{}/%u", out.path().display())]);
     r.expect_ok();
     let users: BTreeSet<String> = r.json_rows().iter().map(|row| row["user"].clone()).collect();
-    assert_eq!(users, ["alice", "bob", "carol", "dave"].iter().map(|u| u.to_string()).collect(), "{}", r.describe());
+    assert_eq!(users, ["alice", "bob", "carol", "dave"].iter().map(|u| u.to_string()).collect(), "{}", r.show());
 
     for (user, fs_layout, loc) in [
         ("alice", false, d.mail_location("alice")),
@@ -277,7 +277,7 @@ fn json_rows_match_the_backup() {
     r.expect_ok();
     let rows = r.json_rows();
     let manifest = read_manifest(&dest);
-    assert_eq!(rows.len(), 4, "{}", r.describe());
+    assert_eq!(rows.len(), 4, "{}", r.show());
     assert_eq!(rows.len(), manifest.folders.len());
     let mut total = 0;
     for row in &rows {
@@ -344,7 +344,7 @@ fn unwritable_destination_is_exit_77_and_others_continue() {
     let users = users_file(out.path(), &["alice", "bob"]);
     let r = run_plugin(&d, &["maildir-backup", "-F", s(&users), &tpl]);
     r.expect_code(EX_NOPERM).expect_stderr(&["user alice", "Permission denied"]);
-    assert!(!r.stderr.contains("user bob"), "{}", r.describe());
+    assert!(!r.stderr.contains("user bob"), "{}", r.show());
     assert_eq!(fs::read_dir(&locked).unwrap().count(), 0, "something was written under {}", locked.display());
     assert_good_backup(&d, "bob", &out.path().join("bob/backup"), false);
 }
@@ -392,14 +392,14 @@ fn mdbox_user_is_exit_65_and_others_continue() {
     // -A goes through the passwd file in order: alice, mdb, bob.
     let r = run_plugin(&d, &["-f", "json", "maildir-backup", "-A", &tpl]);
     r.expect_code(EX_DATAERR).expect_stderr(&["user mdb", "not a Maildir", "mdbox"]);
-    assert!(!r.stderr.contains("Panic"), "{}", r.describe());
+    assert!(!r.stderr.contains("Panic"), "{}", r.show());
     let rows = r.json_rows();
     let mdb_rows: Vec<_> = rows.iter().filter(|row| row["user"] == "mdb").collect();
-    assert_eq!(mdb_rows.len(), 2, "{}", r.describe());
+    assert_eq!(mdb_rows.len(), 2, "{}", r.show());
     for row in &mdb_rows {
         assert!(row["status"].contains("not a Maildir"), "{row:?}");
     }
-    assert!(rows.iter().filter(|row| row["user"] != "mdb").all(|row| row["status"] == "ok"), "{}", r.describe());
+    assert!(rows.iter().filter(|row| row["user"] != "mdb").all(|row| row["status"] == "ok"), "{}", r.show());
     assert_nothing_published(&out.path().join("mdb"));
     assert_good_backup(&d, "alice", &out.path().join("alice"), false);
     assert_good_backup(&d, "bob", &out.path().join("bob"), false);
@@ -583,7 +583,7 @@ fn mailbox_option_matching_nothing_does_not_crash() {
     let d = instance(&["alice"], 2);
     let out = vmail_tempdir();
     let r = run_plugin(&d, &["maildir-backup", "-u", "alice", "-m", "NoSuchMailbox", s(&out.path().join("none"))]);
-    assert!(matches!(r.code, Some(c) if c < 128) && !r.stderr.contains("Panic"), "doveadm crashed:\n{}", r.describe());
+    assert!(matches!(r.code(), Some(c) if c < 128) && !r.stderr.contains("Panic"), "doveadm crashed:\n{}", r.show());
 }
 
 /// A relative destination means relative to where doveadm was started, with `-u` as with `-A`/`-F`

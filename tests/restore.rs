@@ -49,7 +49,7 @@ fn restore_json(snapshot: &Path, target: &str, extra: &[&str]) -> serde_json::Va
     let mut x = extra.to_vec();
     x.push("--json");
     let r = restore(snapshot, target, &x);
-    assert_eq!(r.code, 0, "{}", r.describe());
+    assert_eq!(r.code(), Some(0), "{}", r.show());
     r.json()
 }
 
@@ -278,9 +278,9 @@ fn dry_run_lists_and_changes_nothing() {
     assert_eq!(actions.iter().filter(|a| a.starts_with("skip ")).count(), 57, "{actions:?}");
     // The plain output lists the actions too.
     let r = restore(&snap, &target, &["--dry-run", "--folder", "INBOX"]);
-    assert_eq!(r.code, 0, "{}", r.describe());
-    assert_eq!(r.stdout.lines().filter(|l| l.starts_with("restore ")).count(), 3, "{}", r.describe());
-    assert!(r.stdout.contains("3 would be restored"), "{}", r.describe());
+    assert_eq!(r.code(), Some(0), "{}", r.show());
+    assert_eq!(r.stdout.lines().filter(|l| l.starts_with("restore ")).count(), 3, "{}", r.show());
+    assert!(r.stdout.contains("3 would be restored"), "{}", r.show());
     assert_same_tree(&before, &tree_listing(&root), "restore --dry-run into a live Maildir");
     a.noop().unwrap();
     assert_eq!(mid_flags(&mut a), pre);
@@ -313,10 +313,10 @@ fn bad_input_is_refused_with_clear_errors_and_the_target_untouched() {
     let refuse = |snapshot: &Path, extra: &[&str], code: i32, names: &[&str]| {
         for t in [target.clone(), fresh.display().to_string()] {
             let r = restore(snapshot, &t, extra);
-            assert_eq!(r.code, code, "{}", r.describe());
-            assert!(r.stdout.trim().is_empty(), "nothing on stdout on failure:\n{}", r.describe());
+            assert_eq!(r.code(), Some(code), "{}", r.show());
+            assert!(r.stdout.trim().is_empty(), "nothing on stdout on failure:\n{}", r.show());
             for n in names {
-                assert!(r.stderr.contains(n), "the error must name {n:?}:\n{}", r.describe());
+                assert!(r.stderr.contains(n), "the error must name {n:?}:\n{}", r.show());
             }
             assert_same_tree(&before, &tree_listing(&root), &r.cmdline);
             assert!(!fresh.parent().unwrap().exists(), "{}: created the target", r.cmdline);
@@ -344,8 +344,8 @@ fn bad_input_is_refused_with_clear_errors_and_the_target_untouched() {
     fs::write(notmail.join("sub/x"), b"x\n").unwrap();
     let nm_before = tree_listing(&notmail);
     let r = restore(&snap, &notmail.display().to_string(), &[]);
-    assert_eq!(r.code, 65, "{}", r.describe());
-    assert!(r.stderr.contains(&notmail.display().to_string()) && r.stderr.contains("not a Maildir"), "{}", r.describe());
+    assert_eq!(r.code(), Some(65), "{}", r.show());
+    assert!(r.stderr.contains(&notmail.display().to_string()) && r.stderr.contains("not a Maildir"), "{}", r.show());
     assert_same_tree(&nm_before, &tree_listing(&notmail), "restore into a non-Maildir");
 
     // A snapshot whose message file was corrupted (same size, other bytes).

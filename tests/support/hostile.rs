@@ -39,8 +39,6 @@ pub const CLI_LIMIT: Duration = Duration::from_secs(60);
 /// Peak RSS allowed to a run facing a huge input.
 pub const RSS_LIMIT_KIB: u64 = 100 * 1024;
 
-pub const EX_DATAERR: i32 = 65;
-
 // ---------------------------------------------------------------------------------------------
 // The user
 

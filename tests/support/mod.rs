@@ -22,6 +22,7 @@ pub mod plugin24;
 pub mod plugin_users;
 pub mod procs;
 pub mod repo_helpers;
+pub mod run;
 
 #[allow(unused_imports)]
 pub use dovecot::{
@@ -32,3 +33,5 @@ pub use dovecot::{
 pub use imap::{imap_quote, is_timeout, mutf7_encode, Imap};
 #[allow(unused_imports)]
 pub use dovecot24::{host_to_root, root_path, Dovecot24};
+#[allow(unused_imports)]
+pub use run::{cli, cli_bin, cli_env, cli_ok, Run, BIN, EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE};

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use super::dovecot::{tempdir, Dovecot, PASSWORD};
 use super::dovecot24::{chown_vmail_recursive_root, location_overrides, root, root_path, Dovecot24, DOVEADM24_BIN};
 use super::plugin::{MODULE_DIR, PLUGIN_FILE};
-use super::plugin_users::{compare_view, folder_view, parse_uid_guid_flags, read_manifest, FolderView, Msg, Run};
+use super::plugin_users::{compare_view, folder_view, parse_uid_guid_flags, read_manifest, FolderView, Msg};
+use super::run::Run;
 
 /// File name of the 2.4 settings module in `$moduledir/settings`.
 pub const SETTINGS_FILE: &str = "libmaildir_backup_settings.so";
@@ -113,23 +114,13 @@ pub fn module_dir_with(so: &Path) -> tempfile::TempDir {
 // ---------------------------------------------------------------------------------------------------------
 // Running doveadm
 
-fn finish(cmdline: String, started: Instant, out: std::process::Output) -> Run {
-    Run {
-        cmdline,
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: started.elapsed(),
-    }
-}
-
 /// `chroot ROOT doveadm -c CONF ARGS...` with our 2.4 plugin installed ([`install_plugin24`]). Paths in ARGS
 /// are chroot paths.
 pub fn run24(d: &Dovecot24, args: &[&str]) -> Run {
     install_plugin24();
     let started = Instant::now();
     let out = d.doveadm(args);
-    finish(format!("chroot doveadm -c {} {}", d.conf_in_root().display(), args.join(" ")), started, out)
+    Run::finish(format!("chroot doveadm -c {} {}", d.conf_in_root().display(), args.join(" ")), started, out)
 }
 
 /// 2.4's doveadm with `module_dir` (a host dir) bind-mounted over ROOT's doveadm module dir, in a private
@@ -148,7 +139,7 @@ pub fn run24_with_module_dir(d: &Dovecot24, module_dir: &Path, args: &[&str]) ->
         .stdin(Stdio::null())
         .output()
         .expect("run unshare chroot doveadm");
-    finish(
+    Run::finish(
         format!("[module dir {}] chroot doveadm -c {} {}", module_dir.display(), d.conf_in_root().display(), args.join(" ")),
         started,
         out,
@@ -168,7 +159,7 @@ pub fn run23_with_module_dir(d: &Dovecot, module_dir: &Path, args: &[&str]) -> R
         .stdin(Stdio::null())
         .output()
         .expect("run unshare doveadm");
-    finish(format!("[module dir {}] doveadm -c {} {}", module_dir.display(), d.conf().display(), args.join(" ")), started, out)
+    Run::finish(format!("[module dir {}] doveadm -c {} {}", module_dir.display(), d.conf().display(), args.join(" ")), started, out)
 }
 
 // ---------------------------------------------------------------------------------------------------------

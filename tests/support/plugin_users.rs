@@ -17,20 +17,7 @@ use maildir_backup::manifest::Manifest;
 
 use super::dovecot::{chown_vmail_recursive, normalize_flags, tempdir, Dovecot, PASSWORD};
 use super::plugin::{plugin_so, MODULE_DIR, PLUGIN_FILE};
-
-/// sysexits codes as doveadm reports them.
-pub const EX_USAGE: i32 = 64;
-pub const EX_DATAERR: i32 = 65;
-pub const EX_NOUSER: i32 = 67;
-pub const EX_CANTCREAT: i32 = 73;
-pub const EX_TEMPFAIL: i32 = 75;
-pub const EX_NOPERM: i32 = 77;
-pub const EX_CONFIG: i32 = 78;
-
-/// The CLI: `MB_CLI_BIN` if set (to try a build of another tree), else this package's binary.
-pub fn cli_bin() -> PathBuf {
-    std::env::var_os("MB_CLI_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_maildir-backup")))
-}
+use super::run::{cli_bin, Run};
 
 // ---------------------------------------------------------------------------------------------------------
 // Users
@@ -80,66 +67,6 @@ pub fn vmail_tempdir() -> tempfile::TempDir {
 // ---------------------------------------------------------------------------------------------------------
 // Running the plugin
 
-/// One finished doveadm run.
-pub struct Run {
-    pub cmdline: String,
-    /// None if killed by a signal.
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
-}
-
-impl Run {
-    pub fn describe(&self) -> String {
-        format!(
-            "{}\nexit: {:?} after {:.2?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.cmdline, self.code, self.elapsed, self.stdout, self.stderr
-        )
-    }
-    /// Panics (with everything) unless the exit code is `code`.
-    pub fn expect_code(&self, code: i32) -> &Run {
-        assert_eq!(self.code, Some(code), "unexpected exit code:\n{}", self.describe());
-        self
-    }
-    pub fn expect_ok(&self) -> &Run {
-        self.expect_code(0)
-    }
-    /// Panics unless stderr contains every one of `needles`.
-    pub fn expect_stderr(&self, needles: &[&str]) -> &Run {
-        for n in needles {
-            assert!(self.stderr.contains(n), "stderr lacks {n:?}:\n{}", self.describe());
-        }
-        self
-    }
-    /// The `-f json` output as rows of field → value.
-    pub fn json_rows(&self) -> Vec<BTreeMap<String, String>> {
-        json_rows(&self.stdout).unwrap_or_else(|e| panic!("{e}\n{}", self.describe()))
-    }
-}
-
-/// Parses doveadm's `-f json` output: an array of objects whose values are strings (or numbers).
-pub fn json_rows(stdout: &str) -> Result<Vec<BTreeMap<String, String>>, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(stdout.trim()).map_err(|e| format!("doveadm -f json output does not parse: {e}"))?;
-    let arr = v.as_array().ok_or("doveadm -f json output is not an array")?;
-    arr.iter()
-        .map(|row| {
-            let obj = row.as_object().ok_or_else(|| format!("row {row} is not an object"))?;
-            obj.iter()
-                .map(|(k, v)| {
-                    let s = match v {
-                        serde_json::Value::String(s) => s.clone(),
-                        serde_json::Value::Number(n) => n.to_string(),
-                        other => return Err(format!("field {k} of row {row}: unexpected {other}")),
-                    };
-                    Ok((k.clone(), s))
-                })
-                .collect()
-        })
-        .collect()
-}
-
 /// A module dir holding just our plugin (once per test process).
 fn module_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -163,13 +90,7 @@ pub fn run_plugin_in(d: &Dovecot, cwd: Option<&Path>, args: &[&str]) -> Run {
     }
     let started = Instant::now();
     let out: Output = c.output().expect("run unshare doveadm");
-    Run {
-        cmdline: format!("doveadm -c {} {}", d.conf().display(), args.join(" ")),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: started.elapsed(),
-    }
+    Run::finish(format!("doveadm -c {} {}", d.conf().display(), args.join(" ")), started, out)
 }
 
 pub fn run_plugin(d: &Dovecot, args: &[&str]) -> Run {

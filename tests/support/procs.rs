@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
+use super::run::{Run, BIN};
 
 /// This host's name, as Dovecot and our CLI write it into `<pid>:<host>` lock files.
 pub fn host() -> String {
@@ -53,29 +53,6 @@ pub struct Running {
     what: String,
 }
 
-/// A finished command: status, captured output, and how long it took.
-pub struct Done {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
-    /// The command line (`{:?}` of the `Command`), for messages.
-    pub what: String,
-}
-
-impl Done {
-    pub fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-    /// Everything about the run, for assertion messages.
-    pub fn show(&self) -> String {
-        format!(
-            "{}\n  status: {:?} after {:.2?}\n  stdout: {}\n  stderr: {}",
-            self.what, self.status, self.elapsed, self.stdout, self.stderr
-        )
-    }
-}
-
 pub fn spawn(mut cmd: Command) -> Running {
     let out = tempfile::tempfile().unwrap();
     let err = tempfile::tempfile().unwrap();
@@ -98,16 +75,16 @@ impl Running {
         self.child.id() as i32
     }
     /// Waits for the child; past `limit` it is killed and the test panics (a hang is a failure).
-    pub fn wait(mut self, limit: Duration) -> Done {
+    pub fn wait(mut self, limit: Duration) -> Run {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 let elapsed = self.started.elapsed();
-                return Done {
+                return Run {
+                    cmdline: self.what,
                     status,
                     stdout: read_all(&mut self.out),
                     stderr: read_all(&mut self.err),
                     elapsed,
-                    what: self.what,
                 };
             }
             if self.started.elapsed() > limit {
@@ -121,22 +98,8 @@ impl Running {
 }
 
 /// Runs `cmd` to completion within `limit` (see [`Running::wait`]).
-pub fn run(cmd: Command, limit: Duration) -> Done {
+pub fn run(cmd: Command, limit: Duration) -> Run {
     spawn(cmd).wait(limit)
-}
-
-/// Runs `cmd` to completion with no time limit, output through pipes (`Command::output`).
-pub fn run_cmd(mut cmd: Command) -> Done {
-    let what = format!("{cmd:?}");
-    let started = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
-    Done {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: started.elapsed(),
-        what,
-    }
 }
 
 /// Polls `cond` every 10 ms for up to `limit`; whether it became true.
