@@ -1,3 +1,5 @@
+//! `backup` refusing or failing: the documented exit code, nothing published, no staging dir left.
+//!
 //! `maildir-backup backup` refusing or failing: each case gives a message naming the path, the sysexits code
 //! documented for it, publishes nothing at DEST and leaves no staging dir (or its lock) behind.
 //!

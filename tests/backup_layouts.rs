@@ -1,3 +1,5 @@
+//! `backup` of the Maildir shapes Dovecot makes (control/index split, fs layout, metadata, symlinks).
+//!
 //! `maildir-backup backup` of the Maildir shapes Dovecot 2.3 really makes, read back by Dovecot itself.
 //!
 //! - CONTROL=/INDEX= split out of the Maildir: the backup is self-contained (dovecot-uidlist and

@@ -1,3 +1,5 @@
+//! Backup and restore of Maildirs owned by a hostile user (symlinks, special files, races, forgeries).
+//!
 //! Root runs `maildir-backup` over Maildirs whose owner is hostile: she controls every name, link, file type
 //! and size inside, and races us. Black-box tests against the CLI; the attacker is a real unprivileged user
 //! (`mbhostile`, created on first use) whose perl loops run as her through `setpriv`. A root-owned victim tree

@@ -1,3 +1,5 @@
+//! The `lock` and `maildirlock` commands on their own, without Dovecot.
+//!
 //! `maildir-backup lock` / `maildirlock` as real processes: Dovecot's lock format, exit codes, interop
 //! with liblockfile's `dotlockfile`, stale-lock rules, release safety, refresh, the NFS lost-reply case
 //! (a test seam and a real LD_PRELOAD shim), mutual exclusion under contention, and bad input.

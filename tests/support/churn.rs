@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::dovecot::{message, normalize_flags, LDA_BIN, PASSWORD};
+use super::dovecot::{Instance, Release, LDA_BIN, PASSWORD};
+use super::dovecot_common::{message, normalize_flags};
 use super::imap::Imap;
 
 // ---------------------------------------------------------------------------------------------------------
@@ -783,4 +784,45 @@ pub fn compare_with_expected(expected: &Expected, dovecot: &[(u32, String)]) -> 
     }
     diff.truncate(10);
     Some(diff.join("; "))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Checking a backup taken under churn
+
+/// [`ChurnOptions`] for `alice` on `d`: `workers` IMAP sessions over `folders`, no dovecot-lda (the delivery
+/// thread runs the host's 2.3 binary), no folder worker.
+pub fn imap_churn<R: Release>(d: &Instance<R>, folders: &[&str], workers: usize) -> ChurnOptions {
+    ChurnOptions {
+        port: d.port(),
+        conf: d.conf(),
+        user: "alice".into(),
+        folders: folders.iter().map(|f| f.to_string()).collect(),
+        imap_workers: workers,
+        lda: false,
+        pace: Duration::from_millis(2),
+        lda_pace: Duration::from_millis(30),
+        folder_worker: false,
+    }
+}
+
+/// Message-ID → files, with duplicates allowed only for messages a UID MOVE was moving during the backup.
+pub fn presence_problems(tracker: &Tracker, backup: &Path, start: u64, end: u64) -> Vec<String> {
+    let ids = scan_message_ids(backup);
+    let required = tracker.required(start, end);
+    let mut problems = Vec::new();
+    let missing: Vec<&String> = required.iter().filter(|m| !ids.contains_key(*m)).collect();
+    if !missing.is_empty() {
+        problems.push(format!("{} of {} required messages missing, e.g. {:?}", missing.len(), required.len(), &missing[..missing.len().min(5)]));
+    }
+    for (mid, paths) in &ids {
+        if !tracker.is_known(mid) {
+            problems.push(format!("unknown message {mid} at {paths:?}"));
+        }
+        // A message whose UID MOVE was in flight may be in both folders (Dovecot links it into the target
+        // before it unlinks the source); any other copy is a duplicate.
+        if paths.len() > 1 && !(paths.len() == 2 && tracker.moved_between(mid, start, end)) {
+            problems.push(format!("{mid} is in the backup {} times: {paths:?}", paths.len()));
+        }
+    }
+    problems
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 
-use super::dovecot::tempdir;
+use super::dovecot_common::tempdir;
 use super::procs::mb;
 use super::repo_helpers::{assert_same_tree, tree_listing};
 

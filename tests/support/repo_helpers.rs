@@ -9,7 +9,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::churn::message_id_in;
-use super::dovecot::{normalize_flags, Dovecot};
+use super::dovecot::Dovecot;
+use super::dovecot_common::normalize_flags;
 use super::imap::{mutf7_encode, Imap};
 use super::run::{cli, cli_env, Run};
 use std::process::Command;
@@ -312,7 +313,7 @@ int pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *)
 pub fn slow_thread_start_so() -> &'static Path {
     static SO: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
     &SO.get_or_init(|| {
-        let t = super::dovecot::tempdir();
+        let t = super::dovecot_common::tempdir();
         let src = t.path().join("slow_thread_start.c");
         fs::write(&src, SLOW_THREAD_START_C).unwrap();
         let so = t.path().join("slow_thread_start.so");
