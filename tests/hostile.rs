@@ -751,7 +751,7 @@ fn forged_manifests_are_refused() {
             for target in [&w.maildir, &fresh] {
                 let what = format!("{what}, restore into {}", target.display());
                 let o = restore(&copy, target);
-                assert_eq!(o.code, Some(EX_DATAERR), "{what}: must be refused as bad data:\n{}", o.show());
+                assert_eq!(o.code(), Some(EX_DATAERR), "{what}: must be refused as bad data:\n{}", o.show());
                 assert!(o.elapsed < Duration::from_secs(10), "{what}: took {:.1?}", o.elapsed);
                 assert!(o.maxrss_kib < RSS_LIMIT_KIB, "{what}: peak RSS {} KiB", o.maxrss_kib);
                 assert_same_tree(&home_before, &tree_listing(&w.home), &format!("{what}: her home"));
