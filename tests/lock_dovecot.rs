@@ -85,13 +85,21 @@ fn prepare_mailbox_24(d: &Dovecot24, mailbox: &str, n: usize) -> (PathBuf, PathB
 fn dovecot_waits_for_our_lock(opts: DovecotOptions, mailbox: &str) {
     let d = Dovecot::start(opts);
     let control = prepare_mailbox(&d, mailbox);
+    select_waits_for_our_lock(&d, &control, mailbox, " EXISTS");
+    d.assert_clean_log();
+}
+
+/// `maildir-backup lock CONTROL -- sh -c '…wait for release…'` holds the uidlist lock of `mailbox` (whose
+/// control dir is `control`): a SELECT of it waits until we release, then completes, with a line ending in
+/// `exists`; no lock is left.
+fn select_waits_for_our_lock<R: Release>(d: &Instance<R>, control: &Path, mailbox: &str, exists: &str) {
     let lock = control.join(LOCK);
-    let out = support::tempdir();
+    let out = tempdir();
     let inside = out.path().join("inside");
     let release = out.path().join("release");
 
     let holder = spawn(lock_cmd(
-        &control,
+        control,
         &[],
         &[
             "sh",
@@ -105,12 +113,12 @@ fn dovecot_waits_for_our_lock(opts: DovecotOptions, mailbox: &str) {
     assert!(wait_until(secs(10.0), || inside.exists()), "holder did not get the lock");
     assert_eq!(fs::read_to_string(&lock).unwrap(), format!("{}:{}", holder.pid(), host()));
 
-    let (mut imap, tag) = start_select(&d, mailbox);
+    let (mut imap, tag) = start_select(d, mailbox);
     let blocked = imap.poll_tagged(&tag, secs(2.5));
     let still_ours = fs::read_to_string(&lock).ok();
     fs::write(&release, "").unwrap();
-    assert!(blocked.is_none(), "SELECT completed while we held the lock: {blocked:?}");
-    assert_eq!(still_ours, Some(format!("{}:{}", holder.pid(), host())), "Dovecot took our lock away");
+    assert!(blocked.is_none(), "{} SELECT completed while we held the lock: {blocked:?}", R::NAME);
+    assert_eq!(still_ours, Some(format!("{}:{}", holder.pid(), host())), "{} took our lock away", R::NAME);
 
     let released_at = Instant::now();
     let h = holder.wait(secs(10.0));
@@ -118,11 +126,32 @@ fn dovecot_waits_for_our_lock(opts: DovecotOptions, mailbox: &str) {
     assert!(h.stderr.is_empty(), "holder warned: {}", h.show());
     let r = imap.poll_tagged(&tag, secs(10.0)).expect("SELECT still blocked 10 s after our release");
     let lines = r.unwrap_or_else(|e| panic!("SELECT failed: {e}\n{}", d.log_tail()));
-    assert!(lines.iter().any(|l| l.ends_with(" EXISTS")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.ends_with(exists)), "{lines:?}");
     eprintln!("SELECT completed {:.2?} after our release", released_at.elapsed());
     assert!(wait_until(secs(5.0), || !lock.exists()), "a lock is left");
     imap.logout();
-    d.assert_clean_log();
+}
+
+/// `pid=$(maildir-backup maildirlock CONTROL TIMEOUT)` holds the INBOX uidlist lock (`control` is INBOX's
+/// control dir): a SELECT waits until the holder gets SIGTERM, then completes; no lock is left, nothing
+/// on stderr.
+fn select_waits_for_maildirlock<R: Release>(d: &Instance<R>, control: &Path, timeout: &str) {
+    let lock = control.join(LOCK);
+    let errs = tempdir();
+    let (status, pid) = run_maildirlock(control, timeout, &errs.path().join("err"));
+    assert!(status.success(), "{}", fs::read_to_string(errs.path().join("err")).unwrap());
+    let pid: i32 = pid.parse().unwrap_or_else(|_| panic!("not a pid: {pid:?}"));
+    assert_eq!(fs::read_to_string(&lock).unwrap(), format!("{pid}:{}", host()));
+
+    let (mut imap, tag) = start_select(d, "INBOX");
+    let blocked = imap.poll_tagged(&tag, secs(2.5));
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    assert!(blocked.is_none(), "{} SELECT completed while maildirlock held the lock: {blocked:?}", R::NAME);
+    let r = imap.poll_tagged(&tag, secs(10.0)).expect("SELECT still blocked after kill -TERM");
+    r.unwrap_or_else(|e| panic!("SELECT failed: {e}\n{}", d.log_tail()));
+    assert!(wait_until(secs(5.0), || !lock.exists()), "maildirlock left its lock");
+    assert_eq!(fs::read_to_string(errs.path().join("err")).unwrap(), "");
+    imap.logout();
 }
 
 #[test]
@@ -139,23 +168,8 @@ fn dovecot_waits_for_our_lock_folder_with_control_dir() {
 fn dovecot_waits_for_our_maildirlock() {
     let d = Dovecot::start(DovecotOptions::default());
     let control = prepare_mailbox(&d, "INBOX");
-    let lock = control.join(LOCK);
-    let errs = support::tempdir();
-
     // pid=$(maildir-backup maildirlock DIR 10)
-    let (status, pid) = run_maildirlock(&control, "10", &errs.path().join("err"));
-    assert!(status.success(), "{}", fs::read_to_string(errs.path().join("err")).unwrap());
-    let pid: i32 = pid.parse().unwrap_or_else(|_| panic!("not a pid: {pid:?}"));
-    assert_eq!(fs::read_to_string(&lock).unwrap(), format!("{pid}:{}", host()));
-
-    let (mut imap, tag) = start_select(&d, "INBOX");
-    let blocked = imap.poll_tagged(&tag, secs(2.5));
-    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
-    assert!(blocked.is_none(), "SELECT completed while maildirlock held the lock: {blocked:?}");
-    let r = imap.poll_tagged(&tag, secs(10.0)).expect("SELECT still blocked after kill -TERM");
-    r.unwrap_or_else(|e| panic!("SELECT failed: {e}"));
-    assert!(wait_until(secs(5.0), || !lock.exists()));
-    assert_eq!(fs::read_to_string(errs.path().join("err")).unwrap(), "");
+    select_waits_for_maildirlock(&d, &control, "10");
     d.assert_clean_log();
 }
 
@@ -194,7 +208,7 @@ impl Drop for HoldCtl {
 }
 
 fn dovecot_with_hold_shim(mut opts: DovecotOptions) -> (Dovecot, HoldCtl) {
-    let dir = support::tempdir();
+    let dir = tempdir();
     let (so, ctl) = build_hold_shim(dir.path());
     opts.extra_conf.push_str(&format!(
         "import_environment = TZ LD_PRELOAD={} MB_HOLD_DIR={}\n",
@@ -217,7 +231,7 @@ fn we_wait_for_dovecots_lock(excl: bool) {
     let (d, hold) = dovecot_with_hold_shim(DovecotOptions { excl, ..DovecotOptions::default() });
     let control = prepare_mailbox(&d, "INBOX");
     let lock = control.join(LOCK);
-    let out = support::tempdir();
+    let out = tempdir();
     let ran = out.path().join("ran");
 
     // A client's SELECT makes its imap process lock the uidlist (to move the new message to cur/).
@@ -293,59 +307,12 @@ fn d24_our_lock_and_maildirlock_make_select_wait() {
     let d = Dovecot24::start(DovecotOptions { control: true, excl: false, ..Default::default() });
     let (_, control) = prepare_mailbox_24(&d, "Archive", 1);
     assert!(control.starts_with(d.control_root("alice")), "{}", control.display());
-    let lock = control.join(LOCK);
-    let out = tempdir();
-    let inside = out.path().join("inside");
-    let release = out.path().join("release");
-
-    // `maildir-backup lock CONTROL -- sh -c '…wait for release…'`
-    let mut cmd = mb();
-    cmd.arg("lock").arg(&control).arg("--").args([
-        "sh",
-        "-c",
-        r#"touch "$1"; while [ ! -e "$2" ]; do sleep 0.05; done"#,
-        "sh",
-        inside.to_str().unwrap(),
-        release.to_str().unwrap(),
-    ]);
-    let holder = spawn(cmd);
-    assert!(wait_until(secs(10.0), || inside.exists()), "holder did not get the lock");
-    let ours = format!("{}:{}", holder.pid(), host());
-    assert_eq!(fs::read_to_string(&lock).unwrap(), ours);
-
-    let (mut imap, tag) = start_select(&d, "Archive");
-    let blocked = imap.poll_tagged(&tag, secs(2.5));
-    let still_ours = fs::read_to_string(&lock).ok();
-    fs::write(&release, "").unwrap();
-    assert!(blocked.is_none(), "2.4 SELECT completed while we held the lock: {blocked:?}");
-    assert_eq!(still_ours.as_ref(), Some(&ours), "Dovecot 2.4 took our lock away");
-    let h = holder.wait(secs(10.0));
-    assert_eq!(h.code(), Some(0), "{}", h.show());
-    assert!(h.stderr.is_empty(), "holder warned: {}", h.show());
-    let r = imap.poll_tagged(&tag, secs(10.0)).expect("SELECT still blocked 10 s after our release");
-    let lines = r.unwrap_or_else(|e| panic!("SELECT failed: {e}\n{}", d.log_tail()));
-    assert!(lines.iter().any(|l| l.ends_with("2 EXISTS")), "{lines:?}");
-    assert!(wait_until(secs(5.0), || !lock.exists()), "a lock is left");
-    imap.logout();
+    select_waits_for_our_lock(&d, &control, "Archive", "2 EXISTS");
 
     // pid=$(maildir-backup maildirlock CONTROL 5) — the replacement for the tool 2.4 removed.
     let (_, control) = prepare_mailbox_24(&d, "INBOX", 2);
     assert_eq!(control, d.control_root("alice").join(".INBOX"));
-    let lock = control.join(LOCK);
-    let errs = tempdir();
-    let (status, pid) = run_maildirlock(&control, "5", &errs.path().join("err"));
-    assert!(status.success(), "{}", fs::read_to_string(errs.path().join("err")).unwrap());
-    let pid: i32 = pid.trim().parse().unwrap_or_else(|_| panic!("not a pid: {pid:?}"));
-    assert_eq!(fs::read_to_string(&lock).unwrap(), format!("{pid}:{}", host()));
-    let (mut imap, tag) = start_select(&d, "INBOX");
-    let blocked = imap.poll_tagged(&tag, secs(2.5));
-    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
-    assert!(blocked.is_none(), "2.4 SELECT completed while maildirlock held the lock: {blocked:?}");
-    let r = imap.poll_tagged(&tag, secs(10.0)).expect("SELECT still blocked after kill -TERM");
-    r.unwrap_or_else(|e| panic!("SELECT failed: {e}\n{}", d.log_tail()));
-    assert!(wait_until(secs(5.0), || !lock.exists()), "maildirlock left its lock");
-    assert_eq!(fs::read_to_string(errs.path().join("err")).unwrap(), "");
-    imap.logout();
+    select_waits_for_maildirlock(&d, &control, "5");
     d.assert_clean_log();
     eprintln!("d24_our_lock_and_maildirlock_make_select_wait: {:.1?}", t0.elapsed());
 }
