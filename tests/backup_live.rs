@@ -502,7 +502,7 @@ fn dovecot24_agrees_with_backup_files(d: &Dovecot24, user: &str, backup: &Path) 
 /// expunge; then one with the churn stopped.
 #[test]
 fn d24_cli_backups_under_imap_churn() {
-    use support::churn::{imap_churn, presence_problems};
+    use support::churn::{backups_under_churn, imap_churn, presence_problems, ChurnBackup};
     use support::procs::mb;
     use support::readback::{assert_no_problems, assert_verified, read_manifest};
     use support::trixie::{chown_vmail_recursive_root, tempdir_in_root};
@@ -538,35 +538,13 @@ fn d24_cli_backups_under_imap_churn() {
 
     let churn = Churn::start(imap_churn(&d, CHURN_FOLDERS, 3), tracker.clone());
     churn.wait_ops(30, Duration::from_secs(20));
-    let mut runs = Vec::new();
-    let mut ops_during = 0;
-    for i in 0..6 {
-        let dest = out.path().join(format!("b{i}"));
-        let ops0 = churn.ops();
-        let start = tracker.tick();
+    let runs = backups_under_churn(churn, &tracker, out.path(), "b", 6, (20, Duration::from_secs(20)), |dest| {
         let mut cmd = mb();
-        cmd.args(source_args(&dest));
-        let r = Run::of(cmd);
-        let end = tracker.tick();
-        ops_during += churn.ops() - ops0;
-        assert_eq!(r.code(), Some(0), "{}", r.show());
-        runs.push((dest, start, end));
-        churn.wait_ops(20, Duration::from_secs(20));
-    }
-    let stats = churn.stop();
-    eprintln!(
-        "2.4 churn: {} flag changes, {} moves, {} appends, {} expunges; {ops_during} ops during the backups; {} errors (first: {:?})",
-        stats.flag_changes,
-        stats.moves,
-        stats.appends,
-        stats.expunges,
-        stats.errors.len(),
-        stats.errors.first()
-    );
-    assert!(stats.moves > 0 && stats.flag_changes > 0 && stats.appends > 0 && stats.expunges > 0, "churn did too little: {stats:?}");
-    assert!(ops_during > 0, "no churn operation overlapped a backup");
+        cmd.args(source_args(dest));
+        Run::of(cmd)
+    });
 
-    for (dest, start, end) in &runs {
+    for ChurnBackup { dest, start, end, .. } in &runs {
         let mut cmd = mb();
         cmd.arg("verify").arg(dest);
         let v = Run::of(cmd);

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::churn::{imap_churn, presence_problems, scan_message_ids, Churn, ChurnOptions, Tracker};
+use support::churn::{backups_under_churn, imap_churn, presence_problems, scan_message_ids, Churn, ChurnBackup, ChurnOptions, Tracker};
 use support::plugin::*;
 use support::procs::{files_in, LockHolder};
 use support::readback::*;
@@ -86,34 +86,11 @@ fn backups_under_imap_churn_lose_nothing() {
         tracker.clone(),
     );
     churn.wait_ops(40, Duration::from_secs(30));
-    let mut runs = Vec::new();
-    let mut ops_during = 0;
-    for i in 0..5 {
-        let dest = out.path().join(format!("alice-{i}"));
-        let ops0 = churn.ops();
-        let start = tracker.tick();
-        let r = run_plugin(&d, &["-f", "json", "maildir-backup", "-u", "alice", "-j", "2", s(&dest)]);
-        let end = tracker.tick();
-        ops_during += churn.ops() - ops0;
-        r.expect_ok();
-        runs.push((dest, start, end, r));
-        churn.wait_ops(25, Duration::from_secs(30));
-    }
-    let stats = churn.stop();
-    eprintln!(
-        "churn: {} flag changes, {} moves, {} appends, {} expunges, {} deliveries; {ops_during} ops during the 5 backups; {} errors (first: {:?})",
-        stats.flag_changes,
-        stats.moves,
-        stats.appends,
-        stats.expunges,
-        stats.deliveries,
-        stats.errors.len(),
-        stats.errors.first()
-    );
-    assert!(stats.moves > 0 && stats.flag_changes > 0 && stats.appends > 0 && stats.expunges > 0, "churn did too little: {stats:?}");
-    assert!(ops_during > 0, "no churn operation overlapped a backup");
+    let runs = backups_under_churn(churn, &tracker, out.path(), "alice-", 5, (25, Duration::from_secs(30)), |dest| {
+        run_plugin(&d, &["-f", "json", "maildir-backup", "-u", "alice", "-j", "2", s(dest)])
+    });
 
-    for (dest, start, end, r) in &runs {
+    for ChurnBackup { dest, start, end, run: r } in &runs {
         assert_verified(dest);
         let ids = scan_message_ids(dest);
         let required = tracker.required(*start, *end);
@@ -200,6 +177,26 @@ fn folder_renamed_during_a_backup_is_backed_up() {
 // ---------------------------------------------------------------------------------------------------------
 // 2. -A over users configured only through dovecot.conf and the userdb
 
+/// alice, bob and carol each get `FOLDERS` × 12, 13, 14 messages, with gaps in Sent (3, 5 and 6 expunged).
+fn populate_three_users<R: Release>(d: &Instance<R>) {
+    for (i, u) in ["alice", "bob", "carol"].iter().enumerate() {
+        populate(d, u, FOLDERS, 12 + i);
+        expunge(d, u, "Sent", "3,5:6");
+    }
+}
+
+/// The `-A` backups in `out` of the all-users tests: bob's control files were brought into the backup's
+/// own folders (a self-contained Maildir), carol's is in fs layout, dave's is empty.
+fn assert_all_users_backups_shaped(out: &Path) {
+    let b = out.join("bob");
+    for f in ["dovecot-uidlist", "dovecot-keywords", ".Sent/dovecot-uidlist", ".Archive.2024/dovecot-uidlist", "dovecot-uidvalidity"] {
+        assert!(b.join(f).is_file(), "bob's backup lacks {f}");
+    }
+    assert!(!b.join(".INBOX").exists(), "bob's backup has a .INBOX control dir");
+    assert!(out.join("carol/Archive/2024/cur").is_dir());
+    assert_eq!(read_manifest(&out.join("dave")).header.messages, 0);
+}
+
 /// `-A DEST/%u` over four users: alice (the global Maildir++ location), bob (`userdb_mail` with
 /// CONTROL= and INDEX= split dirs), carol (`userdb_mail` with LAYOUT=fs) and dave (never logged in).
 /// Every backup verifies, is a self-contained Maildir, and Dovecot reads the same mailboxes with the same
@@ -215,10 +212,7 @@ fn all_users_with_split_dirs_and_fs_layout() {
     d.add_userdb_user("bob", &format!("userdb_mail={bob_loc}"));
     d.add_userdb_user("carol", &format!("userdb_mail={carol_loc}"));
     d.add_userdb_user("dave", "");
-    for (i, u) in ["alice", "bob", "carol"].iter().enumerate() {
-        populate(&d, u, FOLDERS, 12 + i);
-        expunge(&d, u, "Sent", "3,5:6");
-    }
+    populate_three_users(&d);
     // The configuration really is what it claims.
     assert!(dir.join("ctl/bob/.INBOX/dovecot-uidlist").is_file());
     assert!(dir.join("ctl/bob/.Sent/dovecot-uidlist").is_file());
@@ -243,14 +237,7 @@ fn all_users_with_split_dirs_and_fs_layout() {
         assert_good_backup(&d, user, &b, fs_layout);
         assert_eq!(read_manifest(&b).header.source, loc, "{user}: manifest source");
     }
-    // bob's control files were brought into the backup's own folders (a self-contained Maildir).
-    let b = out.path().join("bob");
-    for f in ["dovecot-uidlist", "dovecot-keywords", ".Sent/dovecot-uidlist", ".Archive.2024/dovecot-uidlist", "dovecot-uidvalidity"] {
-        assert!(b.join(f).is_file(), "bob's backup lacks {f}");
-    }
-    assert!(!b.join(".INBOX").exists(), "bob's backup has a .INBOX control dir");
-    assert!(out.path().join("carol/Archive/2024/cur").is_dir());
-    assert_eq!(read_manifest(&out.path().join("dave")).header.messages, 0);
+    assert_all_users_backups_shaped(out.path());
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -650,24 +637,10 @@ fn d24_plugin_user_backups_under_churn() {
 
     let churn = Churn::start(imap_churn(&d, &folders, 3), tracker.clone());
     churn.wait_ops(30, Duration::from_secs(20));
-    let mut runs = Vec::new();
-    let mut ops_during = 0;
-    for i in 0..5 {
-        let dest = out.path().join(format!("alice-{i}"));
-        let ops0 = churn.ops();
-        let start = tracker.tick();
-        let r = run_plugin(&d, &["-f", "json", "maildir-backup", "-u", "alice", "-j", "2", &in_root(&dest)]);
-        let end = tracker.tick();
-        ops_during += churn.ops() - ops0;
-        r.expect_ok();
-        runs.push((dest, start, end, r));
-        churn.wait_ops(20, Duration::from_secs(20));
-    }
-    let stats = churn.stop();
-    eprintln!("2.4 plugin churn: {stats:?}, {ops_during} ops during the backups");
-    assert!(stats.moves > 0 && stats.flag_changes > 0 && stats.appends > 0 && stats.expunges > 0, "churn did too little: {stats:?}");
-    assert!(ops_during > 0, "no churn operation overlapped a backup");
-    for (dest, start, end, r) in &runs {
+    let runs = backups_under_churn(churn, &tracker, out.path(), "alice-", 5, (20, Duration::from_secs(20)), |dest| {
+        run_plugin(&d, &["-f", "json", "maildir-backup", "-u", "alice", "-j", "2", &in_root(dest)])
+    });
+    for ChurnBackup { dest, start, end, run: r } in &runs {
         assert_verified(dest);
         assert_no_problems(&format!("{}: presence", dest.display()), &presence_problems(&tracker, dest, *start, *end));
         assert_no_problems("Dovecot 2.4 reading the backup", &check_dovecot_reads_backup(&d, "alice", dest, false));
@@ -697,10 +670,7 @@ fn d24_plugin_all_users_split_dirs_and_fs_layout() {
     d.add_userdb_user("bob", &format!("userdb_mail_control_path={c}/ctl/%{{user}} userdb_mail_index_path={c}/idx/%{{user}}"));
     d.add_userdb_user("carol", &format!("userdb_mail_path={c}/fsmail/%{{user}} userdb_mailbox_list_layout=fs"));
     d.add_userdb_user("dave", "");
-    for (i, u) in ["alice", "bob", "carol"].iter().enumerate() {
-        populate(&d, u, FOLDERS, 12 + i);
-        expunge(&d, u, "Sent", "3,5:6");
-    }
+    populate_three_users(&d);
     // The configuration really is what it claims.
     assert!(dir.join("ctl/bob/.INBOX/dovecot-uidlist").is_file());
     assert!(dir.join("ctl/bob/.Sent/dovecot-uidlist").is_file());
@@ -755,14 +725,7 @@ fn d24_plugin_all_users_split_dirs_and_fs_layout() {
         assert_no_problems(&format!("{user}: source vs backup"), &compare_source_and_backup(&d, user, "alice", &b, fs_layout));
         assert_no_problems(&format!("{user}: Dovecot 2.4 reading the backup"), &check_dovecot_reads_backup(&d, "alice", &b, fs_layout));
     }
-    // bob's control files were brought into the backup's own folders.
-    let b = out.path().join("bob");
-    for f in ["dovecot-uidlist", "dovecot-keywords", ".Sent/dovecot-uidlist", ".Archive.2024/dovecot-uidlist", "dovecot-uidvalidity"] {
-        assert!(b.join(f).is_file(), "bob's backup lacks {f}");
-    }
-    assert!(!b.join(".INBOX").exists(), "bob's backup has a .INBOX control dir");
-    assert!(out.path().join("carol/Archive/2024/cur").is_dir());
-    assert_eq!(read_manifest(&out.path().join("dave")).header.messages, 0);
+    assert_all_users_backups_shaped(out.path());
     eprintln!("d24_plugin_all_users_split_dirs_and_fs_layout: {:.1?}", t0.elapsed());
 }
 

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::dovecot::{Instance, Release, LDA_BIN, PASSWORD};
 use super::dovecot_common::{message, normalize_flags};
 use super::imap::Imap;
+use super::run::Run;
 
 // ---------------------------------------------------------------------------------------------------------
 // A tiny PRNG (no rand crate in the dev-dependencies)
@@ -825,4 +826,46 @@ pub fn presence_problems(tracker: &Tracker, backup: &Path, start: u64, end: u64)
         }
     }
     problems
+}
+
+/// One backup taken while a [`Churn`] ran: where it went, the [`Tracker`] ticks just before and just after
+/// it, and its run.
+pub struct ChurnBackup {
+    pub dest: PathBuf,
+    pub start: u64,
+    pub end: u64,
+    pub run: Run,
+}
+
+/// Takes `n` backups while `churn` runs: backup `i` is `backup(out/{prefix}{i})`, between two ticks of
+/// `tracker`, and must exit 0; after each, waits for `settle.0` more churn operations (at most `settle.1`).
+/// Then stops the churn, prints its statistics, and checks that it made every kind of change (flags, moves,
+/// appends, expunges) and that some of its operations overlapped a backup.
+pub fn backups_under_churn(
+    churn: Churn,
+    tracker: &Tracker,
+    out: &Path,
+    prefix: &str,
+    n: usize,
+    settle: (u64, Duration),
+    mut backup: impl FnMut(&Path) -> Run,
+) -> Vec<ChurnBackup> {
+    let mut runs = Vec::new();
+    let mut ops_during = 0;
+    for i in 0..n {
+        let dest = out.join(format!("{prefix}{i}"));
+        let ops0 = churn.ops();
+        let start = tracker.tick();
+        let run = backup(&dest);
+        let end = tracker.tick();
+        ops_during += churn.ops() - ops0;
+        run.expect_ok();
+        runs.push(ChurnBackup { dest, start, end, run });
+        churn.wait_ops(settle.0, settle.1);
+    }
+    let stats = churn.stop();
+    eprintln!("churn: {stats:?}; {ops_during} ops during the {n} backups");
+    assert!(stats.moves > 0 && stats.flag_changes > 0 && stats.appends > 0 && stats.expunges > 0, "churn did too little: {stats:?}");
+    assert!(ops_during > 0, "no churn operation overlapped a backup");
+    runs
 }
