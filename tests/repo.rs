@@ -30,14 +30,6 @@ use support::*;
 
 const USER: &str = "alice";
 
-fn start(users: &[&str]) -> Dovecot {
-    Dovecot::start(DovecotOptions {
-        users: users.iter().map(|s| s.to_string()).collect(),
-        extra_conf: "mail_max_userip_connections = 50\n".into(),
-        ..Default::default()
-    })
-}
-
 /// Sets `series/latest` to `name` (as the tool does: a relative symlink).
 fn point_latest(series: &Path, name: &str) {
     let l = series.join("latest");
@@ -116,7 +108,7 @@ fn incremental_snapshots_link_unchanged_and_copy_only_new() {
     let t0 = Instant::now();
     const FOLDERS: &[&str] = &["INBOX", "Work", "Lists", "Archive"];
     const PER_FOLDER: usize = 250;
-    let d = start(&[USER, "bob"]);
+    let d = start_with_users(&[USER, "bob"]);
     populate(&d, USER, FOLDERS, PER_FOLDER);
     populate(&d, "bob", &["INBOX", "Sent"], 25);
     let source = d.mail_location(USER);
@@ -289,7 +281,7 @@ fn incremental_snapshots_link_unchanged_and_copy_only_new() {
 #[test]
 fn paranoid_recopies_a_corrupted_previous_copy() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 40);
     let source = d.mail_location(USER);
     let root = d.maildir(USER);
@@ -367,7 +359,7 @@ const PRUNE_SNAPS: &[(&str, bool)] = &[
 #[test]
 fn prune_keeps_exactly_what_the_policy_names() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 15);
     let source = d.mail_location(USER);
     let repo_tmp = tempdir();
@@ -454,7 +446,7 @@ fn prune_keeps_exactly_what_the_policy_names() {
 #[test]
 fn snapshots_hold_the_dovecot_locks_briefly_even_when_threads_start_late() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive", "Work"], 10);
     let source = d.mail_location(USER);
     let repo_tmp = tempdir();

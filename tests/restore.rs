@@ -35,14 +35,6 @@ use support::*;
 
 const USER: &str = "alice";
 
-fn start(users: &[&str]) -> Dovecot {
-    Dovecot::start(DovecotOptions {
-        users: users.iter().map(|s| s.to_string()).collect(),
-        extra_conf: "mail_max_userip_connections = 50\n".into(),
-        ..Default::default()
-    })
-}
-
 fn restore(snapshot: &Path, target: &str, extra: &[&str]) -> Run {
     let mut a = vec!["restore".to_string(), snapshot.display().to_string(), target.to_string()];
     a.extend(extra.iter().map(|s| s.to_string()));
@@ -73,7 +65,7 @@ fn imap_view(d: &Dovecot, user: &str, folders: &[&str]) -> BTreeMap<String, BTre
 fn full_restore_into_a_new_user_keeps_uids_flags_and_uidvalidity() {
     let t0 = Instant::now();
     const FOLDERS: &[&str] = &["INBOX", "Archive", "Lists", "Lists.Rust"];
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, FOLDERS, 60);
     // UID gaps, so "same UIDs" means more than 1..n.
     let mut imap = d.imap(USER);
@@ -157,7 +149,7 @@ fn start_of_a_second() {
 #[test]
 fn merge_restore_of_single_messages_into_a_live_mailbox() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 60);
     let target = d.mail_location(USER);
     let root = d.maildir(USER);
@@ -205,7 +197,7 @@ fn merge_restore_of_single_messages_into_a_live_mailbox() {
 #[test]
 fn merge_restore_of_a_recreated_folder_remaps_keywords() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 60);
     let target = d.mail_location(USER);
     let root = d.maildir(USER);
@@ -262,7 +254,7 @@ fn merge_restore_of_a_recreated_folder_remaps_keywords() {
 #[test]
 fn dry_run_lists_and_changes_nothing() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 30);
     let target = d.mail_location(USER);
     let root = d.maildir(USER);
@@ -302,7 +294,7 @@ fn dry_run_lists_and_changes_nothing() {
 #[test]
 fn bad_input_is_refused_with_clear_errors_and_the_target_untouched() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 20);
     let target = d.mail_location(USER);
     let root = d.maildir(USER);

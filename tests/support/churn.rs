@@ -287,6 +287,22 @@ struct Shared {
     ops: AtomicU64,
 }
 
+impl Shared {
+    /// If the churn is paused: counts this worker as parked until it is resumed or stopped, and returns
+    /// true (the caller then looks at `stop` again). False, at once, if not paused.
+    fn park_while_paused(&self) -> bool {
+        if !self.pause.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+        true
+    }
+}
+
 /// Running churn. Stop it with [`Churn::stop`] (also done, ignoring results, on drop).
 pub struct Churn {
     shared: Arc<Shared>,
@@ -327,12 +343,7 @@ fn imap_worker(id: usize, o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) ->
         }
     };
     while !sh.stop.load(Ordering::SeqCst) {
-        if sh.pause.load(Ordering::SeqCst) {
-            sh.parked.fetch_add(1, Ordering::SeqCst);
-            while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            sh.parked.fetch_sub(1, Ordering::SeqCst);
+        if sh.park_while_paused() {
             continue;
         }
         let folder = rng.pick(&o.folders).clone();
@@ -422,12 +433,7 @@ fn folder_worker(o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) -> ChurnSta
         }
     };
     while !sh.stop.load(Ordering::SeqCst) {
-        if sh.pause.load(Ordering::SeqCst) {
-            sh.parked.fetch_add(1, Ordering::SeqCst);
-            while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            sh.parked.fetch_sub(1, Ordering::SeqCst);
+        if sh.park_while_paused() {
             continue;
         }
         n += 1;
@@ -501,12 +507,7 @@ fn lda_worker(o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) -> ChurnStats 
     let mut st = ChurnStats::default();
     let mut rng = Rng::new(4242);
     while !sh.stop.load(Ordering::SeqCst) {
-        if sh.pause.load(Ordering::SeqCst) {
-            sh.parked.fetch_add(1, Ordering::SeqCst);
-            while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            sh.parked.fetch_sub(1, Ordering::SeqCst);
+        if sh.park_while_paused() {
             continue;
         }
         let folder = rng.pick(&o.folders).clone();

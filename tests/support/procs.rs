@@ -1,6 +1,7 @@
 //! Process helpers shared by the CLI tests (tests/lock.rs, tests/lock_dovecot.rs, tests/plugin.rs, ...):
-//! run `maildir-backup` (or anything) as a child with a time limit and its output captured, poll for a
-//! condition, and the LD_PRELOAD shim that makes a real Dovecot imap process hold its own uidlist lock.
+//! run `maildir-backup` (or anything) as a child with a time limit and its output captured (a
+//! [`Run`]), poll for a condition, the LD_PRELOAD shim that makes a real Dovecot imap process hold its own
+//! uidlist lock, and [`LockHolder`] (our CLI holding a uidlist lock from outside).
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};

@@ -9,11 +9,20 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::churn::message_id_in;
-use super::dovecot::Dovecot;
+use super::dovecot::{Dovecot, DovecotOptions};
 use super::dovecot_common::normalize_flags;
 use super::imap::{mutf7_encode, Imap};
 use super::run::{cli, cli_env, Run};
 use std::process::Command;
+
+/// A Dovecot with `users` (and room for many IMAP sessions per user).
+pub fn start_with_users(users: &[&str]) -> Dovecot {
+    Dovecot::start(DovecotOptions {
+        users: users.iter().map(|s| s.to_string()).collect(),
+        extra_conf: "mail_max_userip_connections = 50\n".into(),
+        ..Default::default()
+    })
+}
 
 /// `backup --json --repo REPO --name NAME [EXTRA...] SOURCE`; returns (snapshot dir, JSON report).
 pub fn take_snapshot(source: &str, repo: &Path, name: &str, extra: &[&str]) -> (PathBuf, serde_json::Value) {
