@@ -7,11 +7,13 @@ pub const EX_OK: i32 = 0;
 pub const EX_USAGE: i32 = 64;
 pub const EX_DATAERR: i32 = 65;
 pub const EX_NOINPUT: i32 = 66;
+pub const EX_NOUSER: i32 = 67;
 pub const EX_SOFTWARE: i32 = 70;
 pub const EX_CANTCREAT: i32 = 73;
 pub const EX_IOERR: i32 = 74;
 pub const EX_TEMPFAIL: i32 = 75;
 pub const EX_NOPERM: i32 = 77;
+pub const EX_CONFIG: i32 = 78;
 
 /// The exit code an I/O failure deserves: missing input, permission, or a plain I/O error.
 pub fn for_io_error(err: &io::Error) -> i32 {

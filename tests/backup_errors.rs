@@ -1,3 +1,5 @@
+//! `backup` refusing or failing: the documented exit code, nothing published, no staging dir left.
+//!
 //! `maildir-backup backup` refusing or failing: each case gives a message naming the path, the sysexits code
 //! documented for it, publishes nothing at DEST and leaves no staging dir (or its lock) behind.
 //!
@@ -18,39 +20,7 @@ use std::time::{Duration, Instant};
 use support::churn;
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
 const USER: &str = "alice";
-
-const EX_USAGE: i32 = 64;
-const EX_DATAERR: i32 = 65;
-const EX_NOINPUT: i32 = 66;
-const EX_CANTCREAT: i32 = 73;
-const EX_TEMPFAIL: i32 = 75;
-const EX_NOPERM: i32 = 77;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-impl Run {
-    fn show(&self) -> String {
-        format!("exit {} after {:.2?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.code, self.elapsed, self.stdout, self.stderr)
-    }
-}
-
-fn run(mut cmd: Command) -> Run {
-    let t = Instant::now();
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: t.elapsed(),
-    }
-}
 
 fn backup_cmd(source: &str, dest: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
@@ -78,8 +48,8 @@ fn assert_refused(source: &str, dest: &Path, extra: &[&str], code: i32, mention:
     let parent = dest.parent().unwrap();
     let before = listing(parent);
     let dest_before = fs::symlink_metadata(dest).ok().map(|m| (m.is_dir(), listing(dest)));
-    let r = run(backup_cmd(source, dest, extra));
-    assert_eq!(r.code, code, "backup {source} {}: {}", dest.display(), r.show());
+    let r = Run::of(backup_cmd(source, dest, extra));
+    assert_eq!(r.code(), Some(code), "backup {source} {}: {}", dest.display(), r.show());
     for m in mention {
         assert!(r.stderr.contains(m), "stderr does not mention {m:?}: {}", r.show());
     }
@@ -153,8 +123,8 @@ fn bad_sources_and_destinations() {
     assert!(!dest.exists());
 
     // And after all that, a real backup works.
-    let r = run(backup_cmd(&rs, &dest, &["-q"]));
-    assert_eq!(r.code, 0, "{}", r.show());
+    let r = Run::of(backup_cmd(&rs, &dest, &["-q"]));
+    assert_eq!(r.code(), Some(0), "{}", r.show());
     assert_eq!(churn::scan_message_ids(&dest).len(), 20);
 }
 
@@ -190,15 +160,15 @@ fn unreadable_message_or_folder_as_unprivileged_user() {
 
     // Sanity: readable, it works as nobody.
     let ok = dst_parent.join("ok");
-    let r = run(as_nobody(&src.display().to_string(), &ok));
-    assert_eq!(r.code, 0, "{}", r.show());
+    let r = Run::of(as_nobody(&src.display().to_string(), &ok));
+    assert_eq!(r.code(), Some(0), "{}", r.show());
     assert_eq!(churn::scan_message_ids(&ok).len(), 20);
 
     let victim = churn::all_files(&src.join(".Work/cur")).into_iter().next().unwrap();
     fs::set_permissions(&victim, fs::Permissions::from_mode(0o000)).unwrap();
     let before = listing(&dst_parent);
-    let r = run(as_nobody(&src.display().to_string(), &dest));
-    assert_eq!(r.code, EX_NOPERM, "{}", r.show());
+    let r = Run::of(as_nobody(&src.display().to_string(), &dest));
+    assert_eq!(r.code(), Some(EX_NOPERM), "{}", r.show());
     assert!(r.stderr.contains(&victim.display().to_string()), "stderr does not name {}: {}", victim.display(), r.show());
     assert!(r.stderr.contains("ermission denied"), "{}", r.show());
     assert_eq!(listing(&dst_parent), before, "{}", r.show());
@@ -207,9 +177,9 @@ fn unreadable_message_or_folder_as_unprivileged_user() {
     // An unreadable cur/ directory.
     let cur = src.join(".Work/cur");
     fs::set_permissions(&cur, fs::Permissions::from_mode(0o000)).unwrap();
-    let r = run(as_nobody(&src.display().to_string(), &dest));
+    let r = Run::of(as_nobody(&src.display().to_string(), &dest));
     fs::set_permissions(&cur, fs::Permissions::from_mode(0o700)).unwrap();
-    assert_eq!(r.code, EX_NOPERM, "{}", r.show());
+    assert_eq!(r.code(), Some(EX_NOPERM), "{}", r.show());
     assert!(r.stderr.contains(&cur.display().to_string()), "stderr does not name {}: {}", cur.display(), r.show());
     assert_eq!(listing(&dst_parent), before, "{}", r.show());
 }
@@ -251,8 +221,8 @@ fn no_space_left_on_destination() {
     let d2 = Dovecot::start(DovecotOptions::default());
     populate(&d2, USER, &["INBOX"], 20);
     let ok = small.0.join("backup");
-    let r = run(backup_cmd(&d2.maildir(USER).display().to_string(), &ok, &["-q"]));
-    assert_eq!(r.code, 0, "{}", r.show());
+    let r = Run::of(backup_cmd(&d2.maildir(USER).display().to_string(), &ok, &["-q"]));
+    assert_eq!(r.code(), Some(0), "{}", r.show());
 }
 
 #[test]
@@ -287,8 +257,8 @@ fn lock_held_past_the_lock_timeout() {
     fake.release();
 
     // Free again: the same DEST now works, and no lock of ours is left in the source.
-    let r = run(backup_cmd(&rs, &dest, &["-q", "--lock-timeout", "5"]));
-    assert_eq!(r.code, 0, "{}", r.show());
+    let r = Run::of(backup_cmd(&rs, &dest, &["-q", "--lock-timeout", "5"]));
+    assert_eq!(r.code(), Some(0), "{}", r.show());
     let locks: Vec<PathBuf> = churn::all_files(&root).into_iter().filter(|f| f.to_string_lossy().ends_with(".lock")).collect();
     assert!(locks.is_empty(), "{locks:?}");
 }
@@ -309,19 +279,19 @@ fn staging_left_by_a_dead_run_is_cleaned_by_the_next() {
     fs::create_dir_all(staging.join(".Junk/cur")).unwrap();
     fs::write(staging.join("cur/1700000000.M1P1.junk:2,S"), "From: x\r\nMessage-ID: <junk@staging>\r\n\r\n").unwrap();
     fs::write(staging.join("maildir-backup.manifest"), "garbage").unwrap();
-    let r = run(backup_cmd(&rs, &dest, &["-q"]));
-    assert_eq!(r.code, 0, "{}", r.show());
+    let r = Run::of(backup_cmd(&rs, &dest, &["-q"]));
+    assert_eq!(r.code(), Some(0), "{}", r.show());
     assert!(!staging.exists() && !staging_lock_of(&dest).exists());
     assert!(!dest.join(".Junk").exists());
     let ids = churn::scan_message_ids(&dest);
     assert!(!ids.contains_key("<junk@staging>"));
     assert_eq!(ids.len(), total);
-    let v = run({
+    let v = Run::of({
         let mut c = Command::new(BIN);
         c.arg("verify").arg(&dest);
         c
     });
-    assert_eq!(v.code, 0, "{}", v.show());
+    assert_eq!(v.code(), Some(0), "{}", v.show());
 
     // (b) A backup SIGKILLed while it copies.
     let dest = out.path().join("b");
@@ -347,16 +317,16 @@ fn staging_left_by_a_dead_run_is_cleaned_by_the_next() {
     eprintln!("killed with {killed_with} files staged ({left} left behind); staging lock left: {}", staging_lock_of(&dest).exists());
 
     // The next run, right away.
-    let r = run(backup_cmd(&rs, &dest, &["-q"]));
-    assert_eq!(r.code, 0, "rerun right after the killed one: {}", r.show());
+    let r = Run::of(backup_cmd(&rs, &dest, &["-q"]));
+    assert_eq!(r.code(), Some(0), "rerun right after the killed one: {}", r.show());
     assert!(!staging.exists() && !staging_lock_of(&dest).exists());
     assert_eq!(churn::scan_message_ids(&dest).len(), total);
-    let v = run({
+    let v = Run::of({
         let mut c = Command::new(BIN);
         c.arg("verify").arg(&dest);
         c
     });
-    assert_eq!(v.code, 0, "{}", v.show());
+    assert_eq!(v.code(), Some(0), "{}", v.show());
     // Dovecot is not blocked by anything the killed run left in the source.
     let mut imap = d.imap(USER);
     imap.set_read_timeout(Some(Duration::from_secs(10)));

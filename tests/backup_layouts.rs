@@ -1,3 +1,5 @@
+//! `backup` of the Maildir shapes Dovecot makes (control/index split, fs layout, metadata, symlinks).
+//!
 //! `maildir-backup backup` of the Maildir shapes Dovecot 2.3 really makes, read back by Dovecot itself.
 //!
 //! - CONTROL=/INDEX= split out of the Maildir: the backup is self-contained (dovecot-uidlist and
@@ -17,51 +19,25 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use support::churn;
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
 const USER: &str = "alice";
-
-struct Run {
-    code: i32,
-    json: serde_json::Value,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn show(&self) -> String {
-        format!("exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.code, self.stdout, self.stderr)
-    }
-}
-
-fn mb(args: &[&str]) -> Run {
-    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        json: serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null),
-        stdout,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 fn backup(source: &str, dest: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["backup", "--json"];
     args.extend_from_slice(extra);
     args.push(source);
     args.push(dest.to_str().unwrap());
-    let r = mb(&args);
-    assert_eq!(r.code, 0, "backup {source} {}: {}", dest.display(), r.show());
+    let r = cli(&args);
+    assert_eq!(r.code(), Some(0), "backup {source} {}: {}", dest.display(), r.show());
     r
 }
 
 fn assert_verify_whole(dest: &Path) {
-    let r = mb(&["verify", dest.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "verify {}: {}", dest.display(), r.show());
+    let r = cli(&["verify", dest.to_str().unwrap()]);
+    assert_eq!(r.code(), Some(0), "verify {}: {}", dest.display(), r.show());
     assert!(r.stdout.contains("whole"), "{}", r.show());
 }
 
@@ -229,8 +205,8 @@ fn control_and_index_dirs_split_out() {
     let out = tempdir();
     let dest = out.path().join("backup");
     let r = backup(&d.mail_location(USER), &dest, &[]);
-    assert_eq!(r.json["messages"].as_u64(), Some(6 * 23), "{}", r.show());
-    assert_eq!(r.json["folders"].as_u64(), Some(names.len() as u64), "{}", r.show());
+    assert_eq!(r.json()["messages"].as_u64(), Some(6 * 23), "{}", r.show());
+    assert_eq!(r.json()["folders"].as_u64(), Some(names.len() as u64), "{}", r.show());
     let times_in_backup: Vec<(String, (i64, i64))> = dir_times
         .iter()
         .map(|(rel, _)| {
@@ -269,8 +245,8 @@ fn layout_fs_nested() {
         let out = tempdir();
         let dest = out.path().join("backup");
         let r = backup(&d.mail_location(USER), &dest, &[]);
-        assert_eq!(r.json["messages"].as_u64(), Some(6 * 23), "{}", r.show());
-        assert_eq!(r.json["folders"].as_u64(), Some(names.len() as u64), "{}", r.show());
+        assert_eq!(r.json()["messages"].as_u64(), Some(6 * 23), "{}", r.show());
+        assert_eq!(r.json()["folders"].as_u64(), Some(names.len() as u64), "{}", r.show());
         assert_verify_whole(&dest);
         assert!(dest.join("Archive/2024/dovecot-uidlist").is_file() && dest.join("Lists/rust/dovecot-uidlist").is_file());
         assert!(!dest.join("Lists/cur").exists() && dest.join("Lists").is_dir());
@@ -411,7 +387,7 @@ fn symlinks_are_never_followed() {
         assert!(r.stderr.contains(&l.display().to_string()), "no warning naming {}: {}", l.display(), r.show());
     }
     assert!(r.stderr.contains("symlink"), "{}", r.show());
-    assert_eq!(r.json["messages"].as_u64(), Some(20), "{}", r.show());
+    assert_eq!(r.json()["messages"].as_u64(), Some(20), "{}", r.show());
     assert_verify_whole(&dest);
     let links: Vec<PathBuf> = churn::all_files(&dest).into_iter().filter(|f| fs::symlink_metadata(f).unwrap().file_type().is_symlink()).collect();
     assert!(links.is_empty(), "symlinks in the backup: {links:?}");

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use support::churn::{self, Churn, ChurnOptions, Tracker};
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
 const USER: &str = "alice";
 const FOLDERS: &[&str] = &["INBOX", "Work", "Lists", "Archive"];
 const PER_FOLDER: usize = 200;
@@ -472,6 +471,112 @@ fn checker_catches_naive_copies_losing_mail_under_the_same_churn() {
         t0.elapsed().as_secs_f64()
     );
     assert!(slow_lost > 0, "the checker never caught the slow naive copy losing mail: {rows:#?}");
+}
+
+// Dovecot 2.4: the CLI naming a split location the 2.4 way (--mail-path, --control-path, --index-path).
+
+/// Folders of the Dovecot 2.4 churn test.
+const CHURN_FOLDERS: &[&str] = &["INBOX", "Work", "Lists", "Archive"];
+
+/// The per-folder view Dovecot must show for each backed-up folder (taken before Dovecot opens it), then
+/// what Dovecot 2.4 shows, reading the backup through a 2.3-style override that the harness translates.
+fn dovecot24_agrees_with_backup_files(d: &Dovecot24, user: &str, backup: &Path) -> Vec<String> {
+    use support::readback::read_manifest;
+    use support::trixie::chown_vmail_recursive_root;
+    let manifest = read_manifest(backup);
+    let expected: Vec<(String, churn::Expected)> = manifest.folders.iter().map(|f| (f.name.clone(), churn::expected_uid_flags(&backup.join(&f.path)))).collect();
+    chown_vmail_recursive_root(backup);
+    let loc = format!("maildir:{}:INDEX=MEMORY", backup.display());
+    let mut problems = Vec::new();
+    for (name, exp) in &expected {
+        let got = d.fetch_uid_flags(user, name, Some(&loc));
+        if let Some(diff) = churn::compare_with_expected(exp, &got) {
+            problems.push(format!("{} {name}: {diff}", backup.display()));
+        }
+    }
+    problems
+}
+
+/// Six `maildir-backup backup --mail-path … --control-path … --index-path … DEST` (the 2.4 way of naming a
+/// split location) while three IMAP sessions on Dovecot 2.4 change flags (STORE + NOOP), move, append and
+/// expunge; then one with the churn stopped.
+#[test]
+fn d24_cli_backups_under_imap_churn() {
+    use support::churn::{backups_under_churn, imap_churn, presence_problems, ChurnBackup};
+    use support::procs::mb;
+    use support::readback::{assert_no_problems, assert_verified, read_manifest};
+    use support::trixie::{chown_vmail_recursive_root, tempdir_in_root};
+    let t0 = Instant::now();
+    let d = Dovecot24::start(DovecotOptions { control: true, extra_conf: "mail_max_userip_connections = 50\n".into(), ..Default::default() });
+    populate(&d, "alice", CHURN_FOLDERS, 150);
+    let maildir = d.maildir("alice");
+    // Junk in every tmp/: half-written deliveries that must never reach a backup.
+    let mut junk_ids = HashSet::new();
+    for (k, f) in CHURN_FOLDERS.iter().enumerate() {
+        let tmp = d.mailbox_path("alice", f, "mailbox").join("tmp");
+        let id = format!("<junk.{k}@tmp.example>");
+        fs::write(tmp.join(format!("1700000000.M{k}P999.junkhost,S=100")), format!("From: x@example.com\r\nMessage-ID: {id}\r\n\r\nhalf\r\n")).unwrap();
+        junk_ids.insert(id);
+    }
+    chown_vmail_recursive_root(&maildir);
+    let tracker = Tracker::new();
+    assert_eq!(tracker.register_existing(&maildir), 600);
+    let out = tempdir_in_root();
+    let source_args = |dest: &Path| -> Vec<String> {
+        vec![
+            "backup".into(),
+            "--json".into(),
+            "--mail-path".into(),
+            maildir.display().to_string(),
+            "--control-path".into(),
+            d.control_root("alice").display().to_string(),
+            "--index-path".into(),
+            d.index_root("alice").display().to_string(),
+            dest.display().to_string(),
+        ]
+    };
+
+    let churn = Churn::start(imap_churn(&d, CHURN_FOLDERS, 3), tracker.clone());
+    churn.wait_ops(30, Duration::from_secs(20));
+    let runs = backups_under_churn(churn, &tracker, out.path(), "b", 6, (20, Duration::from_secs(20)), |dest| {
+        let mut cmd = mb();
+        cmd.args(source_args(dest));
+        Run::of(cmd)
+    });
+
+    for ChurnBackup { dest, start, end, .. } in &runs {
+        let mut cmd = mb();
+        cmd.arg("verify").arg(dest);
+        let v = Run::of(cmd);
+        assert_eq!(v.code(), Some(0), "{}", v.show());
+        let tmp = churn::files_under_tmp(dest);
+        assert!(tmp.is_empty(), "{}: files in tmp/: {tmp:?}", dest.display());
+        let ids = churn::scan_message_ids(dest);
+        assert!(!ids.keys().any(|m| junk_ids.contains(m)), "{}: junk from tmp/ was copied", dest.display());
+        assert_no_problems(&format!("{}: presence", dest.display()), &presence_problems(&tracker, dest, *start, *end));
+        let names: BTreeSet<String> = read_manifest(dest).folders.iter().map(|f| f.name.clone()).collect();
+        assert_eq!(names, CHURN_FOLDERS.iter().map(|s| s.to_string()).collect(), "{}", dest.display());
+        assert!(!dest.join(".INBOX").exists(), "{}: the control dir layout leaked into the backup", dest.display());
+        assert_no_problems("Dovecot 2.4 reading the backup", &dovecot24_agrees_with_backup_files(&d, "alice", dest));
+    }
+
+    // Quiet now: a backup equals the source exactly, as 2.4 reads both.
+    let dest = out.path().join("quiet");
+    let src: BTreeMap<&str, Vec<(u32, String)>> = CHURN_FOLDERS.iter().map(|f| (*f, d.fetch_uid_flags("alice", f, None))).collect();
+    let mut cmd = mb();
+    cmd.args(source_args(&dest));
+    let r = Run::of(cmd);
+    assert_eq!(r.code(), Some(0), "{}", r.show());
+    let json: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("--json output ({e}): {}", r.show()));
+    assert_eq!(json["messages"].as_u64(), Some(src.values().map(|v| v.len() as u64).sum()), "{}", r.stdout);
+    assert_verified(&dest);
+    chown_vmail_recursive_root(&dest);
+    let loc = format!("maildir:{}:INDEX=MEMORY", dest.display());
+    for (f, want) in &src {
+        assert!(!want.is_empty());
+        assert_eq!(&d.fetch_uid_flags("alice", f, Some(&loc)), want, "{f}: backup vs source");
+    }
+    eprintln!("d24_cli_backups_under_imap_churn: {:.1?}", t0.elapsed());
 }
 
 /// A reconcile with nothing to do is over in a millisecond or two; the locks must then be released at once.

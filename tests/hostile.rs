@@ -1,3 +1,5 @@
+//! Backup and restore of Maildirs owned by a hostile user (symlinks, special files, races, forgeries).
+//!
 //! Root runs `maildir-backup` over Maildirs whose owner is hostile: she controls every name, link, file type
 //! and size inside, and races us. Black-box tests against the CLI; the attacker is a real unprivileged user
 //! (`mbhostile`, created on first use) whose perl loops run as her through `setpriv`. A root-owned victim tree
@@ -65,6 +67,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::hostile::*;
+use support::EX_DATAERR;
 use support::repo_helpers::{assert_same_tree, tree_listing};
 
 type Hashes = std::collections::BTreeMap<String, usize>;
@@ -748,7 +751,7 @@ fn forged_manifests_are_refused() {
             for target in [&w.maildir, &fresh] {
                 let what = format!("{what}, restore into {}", target.display());
                 let o = restore(&copy, target);
-                assert_eq!(o.code, Some(EX_DATAERR), "{what}: must be refused as bad data:\n{}", o.show());
+                assert_eq!(o.code(), Some(EX_DATAERR), "{what}: must be refused as bad data:\n{}", o.show());
                 assert!(o.elapsed < Duration::from_secs(10), "{what}: took {:.1?}", o.elapsed);
                 assert!(o.maxrss_kib < RSS_LIMIT_KIB, "{what}: peak RSS {} KiB", o.maxrss_kib);
                 assert_same_tree(&home_before, &tree_listing(&w.home), &format!("{what}: her home"));

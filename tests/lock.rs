@@ -1,3 +1,5 @@
+//! The `lock` and `maildirlock` commands on their own, without Dovecot.
+//!
 //! `maildir-backup lock` / `maildirlock` as real processes: Dovecot's lock format, exit codes, interop
 //! with liblockfile's `dotlockfile`, stale-lock rules, release safety, refresh, the NFS lost-reply case
 //! (a test seam and a real LD_PRELOAD shim), mutual exclusion under contention, and bad input.
@@ -16,16 +18,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::procs::{host, lock_cmd, mb, run, secs, spawn, wait_until, Done, Running};
+use support::procs::{host, lock_cmd, mb, run, secs, spawn, wait_until, Running};
 
-const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
+use support::{Run, BIN, EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, EX_USAGE};
+
 const LOCK: &str = "dovecot-uidlist.lock";
-
-const EX_USAGE: i32 = 64;
-const EX_DATAERR: i32 = 65;
-const EX_NOINPUT: i32 = 66;
-const EX_TEMPFAIL: i32 = 75;
-const EX_NOPERM: i32 = 77;
 /// liblockfile's L_MAXTRYS: "Failed after max. number of attempts" (dotlockfile's exit code then).
 const L_MAXTRYS: i32 = 4;
 
@@ -87,7 +84,7 @@ fn write_lock(path: &Path, content: &str) {
     fs::write(path, content).unwrap();
 }
 
-fn assert_no_panic(d: &Done) {
+fn assert_no_panic(d: &Run) {
     assert!(!d.stderr.contains("panicked"), "the CLI panicked:\n{}", d.show());
 }
 

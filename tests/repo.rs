@@ -30,14 +30,6 @@ use support::*;
 
 const USER: &str = "alice";
 
-fn start(users: &[&str]) -> Dovecot {
-    Dovecot::start(DovecotOptions {
-        users: users.iter().map(|s| s.to_string()).collect(),
-        extra_conf: "mail_max_userip_connections = 50\n".into(),
-        ..Default::default()
-    })
-}
-
 /// Sets `series/latest` to `name` (as the tool does: a relative symlink).
 fn point_latest(series: &Path, name: &str) {
     let l = series.join("latest");
@@ -95,7 +87,7 @@ fn snapshot_rows(path: &Path) -> BTreeMap<(String, String), serde_json::Value> {
     let r = cli_ok(&["snapshots".to_string(), path.display().to_string(), "--json".to_string()]);
     r.json()
         .as_array()
-        .unwrap_or_else(|| panic!("not an array:\n{}", r.describe()))
+        .unwrap_or_else(|| panic!("not an array:\n{}", r.show()))
         .iter()
         .map(|row| ((row["name"].as_str().unwrap().to_string(), row["snapshot"].as_str().unwrap().to_string()), row.clone()))
         .collect()
@@ -116,7 +108,7 @@ fn incremental_snapshots_link_unchanged_and_copy_only_new() {
     let t0 = Instant::now();
     const FOLDERS: &[&str] = &["INBOX", "Work", "Lists", "Archive"];
     const PER_FOLDER: usize = 250;
-    let d = start(&[USER, "bob"]);
+    let d = start_with_users(&[USER, "bob"]);
     populate(&d, USER, FOLDERS, PER_FOLDER);
     populate(&d, "bob", &["INBOX", "Sent"], 25);
     let source = d.mail_location(USER);
@@ -289,7 +281,7 @@ fn incremental_snapshots_link_unchanged_and_copy_only_new() {
 #[test]
 fn paranoid_recopies_a_corrupted_previous_copy() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 40);
     let source = d.mail_location(USER);
     let root = d.maildir(USER);
@@ -316,7 +308,7 @@ fn paranoid_recopies_a_corrupted_previous_copy() {
     assert_eq!(fs::metadata(&x2).unwrap().len(), size_before);
     assert_ne!(blake3_of(&x2), src_sum);
     let v = verify(&s2);
-    assert_ne!(v.code, 0, "verify must notice the corruption:\n{}", v.describe());
+    assert_ne!(v.code(), Some(0), "verify must notice the corruption:\n{}", v.show());
 
     // Without --paranoid only names and sizes are compared: the corrupted copy is linked into the new
     // snapshot (same inode), nothing is read from the source, and only verify notices.
@@ -326,8 +318,8 @@ fn paranoid_recopies_a_corrupted_previous_copy() {
     assert_eq!(nlink(&x3), 2);
     assert_eq!(j3["bytes_copied"].as_u64(), Some(0), "{j3}");
     let v = verify(&s3);
-    assert_ne!(v.code, 0, "the linked corrupted copy must fail verify:\n{}", v.describe());
-    assert!(v.stdout.contains(&x3.file_name().unwrap().to_string_lossy().into_owned()), "verify must name the file:\n{}", v.describe());
+    assert_ne!(v.code(), Some(0), "the linked corrupted copy must fail verify:\n{}", v.show());
+    assert!(v.stdout.contains(&x3.file_name().unwrap().to_string_lossy().into_owned()), "verify must name the file:\n{}", v.show());
 
     // With --paranoid the previous copy's checksum is compared with its manifest: X is copied afresh
     // from the source; intact messages are still linked.
@@ -367,7 +359,7 @@ const PRUNE_SNAPS: &[(&str, bool)] = &[
 #[test]
 fn prune_keeps_exactly_what_the_policy_names() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 15);
     let source = d.mail_location(USER);
     let repo_tmp = tempdir();
@@ -408,13 +400,13 @@ fn prune_keeps_exactly_what_the_policy_names() {
     assert_same_tree(&before, &tree_listing(&repo), "prune --dry-run");
     let would: BTreeSet<String> = r.stdout.lines().filter_map(|l| l.strip_prefix("would remove ")).map(|p| name_of(Path::new(p))).collect();
     let kept: BTreeSet<String> = r.stdout.lines().filter_map(|l| l.strip_prefix("keep ")).map(|p| name_of(Path::new(p.trim()))).collect();
-    assert_eq!(would, &all - &keep, "dry run:\n{}", r.describe());
-    assert_eq!(kept, keep, "dry run:\n{}", r.describe());
+    assert_eq!(would, &all - &keep, "dry run:\n{}", r.show());
+    assert_eq!(kept, keep, "dry run:\n{}", r.show());
 
     // For real: exactly the named snapshots remain, each whole.
     let r = prune(&policy, &series);
     let removed: BTreeSet<String> = r.stdout.lines().filter_map(|l| l.strip_prefix("removed ")).map(|p| name_of(Path::new(p))).collect();
-    assert_eq!(removed, &all - &keep, "{}", r.describe());
+    assert_eq!(removed, &all - &keep, "{}", r.show());
     let mut left = snapshot_dirs(&series);
     assert_eq!(left, keep, "prune left the wrong snapshots (no leftovers of removal may remain either)");
     assert_eq!(latest_target(&series), newest);
@@ -433,15 +425,15 @@ fn prune_keeps_exactly_what_the_policy_names() {
     let (o2, _) = take_snapshot(&source, &repo, "other", &[]);
     let r = prune(&[], &repo);
     left = snapshot_dirs(&series);
-    assert_eq!(left, [newest.clone()].into_iter().collect(), "all keeps 0 must still keep the newest:\n{}", r.describe());
-    assert_eq!(snapshot_dirs(&repo.join("other")), [name_of(&o2)].into_iter().collect(), "{}", r.describe());
+    assert_eq!(left, [newest.clone()].into_iter().collect(), "all keeps 0 must still keep the newest:\n{}", r.show());
+    assert_eq!(snapshot_dirs(&repo.join("other")), [name_of(&o2)].into_iter().collect(), "{}", r.show());
     assert!(!o1.exists());
     assert_verifies(&series.join(&newest));
     assert_verifies(&o2);
     assert_eq!(latest_target(&series), newest);
     // Again: nothing more to remove.
     let r = prune(&[], &series);
-    assert!(!r.stdout.contains("remove"), "{}", r.describe());
+    assert!(!r.stdout.contains("remove"), "{}", r.show());
     assert_eq!(snapshot_dirs(&series), [newest.clone()].into_iter().collect());
     eprintln!("prune: {:.1?}", t0.elapsed());
 }
@@ -454,7 +446,7 @@ fn prune_keeps_exactly_what_the_policy_names() {
 #[test]
 fn snapshots_hold_the_dovecot_locks_briefly_even_when_threads_start_late() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive", "Work"], 10);
     let source = d.mail_location(USER);
     let repo_tmp = tempdir();

@@ -1,4 +1,4 @@
-//! `restore` from a repository snapshot into a real Dovecot's Maildirs.
+//! `restore` from a repository snapshot into a real Dovecot's Maildirs (2.3; 2.4 for CLI and plugin).
 //!
 //! - `full_restore_into_a_new_user_keeps_uids_flags_and_uidvalidity`: a snapshot of alice (four folders, UID
 //!   gaps from expunges, keywords) restored into the not yet existing Maildir of a new user carol: Dovecot
@@ -20,24 +20,20 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use support::churn;
+use support::procs::{files_in, mb};
+use support::readback::{assert_verified, fetch, mailbox_status, mailboxes, vmail_dir24};
+use support::plugin::{install_plugin24, run_plugin};
 use support::repo_helpers::*;
+use support::trixie::{chown_vmail_recursive_root, in_root, tempdir_in_root};
 use support::*;
 
 const USER: &str = "alice";
-
-fn start(users: &[&str]) -> Dovecot {
-    Dovecot::start(DovecotOptions {
-        users: users.iter().map(|s| s.to_string()).collect(),
-        extra_conf: "mail_max_userip_connections = 50\n".into(),
-        ..Default::default()
-    })
-}
 
 fn restore(snapshot: &Path, target: &str, extra: &[&str]) -> Run {
     let mut a = vec!["restore".to_string(), snapshot.display().to_string(), target.to_string()];
@@ -49,7 +45,7 @@ fn restore_json(snapshot: &Path, target: &str, extra: &[&str]) -> serde_json::Va
     let mut x = extra.to_vec();
     x.push("--json");
     let r = restore(snapshot, target, &x);
-    assert_eq!(r.code, 0, "{}", r.describe());
+    assert_eq!(r.code(), Some(0), "{}", r.show());
     r.json()
 }
 
@@ -69,7 +65,7 @@ fn imap_view(d: &Dovecot, user: &str, folders: &[&str]) -> BTreeMap<String, BTre
 fn full_restore_into_a_new_user_keeps_uids_flags_and_uidvalidity() {
     let t0 = Instant::now();
     const FOLDERS: &[&str] = &["INBOX", "Archive", "Lists", "Lists.Rust"];
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, FOLDERS, 60);
     // UID gaps, so "same UIDs" means more than 1..n.
     let mut imap = d.imap(USER);
@@ -153,7 +149,7 @@ fn start_of_a_second() {
 #[test]
 fn merge_restore_of_single_messages_into_a_live_mailbox() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 60);
     let target = d.mail_location(USER);
     let root = d.maildir(USER);
@@ -201,7 +197,7 @@ fn merge_restore_of_single_messages_into_a_live_mailbox() {
 #[test]
 fn merge_restore_of_a_recreated_folder_remaps_keywords() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 60);
     let target = d.mail_location(USER);
     let root = d.maildir(USER);
@@ -258,7 +254,7 @@ fn merge_restore_of_a_recreated_folder_remaps_keywords() {
 #[test]
 fn dry_run_lists_and_changes_nothing() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 30);
     let target = d.mail_location(USER);
     let root = d.maildir(USER);
@@ -278,9 +274,9 @@ fn dry_run_lists_and_changes_nothing() {
     assert_eq!(actions.iter().filter(|a| a.starts_with("skip ")).count(), 57, "{actions:?}");
     // The plain output lists the actions too.
     let r = restore(&snap, &target, &["--dry-run", "--folder", "INBOX"]);
-    assert_eq!(r.code, 0, "{}", r.describe());
-    assert_eq!(r.stdout.lines().filter(|l| l.starts_with("restore ")).count(), 3, "{}", r.describe());
-    assert!(r.stdout.contains("3 would be restored"), "{}", r.describe());
+    assert_eq!(r.code(), Some(0), "{}", r.show());
+    assert_eq!(r.stdout.lines().filter(|l| l.starts_with("restore ")).count(), 3, "{}", r.show());
+    assert!(r.stdout.contains("3 would be restored"), "{}", r.show());
     assert_same_tree(&before, &tree_listing(&root), "restore --dry-run into a live Maildir");
     a.noop().unwrap();
     assert_eq!(mid_flags(&mut a), pre);
@@ -298,7 +294,7 @@ fn dry_run_lists_and_changes_nothing() {
 #[test]
 fn bad_input_is_refused_with_clear_errors_and_the_target_untouched() {
     let t0 = Instant::now();
-    let d = start(&[USER]);
+    let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Archive"], 20);
     let target = d.mail_location(USER);
     let root = d.maildir(USER);
@@ -313,10 +309,10 @@ fn bad_input_is_refused_with_clear_errors_and_the_target_untouched() {
     let refuse = |snapshot: &Path, extra: &[&str], code: i32, names: &[&str]| {
         for t in [target.clone(), fresh.display().to_string()] {
             let r = restore(snapshot, &t, extra);
-            assert_eq!(r.code, code, "{}", r.describe());
-            assert!(r.stdout.trim().is_empty(), "nothing on stdout on failure:\n{}", r.describe());
+            assert_eq!(r.code(), Some(code), "{}", r.show());
+            assert!(r.stdout.trim().is_empty(), "nothing on stdout on failure:\n{}", r.show());
             for n in names {
-                assert!(r.stderr.contains(n), "the error must name {n:?}:\n{}", r.describe());
+                assert!(r.stderr.contains(n), "the error must name {n:?}:\n{}", r.show());
             }
             assert_same_tree(&before, &tree_listing(&root), &r.cmdline);
             assert!(!fresh.parent().unwrap().exists(), "{}: created the target", r.cmdline);
@@ -344,8 +340,8 @@ fn bad_input_is_refused_with_clear_errors_and_the_target_untouched() {
     fs::write(notmail.join("sub/x"), b"x\n").unwrap();
     let nm_before = tree_listing(&notmail);
     let r = restore(&snap, &notmail.display().to_string(), &[]);
-    assert_eq!(r.code, 65, "{}", r.describe());
-    assert!(r.stderr.contains(&notmail.display().to_string()) && r.stderr.contains("not a Maildir"), "{}", r.describe());
+    assert_eq!(r.code(), Some(65), "{}", r.show());
+    assert!(r.stderr.contains(&notmail.display().to_string()) && r.stderr.contains("not a Maildir"), "{}", r.show());
     assert_same_tree(&nm_before, &tree_listing(&notmail), "restore into a non-Maildir");
 
     // A snapshot whose message file was corrupted (same size, other bytes).
@@ -361,4 +357,151 @@ fn bad_input_is_refused_with_clear_errors_and_the_target_untouched() {
     assert_eq!(j["restored"].as_u64(), Some(20), "{j}");
     assert!(!PathBuf::from(&elsewhere).join(".Archive").exists());
     eprintln!("bad input: {:.1?}", t0.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dovecot 2.4: the CLI's full restore, and the plugin's merge restore
+
+/// A snapshot from `backup --repo` restored with the CLI into a new 2.4 user's (missing) Maildir, then
+/// chowned to vmail: 2.4 lists the same mailboxes with the same UIDs, GUIDs, flags and keywords, the same
+/// UIDVALIDITY and UIDNEXT, and IMAP shows the same Message-ID under every UID.
+#[test]
+fn d24_full_restore_into_a_fresh_user() {
+    let t0 = Instant::now();
+    let d = Dovecot24::start(DovecotOptions::default());
+    let folders = ["INBOX", "Sent", "Archive.2024"];
+    populate(&d, "alice", &folders, 15);
+    let mut imap = d.imap("alice");
+    imap.select("INBOX").unwrap();
+    imap.uid_store("2", "+FLAGS", "Project-X $Later").unwrap();
+    imap.uid_store("3", "+FLAGS", "Project-X").unwrap();
+    imap.uid_expunge("4,7").unwrap();
+    imap.select("Sent").unwrap();
+    imap.uid_store("1", "+FLAGS", "Urgent \\Draft").unwrap();
+    imap.uid_expunge("2").unwrap();
+    imap.logout();
+
+    let repo = tempdir_in_root();
+    let (snapshot, _) = take_snapshot(&d.maildir("alice").display().to_string(), &repo.path().join("repo"), "alice", &[]);
+    d.add_user("fresh");
+    let target = d.maildir("fresh");
+    let mut cmd = mb();
+    cmd.arg("restore").arg(&snapshot).arg(&target);
+    let r = Run::of(cmd);
+    assert_eq!(r.code(), Some(0), "{}", r.show());
+    assert!(r.stdout.starts_with("full restore"), "{}", r.show());
+    chown_vmail_recursive_root(&d.dir().join("mail/fresh"));
+
+    let src = mailboxes(&d, "alice", None);
+    let dst = mailboxes(&d, "fresh", None);
+    assert_eq!(src.keys().collect::<Vec<_>>(), dst.keys().collect::<Vec<_>>());
+    for name in src.keys() {
+        let a = fetch(&d, "alice", name, None);
+        assert!(!a.is_empty(), "{name}");
+        assert_eq!(a, fetch(&d, "fresh", name, None), "{name}: alice (left) vs the restored user (right)");
+        for field in ["uidvalidity", "uidnext", "messages"] {
+            assert_eq!(mailbox_status(&d, "alice", field, name), mailbox_status(&d, "fresh", field, name), "{name}: {field}");
+        }
+    }
+    let inbox = fetch(&d, "fresh", "INBOX", None);
+    assert!(inbox.iter().any(|m| m.uid == 2 && m.flags.contains("Project-X") && m.flags.contains("$Later")), "{inbox:?}");
+    assert!(!inbox.iter().any(|m| m.uid == 4 || m.uid == 7), "expunged UIDs came back: {inbox:?}");
+    let (mut ia, mut ib) = (d.imap("alice"), d.imap("fresh"));
+    for name in folders {
+        ia.select(name).unwrap();
+        ib.select(name).unwrap();
+        assert_eq!(mid_flags(&mut ia), mid_flags(&mut ib), "{name}: uid → (Message-ID, flags)");
+    }
+    ia.logout();
+    ib.logout();
+    d.assert_clean_log();
+    eprintln!("d24_full_restore_into_a_fresh_user: {:.1?}", t0.elapsed());
+}
+
+/// alice (INBOX, Sent; 10 messages each) snapshotted by the plugin into `repo:`, then INBOX 1:3 and Sent 5
+/// expunged. Returns the instance, its temp dir, the `repo:` argument and, per folder, the messages before
+/// the expunge (uid → (Message-ID, flags)).
+fn snapshot_then_expunge() -> (Dovecot24, tempfile::TempDir, String, BTreeMap<&'static str, BTreeMap<u32, (String, String)>>) {
+    install_plugin24();
+    let d = Dovecot24::start(DovecotOptions::default());
+    populate(&d, "alice", &["INBOX", "Sent"], 10);
+    let out = tempdir_in_root();
+    let repo = vmail_dir24(&out.path().join("repo"));
+    let repo_arg = format!("repo:{}", in_root(&repo));
+    run_plugin(&d, &["maildir-backup", "-u", "alice", &repo_arg]).expect_ok();
+    assert!(repo.join("alice/latest").exists(), "{:?}", files_in(&repo.join("alice")));
+    assert_verified(&repo.join("alice/latest"));
+    let mut imap = d.imap("alice");
+    let mut before = BTreeMap::new();
+    for f in ["INBOX", "Sent"] {
+        imap.select(f).unwrap();
+        before.insert(f, mid_flags(&mut imap));
+    }
+    imap.select("INBOX").unwrap();
+    imap.uid_expunge("1:3").unwrap();
+    imap.select("Sent").unwrap();
+    imap.uid_expunge("5").unwrap();
+    imap.logout();
+    (d, out, repo_arg, before)
+}
+
+fn restored_count(r: &Run) -> u64 {
+    r.json_rows().iter().map(|row| row["restored"].parse::<u64>().unwrap()).sum()
+}
+
+/// The plugin's `doveadm maildir-backup-restore -u alice repo:REPO` merges the expunged messages back: the
+/// same Message-IDs with the same flags, the restored ones under new UIDs, the others untouched.
+#[test]
+fn d24_plugin_restore_merges_expunged_messages() {
+    let t0 = Instant::now();
+    let (d, _out, repo_arg, before) = snapshot_then_expunge();
+    let r = run_plugin(&d, &["-f", "json", "maildir-backup-restore", "-u", "alice", &repo_arg]);
+    r.expect_ok();
+    assert_eq!(restored_count(&r), 4, "{}", r.show());
+    assert!(r.json_rows().iter().all(|row| row["mode"] == "merge" && row["user"] == "alice"), "{}", r.show());
+    let mut imap = d.imap("alice");
+    for f in ["INBOX", "Sent"] {
+        imap.select(f).unwrap();
+        let after = mid_flags(&mut imap);
+        let want: BTreeMap<String, String> = before[f].values().cloned().collect();
+        let got: BTreeMap<String, String> = after.values().cloned().collect();
+        assert_eq!(got, want, "{f}: Message-ID → flags after the merge");
+        assert_eq!(after.len(), before[f].len(), "{f}: duplicates");
+        let old: HashMap<&String, u32> = before[f].iter().map(|(u, (m, _))| (m, *u)).collect();
+        for (uid, (mid, _)) in &after {
+            let was = old[mid];
+            let expunged = (f == "INBOX" && was <= 3) || (f == "Sent" && was == 5);
+            if expunged {
+                assert!(*uid > 10, "{f}: restored {mid} got uid {uid}, not a new one");
+            } else {
+                assert_eq!(*uid, was, "{f}: {mid} changed uid");
+            }
+        }
+    }
+    imap.logout();
+    d.assert_clean_log();
+    eprintln!("d24_plugin_restore_merges_expunged_messages: {:.1?} (restore {:.2?})", t0.elapsed(), r.elapsed);
+}
+
+/// Running the same merge restore twice must not restore anything the second time (no duplicates).
+#[test]
+fn d24_plugin_restore_twice_adds_nothing() {
+    let t0 = Instant::now();
+    let (d, _out, repo_arg, before) = snapshot_then_expunge();
+    let r1 = run_plugin(&d, &["-f", "json", "maildir-backup-restore", "-u", "alice", &repo_arg]);
+    r1.expect_ok();
+    assert_eq!(restored_count(&r1), 4, "{}", r1.show());
+    let r2 = run_plugin(&d, &["-f", "json", "maildir-backup-restore", "-u", "alice", &repo_arg]);
+    r2.expect_ok();
+    let mut imap = d.imap("alice");
+    let mut counts = Vec::new();
+    for f in ["INBOX", "Sent"] {
+        imap.select(f).unwrap();
+        counts.push((f, before[f].len(), mid_flags(&mut imap).len()));
+    }
+    imap.logout();
+    eprintln!("restore 1: {:.2?}, restore 2: {:.2?}; (folder, before, after): {counts:?}", r1.elapsed, r2.elapsed);
+    assert_eq!(restored_count(&r2), 0, "the second restore restored again; (folder, messages before, after): {counts:?}\n{}", r2.show());
+    assert!(counts.iter().all(|(_, b, a)| b == a), "duplicates: {counts:?}");
+    eprintln!("d24_plugin_restore_twice_adds_nothing: {:.1?}", t0.elapsed());
 }

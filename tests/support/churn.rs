@@ -19,8 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::dovecot::{message, normalize_flags, LDA_BIN, PASSWORD};
+use super::dovecot::{Instance, Release, LDA_BIN, PASSWORD};
+use super::dovecot_common::{message, normalize_flags};
 use super::imap::Imap;
+use super::run::Run;
 
 // ---------------------------------------------------------------------------------------------------------
 // A tiny PRNG (no rand crate in the dev-dependencies)
@@ -285,6 +287,22 @@ struct Shared {
     ops: AtomicU64,
 }
 
+impl Shared {
+    /// If the churn is paused: counts this worker as parked until it is resumed or stopped, and returns
+    /// true (the caller then looks at `stop` again). False, at once, if not paused.
+    fn park_while_paused(&self) -> bool {
+        if !self.pause.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+        true
+    }
+}
+
 /// Running churn. Stop it with [`Churn::stop`] (also done, ignoring results, on drop).
 pub struct Churn {
     shared: Arc<Shared>,
@@ -325,12 +343,7 @@ fn imap_worker(id: usize, o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) ->
         }
     };
     while !sh.stop.load(Ordering::SeqCst) {
-        if sh.pause.load(Ordering::SeqCst) {
-            sh.parked.fetch_add(1, Ordering::SeqCst);
-            while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            sh.parked.fetch_sub(1, Ordering::SeqCst);
+        if sh.park_while_paused() {
             continue;
         }
         let folder = rng.pick(&o.folders).clone();
@@ -420,12 +433,7 @@ fn folder_worker(o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) -> ChurnSta
         }
     };
     while !sh.stop.load(Ordering::SeqCst) {
-        if sh.pause.load(Ordering::SeqCst) {
-            sh.parked.fetch_add(1, Ordering::SeqCst);
-            while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            sh.parked.fetch_sub(1, Ordering::SeqCst);
+        if sh.park_while_paused() {
             continue;
         }
         n += 1;
@@ -499,12 +507,7 @@ fn lda_worker(o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) -> ChurnStats 
     let mut st = ChurnStats::default();
     let mut rng = Rng::new(4242);
     while !sh.stop.load(Ordering::SeqCst) {
-        if sh.pause.load(Ordering::SeqCst) {
-            sh.parked.fetch_add(1, Ordering::SeqCst);
-            while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            sh.parked.fetch_sub(1, Ordering::SeqCst);
+        if sh.park_while_paused() {
             continue;
         }
         let folder = rng.pick(&o.folders).clone();
@@ -783,4 +786,87 @@ pub fn compare_with_expected(expected: &Expected, dovecot: &[(u32, String)]) -> 
     }
     diff.truncate(10);
     Some(diff.join("; "))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Checking a backup taken under churn
+
+/// [`ChurnOptions`] for `alice` on `d`: `workers` IMAP sessions over `folders`, no dovecot-lda (the delivery
+/// thread runs the host's 2.3 binary), no folder worker.
+pub fn imap_churn<R: Release>(d: &Instance<R>, folders: &[&str], workers: usize) -> ChurnOptions {
+    ChurnOptions {
+        port: d.port(),
+        conf: d.conf(),
+        user: "alice".into(),
+        folders: folders.iter().map(|f| f.to_string()).collect(),
+        imap_workers: workers,
+        lda: false,
+        pace: Duration::from_millis(2),
+        lda_pace: Duration::from_millis(30),
+        folder_worker: false,
+    }
+}
+
+/// Message-ID → files, with duplicates allowed only for messages a UID MOVE was moving during the backup.
+pub fn presence_problems(tracker: &Tracker, backup: &Path, start: u64, end: u64) -> Vec<String> {
+    let ids = scan_message_ids(backup);
+    let required = tracker.required(start, end);
+    let mut problems = Vec::new();
+    let missing: Vec<&String> = required.iter().filter(|m| !ids.contains_key(*m)).collect();
+    if !missing.is_empty() {
+        problems.push(format!("{} of {} required messages missing, e.g. {:?}", missing.len(), required.len(), &missing[..missing.len().min(5)]));
+    }
+    for (mid, paths) in &ids {
+        if !tracker.is_known(mid) {
+            problems.push(format!("unknown message {mid} at {paths:?}"));
+        }
+        // A message whose UID MOVE was in flight may be in both folders (Dovecot links it into the target
+        // before it unlinks the source); any other copy is a duplicate.
+        if paths.len() > 1 && !(paths.len() == 2 && tracker.moved_between(mid, start, end)) {
+            problems.push(format!("{mid} is in the backup {} times: {paths:?}", paths.len()));
+        }
+    }
+    problems
+}
+
+/// One backup taken while a [`Churn`] ran: where it went, the [`Tracker`] ticks just before and just after
+/// it, and its run.
+pub struct ChurnBackup {
+    pub dest: PathBuf,
+    pub start: u64,
+    pub end: u64,
+    pub run: Run,
+}
+
+/// Takes `n` backups while `churn` runs: backup `i` is `backup(out/{prefix}{i})`, between two ticks of
+/// `tracker`, and must exit 0; after each, waits for `settle.0` more churn operations (at most `settle.1`).
+/// Then stops the churn, prints its statistics, and checks that it made every kind of change (flags, moves,
+/// appends, expunges) and that some of its operations overlapped a backup.
+pub fn backups_under_churn(
+    churn: Churn,
+    tracker: &Tracker,
+    out: &Path,
+    prefix: &str,
+    n: usize,
+    settle: (u64, Duration),
+    mut backup: impl FnMut(&Path) -> Run,
+) -> Vec<ChurnBackup> {
+    let mut runs = Vec::new();
+    let mut ops_during = 0;
+    for i in 0..n {
+        let dest = out.join(format!("{prefix}{i}"));
+        let ops0 = churn.ops();
+        let start = tracker.tick();
+        let run = backup(&dest);
+        let end = tracker.tick();
+        ops_during += churn.ops() - ops0;
+        run.expect_ok();
+        runs.push(ChurnBackup { dest, start, end, run });
+        churn.wait_ops(settle.0, settle.1);
+    }
+    let stats = churn.stop();
+    eprintln!("churn: {stats:?}; {ops_during} ops during the {n} backups");
+    assert!(stats.moves > 0 && stats.flag_changes > 0 && stats.appends > 0 && stats.expunges > 0, "churn did too little: {stats:?}");
+    assert!(ops_during > 0, "no churn operation overlapped a backup");
+    runs
 }

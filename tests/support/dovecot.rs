@@ -1,54 +1,173 @@
-//! A private, real Dovecot 2.3 instance for integration tests.
+//! A private, real Dovecot for integration tests, of either release: [`Dovecot`] is 2.3 on the host,
+//! `Dovecot24` is 2.4 in the Debian 13 root (tests/support/trixie.rs). Both are an [`Instance`] of a
+//! [`Release`] ([`V23`] here, `V24` in trixie.rs): one harness, the release supplying only what differs
+//! (programs and how they are started, paths as Dovecot sees them, the configuration dialect).
 //!
-//! Each [`Dovecot`] owns a fresh directory `D` (see [`tempdir`]) and a free port `P` on 127.0.0.1, and reads
-//! nothing from `/etc/dovecot`: every `dovecot`, `doveadm` and `dovecot-lda` call gets `-c D/dovecot.conf`.
+//! Each instance owns a fresh directory `D` and a free port `P` on 127.0.0.1, and reads nothing from
+//! `/etc/dovecot`: every `dovecot`, `doveadm` and `dovecot-lda` call gets `-c D/dovecot.conf`.
 //!
-//! Layout of `D`:
+//! Layout of `D` (2.3: a [`tempdir`]; 2.4: `ROOT/srv/mbt-XXXXXX`, inside the chroot `/srv/mbt-XXXXXX`):
 //! - `dovecot.conf`, `passwd` (passwd-file for passdb and userdb; every user's password is [`PASSWORD`])
 //! - `run/` (base_dir, `run/master.pid`), `state/` (state_dir), `dovecot.log` (all logging), `dovecot.stderr`
-//! - `mail/<user>/Maildir` — the mail root (`mail_location = maildir:D/mail/%u/Maildir`)
-//! - with `control: true`: `control/<user>` and `index/<user>` (`:CONTROL=D/control/%u:INDEX=D/index/%u`)
+//! - `mail/<user>/Maildir` — the mail root
+//! - with `control: true`: `control/<user>` and `index/<user>`
+//!
+//! **Paths:** every path an instance returns ([`Instance::dir`], [`Instance::maildir`],
+//! [`Instance::mailbox_path`], ...) is a *host* path that the test can read and write directly. Arguments
+//! given to [`Instance::doveadm`] are passed verbatim, so for 2.4 paths in them must be chroot paths
+//! (`trixie::host_to_root`); [`Instance::dir_in_root`] and [`Instance::conf_in_root`] are the
+//! instance's own (the same as the host paths on 2.3).
+//!
+//! Mail settings (2.3 / 2.4): `mail_location = maildir:D/mail/%u/Maildir` / `mail_driver = maildir` +
+//! `mail_path = D/mail/%{user}/Maildir`; `control: true` adds `:CONTROL=D/control/%u:INDEX=D/index/%u` /
+//! `mail_control_path` + `mail_index_path`; `layout_fs: true` adds `:LAYOUT=fs` / `mailbox_list_layout = fs`
+//! (explicit: the 2.4 `maildir` driver's default is `maildir++`). Other dialect differences: passdb/userdb
+//! `driver/args` / `passwd-file { passwd_file_path }`, `disable_plaintext_auth = no` /
+//! `auth_allow_cleartext = yes`, listener `address` / `listen`.
 //!
 //! Namespace: a single `inbox` namespace (`inbox = yes`, no prefix). Hierarchy separator is `.` for the
 //! default Maildir++ layout (folder `Archive.2024` lives in `Maildir/.Archive.2024/`) and `/` for
-//! `layout_fs` (folder `Archive/2024` lives in `Maildir/Archive/2024/`). See [`Dovecot::separator`].
+//! `layout_fs` (folder `Archive/2024` lives in `Maildir/Archive/2024/`). See [`Instance::separator`].
 //!
-//! Mail processes run as the `vmail` system user (Dovecot refuses uid 0 for mail access), so everything a
-//! Dovecot process must write — the mail root, a backup that Dovecot should read — must be owned by vmail
-//! ([`chown_vmail_recursive`]).
+//! Mail processes run as the `vmail` user (Dovecot refuses uid 0 for mail access), so everything a Dovecot
+//! process must write — the mail root, a backup that Dovecot should read — must be owned by vmail
+//! ([`chown_vmail_recursive`]; 2.4: `trixie::chown_vmail_recursive_root`).
 
-use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::marker::PhantomData;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use super::dovecot_common::{
-    append_passwd, child_running, command_failed, conf_tail, create_mail_dirs, descendants,
-    keep_or_remove, log_tail, shell_line, stop_master, wait_for_user, write_passwd, STATS_SERVICE,
-};
-pub use super::dovecot_common::normalize_flags;
+use super::dovecot_common::{descendants, ensure_vmail, free_port, normalize_flags, pid_alive, signal};
 use super::imap::Imap;
+
+// What examples/demo.rs (which includes this file as `dovecot`) takes from here.
+#[allow(unused_imports)]
+pub use super::dovecot_common::{chown_vmail_recursive, message, populate, tempdir};
 
 /// Password of every user in the instance's passwd file.
 pub const PASSWORD: &str = "secret";
-/// Dovecot's local delivery agent (Debian path).
-pub const LDA_BIN: &str = "/usr/lib/dovecot/dovecot-lda";
-const DOVECOT_BIN: &str = "dovecot";
-const DOVEADM_BIN: &str = "doveadm";
+/// The host's (2.3) local delivery agent (Debian path).
+pub const LDA_BIN: &str = V23::LDA_BIN;
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// How to configure a [`Dovecot`] instance.
+/// Dovecot 2.3 on the host. (Dovecot 2.4 is `super::trixie::Dovecot24`.)
+pub type Dovecot = Instance<V23>;
+
+// ---------------------------------------------------------------------------------------------------------
+// What differs between releases
+
+/// A Dovecot release the harness can run: where its programs are and how they are started, how paths look
+/// to it, and its configuration dialect. Everything else is [`Instance`]'s, the same for all releases.
+pub trait Release: Sized + 'static {
+    /// How messages name the server.
+    const NAME: &'static str;
+    /// Prefix of `instance_name`.
+    const INSTANCE_PREFIX: &'static str;
+    /// The user name variable in configuration values (`%u`, `%{user}`).
+    const USER_VAR: &'static str;
+    /// Programs, as paths inside the release's root.
+    const DOVECOT_BIN: &'static str;
+    const DOVEADM_BIN: &'static str;
+    const LDA_BIN: &'static str;
+    /// Start of dovecot.conf.
+    const CONF_HEAD: &'static str;
+    /// The setting that allows plain-text passwords without TLS.
+    const CLEARTEXT_AUTH: &'static str;
+    /// The key of an inet_listener's address.
+    const LISTENER_ADDRESS: &'static str;
+
+    /// uid and gid of `vmail` as the release's processes know it.
+    fn vmail_ids() -> (u32, u32);
+    /// A fresh instance directory (host path) that the release's processes can see.
+    fn tempdir() -> tempfile::TempDir;
+    /// A host path as the release's processes see it.
+    fn inside(host: &Path) -> PathBuf;
+    /// A path printed by the release's processes as a host path.
+    fn host(inside: &Path) -> PathBuf;
+    /// The words that start `prog` (a path inside the release's root).
+    fn command_words(prog: &str) -> Vec<String>;
+    /// passdb and userdb blocks reading the passwd-file `passwd` (a path inside).
+    fn passwd_dbs(passwd: &str) -> String;
+    /// The mail settings of an instance with `opts` in `dir` (a path inside) for `user` (or the unexpanded
+    /// [`Self::USER_VAR`]).
+    fn mail_settings(opts: &DovecotOptions, dir: &Path, user: &str) -> Vec<(&'static str, String)>;
+    /// `doveadm -o` settings that read a 2.3-style `mail_location` with host paths (`maildir:PATH[:…]`) as
+    /// the whole location, nothing inherited from the instance.
+    fn location_overrides(location: &str) -> Vec<String>;
+}
+
+/// Dovecot 2.3, the host's own.
+pub struct V23;
+
+impl Release for V23 {
+    const NAME: &'static str = "dovecot";
+    const INSTANCE_PREFIX: &'static str = "mbt";
+    const USER_VAR: &'static str = "%u";
+    const DOVECOT_BIN: &'static str = "dovecot";
+    const DOVEADM_BIN: &'static str = "doveadm";
+    const LDA_BIN: &'static str = "/usr/lib/dovecot/dovecot-lda";
+    const CONF_HEAD: &'static str = "# maildir-backup test instance (generated by tests/support/dovecot.rs)\n";
+    const CLEARTEXT_AUTH: &'static str = "disable_plaintext_auth = no";
+    const LISTENER_ADDRESS: &'static str = "address";
+
+    fn vmail_ids() -> (u32, u32) {
+        ensure_vmail()
+    }
+    fn tempdir() -> tempfile::TempDir {
+        tempdir()
+    }
+    fn inside(host: &Path) -> PathBuf {
+        host.to_path_buf()
+    }
+    fn host(inside: &Path) -> PathBuf {
+        inside.to_path_buf()
+    }
+    fn command_words(prog: &str) -> Vec<String> {
+        vec![prog.to_string()]
+    }
+    fn passwd_dbs(passwd: &str) -> String {
+        format!("passdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\nuserdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\n")
+    }
+    fn mail_settings(opts: &DovecotOptions, dir: &Path, user: &str) -> Vec<(&'static str, String)> {
+        let d = dir.display();
+        let mut s = format!("maildir:{d}/mail/{user}/Maildir");
+        if opts.control {
+            s.push_str(&format!(":CONTROL={d}/control/{user}:INDEX={d}/index/{user}"));
+        }
+        if opts.layout_fs {
+            s.push_str(":LAYOUT=fs");
+        }
+        vec![("mail_location", s)]
+    }
+    fn location_overrides(location: &str) -> Vec<String> {
+        vec![format!("mail_location={location}")]
+    }
+}
+
+/// A [`Command`] running `prog` of release `R`.
+pub fn release_command<R: Release>(prog: &str) -> Command {
+    let words = R::command_words(prog);
+    let mut c = Command::new(&words[0]);
+    c.args(&words[1..]);
+    c
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Options
+
+/// How to configure an instance.
 #[derive(Clone, Debug)]
 pub struct DovecotOptions {
-    /// Split control and index files out of the Maildir: `:CONTROL=D/control/%u:INDEX=D/index/%u`.
+    /// Split control and index files out of the Maildir (`D/control/%u`, `D/index/%u`).
     pub control: bool,
-    /// `:LAYOUT=fs` (folders as nested directories, separator `/`) instead of Maildir++ (separator `.`).
+    /// Folders as nested directories (separator `/`) instead of Maildir++ (separator `.`).
     pub layout_fs: bool,
     /// `mail_nfs_storage = yes`.
     pub nfs: bool,
@@ -74,343 +193,63 @@ impl Default for DovecotOptions {
     }
 }
 
-/// A running private Dovecot. Stopped (only this instance's master pid) and its directory removed on drop
-/// (kept and printed when `MB_KEEP_TEST_DIRS` is set).
-pub struct Dovecot {
+// ---------------------------------------------------------------------------------------------------------
+// The instance
+
+/// A running private Dovecot of release `R`. Stopped (only its own master pid, plus any of that master's
+/// former children still alive after it exits) and its directory removed on drop (kept and printed when
+/// `MB_KEEP_TEST_DIRS` is set).
+pub struct Instance<R: Release> {
     tmp: Option<tempfile::TempDir>,
+    /// Host path of the instance dir.
     dir: PathBuf,
+    /// The same dir as Dovecot sees it.
+    cdir: PathBuf,
     port: u16,
     opts: DovecotOptions,
-    conf: PathBuf,
     instance: String,
     child: Option<Child>,
     master_pid: Option<u32>,
+    /// The master and its descendants as [`Self::stop`] saw them before signalling.
+    kids: Vec<u32>,
+    release: PhantomData<R>,
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Free helpers
-
-/// uid and gid of the `vmail` system user, creating it (once, race-tolerant) if missing.
-pub fn ensure_vmail() -> (u32, u32) {
-    static VMAIL: OnceLock<(u32, u32)> = OnceLock::new();
-    static LOCK: Mutex<()> = Mutex::new(());
-    if let Some(ids) = VMAIL.get() {
-        return *ids;
-    }
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(ids) = VMAIL.get() {
-        return *ids;
-    }
-    let mut last = String::new();
-    for _ in 0..40 {
-        if let Some(ids) = lookup_passwd("vmail") {
-            let _ = VMAIL.set(ids);
-            return ids;
-        }
-        // Another process (a parallel test binary) may be running useradd at the same time: it then fails
-        // with "already exists" (9) or cannot lock /etc/passwd; either way look again.
-        let out = Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--user-group",
-                "vmail",
-            ])
-            .stdin(Stdio::null())
-            .output();
-        match out {
-            Ok(o) => {
-                last = format!("{}: {}", o.status, String::from_utf8_lossy(&o.stderr));
-                if o.status.success() {
-                    continue;
-                }
-            }
-            Err(e) => last = format!("cannot run useradd: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!("could not create or find the vmail user: {last}");
-}
-
-fn lookup_passwd(name: &str) -> Option<(u32, u32)> {
-    let text = fs::read_to_string("/etc/passwd").ok()?;
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        if f.len() >= 4 && f[0] == name {
-            Some((f[2].parse().ok()?, f[3].parse().ok()?))
-        } else {
-            None
-        }
-    })
-}
-
-/// chown a path and everything below it (no symlink following) to vmail:vmail.
-pub fn chown_vmail_recursive(path: &Path) {
-    let (uid, gid) = ensure_vmail();
-    fn walk(p: &Path, uid: u32, gid: u32) {
-        std::os::unix::fs::lchown(p, Some(uid), Some(gid))
-            .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
-        let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
-        if md.is_dir() {
-            for e in fs::read_dir(p).unwrap_or_else(|e| panic!("readdir {}: {e}", p.display())) {
-                walk(&e.unwrap().path(), uid, gid);
-            }
-        }
-    }
-    walk(path, uid, gid);
-}
-
-/// A free TCP port on 127.0.0.1 (bind to port 0, read it, drop). Never hands out the same port twice
-/// within one test process. Another process may still grab it; [`Dovecot::start`] retries on EADDRINUSE.
-pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let set = given.get_or_insert_with(HashSet::new);
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = l.local_addr().unwrap().port();
-        if set.insert(port) {
-            return port;
-        }
-    }
-}
-
-/// After spawning a Dovecot master (`child`, pid `master_pid`): waits until 127.0.0.1:`port` greets with
-/// `* OK` (then logs out), up to READY_TIMEOUT; clears both if the master exits first. Then warns if
-/// `dir`/run/master.pid names another pid. Shared by the 2.3 ([`Dovecot`]) and 2.4 (`Dovecot24`) harnesses.
-pub(super) fn wait_until_serving(
-    child: &mut Option<Child>,
-    master_pid: &mut Option<u32>,
-    port: u16,
-    dir: &Path,
-) -> Result<(), String> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    loop {
-        if let Some(st) = child.as_mut().unwrap().try_wait().unwrap() {
-            *child = None;
-            *master_pid = None;
-            return Err(format!("dovecot exited early ({st})"));
-        }
-        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut buf = Vec::new();
-            let mut b = [0u8; 256];
-            while !buf.windows(2).any(|w| w == b"\r\n") {
-                match s.read(&mut b) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&b[..n]),
-                }
-            }
-            if buf.starts_with(b"* OK") {
-                let _ = s.write_all(b"x LOGOUT\r\n");
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "127.0.0.1:{} did not answer `* OK` within {READY_TIMEOUT:?}",
-                port
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // With -F the master is our child (2.4: chroot(8) execs it); master.pid should hold the same pid.
-    let pidfile = dir.join("run/master.pid");
-    if let Some(pid) = fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-    {
-        if Some(pid) != *master_pid {
-            eprintln!(
-                "warning: {} says {pid}, spawned {:?}",
-                pidfile.display(),
-                master_pid
-            );
-        }
-    }
-    Ok(())
-}
-
-/// A fresh temporary directory (mode 0755, so vmail can traverse it) under `$MB_TEST_TMP` or `/tmp`.
-pub fn tempdir() -> tempfile::TempDir {
-    let base = std::env::var_os("MB_TEST_TMP")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    fs::create_dir_all(&base).unwrap_or_else(|e| panic!("create {}: {e}", base.display()));
-    let t = tempfile::Builder::new()
-        .prefix("mbt.")
-        .tempdir_in(&base)
-        .unwrap_or_else(|e| panic!("tempdir in {}: {e}", base.display()));
-    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    t
-}
-
-/// An RFC 5322 message, CRLF line ends, `Subject: msg <i>`, a Message-ID unique across all calls (and
-/// processes), body padded with text lines to roughly `size_hint` bytes in total.
-pub fn message(i: usize, size_hint: usize) -> Vec<u8> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let mut m = format!(
-        "From: Sender <sender@example.com>\r\n\
-         To: Alice <alice@example.com>\r\n\
-         Subject: msg {i}\r\n\
-         Date: Mon, 01 Jan 2024 12:00:00 +0000\r\n\
-         Message-ID: <{i}.{seq}.{pid}.{nanos}@test.example>\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=us-ascii\r\n\
-         \r\n\
-         This is message {i}.\r\n",
-        pid = std::process::id()
-    );
-    let mut n = 0usize;
-    while m.len() < size_hint {
-        let mut line = format!("line {n} of message {i}: ");
-        while line.len() < 74 {
-            line.push((b'a' + ((i + n + line.len()) % 26) as u8) as char);
-        }
-        line.push_str("\r\n");
-        m.push_str(&line);
-        n += 1;
-    }
-    m.into_bytes()
-}
-
-/// The IMAP flags [`populate`] gives to the `j`-th message (0-based) of a folder: `\Seen` on even j,
-/// `\Flagged` on every 7th, `\Answered` on every 5th, keyword `$Work` on every 11th. May be "".
-#[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; MSRV is 1.75
-pub fn populate_flags(j: usize) -> String {
-    let mut f = Vec::new();
-    if j % 2 == 0 {
-        f.push("\\Seen");
-    }
-    if j % 5 == 0 {
-        f.push("\\Answered");
-    }
-    if j % 7 == 0 {
-        f.push("\\Flagged");
-    }
-    if j % 11 == 0 {
-        f.push("$Work");
-    }
-    f.join(" ")
-}
-
-/// Fast bulk load over one IMAP connection: creates the folders (`INBOX` and existing ones are fine), then
-/// appends `per_folder` messages to each with MULTIAPPEND + LITERAL+ in batches. Message `j` of folder
-/// number `k` is `message(k * per_folder + j, ..)` (sizes vary between ~0.5 and ~3.5 kB) with flags
-/// [`populate_flags`]`(j)`. UIDs in each folder are therefore 1..=per_folder when the folder was empty.
-pub fn populate(d: &Dovecot, user: &str, folders: &[&str], per_folder: usize) {
-    let mut imap = d.imap(user);
-    for f in folders {
-        if f.eq_ignore_ascii_case("INBOX") {
-            continue;
-        }
-        if let Err(e) = imap.command(&format!("CREATE {}", super::imap::imap_quote(f))) {
-            if !e.contains("ALREADYEXISTS") {
-                panic!("populate: CREATE {f} failed: {e}\n{}", d.log_tail());
-            }
-        }
-    }
-    for (k, f) in folders.iter().enumerate() {
-        let msgs: Vec<(String, Vec<u8>)> = (0..per_folder)
-            .map(|j| {
-                let i = k * per_folder + j;
-                (populate_flags(j), message(i, 500 + (i * 397) % 3000))
-            })
-            .collect();
-        let refs: Vec<(&str, &[u8])> = msgs
-            .iter()
-            .map(|(fl, m)| (fl.as_str(), m.as_slice()))
-            .collect();
-        imap.append_many(f, &refs)
-            .unwrap_or_else(|e| panic!("populate: APPEND to {f} failed: {e}\n{}", d.log_tail()));
-    }
-    imap.logout();
-}
-
-/// A `dovecot-uidlist.lock` made the way Dovecot makes it (O_EXCL, content `<live pid>:<hostname>`,
-/// here the test process's pid), so Dovecot treats it as held: syncs (SELECT etc.) wait for it. Note that
-/// `/usr/lib/dovecot/maildirlock` is broken in 2.3.19.1 and cannot be used for this. Removed on drop.
-pub struct FakeLock {
-    path: PathBuf,
-    released: bool,
-}
-
-impl FakeLock {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-    pub fn release(mut self) {
-        self.do_release();
-    }
-    fn do_release(&mut self) {
-        if !self.released {
-            self.released = true;
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
-impl Drop for FakeLock {
-    fn drop(&mut self) {
-        self.do_release();
-    }
-}
-
-/// Take a [`FakeLock`] on `control_dir/dovecot-uidlist.lock` (`control_dir` as printed by
-/// `Dovecot::mailbox_path(user, mailbox, "control")`). Panics if the lock already exists.
-pub fn fake_uidlist_lock(control_dir: &Path) -> FakeLock {
-    let path = control_dir.join("dovecot-uidlist.lock");
-    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    write!(f, "{}:{}", std::process::id(), host.trim()).unwrap();
-    FakeLock {
-        path,
-        released: false,
-    }
-}
-
-
-// ---------------------------------------------------------------------------------------------------------
-
-impl Dovecot {
-    /// Configure and start a new instance; returns once 127.0.0.1:port answers `* OK`.
-    /// Panics (with the log tail) on failure.
-    pub fn start(opts: DovecotOptions) -> Dovecot {
+impl<R: Release> Instance<R> {
+    /// Configure and start a new instance; returns once 127.0.0.1:port answers `* OK`. Panics (with the log
+    /// tail) on failure.
+    pub fn start(opts: DovecotOptions) -> Instance<R> {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let (vuid, vgid) = ensure_vmail();
-        let tmp = tempdir();
+        let (vuid, vgid) = R::vmail_ids();
+        let tmp = R::tempdir();
         let dir = tmp.path().to_path_buf();
-        create_mail_dirs(&dir, opts.control, vuid, vgid);
-        let instance = format!(
-            "mbt-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let conf = dir.join("dovecot.conf");
-        let mut d = Dovecot {
+        let cdir = R::inside(&dir);
+        let mut owned = vec![dir.join("mail")];
+        if opts.control {
+            owned.push(dir.join("control"));
+            owned.push(dir.join("index"));
+        }
+        for p in &owned {
+            fs::create_dir(p).unwrap();
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(p, Some(vuid), Some(vgid)).unwrap();
+        }
+        let instance = format!("{}-{}-{}", R::INSTANCE_PREFIX, std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let mut d = Instance {
             tmp: Some(tmp),
             dir,
+            cdir,
             port: 0,
             opts,
-            conf,
             instance,
             child: None,
             master_pid: None,
+            kids: Vec::new(),
+            release: PhantomData,
         };
-        write_passwd(&d.passwd_path(), &d.opts.users);
+        let passwd: String = d.opts.users.iter().map(|u| format!("{u}:{{PLAIN}}{PASSWORD}:::::\n")).collect();
+        fs::write(d.passwd_path(), passwd).unwrap();
+        fs::set_permissions(d.passwd_path(), fs::Permissions::from_mode(0o644)).unwrap();
 
         for attempt in 0.. {
             d.port = free_port();
@@ -419,16 +258,12 @@ impl Dovecot {
                 Ok(()) => return d,
                 Err(_) if d.log_tail().contains("Address already in use") && attempt < 5 => {
                     d.stop();
-                    eprintln!("dovecot test instance: port {} taken, retrying", d.port);
+                    eprintln!("{} test instance: port {} taken, retrying", R::NAME, d.port);
                     continue;
                 }
                 Err(msg) => {
                     d.stop();
-                    panic!(
-                        "starting dovecot in {} failed: {msg}\n{}",
-                        d.dir.display(),
-                        d.log_tail()
-                    );
+                    panic!("starting {} in {} failed: {msg}\n{}", R::NAME, d.dir.display(), d.log_tail());
                 }
             }
         }
@@ -440,53 +275,69 @@ impl Dovecot {
     }
 
     fn render_conf(&self) -> String {
-        let d = self.dir.display();
+        let c = self.cdir.display();
         let o = &self.opts;
-        let sep = self.separator();
+        let mail: String = self.mail_settings(R::USER_VAR).iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
         format!(
-            r#"# maildir-backup test instance (generated by tests/support/dovecot.rs)
-base_dir = {d}/run
-state_dir = {d}/state
-log_path = {d}/dovecot.log
-info_log_path = {d}/dovecot.log
-debug_log_path = {d}/dovecot.log
+            r#"{head}base_dir = {c}/run
+state_dir = {c}/state
+log_path = {c}/dovecot.log
+info_log_path = {c}/dovecot.log
+debug_log_path = {c}/dovecot.log
 instance_name = {inst}
 protocols = imap
 listen = 127.0.0.1
 ssl = no
-disable_plaintext_auth = no
+{cleartext}
 auth_mechanisms = plain
 
 service imap-login {{
   inet_listener imap {{
-    address = 127.0.0.1
+    {address} = 127.0.0.1
     port = {port}
   }}
   inet_listener imaps {{
     port = 0
   }}
 }}
-{stats}
-passdb {{
-  driver = passwd-file
-  args = {d}/passwd
-}}
-userdb {{
-  driver = passwd-file
-  args = {d}/passwd
+# mail processes run as vmail and report to stats; avoid "Permission denied" noise in the log.
+service stats {{
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
 }}
 
+{dbs}
 mail_uid = vmail
 mail_gid = vmail
 first_valid_uid = 1
 first_valid_gid = 1
-mail_location = {loc}
-{tail}"#,
+{mail}mail_fsync = never
+mail_nfs_storage = {nfs}
+dotlock_use_excl = {excl}
+
+namespace inbox {{
+  inbox = yes
+  separator = {sep}
+}}
+
+lda_mailbox_autocreate = yes
+protocol lda {{
+  postmaster_address = postmaster@example.com
+}}
+
+{extra}
+"#,
+            head = R::CONF_HEAD,
+            cleartext = R::CLEARTEXT_AUTH,
+            address = R::LISTENER_ADDRESS,
             inst = self.instance,
             port = self.port,
-            loc = self.mail_location("%u"),
-            stats = STATS_SERVICE,
-            tail = conf_tail(o.nfs, o.excl, sep, &o.extra_conf),
+            dbs = R::passwd_dbs(&format!("{c}/passwd")),
+            nfs = if o.nfs { "yes" } else { "no" },
+            excl = if o.excl { "yes" } else { "no" },
+            sep = self.separator(),
+            extra = o.extra_conf,
         )
     }
 
@@ -494,30 +345,79 @@ mail_location = {loc}
         // Fresh log files per attempt, so a retry decision only sees this attempt's errors.
         let _ = fs::remove_file(self.dir.join("dovecot.log"));
         let errf = fs::File::create(self.dir.join("dovecot.stderr")).unwrap();
-        let child = Command::new(DOVECOT_BIN)
+        let child = release_command::<R>(R::DOVECOT_BIN)
             .arg("-F")
             .arg("-c")
-            .arg(self.conf())
+            .arg(self.conf_in_root())
             .stdin(Stdio::null())
             .stdout(errf.try_clone().unwrap())
             .stderr(errf)
             .spawn()
-            .map_err(|e| format!("cannot run {DOVECOT_BIN}: {e}"))?;
+            .map_err(|e| format!("cannot run {}: {e}", R::command_words(R::DOVECOT_BIN).join(" ")))?;
         self.master_pid = Some(child.id());
         self.child = Some(child);
-        wait_until_serving(&mut self.child, &mut self.master_pid, self.port, &self.dir)
+        self.wait_until_serving()
     }
 
-    /// The instance directory D.
+    /// Waits until 127.0.0.1:port greets with `* OK` (then logs out), up to READY_TIMEOUT; forgets the
+    /// master if it exits first. Then warns if run/master.pid names another pid than the one spawned.
+    fn wait_until_serving(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                self.master_pid = None;
+                return Err(format!("dovecot exited early ({st})"));
+            }
+            if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = Vec::new();
+                let mut b = [0u8; 256];
+                while !buf.windows(2).any(|w| w == b"\r\n") {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                }
+                if buf.starts_with(b"* OK") {
+                    let _ = s.write_all(b"x LOGOUT\r\n");
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("127.0.0.1:{} did not answer `* OK` within {READY_TIMEOUT:?}", self.port));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // With -F the master is our child (2.4: chroot(8) execs it); master.pid should hold the same pid.
+        let pidfile = self.dir.join("run/master.pid");
+        if let Some(pid) = fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+            if Some(pid) != self.master_pid {
+                eprintln!("warning: {} says {pid}, spawned {:?}", pidfile.display(), self.master_pid);
+            }
+        }
+        Ok(())
+    }
+
+    /// The instance directory D (host path).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+    /// The instance directory as Dovecot sees it (2.4: inside the chroot, `/srv/mbt-XXXXXX`).
+    pub fn dir_in_root(&self) -> &Path {
+        &self.cdir
     }
     pub fn port(&self) -> u16 {
         self.port
     }
-    /// D/dovecot.conf
-    pub fn conf(&self) -> &Path {
-        &self.conf
+    /// D/dovecot.conf (host path).
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("dovecot.conf")
+    }
+    /// dovecot.conf as Dovecot sees it (what `-c` gets).
+    pub fn conf_in_root(&self) -> PathBuf {
+        self.cdir.join("dovecot.conf")
     }
     pub fn options(&self) -> &DovecotOptions {
         &self.opts
@@ -526,11 +426,11 @@ mail_location = {loc}
     pub fn instance_name(&self) -> &str {
         &self.instance
     }
-    /// The master's pid while running.
+    /// The master's pid while running (2.4: the same number on the host and in the chroot).
     pub fn master_pid(&self) -> Option<u32> {
         self.master_pid
     }
-    /// Hierarchy separator of the inbox namespace: `.` (Maildir++) or `/` (LAYOUT=fs).
+    /// Hierarchy separator of the inbox namespace: `.` (Maildir++) or `/` (layout fs).
     pub fn separator(&self) -> char {
         if self.opts.layout_fs {
             '/'
@@ -539,68 +439,84 @@ mail_location = {loc}
         }
     }
 
-    /// The 2.3 `mail_location` for `user`, expanded, e.g.
-    /// `maildir:D/mail/alice/Maildir:CONTROL=D/control/alice:INDEX=D/index/alice:LAYOUT=fs`.
-    pub fn mail_location(&self, user: &str) -> String {
-        let d = self.dir.display();
-        let mut s = format!("maildir:{d}/mail/{user}/Maildir");
-        if self.opts.control {
-            s.push_str(&format!(
-                ":CONTROL={d}/control/{user}:INDEX={d}/index/{user}"
-            ));
-        }
-        if self.opts.layout_fs {
-            s.push_str(":LAYOUT=fs");
-        }
-        s
+    /// This instance's mail settings for `user` (paths as Dovecot sees them), e.g. for 2.3
+    /// `[("mail_location", "maildir:D/mail/alice/Maildir:LAYOUT=fs")]`, for 2.4
+    /// `[("mail_driver", "maildir"), ("mail_path", "/srv/…/mail/alice/Maildir"), …]`.
+    pub fn mail_settings(&self, user: &str) -> Vec<(&'static str, String)> {
+        R::mail_settings(&self.opts, &self.cdir, user)
     }
 
     /// Root Maildir of `user` (D/mail/user/Maildir); created by Dovecot on first access.
     pub fn maildir(&self, user: &str) -> PathBuf {
         self.dir.join("mail").join(user).join("Maildir")
     }
-
-    /// CONTROL= root of `user` (D/control/user) — only meaningful with `control: true`.
+    /// Control root of `user` (D/control/user) — only meaningful with `control: true`.
     pub fn control_root(&self, user: &str) -> PathBuf {
         self.dir.join("control").join(user)
     }
-
-    /// INDEX= root of `user` (D/index/user) — only meaningful with `control: true`.
+    /// Index root of `user` (D/index/user) — only meaningful with `control: true`.
     pub fn index_root(&self, user: &str) -> PathBuf {
         self.dir.join("index").join(user)
     }
 
-    /// `doveadm mailbox path -u USER -t KIND MAILBOX`; kind is "mailbox", "control" or "index".
-    /// (Dovecot prints the path whether or not the mailbox exists.)
+    /// `doveadm mailbox path -u USER -t KIND MAILBOX` (kind: "mailbox", "control" or "index") as a host
+    /// path. (Dovecot prints the path whether or not the mailbox exists.)
     pub fn mailbox_path(&self, user: &str, mailbox: &str, kind: &str) -> PathBuf {
         let out = self.doveadm_ok(&["mailbox", "path", "-u", user, "-t", kind, mailbox]);
-        PathBuf::from(out.trim_end_matches('\n'))
+        R::host(Path::new(out.trim_end_matches('\n')))
     }
 
     /// Append a user (password [`PASSWORD`]) to the passwd file and wait until Dovecot's auth sees it.
     /// (passwd-file is re-read without a reload, but auth checks the file at most once per second, so a
     /// lookup right after the append can still say "unknown user".)
     pub fn add_user(&self, user: &str) {
-        append_passwd(&self.passwd_path(), user);
+        self.add_user_line(user, &format!("{user}:{{PLAIN}}{PASSWORD}:::::"), "");
+    }
+
+    /// Append `user:{PLAIN}secret::::::<extra>` (`extra` is the 8th field: space-separated
+    /// `userdb_<field>=<value>`; 2.3 takes e.g. `userdb_mail=maildir:/x/%u/Maildir:LAYOUT=fs`, 2.4 setting
+    /// names such as `userdb_mail_path=…`, `userdb_mailbox_list_layout=fs`) and wait until `doveadm user`
+    /// returns every one of those fields with its value (the user variable expanded).
+    pub fn add_userdb_user(&self, user: &str, extra: &str) {
+        self.add_user_line(user, &format!("{user}:{{PLAIN}}{PASSWORD}::::::{extra}"), extra);
+    }
+
+    fn add_user_line(&self, user: &str, line: &str, extra: &str) {
+        let mut f = fs::OpenOptions::new().append(true).open(self.passwd_path()).unwrap();
+        writeln!(f, "{line}").unwrap();
+        drop(f);
         if self.child.is_none() {
             return;
         }
-        wait_for_user(
-            user,
-            |a| self.doveadm(a),
-            |out| self.command_failed(&self.doveadm_line(&["user", user]), out),
-        );
+        let want: Vec<String> = extra
+            .split_whitespace()
+            .filter_map(|kv| kv.strip_prefix("userdb_"))
+            .map(|kv| kv.replace(R::USER_VAR, user).replacen('=', "\t", 1))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.doveadm(&["user", user]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() && want.iter().all(|w| text.lines().any(|l| l == w)) {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.command_failed(&format!("{} (waiting for {want:?})", self.doveadm_line(&["user", user])), &out);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
-    /// Run `doveadm -c D/dovecot.conf ARGS...` (global options such as `-o k=v` or `-f tab` go first in ARGS).
+    /// Run `doveadm -c CONF ARGS...` (global options such as `-o k=v` or `-f tab` go first in ARGS; 2.4:
+    /// `chroot ROOT doveadm`, paths in ARGS are chroot paths).
     pub fn doveadm(&self, args: &[&str]) -> Output {
-        Command::new(DOVEADM_BIN)
+        release_command::<R>(R::DOVEADM_BIN)
             .arg("-c")
-            .arg(self.conf())
+            .arg(self.conf_in_root())
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {DOVEADM_BIN}: {e}"))
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.doveadm_line(args)))
     }
 
     /// [`Self::doveadm`], panicking with command line, status, stderr and the log tail unless it succeeds.
@@ -613,16 +529,35 @@ mail_location = {loc}
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn doveadm_line(&self, args: &[&str]) -> String {
-        let conf = self.conf();
-        let mut all = vec!["-c", conf.to_str().unwrap()];
+    /// `doveadm ARGS` with `-o K=V` for each of `overrides` first, via [`Self::doveadm_ok`].
+    pub fn doveadm_with(&self, overrides: &[String], args: &[&str]) -> String {
+        let mut all: Vec<&str> = Vec::new();
+        for o in overrides {
+            all.extend_from_slice(&["-o", o]);
+        }
         all.extend_from_slice(args);
-        shell_line(DOVEADM_BIN, &all, "")
+        self.doveadm_ok(&all)
+    }
+
+    fn doveadm_line(&self, args: &[&str]) -> String {
+        self.command_line(R::DOVEADM_BIN, &[&["-c", &self.conf_in_root().display().to_string()], args].concat())
+    }
+
+    fn command_line(&self, prog: &str, args: &[&str]) -> String {
+        let words = R::command_words(prog);
+        let all: Vec<&str> = words[1..].iter().map(String::as_str).chain(args.iter().copied()).collect();
+        shell_line(&words[0], &all)
     }
 
     /// Panic with everything useful about a failed command.
     pub fn command_failed(&self, cmdline: &str, out: &Output) -> ! {
-        command_failed(cmdline, out, &self.log_tail())
+        panic!(
+            "command failed: {cmdline}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        )
     }
 
     /// An IMAP connection logged in as `user` (password [`PASSWORD`]).
@@ -634,25 +569,22 @@ mail_location = {loc}
 
     /// Deliver `message` with `dovecot-lda -c conf -d user [-m mailbox]` (mailboxes are autocreated).
     pub fn deliver(&self, user: &str, mailbox: Option<&str>, message: &[u8]) {
-        let conf = self.conf();
-        let mut args = vec!["-c", conf.to_str().unwrap(), "-d", user];
+        let conf = self.conf_in_root().display().to_string();
+        let mut args = vec!["-c", conf.as_str(), "-d", user];
         if let Some(m) = mailbox {
             args.extend_from_slice(&["-m", m]);
         }
-        let mut child = Command::new(LDA_BIN)
+        let mut child = release_command::<R>(R::LDA_BIN)
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {LDA_BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.command_line(R::LDA_BIN, &args)));
         let write_res = child.stdin.take().unwrap().write_all(message);
         let out = child.wait_with_output().unwrap();
         if !out.status.success() || write_res.is_err() {
-            self.command_failed(
-                &format!("{} < message ({write_res:?})", shell_line(LDA_BIN, &args, "")),
-                &out,
-            );
+            self.command_failed(&format!("{} < message ({write_res:?})", self.command_line(R::LDA_BIN, &args)), &out);
         }
     }
 
@@ -662,49 +594,165 @@ mail_location = {loc}
     }
 
     /// `(uid, flags)` of every message in `mailbox` as Dovecot sees it, sorted by uid; flags sorted and
-    /// space separated, with the session flag `\Recent` removed. Runs
-    /// `doveadm [-o mail_location=OVERRIDE] -f tab fetch -u user 'uid flags' mailbox MAILBOX`, so with an
-    /// override it reads another Maildir (e.g. a backup) as `user`. Note: Dovecot then writes index and
-    /// possibly uidlist files there as vmail — the tree must be vmail-writable ([`chown_vmail_recursive`]);
-    /// append `:INDEX=MEMORY` to the override to keep index files out of it.
-    pub fn fetch_uid_flags(
-        &self,
-        user: &str,
-        mailbox: &str,
-        mail_location_override: Option<&str>,
-    ) -> Vec<(u32, String)> {
-        let ov: Vec<String> = mail_location_override
-            .map(|l| format!("mail_location={l}"))
-            .into_iter()
-            .collect();
-        super::dovecot_common::fetch_uid_flags(|a| self.doveadm_ok(a), user, mailbox, &ov)
+    /// space separated, with the session flag `\Recent` removed.
+    ///
+    /// `location_override` has the **2.3 `mail_location` syntax with host paths** on either release, e.g.
+    /// `maildir:BACKUP/Maildir:INDEX=MEMORY` or `…:LAYOUT=fs:INDEX=MEMORY`; a bare path means
+    /// `maildir:PATH`. 2.3 gets `-o mail_location=…`; for 2.4 it is translated by
+    /// `trixie::location_overrides` into 2.4 settings with chroot paths. Either way only what the override
+    /// names is used: the instance's own layout/control/index settings are reset. With an override it reads
+    /// another Maildir (e.g. a backup) as `user`: Dovecot then writes index and possibly uidlist files there
+    /// as vmail — the tree must be vmail-writable (and, for 2.4, inside ROOT); append `:INDEX=MEMORY` to keep
+    /// index files out of it. For raw settings use [`Self::fetch_uid_flags_with`].
+    ///
+    /// Careful: a mailbox that does not exist at the override location is not an error — `fetch ...
+    /// mailbox X` is a search and simply returns no rows.
+    pub fn fetch_uid_flags(&self, user: &str, mailbox: &str, location_override: Option<&str>) -> Vec<(u32, String)> {
+        let ov = location_override.map(R::location_overrides).unwrap_or_default();
+        self.fetch_uid_flags_with(user, mailbox, &ov)
+    }
+
+    /// [`Self::fetch_uid_flags`] with raw settings: each element `key=value` becomes `-o key=value` (values
+    /// verbatim — for 2.4 chroot paths).
+    pub fn fetch_uid_flags_with(&self, user: &str, mailbox: &str, overrides: &[String]) -> Vec<(u32, String)> {
+        let out = self.doveadm_with(overrides, &["-f", "tab", "fetch", "-u", user, "uid flags", "mailbox", mailbox]);
+        let mut rows = Vec::new();
+        for (n, line) in out.lines().enumerate() {
+            if (n == 0 && line.starts_with("uid")) || line.is_empty() {
+                continue; // header
+            }
+            let (uid, flags) = line.split_once('\t').unwrap_or((line, ""));
+            let uid: u32 = uid.trim().parse().unwrap_or_else(|_| panic!("bad doveadm fetch line {line:?} in:\n{out}"));
+            rows.push((uid, normalize_flags(flags)));
+        }
+        rows.sort();
+        rows
     }
 
     /// Last 80 lines of D/dovecot.log (plus D/dovecot.stderr if not empty), with a heading.
     pub fn log_tail(&self) -> String {
-        log_tail(&self.dir, "dovecot")
+        let log = fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default();
+        let err = fs::read_to_string(self.dir.join("dovecot.stderr")).unwrap_or_default();
+        let mut s = format!("--- {} log tail ({}) ---\n{}", R::NAME, self.dir.join("dovecot.log").display(), tail_lines(&log, 80));
+        if !err.trim().is_empty() {
+            s.push_str(&format!("\n--- dovecot stderr ---\n{}", tail_lines(&err, 20)));
+        }
+        s
+    }
+
+    /// Panics (with the log tail) if dovecot.log is missing or has an `Error:`, `Panic:` or `Fatal:` line.
+    pub fn assert_clean_log(&self) {
+        let log = fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_else(|e| panic!("{}/dovecot.log: {e}", self.dir.display()));
+        for bad in ["Error:", "Panic:", "Fatal:"] {
+            assert!(!log.contains(bad), "{} log has {bad}\n{}", R::NAME, self.log_tail());
+        }
     }
 
     /// Whether the master process is still running.
     pub fn is_running(&mut self) -> bool {
-        child_running(self.child.as_mut())
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
     }
 
-    /// Stop this instance: SIGTERM to its master pid only (SIGKILL after 15 s), wait for the master to exit
-    /// and for its former child processes to disappear. Idempotent; never panics.
+    /// Pids of this instance's processes: the master and its descendants (live ones only).
+    pub fn processes(&self) -> Vec<u32> {
+        let Some(pid) = self.master_pid else {
+            return Vec::new();
+        };
+        let mut v: Vec<u32> = std::iter::once(pid).chain(descendants(pid)).filter(|&p| pid_alive(p)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Every pid this instance had that [`Self::stop`] saw (master + descendants at stop time). After
+    /// `stop()` none of them should be alive.
+    pub fn known_pids(&self) -> &[u32] {
+        &self.kids
+    }
+
+    /// Stop this instance: SIGTERM to its master pid only (SIGKILL after 15 s), wait for it to exit and for
+    /// its former children to disappear (SIGKILL to those left after 10 s). Idempotent; never panics.
     pub fn stop(&mut self) {
-        let Some(child) = self.child.take() else {
+        let Some(mut child) = self.child.take() else {
             return;
         };
         let pid = self.master_pid.take().unwrap_or(child.id());
         let kids = descendants(pid);
-        stop_master(child, pid, &kids, "dovecot", &self.dir);
+        self.kids = std::iter::once(pid).chain(kids.iter().copied()).collect();
+        signal(pid, libc::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    eprintln!("{} master {pid} ({}) ignored SIGTERM; killing", R::NAME, self.dir.display());
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        // The master signals its children on shutdown; wait until they are gone too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let alive: Vec<u32> = kids.iter().copied().filter(|&k| pid_alive(k)).collect();
+            if alive.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!("{} children {alive:?} of {pid} still alive; SIGKILL", R::NAME);
+                for k in alive {
+                    signal(k, libc::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
-impl Drop for Dovecot {
+impl Instance<V23> {
+    /// The 2.3 `mail_location` for `user`, expanded, e.g.
+    /// `maildir:D/mail/alice/Maildir:CONTROL=D/control/alice:INDEX=D/index/alice:LAYOUT=fs`.
+    pub fn mail_location(&self, user: &str) -> String {
+        self.mail_settings(user).remove(0).1
+    }
+}
+
+impl<R: Release> Drop for Instance<R> {
     fn drop(&mut self) {
         self.stop();
-        keep_or_remove(self.tmp.take(), "dovecot");
+        if let Some(tmp) = self.tmp.take() {
+            if std::env::var_os("MB_KEEP_TEST_DIRS").is_some() {
+                #[allow(deprecated)]
+                let p = tmp.into_path();
+                eprintln!("MB_KEEP_TEST_DIRS: keeping {} test dir {}", R::NAME, p.display());
+            }
+        }
     }
+}
+
+/// `prog args...` as a shell command line, quoting args with characters outside the plain set.
+fn shell_line(prog: &str, args: &[&str]) -> String {
+    let mut s = prog.to_string();
+    for a in args {
+        s.push(' ');
+        if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+{}".contains(c)) {
+            s.push_str(a);
+        } else {
+            s.push('\'');
+            s.push_str(&a.replace('\'', "'\\''"));
+            s.push('\'');
+        }
+    }
+    s
+}
+
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -20,7 +20,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{lchown, symlink, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,8 +29,9 @@ use std::time::{Duration, Instant};
 use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 
-use super::dovecot::tempdir;
+use super::dovecot_common::tempdir;
 use super::procs::mb;
+use super::run::Run;
 use super::repo_helpers::{assert_same_tree, tree_listing};
 
 /// The hostile mail user.
@@ -38,8 +40,6 @@ pub const HOSTILE: &str = "mbhostile";
 pub const CLI_LIMIT: Duration = Duration::from_secs(60);
 /// Peak RSS allowed to a run facing a huge input.
 pub const RSS_LIMIT_KIB: u64 = 100 * 1024;
-
-pub const EX_DATAERR: i32 = 65;
 
 // ---------------------------------------------------------------------------------------------
 // The user
@@ -85,36 +85,38 @@ pub fn her_perl<S: AsRef<OsStr>>(script: &str, args: &[S]) -> Out {
     let mut c = as_her("perl");
     c.arg("-e").arg(script).args(args);
     let o = run_limited(c, CLI_LIMIT);
-    assert_eq!(o.code, Some(0), "perl as {HOSTILE} failed:\n{}", o.show());
+    assert_eq!(o.code(), Some(0), "perl as {HOSTILE} failed:\n{}", o.show());
     o
 }
 
 // ---------------------------------------------------------------------------------------------
 // Running with a time limit and the child's own peak RSS
 
-/// A finished process.
+/// A finished process ([`Run`], which it dereferences to) with its pid and its own peak RSS.
 pub struct Out {
+    pub run: Run,
     pub pid: i32,
-    /// None if killed by a signal.
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
     /// The child's own peak RSS in KiB (`ru_maxrss` from `wait4` on its pid).
     pub maxrss_kib: u64,
-    pub what: String,
+}
+
+impl std::ops::Deref for Out {
+    type Target = Run;
+    fn deref(&self) -> &Run {
+        &self.run
+    }
 }
 
 impl Out {
+    /// [`Run::show`] with the pid and peak RSS, the output clipped.
     pub fn show(&self) -> String {
         format!(
-            "$ {}\n  pid {} exit {:?} signal {:?} after {:.2?}, peak RSS {} KiB\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.what, self.pid, self.code, self.signal, self.elapsed, self.maxrss_kib, clip(&self.stdout), clip(&self.stderr)
+            "$ {}\n  pid {} {} after {:.2?}, peak RSS {} KiB\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.cmdline, self.pid, self.status, self.elapsed, self.maxrss_kib, clip(&self.stdout), clip(&self.stderr)
         )
     }
     pub fn ok(&self) -> bool {
-        self.code == Some(0)
+        self.code() == Some(0)
     }
     /// A stderr line holding every one of `words`.
     pub fn stderr_line_with(&self, words: &[&str]) -> bool {
@@ -181,14 +183,15 @@ pub fn run_limited(mut cmd: Command, limit: Duration) -> Out {
         thread::sleep(Duration::from_millis(3));
     };
     Out {
+        run: Run {
+            cmdline: what,
+            status: ExitStatus::from_raw(status),
+            stdout: read_back(&mut out),
+            stderr: read_back(&mut err),
+            elapsed: started.elapsed(),
+        },
         pid,
-        code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
-        signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
-        stdout: read_back(&mut out),
-        stderr: read_back(&mut err),
-        elapsed: started.elapsed(),
         maxrss_kib: ru.ru_maxrss as u64,
-        what,
     }
 }
 

@@ -14,7 +14,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use super::dovecot::normalize_flags;
+use super::dovecot_common::normalize_flags;
 
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(200);
 

@@ -1,6 +1,7 @@
-//! Process helpers shared by the CLI tests (tests/lock.rs, tests/lock_dovecot.rs, tests/d24.rs, ...):
-//! run `maildir-backup` (or anything) as a child with a time limit and its output captured, poll for a
-//! condition, and the LD_PRELOAD shim that makes a real Dovecot imap process hold its own uidlist lock.
+//! Process helpers shared by the CLI tests (tests/lock.rs, tests/lock_dovecot.rs, tests/plugin.rs, ...):
+//! run `maildir-backup` (or anything) as a child with a time limit and its output captured (a
+//! [`Run`]), poll for a condition, the LD_PRELOAD shim that makes a real Dovecot imap process hold its own
+//! uidlist lock, and [`LockHolder`] (our CLI holding a uidlist lock from outside).
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
@@ -10,7 +11,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
+use super::run::{cli_bin, Run, BIN};
+use super::dovecot_common::children_of;
 
 /// This host's name, as Dovecot and our CLI write it into `<pid>:<host>` lock files.
 pub fn host() -> String {
@@ -53,29 +55,6 @@ pub struct Running {
     what: String,
 }
 
-/// A finished command: status, captured output, and how long it took.
-pub struct Done {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
-    /// The command line (`{:?}` of the `Command`), for messages.
-    pub what: String,
-}
-
-impl Done {
-    pub fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-    /// Everything about the run, for assertion messages.
-    pub fn show(&self) -> String {
-        format!(
-            "{}\n  status: {:?} after {:.2?}\n  stdout: {}\n  stderr: {}",
-            self.what, self.status, self.elapsed, self.stdout, self.stderr
-        )
-    }
-}
-
 pub fn spawn(mut cmd: Command) -> Running {
     let out = tempfile::tempfile().unwrap();
     let err = tempfile::tempfile().unwrap();
@@ -98,16 +77,16 @@ impl Running {
         self.child.id() as i32
     }
     /// Waits for the child; past `limit` it is killed and the test panics (a hang is a failure).
-    pub fn wait(mut self, limit: Duration) -> Done {
+    pub fn wait(mut self, limit: Duration) -> Run {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 let elapsed = self.started.elapsed();
-                return Done {
+                return Run {
+                    cmdline: self.what,
                     status,
                     stdout: read_all(&mut self.out),
                     stderr: read_all(&mut self.err),
                     elapsed,
-                    what: self.what,
                 };
             }
             if self.started.elapsed() > limit {
@@ -121,22 +100,8 @@ impl Running {
 }
 
 /// Runs `cmd` to completion within `limit` (see [`Running::wait`]).
-pub fn run(cmd: Command, limit: Duration) -> Done {
+pub fn run(cmd: Command, limit: Duration) -> Run {
     spawn(cmd).wait(limit)
-}
-
-/// Runs `cmd` to completion with no time limit, output through pipes (`Command::output`).
-pub fn run_cmd(mut cmd: Command) -> Done {
-    let what = format!("{cmd:?}");
-    let started = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
-    Done {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: started.elapsed(),
-        what,
-    }
 }
 
 /// Polls `cond` every 10 ms for up to `limit`; whether it became true.
@@ -161,7 +126,7 @@ pub fn files_in(dir: &Path) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A real Dovecot process holding its own uidlist lock (tests/lock_dovecot.rs, tests/d24.rs)
+// A real Dovecot process holding its own uidlist lock (tests/lock_dovecot.rs)
 
 /// LD_PRELOAD shim for Dovecot's processes: once armed (a file `arm` in MB_HOLD_DIR), the first
 /// process that completes a `dovecot-uidlist.lock` (Dovecot's own file_dotlock code: O_EXCL open +
@@ -330,4 +295,69 @@ pub fn run_maildirlock(dir: &Path, timeout: &str, err: &Path) -> (ExitStatus, St
     let mut stdout = String::new();
     child.stdout.take().expect("piped stdout").read_to_string(&mut stdout).expect("read maildirlock's stdout");
     (child.wait().expect("wait for maildirlock"), stdout)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Holding a uidlist lock from outside
+
+/// `maildir-backup lock CONTROL_DIR -- sleep SECS` (our CLI, Dovecot's lock format). Stopped on drop.
+pub struct LockHolder {
+    child: Option<Child>,
+    pub lock_path: PathBuf,
+}
+
+impl LockHolder {
+    /// Starts the holder and waits until the lock file exists.
+    pub fn start(control_dir: &Path, secs: u32) -> LockHolder {
+        let lock_path = control_dir.join("dovecot-uidlist.lock");
+        assert!(!lock_path.exists(), "{} already exists", lock_path.display());
+        let child = Command::new(cli_bin())
+            .arg("lock")
+            .arg(control_dir)
+            .arg("--")
+            .args(["sleep", &secs.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("run maildir-backup lock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !lock_path.exists() {
+            assert!(Instant::now() < deadline, "{} did not appear", lock_path.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        LockHolder { child: Some(child), lock_path }
+    }
+
+    /// SIGTERM to the holder (it forwards it to `sleep` and releases the lock), then wait.
+    pub fn release(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let Some(mut c) = self.child.take() else { return };
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // `maildir-backup lock` forwards SIGTERM to its command, but (as of writing) starts the command
+        // with SIGTERM blocked, so `sleep` ignores it until it ends by itself. End our own `sleep` (a
+        // child of the holder we started) so the holder releases the lock now.
+        let kids = children_of(c.id());
+        eprintln!("note: `maildir-backup lock` did not end within 2 s of SIGTERM; SIGKILL to its command {kids:?}");
+        for k in kids {
+            let _ = kill(Pid::from_raw(k as i32), Signal::SIGKILL);
+        }
+        let _ = c.wait();
+    }
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -7,69 +7,21 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use super::churn::message_id_in;
-use super::dovecot::{normalize_flags, Dovecot};
+use super::dovecot::{Dovecot, DovecotOptions};
+use super::dovecot_common::normalize_flags;
 use super::imap::{mutf7_encode, Imap};
+use super::run::{cli, cli_env, Run};
+use std::process::Command;
 
-/// The CLI under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_maildir-backup");
-
-/// One finished CLI run.
-pub struct Run {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-    pub cmdline: String,
-    pub elapsed: Duration,
-}
-
-impl Run {
-    /// stdout parsed as JSON (panics with everything if it is not).
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.describe()))
-    }
-    pub fn describe(&self) -> String {
-        format!(
-            "$ {}\nexit {} after {:.2?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.cmdline, self.code, self.elapsed, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `maildir-backup ARGS...`.
-pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    cli_env(args, &[])
-}
-
-/// Runs `maildir-backup ARGS...` with extra environment variables.
-pub fn cli_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &OsStr)]) -> Run {
-    let t = Instant::now();
-    let out = Command::new(BIN)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, *v)))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        cmdline: std::iter::once("maildir-backup".to_string())
-            .chain(args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()))
-            .collect::<Vec<_>>()
-            .join(" "),
-        elapsed: t.elapsed(),
-    }
-}
-
-/// [`cli`], panicking unless it exits 0.
-pub fn cli_ok<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    let r = cli(args);
-    assert_eq!(r.code, 0, "command failed:\n{}", r.describe());
-    r
+/// A Dovecot with `users` (and room for many IMAP sessions per user).
+pub fn start_with_users(users: &[&str]) -> Dovecot {
+    Dovecot::start(DovecotOptions {
+        users: users.iter().map(|s| s.to_string()).collect(),
+        extra_conf: "mail_max_userip_connections = 50\n".into(),
+        ..Default::default()
+    })
 }
 
 /// `backup --json --repo REPO --name NAME [EXTRA...] SOURCE`; returns (snapshot dir, JSON report).
@@ -83,9 +35,9 @@ pub fn take_snapshot_env(source: &str, repo: &Path, name: &str, extra: &[&str], 
     args.extend(extra.iter().map(|s| s.to_string()));
     args.push(source.to_string());
     let r = cli_env(&args, env);
-    assert_eq!(r.code, 0, "command failed:\n{}", r.describe());
+    assert_eq!(r.code(), Some(0), "command failed:\n{}", r.show());
     let json = r.json();
-    let dest = PathBuf::from(json["destination"].as_str().unwrap_or_else(|| panic!("no destination:\n{}", r.describe())));
+    let dest = PathBuf::from(json["destination"].as_str().unwrap_or_else(|| panic!("no destination:\n{}", r.show())));
     assert!(dest.join("maildir-backup.manifest").is_file(), "{} has no manifest", dest.display());
     (dest, json)
 }
@@ -97,7 +49,7 @@ pub fn verify(dir: &Path) -> Run {
 
 pub fn assert_verifies(dir: &Path) {
     let r = verify(dir);
-    assert_eq!(r.code, 0, "verify of {} failed:\n{}", dir.display(), r.describe());
+    assert_eq!(r.code(), Some(0), "verify of {} failed:\n{}", dir.display(), r.show());
 }
 
 /// One message record of a manifest.
@@ -370,7 +322,7 @@ int pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *)
 pub fn slow_thread_start_so() -> &'static Path {
     static SO: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
     &SO.get_or_init(|| {
-        let t = super::dovecot::tempdir();
+        let t = super::dovecot_common::tempdir();
         let src = t.path().join("slow_thread_start.c");
         fs::write(&src, SLOW_THREAD_START_C).unwrap();
         let so = t.path().join("slow_thread_start.so");
