@@ -1,6 +1,6 @@
 #!/bin/bash
 # Build (once) a Debian 13 "trixie" root with Dovecot 2.4 for the 2.4 integration tests
-# (tests/support/dovecot24.rs), and print its path.
+# (tests/support/trixie.rs), and print its path.
 #
 #   scripts/trixie-root.sh [ROOT]
 #

@@ -871,3 +871,33 @@ fn d24_cross_release_plugins_are_refused_cleanly() {
     assert_verified(&out23.path().join("ok"));
     eprintln!("d24_cross_release_plugins_are_refused_cleanly: {:.1?}", t0.elapsed());
 }
+
+/// Dovecot 2.4 whose config process has no maildir_backup settings (our settings module not
+/// installed where it looks, here: that dir masked by an empty one in a private mount
+/// namespace): the plugin runs with its defaults and says how to install the module.
+#[test]
+fn d24_plugin_without_its_settings_module_runs_with_defaults() {
+    let (so24, _) = plugin24_build();
+    let modules = module_dir_with(&so24);
+    let empty = tempdir();
+    let d = Dovecot24::start(DovecotOptions::default());
+    populate(&d, "alice", &["INBOX", "Sent"], 3);
+    let out = tempdir_in_root();
+    vmail_dir24(out.path());
+    let dest = out.path().join("b");
+    let settings_dir = support::trixie::root().join(SETTINGS_DIR24_REL);
+    fs::create_dir_all(&settings_dir).unwrap();
+    let mut c = Command::new("unshare");
+    c.args(["-m", "sh", "-c", r#"mount --bind "$0" "$1" && mount --bind "$2" "$3" && shift 3 && exec "$@""#])
+        .arg(modules.path())
+        .arg(V24::module_dir())
+        .arg(empty.path())
+        .arg(&settings_dir)
+        .args(V24::command_words(V24::DOVEADM_BIN))
+        .arg("-c")
+        .arg(d.conf_in_root())
+        .args(["maildir-backup", "-u", "alice", &in_root(&dest)]);
+    let r = Run::of(c);
+    r.expect_ok().expect_stderr(&["has no maildir_backup settings", "defaults", "libmaildir_backup_settings.so"]);
+    assert_verified(&dest);
+}
