@@ -167,15 +167,6 @@ impl Manifest {
         Lines::open(dir)?.header()
     }
 
-    /// Total message bytes per folder path.
-    pub fn bytes_by_folder(&self) -> HashMap<&str, u64> {
-        let mut out: HashMap<&str, u64> = HashMap::new();
-        for m in &self.messages {
-            *out.entry(m.folder.as_str()).or_default() += m.size;
-        }
-        out
-    }
-
     /// Every record as `read` checks it, and the counts.
     fn check_records(&self) -> Result<(), String> {
         self.folders.iter().try_for_each(|f| check_folder(f, self.header.layout))?;

@@ -166,11 +166,12 @@ fn merge_restore_of_single_messages_into_a_live_mailbox() {
     assert_eq!(pre.len(), 56);
     let archive_before = d.fetch_uid_flags(USER, "Archive", None);
 
-    // Restore one by unique name, two by their UIDs in the snapshot.
+    // Restore one by unique name, two by their UIDs in the snapshot (those taking the folder's
+    // lock as Dovecot's dotlock_use_excl and mail_nfs_storage would).
     let snap_uniques = uidlist_uniques(&snap);
     let j = restore_json(&snap, &target, &["--message", &snap_uniques[&5]]);
     assert_eq!((j["mode"].as_str(), j["restored"].as_u64(), j["skipped"].as_u64()), (Some("merge"), Some(1), Some(0)), "{j}");
-    let j = restore_json(&snap, &target, &["--uid", "INBOX:12", "--uid", "INBOX:23"]);
+    let j = restore_json(&snap, &target, &["--uid", "INBOX:12", "--uid", "INBOX:23", "--excl-lock", "--nfs", "--stale-timeout", "30"]);
     assert_eq!((j["restored"].as_u64(), j["skipped"].as_u64()), (Some(2), Some(0)), "{j}");
     assert!(j["warnings"].as_array().unwrap().is_empty(), "{j}");
     assert!(churn::files_under_tmp(&root).is_empty(), "restore left files in tmp/");

@@ -425,15 +425,14 @@ impl Run<'_> {
         manifest.write(&tree.staging)?;
         // Last: anything written into a directory after this would change its mtime again.
         finish_dirs(md, tree)?;
-        let bytes_by_folder = manifest.bytes_by_folder();
-        let folder_details = manifest
+        let folder_details = tree
             .folders
             .iter()
-            .map(|f| FolderSummary {
-                name: f.name.clone(),
-                path: f.path.clone(),
-                messages: f.messages,
-                bytes: bytes_by_folder.get(f.path.as_str()).copied().unwrap_or(0),
+            .map(|(rel, s)| FolderSummary {
+                name: s.folder.name.clone(),
+                path: rel.to_string_lossy().into_owned(),
+                messages: s.entries.len() as u64,
+                bytes: s.entries.values().map(|e| e.size).sum(),
             })
             .collect();
         Ok(BackupReport {
