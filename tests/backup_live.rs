@@ -538,7 +538,7 @@ fn d24_cli_backups_under_imap_churn() {
 
     let churn = Churn::start(imap_churn(&d, CHURN_FOLDERS, 3), tracker.clone());
     churn.wait_ops(30, Duration::from_secs(20));
-    let runs = backups_under_churn(churn, &tracker, out.path(), "b", 6, (20, Duration::from_secs(20)), |dest| {
+    let (runs, _) = backups_under_churn(churn, &tracker, out.path(), "b", 6, (20, Duration::from_secs(20)), |dest| {
         let mut cmd = mb();
         cmd.args(source_args(dest));
         Run::of(cmd)
@@ -623,4 +623,58 @@ fn short_reconcile_releases_the_locks_at_once() {
     }
     eprintln!("short reconciles under CPU load: (wall s, lock_hold_ms) {results:.2?}");
     assert!(slow.is_none(), "the uidlist locks were held long after a trivial reconcile: {}", slow.unwrap());
+}
+
+/// Folders of the folder-churn tests (the folder worker adds, renames and deletes its own beside them).
+const FOLDER_CHURN_FOLDERS: &[&str] = &["INBOX", "Sent", "Archive"];
+
+/// Ten backups, CLI and plugin in turn, while a folder worker creates, fills, renames and deletes folders
+/// (at least 5 folder operations a second over the backups) beside IMAP clients changing messages: every
+/// backup exits 0 (none gives up because a folder kept changing), loses no message and verifies.
+fn backups_finish_under_folder_churn<R: support::plugin::PluginRelease>(d: &Instance<R>, out: &Path, in_release: impl Fn(&Path) -> String) {
+    use support::churn::{backups_under_churn, imap_churn, presence_problems, ChurnBackup};
+    use support::plugin::run_plugin;
+    use support::readback::{assert_no_problems, assert_verified};
+    let t0 = Instant::now();
+    populate(d, USER, FOLDER_CHURN_FOLDERS, 200);
+    let maildir = d.maildir(USER);
+    let tracker = Tracker::new();
+    assert_eq!(tracker.register_existing(&maildir), 600);
+    let churn = Churn::start(ChurnOptions { folder_worker: true, ..imap_churn(d, FOLDER_CHURN_FOLDERS, 2) }, tracker.clone());
+    churn.wait_ops(20, Duration::from_secs(20));
+    let started = Instant::now();
+    let mut k = 0;
+    let (runs, stats) = backups_under_churn(churn, &tracker, out, "b", 10, (10, Duration::from_secs(20)), |dest| {
+        k += 1;
+        if k % 2 == 0 {
+            run_plugin(d, &["maildir-backup", "-u", USER, &in_release(dest)])
+        } else {
+            cli(&["backup", "-q", maildir.to_str().unwrap(), dest.to_str().unwrap()])
+        }
+    });
+    let rate = stats.folder_ops as f64 / started.elapsed().as_secs_f64();
+    assert!(rate >= 5.0, "the folder worker made only {rate:.1} folder operations a second: {stats:?}");
+    for ChurnBackup { dest, start, end, .. } in &runs {
+        assert_verified(dest);
+        assert_no_problems(&format!("{}: presence", dest.display()), &presence_problems(&tracker, dest, *start, *end));
+    }
+    let holds: Vec<String> = runs.iter().map(|r| format!("{:.1}", r.run.elapsed.as_secs_f64())).collect();
+    eprintln!("{} backups under {rate:.1} folder operations/s ({stats:?}); seconds each: {holds:?}; {:.1?} in all", runs.len(), t0.elapsed());
+}
+
+#[test]
+fn backups_finish_under_folder_churn_23() {
+    let d = Dovecot::start(DovecotOptions { extra_conf: "mail_max_userip_connections = 50\n".into(), ..Default::default() });
+    let out = support::readback::vmail_tempdir();
+    backups_finish_under_folder_churn(&d, out.path(), |p| p.display().to_string());
+}
+
+#[test]
+fn d24_backups_finish_under_folder_churn() {
+    use support::trixie::{in_root, tempdir_in_root};
+    support::plugin::install_plugin24();
+    let d = Dovecot24::start(DovecotOptions { extra_conf: "mail_max_userip_connections = 50\n".into(), ..Default::default() });
+    let out = tempdir_in_root();
+    support::readback::vmail_dir24(out.path());
+    backups_finish_under_folder_churn(&d, out.path(), |p| in_root(p));
 }

@@ -86,7 +86,7 @@ fn backups_under_imap_churn_lose_nothing() {
         tracker.clone(),
     );
     churn.wait_ops(40, Duration::from_secs(30));
-    let runs = backups_under_churn(churn, &tracker, out.path(), "alice-", 5, (25, Duration::from_secs(30)), |dest| {
+    let (runs, _) = backups_under_churn(churn, &tracker, out.path(), "alice-", 5, (25, Duration::from_secs(30)), |dest| {
         run_plugin(&d, &["-f", "json", "maildir-backup", "-u", "alice", "-j", "2", s(dest)])
     });
 
@@ -637,7 +637,7 @@ fn d24_plugin_user_backups_under_churn() {
 
     let churn = Churn::start(imap_churn(&d, &folders, 3), tracker.clone());
     churn.wait_ops(30, Duration::from_secs(20));
-    let runs = backups_under_churn(churn, &tracker, out.path(), "alice-", 5, (20, Duration::from_secs(20)), |dest| {
+    let (runs, _) = backups_under_churn(churn, &tracker, out.path(), "alice-", 5, (20, Duration::from_secs(20)), |dest| {
         run_plugin(&d, &["-f", "json", "maildir-backup", "-u", "alice", "-j", "2", &in_root(dest)])
     });
     for ChurnBackup { dest, start, end, run: r } in &runs {

@@ -256,6 +256,8 @@ pub struct ChurnOptions {
 
 #[derive(Debug, Default, Clone)]
 pub struct ChurnStats {
+    /// Folders created, renamed and deleted by the folder worker.
+    pub folder_ops: u64,
     pub folder_renames: u64,
     pub flag_changes: u64,
     pub moves: u64,
@@ -267,6 +269,7 @@ pub struct ChurnStats {
 
 impl ChurnStats {
     fn add(&mut self, o: ChurnStats) {
+        self.folder_ops += o.folder_ops;
         self.folder_renames += o.folder_renames;
         self.flag_changes += o.flag_changes;
         self.moves += o.moves;
@@ -442,6 +445,7 @@ fn folder_worker(o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) -> ChurnSta
             err(&mut st, "CREATE", e);
             continue;
         }
+        st.folder_ops += 1;
         let mut mids = Vec::new();
         for _ in 0..4 {
             let msg = message(3_000_000 + rng.below(1_000_000), 300 + rng.below(1500));
@@ -465,6 +469,7 @@ fn folder_worker(o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) -> ChurnSta
             match imap.command(&format!("RENAME {} {}", super::imap::imap_quote(&names[cur]), super::imap::imap_quote(&names[next]))) {
                 Ok(_) => {
                     st.folder_renames += 1;
+                    st.folder_ops += 1;
                     cur = next;
                 }
                 Err(e) => err(&mut st, "RENAME", e),
@@ -474,8 +479,9 @@ fn folder_worker(o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) -> ChurnSta
         for m in &mids {
             tr.expunging(m);
         }
-        if let Err(e) = imap.command(&format!("DELETE {}", super::imap::imap_quote(&names[cur]))) {
-            err(&mut st, "DELETE", e);
+        match imap.command(&format!("DELETE {}", super::imap::imap_quote(&names[cur]))) {
+            Ok(_) => st.folder_ops += 1,
+            Err(e) => err(&mut st, "DELETE", e),
         }
         sh.ops.fetch_add(1, Ordering::Relaxed);
     }
@@ -841,7 +847,8 @@ pub struct ChurnBackup {
 /// Takes `n` backups while `churn` runs: backup `i` is `backup(out/{prefix}{i})`, between two ticks of
 /// `tracker`, and must exit 0; after each, waits for `settle.0` more churn operations (at most `settle.1`).
 /// Then stops the churn, prints its statistics, and checks that it made every kind of change (flags, moves,
-/// appends, expunges) and that some of its operations overlapped a backup.
+/// appends, expunges) and that some of its operations overlapped a backup. Returns the backups and what the
+/// churn did.
 pub fn backups_under_churn(
     churn: Churn,
     tracker: &Tracker,
@@ -850,7 +857,7 @@ pub fn backups_under_churn(
     n: usize,
     settle: (u64, Duration),
     mut backup: impl FnMut(&Path) -> Run,
-) -> Vec<ChurnBackup> {
+) -> (Vec<ChurnBackup>, ChurnStats) {
     let mut runs = Vec::new();
     let mut ops_during = 0;
     for i in 0..n {
@@ -868,5 +875,5 @@ pub fn backups_under_churn(
     eprintln!("churn: {stats:?}; {ops_during} ops during the {n} backups");
     assert!(stats.moves > 0 && stats.flag_changes > 0 && stats.appends > 0 && stats.expunges > 0, "churn did too little: {stats:?}");
     assert!(ops_during > 0, "no churn operation overlapped a backup");
-    runs
+    (runs, stats)
 }
