@@ -773,10 +773,10 @@ fn d24_plugin_settings_overrides_and_lock_timeout() {
     // maildir_backup_lock_timeout = 1s (the default would wait 122 s), and -t wins over it.
     let holder = LockHolder::start(&d.mailbox_path("alice", "INBOX", "control"), 30);
     let r = run_plugin(&d, &["maildir-backup", "-u", "alice", &in_root(&out.path().join("t1"))]);
-    r.expect_code(EX_TEMPFAIL).expect_stderr(&["within 1.0", "INBOX", "nothing was published"]);
+    r.expect_code(EX_TEMPFAIL).expect_stderr(&["lock timeout of 1.0s", "INBOX", "nothing was published"]);
     assert!(r.elapsed < Duration::from_secs(10), "took {:?}", r.elapsed);
     let r = run_plugin(&d, &["maildir-backup", "-u", "alice", "-t", "2", &in_root(&out.path().join("t2"))]);
-    r.expect_code(EX_TEMPFAIL).expect_stderr(&["within 2.0"]);
+    r.expect_code(EX_TEMPFAIL).expect_stderr(&["lock timeout of 2.0s"]);
     assert!(r.elapsed >= Duration::from_secs(2) && r.elapsed < Duration::from_secs(20), "took {:?}", r.elapsed);
     assert!(!out.path().join("t1").exists() && !out.path().join("t2").exists());
     let left: Vec<String> = files_in(out.path()).into_iter().filter(|n| n.contains("staging")).collect();

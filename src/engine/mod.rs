@@ -89,8 +89,8 @@ pub enum BackupError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("could not lock all folders within {waited:.1?} ({attempts} attempts); last busy: {why}")]
-    LockTimeout { waited: Duration, attempts: u32, why: String },
+    #[error("could not lock all folders within the lock timeout of {timeout:.1?} ({attempts} attempts in {waited:.1?}); last busy: {why}")]
+    LockTimeout { timeout: Duration, waited: Duration, attempts: u32, why: String },
     #[error("the source kept changing: could not lock all folders within {waited:.1?} ({rounds} rounds); kept changing: {folders} (last: {why})")]
     Unstable { waited: Duration, rounds: u32, folders: String, why: String },
 }
@@ -335,7 +335,13 @@ impl Run<'_> {
             let control = reconcile::precopy_control_files(self.md, &self.tree, &mut w)?;
             let found = self.discover()?;
             let opts = self.opts_with_time_left(started);
-            let (mut locks, since) = self.mailboxes.lock_all(self.md, &found, &opts, &mut self.lock_attempts, &mut w)?;
+            let (mut locks, since) = self.mailboxes.lock_all(self.md, &found, &opts, &mut self.lock_attempts, &mut w).map_err(|e| match e {
+                // The wait is the whole reconcile's, not this round's.
+                BackupError::LockTimeout { attempts, why, .. } => {
+                    BackupError::LockTimeout { timeout: self.opts.lock.timeout, waited: started.elapsed(), attempts, why }
+                }
+                e => e,
+            })?;
             self.tree.warn_all(w);
             let (folders, busy) = self.lock_new_folders(locks.as_mut(), found)?;
             let mut w = Vec::new();

@@ -92,7 +92,7 @@ pub fn lock_all_or_none<T>(
         let Some((pos, why)) = busy else { return Ok((held, since)) };
         drop(held);
         if Instant::now() >= deadline {
-            return Err(BackupError::LockTimeout { waited: started.elapsed(), attempts: *attempts, why });
+            return Err(BackupError::LockTimeout { timeout, waited: started.elapsed(), attempts: *attempts, why });
         }
         let first = order.remove(pos);
         order.insert(0, first);

@@ -106,7 +106,8 @@ fn a_lock_that_stays_busy_times_out_counting_attempts() {
         }
         Ok(Ok(Fake { i, log: log.clone() }))
     });
-    let Err(BackupError::LockTimeout { waited, attempts: n, why }) = r else { panic!("expected LockTimeout") };
+    let Err(BackupError::LockTimeout { timeout: t, waited, attempts: n, why }) = r else { panic!("expected LockTimeout") };
+    assert_eq!(t, timeout, "the timeout asked for is reported");
     assert!(rounds >= 1);
     assert_eq!((n, attempts), (5 + rounds, 5 + rounds));
     assert_eq!(why, format!("busy in round {rounds}"), "the last reason is reported");
