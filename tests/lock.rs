@@ -165,6 +165,37 @@ fn file_option_locks_path_dot_lock() {
     assert_eq!(fs::read_to_string(&mbox).unwrap(), "From x\n");
 }
 
+/// Started ignoring SIGINT (as a background job is), `lock` leaves it ignored: a SIGINT does not
+/// end its wait for a busy lock (it times out as usual), while SIGTERM would.
+#[test]
+fn an_ignored_signal_stays_ignored() {
+    use std::os::unix::process::CommandExt;
+    let d = tmp();
+    // Held by a live process (pid 1 on this host): never stale.
+    fs::write(d.path().join(LOCK), format!("1:{}", host())).unwrap();
+    let waiting = |ignore_int: bool| {
+        let mut c = lock_cmd(d.path(), &["--timeout", "2"], &["true"]);
+        if ignore_int {
+            // SAFETY: signal(2) is async-signal-safe.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let r = spawn(c);
+        thread::sleep(secs(0.5));
+        kill(Pid::from_raw(r.pid()), Signal::SIGINT).unwrap();
+        r.wait(secs(10.0))
+    };
+    let r = waiting(true);
+    assert_eq!(r.code(), Some(EX_TEMPFAIL), "an ignored SIGINT ended the wait: {}", r.show());
+    assert!(r.stderr.contains("timed out"), "{}", r.show());
+    let r = waiting(false);
+    assert_eq!(r.code(), Some(128 + 2), "SIGINT should end the wait: {}", r.show());
+}
+
 #[test]
 fn termination_signals_are_forwarded_to_the_command_and_lock_released() {
     // The command must be killable by the signals `lock` forwards: a plain `sleep` (no shell that

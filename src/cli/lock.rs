@@ -69,12 +69,25 @@ fn open_dir(dir: &Path, what: &str) -> Result<Arc<Dir>, Failure> {
     }
 }
 
+/// The termination signals we take (and forward to the command): those we were not started
+/// ignoring. A command started from a background job ignores SIGINT and SIGQUIT, and so does
+/// its command; forwarding them to it would leave it running while we wait for it.
 fn signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
-        set.add(s);
+        if !ignored(s) {
+            set.add(s);
+        }
     }
     set
+}
+
+fn ignored(sig: Signal) -> bool {
+    // SAFETY: a query only (no new action); `old` is plain data the kernel fills in.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig as libc::c_int, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 impl LockArgs {

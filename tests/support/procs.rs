@@ -37,10 +37,22 @@ pub fn mb() -> Command {
     c
 }
 
-/// `maildir-backup lock OPTS DIR -- COMMAND...`
+/// `maildir-backup lock OPTS DIR -- COMMAND...`, with the default action for the termination
+/// signals whatever this test process was started with (a suite run as a background job ignores
+/// SIGINT and SIGQUIT, and `lock` rightly leaves ignored signals alone).
 pub fn lock_cmd<S: AsRef<std::ffi::OsStr>>(dir: &Path, opts: &[&str], command: &[S]) -> Command {
+    use std::os::unix::process::CommandExt;
     let mut c = mb();
     c.arg("lock").args(opts).arg(dir).arg("--").args(command);
+    // SAFETY: signal(2) is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
     c
 }
 
