@@ -92,7 +92,10 @@ fn main() {
     seconds.sort_by(|a, b| a.total_cmp(b));
     let (p50, p99, max) = (quantile(&holds, 0.5), quantile(&holds, 0.99), holds[holds.len() - 1]);
     let peer = quantile(&copies, 0.5);
-    println!("  churn meanwhile: {stats:?}");
+    println!(
+        "  churn meanwhile: {} flag changes, {} moves, {} appends, {} expunges, {} deliveries, {} folder operations ({} refused)",
+        stats.flag_changes, stats.moves, stats.appends, stats.expunges, stats.deliveries, stats.folder_ops, stats.errors.len()
+    );
     println!("  maildir-backup: lock hold p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (backup itself: median {:.1} s)", quantile(&seconds, 0.5));
     println!("  peer, locks held for a whole rsync -a: median {peer:.0} ms");
     println!("  ratio ours/peer: p50 {:.4}, p99 {:.4}, max {:.4}", p50 / peer, p99 / peer, max / peer);

@@ -246,6 +246,33 @@ fn staged_path(rel: &Path, sub: Subdir, name: &str) -> PathBuf {
     rel.join(sub.as_str()).join(name)
 }
 
+/// A name seen twice in one listing (a readdir racing Dovecot's rename of a message reports
+/// the old and the new name, the second under a `\0dup:` key) leaves two keys behind; once one
+/// file is left, both may point at it. The keys that can share the file named `name`.
+fn keys_for_name(name: &str) -> [String; 2] {
+    let unique = MessageName::parse(name).map_or(name, |m| m.unique());
+    [unique.to_string(), format!("\0dup:{name}")]
+}
+
+/// Each file is one entry: a staged entry at a place the listing gives another key is
+/// forgotten (not removed: the file is the listed key's now).
+fn forget_other_keys_at(entries: &mut HashMap<String, Entry>, listed: &HashMap<String, Listed>) {
+    for (key, l) in listed {
+        for other in keys_for_name(&l.name) {
+            if other != *key && entries.get(&other).is_some_and(|e| e.sub == l.sub && e.name == l.name) {
+                entries.remove(&other);
+            }
+        }
+    }
+}
+
+/// Whether an entry of `state` other than a departed one is at `e`'s place (then the file is
+/// not `e`'s to remove).
+fn place_taken(state: Option<&FolderState>, e: &Entry) -> bool {
+    let Some(state) = state else { return false };
+    keys_for_name(&e.name).iter().any(|k| state.entries.get(k).is_some_and(|o| o.sub == e.sub && o.name == e.name))
+}
+
 impl Tree {
     pub fn new(staging: Dir, keep_owner: bool) -> Tree {
         Tree {
@@ -375,10 +402,7 @@ impl Tree {
         }
         let jobs = self.move_or_queue(diff.added, &mut diff.departed, &mut stats)?;
         self.copy(md, jobs, pool, reuse, progress, &mut stats)?;
-        for (rel, e) in diff.departed.into_values().flatten() {
-            self.staging.unlink(staged_path(&rel, e.sub, &e.name))?;
-            stats.removed += 1;
-        }
+        self.remove_departed(diff.departed, &mut stats)?;
         for rel in diff.gone_folders {
             self.drop_folder(&rel)?;
         }
@@ -409,6 +433,7 @@ impl Tree {
                 diff.departed.entry(k).or_default().push((folder.rel.clone(), e));
             }
         }
+        forget_other_keys_at(&mut state.entries, &listing.entries);
         for (key, listed) in listing.entries {
             match state.entries.get_mut(&key) {
                 Some(e) if e.sub == listed.sub && e.name == listed.name => {}
@@ -423,6 +448,18 @@ impl Tree {
                 }
                 None => diff.added.push((folder.rel.clone(), key, listed)),
             }
+        }
+        Ok(())
+    }
+
+    /// Removes the staged copies of the messages that left and went nowhere in this pass; but
+    /// not a file a staged entry still has (see `keys_for_name`).
+    fn remove_departed(&mut self, departed: HashMap<String, Vec<(PathBuf, Entry)>>, stats: &mut PassStats) -> Result<(), BackupError> {
+        for (rel, e) in departed.into_values().flatten() {
+            if !place_taken(self.folders.get(&rel), &e) {
+                self.staging.unlink(staged_path(&rel, e.sub, &e.name))?;
+            }
+            stats.removed += 1;
         }
         Ok(())
     }
@@ -561,6 +598,19 @@ struct JobContext<'a> {
 }
 
 impl JobContext<'_> {
+    /// The new staged file `name`. One already there (left by a readdir that saw a message
+    /// under two names) is a copy of the same message file: it is replaced (the staging
+    /// directory is ours alone).
+    fn create_staged(&self, name: &str) -> Result<std::fs::File, FsError> {
+        match self.dst.create(name, 0o600) {
+            Err(e) if e.errno() == Some(libc::EEXIST) => {
+                self.dst.unlink(name)?;
+                self.dst.create(name, 0o600)
+            }
+            r => r,
+        }
+    }
+
     /// Takes a deferral slot for a file of `size` bytes, if it is big and one is left.
     fn may_defer(&self, size: u64) -> bool {
         use std::sync::atomic::Ordering;
@@ -601,7 +651,7 @@ impl JobContext<'_> {
                 Err(c) => claim = c,
             }
         }
-        let out = self.dst.create(name, 0o600)?;
+        let out = self.create_staged(name)?;
         let owner = self.keep_owner.then(|| input.meta.owner());
         if claim.is_none() && self.may_defer(input.meta.size()) {
             let size = input.meta.size();

@@ -185,29 +185,21 @@ static int open_at(int (*real)(int, const char *, int, ...), int dirfd, const ch
 	return real(dirfd, name, flags, mode);
 }
 
-int openat(int dirfd, const char *name, int flags, ...)
-{
-	va_list ap;
-	mode_t mode;
+/* openat and openat64: the same, but for their names. */
+#define OPEN_AT(name)                                                        \
+	int name(int dirfd, const char *path, int flags, ...)                \
+	{                                                                    \
+		va_list ap;                                                  \
+		mode_t mode;                                                 \
+		REAL(name);                                                  \
+		va_start(ap, flags);                                         \
+		mode = (flags & (O_CREAT | O_TMPFILE)) != 0 ? va_arg(ap, mode_t) : 0; \
+		va_end(ap);                                                  \
+		return open_at(real, dirfd, path, flags, mode);              \
+	}
 
-	REAL(openat);
-	va_start(ap, flags);
-	mode = (flags & (O_CREAT | O_TMPFILE)) != 0 ? va_arg(ap, mode_t) : 0;
-	va_end(ap);
-	return open_at(real, dirfd, name, flags, mode);
-}
-
-int openat64(int dirfd, const char *name, int flags, ...)
-{
-	va_list ap;
-	mode_t mode;
-
-	REAL(openat64);
-	va_start(ap, flags);
-	mode = (flags & (O_CREAT | O_TMPFILE)) != 0 ? va_arg(ap, mode_t) : 0;
-	va_end(ap);
-	return open_at(real, dirfd, name, flags, mode);
-}
+OPEN_AT(openat)
+OPEN_AT(openat64)
 
 int mkdirat(int dirfd, const char *name, mode_t mode)
 {

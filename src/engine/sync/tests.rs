@@ -371,3 +371,55 @@ fn deferred_copies_are_bounded() {
     assert_eq!(s.bytes, MAX_DEFERRED as u64 * DEFER_FROM);
     assert!(tree.folders[Path::new("")].entries.values().all(|e| e.blake3 == blake3_hex(&big)));
 }
+
+/// A listing with exactly these (key, sub, name) entries, full.
+fn listing_of(entries: &[(&str, Subdir, &str)]) -> Listing {
+    let mut l = Listing::default();
+    for (k, sub, name) in entries {
+        l.entries.insert(k.to_string(), Listed { sub: *sub, name: name.to_string() });
+    }
+    l
+}
+
+/// A readdir racing Dovecot's flag rename reports a message under its old and new names (the
+/// second under a `\0dup:` key); when only the new one is left, the copy keeps exactly one
+/// file for it, whichever key the listings gave which name.
+#[test]
+fn a_message_seen_under_two_names_ends_as_one_staged_file() {
+    let w = World::new(&[]);
+    let (u, old, new) = ("1.M1P1.h", "1.M1P1.h:2,S", "1.M1P1.h:2,RS");
+    let dup = |n: &str| format!("\0dup:{n}");
+    let md = open(&w.src);
+    let inbox = folders::discover(&md).unwrap().0.remove(0);
+    let apply = |tree: &mut Tree, l: Listing| tree.apply(&md, vec![(inbox.clone(), Some(l))], &w.pool, None, &NoProgress).unwrap();
+
+    // Both names exist for a moment, and both are listed.
+    put(&w.src, "cur", old, &body("1"));
+    let mut tree = w.tree();
+    apply(&mut tree, listing_of(&[(u, Subdir::Cur, old)]));
+    put(&w.src, "cur", new, &body("1"));
+    apply(&mut tree, listing_of(&[(u, Subdir::Cur, old), (&dup(new), Subdir::Cur, new)]));
+    assert_eq!(tracked(&tree), w.staged());
+    // The rename completes: only the new name is left, listed under the message's own key.
+    fs::remove_file(w.src.join("cur").join(old)).unwrap();
+    apply(&mut tree, listing_of(&[(u, Subdir::Cur, new)]));
+    assert_eq!(w.staged(), vec![format!("cur/{new}")], "the message's one file is kept");
+    assert_eq!(tracked(&tree), w.staged());
+
+    // The same with the keys the other way round between two listings (a full listing goes
+    // by readdir order, a partial one by name).
+    let w = World::new(&[]);
+    let md = open(&w.src);
+    let apply = |tree: &mut Tree, l: Listing| tree.apply(&md, vec![(inbox.clone(), Some(l))], &w.pool, None, &NoProgress).unwrap();
+    put(&w.src, "cur", old, &body("1"));
+    put(&w.src, "cur", new, &body("1"));
+    let mut tree = w.tree();
+    apply(&mut tree, listing_of(&[(u, Subdir::Cur, new), (&dup(old), Subdir::Cur, old)]));
+    apply(&mut tree, listing_of(&[(u, Subdir::Cur, old), (&dup(new), Subdir::Cur, new)]));
+    assert_eq!(tracked(&tree), w.staged());
+    fs::remove_file(w.src.join("cur").join(old)).unwrap();
+    apply(&mut tree, listing_of(&[(u, Subdir::Cur, new)]));
+    assert_eq!(w.staged(), vec![format!("cur/{new}")]);
+    assert_eq!(tracked(&tree), w.staged());
+    assert_eq!(fs::read(w.staging.join("cur").join(new)).unwrap(), body("1"));
+}
