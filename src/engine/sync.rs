@@ -426,8 +426,12 @@ impl Tree {
         let state = self.folders.get_mut(&folder.rel).expect("ensured above");
         state.stamps = listing.stamps;
         state.listed_at = listing.listed_at;
-        let in_scope = |k: &String| listing.touched.as_ref().is_none_or(|t| t.contains(k));
-        let gone: Vec<String> = state.entries.keys().filter(|k| !listing.entries.contains_key(*k) && in_scope(k)).cloned().collect();
+        // What left: of a partial listing's keys only (under the locks, a pass must not cost
+        // as much as the folder is big), of every key after a full one.
+        let gone: Vec<String> = match &listing.touched {
+            Some(touched) => touched.iter().filter(|k| state.entries.contains_key(*k) && !listing.entries.contains_key(*k)).cloned().collect(),
+            None => state.entries.keys().filter(|k| !listing.entries.contains_key(*k)).cloned().collect(),
+        };
         for k in gone {
             if let Some(e) = state.entries.remove(&k) {
                 diff.departed.entry(k).or_default().push((folder.rel.clone(), e));
