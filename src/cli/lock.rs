@@ -14,7 +14,7 @@ use maildir_backup::dotlock::{self, DotLock, LockSettings};
 use maildir_backup::fsx::Dir;
 use maildir_backup::maildir::UIDLIST;
 use maildir_backup::sysexits;
-use maildir_backup::warnings;
+use maildir_backup::warnings::{self, Sink};
 use nix::sys::signal::{SigSet, Signal};
 
 use super::args::{parse_secs, LockModeArgs};
@@ -216,12 +216,14 @@ fn release_and_warn(lock: DotLock) {
     let path = lock.lock_path();
     let sink = Stderr("maildir-backup: ");
     match lock.release() {
-        Ok(outcome) => warnings::emit(&sink, &dotlock::release_warning(&path, outcome, held).into_iter().collect::<Vec<_>>()),
-        Err(e) => {
-            warnings::emit_deferred(&sink);
-            eprintln!("maildir-backup: {e}");
+        Ok(outcome) => {
+            if let Some(w) = dotlock::release_warning(&path, outcome, held) {
+                sink.warn(&w);
+            }
         }
+        Err(e) => sink.warn(&e.to_string()),
     }
+    warnings::emit_deferred(&sink);
 }
 
 pub fn run_maildirlock(a: MaildirlockArgs) -> Outcome {
@@ -264,7 +266,15 @@ fn hold_for_maildirlock(dir: &Path, set: &LockSettings, mut ready: std::io::Pipe
     if sigs.thread_block().is_err() {
         return Ok(1);
     }
-    let lock = DotLock::acquire(&dir.join(UIDLIST), set).map_err(|e| Failure::new(1, e.to_string()))?;
+    let lock = match DotLock::acquire(&dir.join(UIDLIST), set) {
+        Ok(l) => l,
+        Err(e) => {
+            // Said here, while `ready` is open: the parent exits the moment it closes, and
+            // whoever ran `maildirlock` reads stderr then.
+            eprintln!("maildirlock: {e}");
+            return Ok(1);
+        }
+    };
     if ready.write_all(b"\0").is_err() {
         return Ok(1);
     }

@@ -66,7 +66,6 @@ pub struct Tree {
 /// A copy left for after the locks: the source as opened under them, and the staged file
 /// made for it then (renamed or removed by later passes like any other).
 struct Deferred {
-    rel: PathBuf,
     key: String,
     input: fsx::ReadFile,
     out: std::fs::File,
@@ -311,11 +310,10 @@ impl Tree {
         for (d, c) in deferred.iter().zip(copied) {
             let c = c?;
             stats.bytes += c.size;
-            // Where a later pass left it: still in its folder, moved to another (same key), or
-            // removed (then nothing to record). Only deferred entries lack a checksum.
-            let home = self.folders.get_mut(&d.rel).and_then(|s| s.entries.get_mut(&d.key)).filter(|e| e.blake3.is_empty()).is_some();
-            let holders = self.folders.iter_mut().filter(|(rel, _)| !home || **rel == d.rel);
-            for e in holders.filter_map(|(_, s)| s.entries.get_mut(&d.key)).filter(|e| e.blake3.is_empty()) {
+            // Wherever a later pass left it (its folder, or another it moved to under the same
+            // key; nowhere if removed). Only deferred entries lack a checksum.
+            let holders = self.folders.values_mut().filter_map(|s| s.entries.get_mut(&d.key));
+            for e in holders.filter(|e| e.blake3.is_empty()) {
                 e.size = c.size;
                 e.blake3 = c.blake3.clone();
             }
@@ -659,7 +657,7 @@ impl JobContext<'_> {
         let owner = self.keep_owner.then(|| input.meta.owner());
         if claim.is_none() && self.may_defer(input.meta.size()) {
             let size = input.meta.size();
-            let d = Deferred { rel: self.rel.to_path_buf(), key: job.key.clone(), shown: self.dst.show(name), input, out, owner };
+            let d = Deferred { key: job.key.clone(), shown: self.dst.show(name), input, out, owner };
             return Ok(JobResult::Deferred(entry(size, String::new()), d));
         }
         let c = fsx::copy_file(&mut input, &out, owner).map_err(|fail| {
