@@ -64,6 +64,7 @@ fn main() {
 
     let out = tempdir();
     let mut holds = Vec::new();
+    let mut phases = Vec::new();
     let mut seconds = Vec::new();
     for r in 0..runs {
         let dest = out.path().join(format!("b{r}"));
@@ -72,7 +73,10 @@ fn main() {
         assert!(o.status.success(), "backup {r} failed: {}", String::from_utf8_lossy(&o.stderr));
         seconds.push(t.elapsed().as_secs_f64());
         let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
-        holds.push(j["lock_hold_ms"].as_f64().expect("lock_hold_ms"));
+        let hold = j["lock_hold_ms"].as_f64().expect("lock_hold_ms");
+        holds.push(hold);
+        phases.push((hold, j["lock_hold_phases"].to_string()));
+        println!("  backup {r}: {:.1} s, lock hold {hold:.1} ms after {} attempts: {}", seconds[r], j["lock_attempts"], j["lock_hold_phases"]);
         let _ = std::fs::remove_dir_all(&dest);
     }
     let mut copies = Vec::new();
@@ -88,6 +92,7 @@ fn main() {
     let stats = churn.stop();
 
     holds.sort_by(|a, b| a.total_cmp(b));
+    phases.sort_by(|a, b| a.0.total_cmp(&b.0));
     copies.sort_by(|a, b| a.total_cmp(b));
     seconds.sort_by(|a, b| a.total_cmp(b));
     let (p50, p99, max) = (quantile(&holds, 0.5), quantile(&holds, 0.99), holds[holds.len() - 1]);
@@ -97,6 +102,9 @@ fn main() {
         stats.flag_changes, stats.moves, stats.appends, stats.expunges, stats.deliveries, stats.folder_ops, stats.errors.len()
     );
     println!("  maildir-backup: lock hold p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (backup itself: median {:.1} s)", quantile(&seconds, 0.5));
+    for (what, (hold, split)) in [("median", &phases[(phases.len() - 1) / 2]), ("longest", &phases[phases.len() - 1])] {
+        println!("  {what} hold {hold:.1} ms: {split}");
+    }
     println!("  peer, locks held for a whole rsync -a: median {peer:.0} ms");
     println!("  ratio ours/peer: p50 {:.4}, p99 {:.4}, max {:.4}", p50 / peer, p99 / peer, max / peer);
     println!("  targets (p99 <= 50 ms, max <= 200 ms): {}", if p99 <= 50.0 && max <= 200.0 { "met" } else { "NOT met" });

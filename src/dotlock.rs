@@ -723,6 +723,19 @@ impl Refresher {
         Refresher { stop, targets, thread: Some(thread) }
     }
 
+    /// Stops refreshing at once, without waiting for the thread to end (which, on a busy CPU,
+    /// can take a while): it touches only while holding the flag's mutex, so no touch follows.
+    pub fn stop_now(mut self) {
+        self.halt();
+        self.thread.take(); // detached: it ends on its own
+    }
+
+    fn halt(&self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
     /// Keeps `lock` fresh too.
     pub fn add(&self, lock: &DotLock) {
         self.targets.lock().unwrap_or_else(|p| p.into_inner()).push((lock.lock.clone(), lock.dev, lock.ino));
@@ -731,9 +744,7 @@ impl Refresher {
 
 impl Drop for Refresher {
     fn drop(&mut self) {
-        let (lock, cv) = &*self.stop;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        cv.notify_all();
+        self.halt();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

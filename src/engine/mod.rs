@@ -28,6 +28,7 @@ use crate::staging::{Staging, StagingError};
 use crate::sysexits::{self, ExitCode};
 
 pub use reconcile::{Busy, HeldLocks};
+use reconcile::{BUSY_LOCK_WAIT, FIRST_LOCK_WAIT};
 pub(crate) use sync::{PassStats, Reuse, Tree};
 
 /// Where a backup's folders come from and how they are locked: walking the Maildir with
@@ -36,9 +37,11 @@ pub(crate) use sync::{PassStats, Reuse, Tree};
 pub trait Mailboxes {
     /// The folders as they are now (asked again during the backup).
     fn folders(&self, md: &Maildir, warnings: &mut Vec<String>) -> Result<Vec<Folder>, BackupError>;
-    /// Locks every folder's uidlist, all or none; returns when the first of them was taken.
-    fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32, warnings: &mut Vec<String>)
-        -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError>;
+    /// One round of locking every folder's uidlist, in the order given, all or none: the first
+    /// lock waited for up to `first_wait`, the others only a moment (`NEXT_LOCK_WAIT`). Returns
+    /// the locks and when the first was taken, or which folder was busy.
+    fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, first_wait: Duration, warnings: &mut Vec<String>)
+        -> Result<Result<(Box<dyn HeldLocks + 'a>, Instant), Busy>, BackupError>;
 }
 
 /// The folders found by walking the Maildir, locked with our own dot-locks.
@@ -51,15 +54,14 @@ impl Mailboxes for OnDisk {
         Ok(found)
     }
 
-    fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32, warnings: &mut Vec<String>)
-        -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError> {
-        let (set, since) = reconcile::dotlock_all(md, folders, &opts.lock, attempts, warnings)?;
-        Ok((Box::new(set), since))
+    fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, first_wait: Duration, warnings: &mut Vec<String>)
+        -> Result<Result<(Box<dyn HeldLocks + 'a>, Instant), Busy>, BackupError> {
+        Ok(reconcile::dotlock_round(md, folders, &opts.lock, first_wait, warnings)?.map(|(set, since)| (Box::new(set) as Box<dyn HeldLocks>, since)))
     }
 }
 
 /// Listings that may each find new folders to lock while the locks are held (then all are let
-/// go, and the round repeated, until the lock timeout).
+/// go, and another round follows, until the lock timeout).
 const MAX_NEW_FOLDER_ROUNDS: u32 = 20;
 
 /// Passes under the locks before giving up on a source that keeps renaming (with a warning).
@@ -89,10 +91,8 @@ pub enum BackupError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("could not lock all folders within the lock timeout of {timeout:.1?} ({attempts} attempts in {waited:.1?}); last busy: {why}")]
-    LockTimeout { timeout: Duration, waited: Duration, attempts: u32, why: String },
-    #[error("the source kept changing: could not lock all folders within {waited:.1?} ({rounds} rounds); kept changing: {folders} (last: {why})")]
-    Unstable { waited: Duration, rounds: u32, folders: String, why: String },
+    #[error("could not lock all folders within the lock timeout of {timeout:.1?} ({rounds} rounds in {waited:.1?}); busy or still changing: {folders}; last: {why}")]
+    LockTimeout { timeout: Duration, waited: Duration, rounds: u32, folders: String, why: String },
 }
 
 impl ExitCode for BackupError {
@@ -106,7 +106,7 @@ impl ExitCode for BackupError {
             BackupError::Io { source, .. } => sysexits::for_io_error(source),
             BackupError::Fs(e) => e.exit_code(),
             BackupError::Manifest(e) => e.exit_code(),
-            BackupError::Unstable { .. } | BackupError::LockTimeout { .. } => sysexits::EX_TEMPFAIL,
+            BackupError::LockTimeout { .. } => sysexits::EX_TEMPFAIL,
         }
     }
 }
@@ -147,6 +147,8 @@ pub struct BackupReport {
     pub bytes_copied: u64,
     pub messages_linked: u64,
     pub lock_hold_ms: f64,
+    /// Where the hold went, in the order the work was done under the locks.
+    pub lock_hold_phases: HoldPhases,
     pub lock_attempts: u32,
     pub seconds: f64,
     pub passes: u32,
@@ -157,6 +159,25 @@ pub struct BackupReport {
     pub warnings: Vec<String>,
     /// Per folder: name, path in the backup, messages, bytes.
     pub folder_details: Vec<FolderSummary>,
+}
+
+/// The lock hold split by what was done under the locks, in milliseconds: taking the rest of
+/// the locks after the first, locking folders that appeared meanwhile, the passes that bring
+/// the copy to the source, the control files, and letting go.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct HoldPhases {
+    pub locking_ms: f64,
+    pub new_folders_ms: f64,
+    pub passes_ms: f64,
+    pub control_files_ms: f64,
+    pub release_ms: f64,
+}
+
+/// Milliseconds since `t`, and `t` moved to now.
+fn lap(t: &mut Instant) -> f64 {
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    *t = Instant::now();
+    ms
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -255,24 +276,34 @@ impl Unsettled {
         self.last_why = busy.why;
     }
 
-    /// The exit-75 error: which folders kept changing, the most troublesome first.
-    fn into_error(self, waited: Duration) -> BackupError {
+    /// The exit-75 error: which folders kept a round from completing, the most often first.
+    fn into_error(self, timeout: Duration, waited: Duration) -> BackupError {
         let mut counts: Vec<(String, u32)> = self.by_folder.into_iter().collect();
         counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let shown: Vec<String> = counts.iter().take(10).map(|(f, n)| format!("{f} ({n}×)")).collect();
         let more = counts.len().saturating_sub(shown.len());
         let folders = if more > 0 { format!("{} and {more} more", shown.join(", ")) } else { shown.join(", ") };
-        BackupError::Unstable { waited, rounds: self.rounds, folders, why: self.last_why }
+        BackupError::LockTimeout { timeout, waited, rounds: self.rounds, folders, why: self.last_why }
     }
+}
+
+/// The locks of a round that took them all: the folders they cover, when the first was taken,
+/// and the time spent under them so far.
+struct Held<'a> {
+    locks: Box<dyn HeldLocks + 'a>,
+    folders: Vec<Folder>,
+    since: Instant,
+    phases: HoldPhases,
 }
 
 /// What the locked reconcile took: when, and for how long the locks were held.
 struct Reconciled {
     taken_at: i64,
     held: Duration,
+    phases: HoldPhases,
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
     /// The folders as they are now (their warnings recorded).
     fn discover(&mut self) -> Result<Vec<Folder>, BackupError> {
         let mut warnings = Vec::new();
@@ -323,54 +354,91 @@ impl Run<'_> {
     }
 
     /// Catches up, takes every folder's lock, brings the copy to exactly what the source holds
-    /// at that instant, takes the control files, lets go. A new folder whose lock stays busy
-    /// lets go of all, and it all starts again, until the lock timeout.
+    /// at that instant, opens the control files, lets go, copies what was only opened. A round
+    /// that finds a lock busy lets go of all; that lock is waited for holding none, and tried
+    /// first in the next round (after another catch-up), until the lock timeout.
     fn reconcile(&mut self) -> Result<Reconciled, BackupError> {
         let started = Instant::now();
         let mut unsettled = Unsettled::default();
+        let mut first = None;
         loop {
             self.catch_up()?;
             self.progress.phase("reconciling");
-            let mut w = Vec::new();
-            let control = reconcile::precopy_control_files(self.md, &self.tree, &mut w)?;
-            let found = self.discover()?;
-            let opts = self.opts_with_time_left(started);
-            let (mut locks, since) = self.mailboxes.lock_all(self.md, &found, &opts, &mut self.lock_attempts, &mut w).map_err(|e| match e {
-                // The wait is the whole reconcile's, not this round's.
-                BackupError::LockTimeout { attempts, why, .. } => {
-                    BackupError::LockTimeout { timeout: self.opts.lock.timeout, waited: started.elapsed(), attempts, why }
-                }
-                e => e,
-            })?;
-            self.tree.warn_all(w);
-            let (folders, busy) = self.lock_new_folders(locks.as_mut(), found)?;
-            let mut w = Vec::new();
-            if let Some(busy) = busy {
-                locks.release(&mut w);
-                self.tree.warn_all(w);
-                unsettled.note(busy);
-                if started.elapsed() >= self.opts.lock.timeout {
-                    return Err(unsettled.into_error(started.elapsed()));
-                }
-                continue;
+            let busy = match self.lock_round(first.take())? {
+                Ok(held) => return self.settle_and_let_go(held),
+                Err(busy) => busy,
+            };
+            let left = self.opts.lock.timeout.saturating_sub(started.elapsed());
+            let folder = busy.folder.clone();
+            unsettled.note(busy);
+            if left.is_zero() {
+                return Err(unsettled.into_error(self.opts.lock.timeout, started.elapsed()));
             }
-            self.tree.defer_big_copies(true);
-            let result = self.settle(&folders, locks.as_ref(), control, &mut w);
-            locks.release(&mut w);
-            let held = since.elapsed();
-            self.tree.defer_big_copies(false);
-            self.tree.warn_all(w);
-            let taken_at = result?;
-            self.total.add(&self.tree.copy_deferred(&self.pool, self.progress)?);
-            return Ok(Reconciled { taken_at, held });
+            std::thread::sleep(reconcile::jitter(unsettled.rounds).min(left));
+            self.wait_until_free(&folder, BUSY_LOCK_WAIT.min(self.opts.lock.timeout.saturating_sub(started.elapsed())))?;
+            first = Some(folder);
         }
     }
 
-    /// The options, with what is left of the lock timeout since `started`.
-    fn opts_with_time_left(&self, started: Instant) -> BackupOptions {
-        let mut opts = self.opts.clone();
-        opts.lock.timeout = opts.lock.timeout.saturating_sub(started.elapsed());
-        opts
+    /// One round: every folder's lock, the one named `first` (busy last round) first, then
+    /// those of folders that appeared meanwhile; or which folder was busy (all let go).
+    fn lock_round(&mut self, first: Option<String>) -> Result<Result<Held<'a>, Busy>, BackupError> {
+        let mut found = self.discover()?;
+        if let Some(pos) = first.and_then(|name| found.iter().position(|f| f.name == name)) {
+            let f = found.remove(pos);
+            found.insert(0, f);
+        }
+        self.lock_attempts += 1;
+        let mut w = Vec::new();
+        let taken = self.mailboxes.lock_all(self.md, &found, self.opts, FIRST_LOCK_WAIT, &mut w)?;
+        self.tree.warn_all(w);
+        let (mut locks, since) = match taken {
+            Ok(taken) => taken,
+            Err(busy) => return Ok(Err(busy)),
+        };
+        let mut phases = HoldPhases::default();
+        let mut t = since;
+        phases.locking_ms = lap(&mut t);
+        let (folders, busy) = self.lock_new_folders(locks.as_mut(), found)?;
+        phases.new_folders_ms = lap(&mut t);
+        if let Some(busy) = busy {
+            let mut w = Vec::new();
+            locks.release(&mut w);
+            self.tree.warn_all(w);
+            return Ok(Err(busy));
+        }
+        Ok(Ok(Held { locks, folders, since, phases }))
+    }
+
+    /// Waits up to `wait` for `folder`'s lock to be let go, holding no other (taking it and
+    /// letting go at once).
+    fn wait_until_free(&mut self, folder: &str, wait: Duration) -> Result<(), BackupError> {
+        let Some(f) = self.tree.folders.values().map(|s| &s.folder).find(|f| f.name == folder).cloned() else { return Ok(()) };
+        let mut w = Vec::new();
+        if let Ok((locks, _)) = self.mailboxes.lock_all(self.md, &[f], self.opts, wait, &mut w)? {
+            locks.release(&mut w);
+        }
+        self.tree.warn_all(w);
+        Ok(())
+    }
+
+    /// Under the locks of `held`: the passes and the control files (see `settle`); then lets
+    /// go and copies what was only opened under them.
+    fn settle_and_let_go(&mut self, held: Held<'a>) -> Result<Reconciled, BackupError> {
+        let Held { locks, folders, since, mut phases } = held;
+        let mut w = Vec::new();
+        self.tree.defer_copies(true);
+        let result = self.settle(&folders, locks.as_ref(), &mut phases, &mut w);
+        let mut t = Instant::now();
+        locks.release(&mut w);
+        phases.release_ms = lap(&mut t);
+        let held = since.elapsed();
+        self.tree.defer_copies(false);
+        self.tree.warn_all(w);
+        let (taken_at, control) = result?;
+        control.write(&self.tree)?;
+        self.total.add(&self.tree.copy_deferred(&self.pool, self.progress)?);
+        Ok(Reconciled { taken_at, held, phases })
     }
 
     /// Lists the folders again and locks any that appeared since `locked` were locked (one at
@@ -400,9 +468,17 @@ impl Run<'_> {
     /// Under the locks: looks again until a pass finds nothing more (a name that vanished
     /// between listing and copying, or was missed by a stat or a readdir racing a rename,
     /// Dovecot's rare renames without the lock, shows up in the next pass through inotify or
-    /// the directory times; never a full rescan of everything), then takes the control files.
-    /// Returns the instant the backup stands for.
-    fn settle(&mut self, folders: &[Folder], locks: &dyn HeldLocks, control: reconcile::ControlFiles, w: &mut Vec<String>) -> Result<i64, BackupError> {
+    /// the directory times; never a full rescan of everything), then opens the control files.
+    /// Returns the instant the backup stands for, and the control files to write once the
+    /// locks are let go.
+    fn settle(
+        &mut self,
+        folders: &[Folder],
+        locks: &dyn HeldLocks,
+        phases: &mut HoldPhases,
+        w: &mut Vec<String>,
+    ) -> Result<(i64, reconcile::CapturedControl), BackupError> {
+        let mut t = Instant::now();
         let mut settled = false;
         for _ in 0..MAX_LOCKED_PASSES {
             let s = self.relist_and_apply(folders)?;
@@ -415,9 +491,11 @@ impl Run<'_> {
         if !settled {
             w.push("the source kept renaming messages during the reconcile; a message renamed in its last moment may be missing".to_string());
         }
+        phases.passes_ms = lap(&mut t);
         let taken_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-        reconcile::copy_control_files(self.md, &self.tree, control, w)?;
-        Ok(taken_at)
+        let captured = reconcile::capture_control_files(self.md, &self.tree, w)?;
+        phases.control_files_ms = lap(&mut t);
+        Ok((taken_at, captured))
     }
 
     /// Index files (if asked), the manifest, the directories' metadata; the report.
@@ -450,6 +528,7 @@ impl Run<'_> {
             bytes_copied: self.total.bytes,
             messages_linked: self.total.linked,
             lock_hold_ms: r.held.as_secs_f64() * 1000.0,
+            lock_hold_phases: r.phases,
             lock_attempts: self.lock_attempts,
             seconds: started.elapsed().as_secs_f64(),
             passes: self.passes,
@@ -505,7 +584,7 @@ fn copy_indexes(md: &Maildir, tree: &Tree) {
         let (Some(from), Ok(to)) = (from, tree.staging.sub(&to)) else { continue };
         for e in from.list().unwrap_or_default() {
             let Some(name) = e.name.to_str().filter(|n| wanted(n)) else { continue };
-            // Only regular files with one name (see copy_control), never over anything, never
+            // Only regular files with one name (see reconcile::open_control), never over anything, never
             // through a symlink.
             let Ok(mut input) = from.open_read(name) else { continue };
             if input.meta.nlink() > 1 {
@@ -638,3 +717,6 @@ fn summarize_uidlist(dir: &Dir, uniques: &HashSet<&str>) -> Result<UidlistSummar
     sum.expunged.sort();
     Ok(sum)
 }
+
+#[cfg(test)]
+mod tests;

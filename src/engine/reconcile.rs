@@ -1,12 +1,10 @@
 //! The reconcile phase: hold the uidlist lock of every folder at once, bring the copy to
-//! exactly what the source holds at that instant, copy the control files, release.
+//! exactly what the source holds at that instant, open the control files, release (and copy
+//! them after).
 //!
-//! Locks are taken in a fixed order, each with a short wait; if one is busy, all are
-//! released and the attempt repeated after a random pause, so we never hold one lock while
-//! waiting for another that Dovecot holds.
+//! Locks are taken in rounds, each lock with a short wait; if one is busy, all are let go,
+//! so we never hold one lock while waiting long for another that Dovecot holds.
 
-use std::collections::{HashMap, HashSet};
-use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -16,14 +14,17 @@ use super::sync::{FolderState, Tree};
 use super::watch::Watcher;
 use super::{BackupError, BackupOptions};
 use crate::dotlock::{self, DotLock, LockError, LockSettings};
-use crate::fsx::{self, Dir, FsError, Meta, ReadFile, Replace};
+use crate::fsx::{self, Dir, FsError, ReadFile, Replace};
 use crate::maildir::{control_file_limit, is_user_control_file, Folder, Maildir, FOLDER_CONTROL_FILES, MAILDIRFOLDER, UIDLIST};
 
-/// How long to wait for the first lock of a round, while holding none.
-const FIRST_LOCK_WAIT: Duration = Duration::from_millis(1000);
-/// How long to wait for each further lock, while holding others (and so blocking Dovecot on
-/// those folders): only a moment, then back off from all of them.
-pub const NEXT_LOCK_WAIT: Duration = Duration::from_millis(20);
+/// How long the first lock of a round may be waited for (holding none), and each further one
+/// (holding others, so blocking Dovecot on those folders): only moments. Whatever changes in
+/// the source while a round waits is work for the pass under the locks.
+pub const FIRST_LOCK_WAIT: Duration = Duration::from_millis(10);
+pub const NEXT_LOCK_WAIT: Duration = Duration::from_millis(3);
+/// How long a lock found busy is waited for between rounds, holding none (taken and let go at
+/// once: only to learn that it was let go).
+pub const BUSY_LOCK_WAIT: Duration = Duration::from_millis(1000);
 
 /// Locks held on every folder for the reconcile, however they were taken.
 pub trait HeldLocks {
@@ -44,66 +45,44 @@ pub struct Busy {
     pub why: String,
 }
 
-fn jitter(attempt: u32) -> Duration {
+/// A random pause before round `attempt + 1` (up to 20 ms, and 2 ms more for each of the
+/// first ten rounds that failed): so that two lockers that keep meeting fall out of step.
+pub fn jitter(attempt: u32) -> Duration {
     let mut b = [0u8; 2];
     let _ = getrandom::getrandom(&mut b);
-    let base = 20u64 * u64::from(attempt.min(10));
-    Duration::from_millis(base + u64::from(u16::from_ne_bytes(b)) % (50 + base * 2))
+    let spread = 20 + 2 * u64::from(attempt.min(10));
+    Duration::from_millis(u64::from(u16::from_ne_bytes(b)) % (spread + 1))
 }
 
-/// Takes `n` locks all or none. `try_one(i, wait)` gives lock `i` (dropping it releases it),
-/// or `Err(why)` if it is busy after `wait`. If one is busy, all taken are released and the
-/// round repeated after a random pause, until `timeout`: never hold one while waiting for
-/// another that Dovecot holds. The lock found busy is tried first in the next round, with the
-/// long wait of a round's first lock (holding none then), so that a folder Dovecot keeps busy
-/// cannot fail every round at its 20 ms. Returns the locks and when the first was taken.
-pub fn lock_all_or_none<T>(
+/// One round of taking `n` locks, all or none, in order: `try_one(i, wait)` gives lock `i`
+/// (dropping it releases it), or `Err(why)` if it is busy after `wait`: `first_wait` for the
+/// first, `NEXT_LOCK_WAIT` for the others, so one lock is never held while another that
+/// Dovecot holds is waited for long. Returns the locks and when the first was taken, or (all
+/// taken let go) which one was busy and why.
+pub fn lock_round<T>(
     n: usize,
-    timeout: Duration,
-    attempts: &mut u32,
+    first_wait: Duration,
     mut try_one: impl FnMut(usize, Duration) -> Result<Result<T, String>, BackupError>,
-) -> Result<(Vec<T>, Instant), BackupError> {
-    let started = Instant::now();
-    // A timeout too large to represent means: keep trying (for a century).
-    let deadline = started.checked_add(timeout).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
-    let mut order: Vec<usize> = (0..n).collect();
-    loop {
-        *attempts += 1;
-        // The hold begins with the first lock taken (waiting for it holds nothing).
-        let mut since = Instant::now();
-        let mut held = Vec::with_capacity(n);
-        let mut busy = None;
-        for (pos, &i) in order.iter().enumerate() {
-            let per_lock = if held.is_empty() { FIRST_LOCK_WAIT } else { NEXT_LOCK_WAIT };
-            let wait = deadline.saturating_duration_since(Instant::now()).min(per_lock);
-            match try_one(i, wait)? {
-                Ok(lock) => {
-                    if held.is_empty() {
-                        since = Instant::now();
-                    }
-                    held.push(lock)
-                }
-                Err(why) => {
-                    busy = Some((pos, why));
-                    break;
-                }
+) -> Result<Result<(Vec<T>, Instant), (usize, String)>, BackupError> {
+    // The hold begins with the first lock taken (waiting for it holds nothing).
+    let mut since = None;
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        match try_one(i, if held.is_empty() { first_wait } else { NEXT_LOCK_WAIT })? {
+            Ok(lock) => {
+                since.get_or_insert_with(Instant::now);
+                held.push(lock);
             }
+            Err(why) => return Ok(Err((i, why))),
         }
-        let Some((pos, why)) = busy else { return Ok((held, since)) };
-        drop(held);
-        if Instant::now() >= deadline {
-            return Err(BackupError::LockTimeout { timeout, waited: started.elapsed(), attempts: *attempts, why });
-        }
-        let first = order.remove(pos);
-        order.insert(0, first);
-        std::thread::sleep(jitter(*attempts).min(deadline.saturating_duration_since(Instant::now())));
     }
+    Ok(Ok((held, since.unwrap_or_else(Instant::now))))
 }
 
 /// Dot-locks on every folder's dovecot-uidlist, refreshed from one background thread.
 pub struct DotLockSet {
     locks: Vec<DotLock>,
-    _refresher: dotlock::Refresher,
+    refresher: dotlock::Refresher,
 }
 
 impl HeldLocks for DotLockSet {
@@ -113,7 +92,7 @@ impl HeldLocks for DotLockSet {
             let Some(dir) = control_dir_to_lock(md, f, warnings)? else { continue };
             match lock_one(&dir, &opts.lock, NEXT_LOCK_WAIT)? {
                 Ok(Some(l)) => {
-                    self._refresher.add(&l);
+                    self.refresher.add(&l);
                     self.locks.push(l);
                 }
                 Ok(None) => {}
@@ -124,8 +103,8 @@ impl HeldLocks for DotLockSet {
     }
 
     fn release(self: Box<Self>, warnings: &mut Vec<String>) {
-        let DotLockSet { locks, _refresher } = *self;
-        drop(_refresher);
+        let DotLockSet { locks, refresher } = *self;
+        refresher.stop_now();
         for lock in locks {
             let held = lock.held_for();
             let path = lock.lock_path();
@@ -169,20 +148,23 @@ fn lock_one(dir: &Arc<Dir>, set: &LockSettings, wait: Duration) -> Result<Result
     }
 }
 
-/// Locks the uidlist of every folder with our own dot-lock, all or none.
-pub fn dotlock_all(md: &Maildir, folders: &[Folder], set: &LockSettings, attempts: &mut u32, warnings: &mut Vec<String>)
-    -> Result<(DotLockSet, Instant), BackupError> {
+/// One round of locking the uidlist of every folder, in the order given, with our own
+/// dot-locks (see `lock_round`).
+pub fn dotlock_round(md: &Maildir, folders: &[Folder], set: &LockSettings, first_wait: Duration, warnings: &mut Vec<String>)
+    -> Result<Result<(DotLockSet, Instant), Busy>, BackupError> {
     let mut order: Vec<(&Folder, Arc<Dir>)> = Vec::with_capacity(folders.len());
     for f in folders {
         if let Some(d) = control_dir_to_lock(md, f, warnings)? {
             order.push((f, d));
         }
     }
-    order.sort_by(|a, b| a.0.control_rel.cmp(&b.0.control_rel));
-    let (locks, since) = lock_all_or_none(order.len(), set.timeout, attempts, |i, wait| lock_one(&order[i].1, set, wait))?;
+    let (locks, since) = match lock_round(order.len(), first_wait, |i, wait| lock_one(&order[i].1, set, wait))? {
+        Ok(taken) => taken,
+        Err((i, why)) => return Ok(Err(Busy { folder: order[i].0.name.clone(), why })),
+    };
     let locks: Vec<DotLock> = locks.into_iter().flatten().collect();
     let refresher = dotlock::keep_all_fresh(&locks, dotlock::TOUCH_INTERVAL);
-    Ok((DotLockSet { locks, _refresher: refresher }, since))
+    Ok(Ok((DotLockSet { locks, refresher }, since)))
 }
 
 /// True if a folder's cur/ and new/ are provably unchanged since it was last listed: same
@@ -333,27 +315,13 @@ impl ControlGroup<'_> {
     }
 }
 
-/// A control file copied before the lock. Its source stays open so its inode cannot be
-/// reused: under the lock, the same inode with the same size is the same content, and the
-/// same inode grown is our copy plus an appended tail (Dovecot only ever appends to
-/// dovecot-uidlist in place; every other change is a new file renamed over it).
-struct Precopied {
-    source: ReadFile,
-    len: u64,
-}
-
-#[derive(Default)]
-pub struct ControlFiles {
-    by_dest: HashMap<PathBuf, Precopied>,
-}
-
-/// Copies `name` from `src` to `dst` in the staging dir (replacing it), with its metadata;
-/// the open source and the bytes copied, or None if there is no usable source (a planted
-/// one is reported in `warnings`).
-fn copy_control(src: &Dir, name: &str, tree: &Tree, dst: &Path, warnings: &mut Vec<String>) -> Result<Option<Precopied>, BackupError> {
+/// Opens control file `name` in `src` to be copied to `dst` in the staging dir; None if there
+/// is no usable source (then our copy at `dst` is removed; a planted, linked or oversized one
+/// is reported in `warnings`).
+fn open_control(src: &Dir, name: &str, tree: &Tree, dst: &Path, warnings: &mut Vec<String>) -> Result<Option<ReadFile>, BackupError> {
     let limit = control_file_limit(name);
-    let mut source = match src.open_read_opt(name) {
-        Ok(Some(f)) if f.meta.size() <= limit && f.meta.nlink() == 1 => f,
+    match src.open_read_opt(name) {
+        Ok(Some(f)) if f.meta.size() <= limit && f.meta.nlink() == 1 => return Ok(Some(f)),
         Ok(Some(f)) => {
             // Dovecot's control files have one name each: a linked one would be stored once
             // per name (a thousand links cost their owner nothing, and us a thousand copies).
@@ -363,114 +331,77 @@ fn copy_control(src: &Dir, name: &str, tree: &Tree, dst: &Path, warnings: &mut V
                 FsError::TooBig { path: f.path, size: f.meta.size(), limit, what: "this control file" }.to_string()
             };
             warnings.push(format!("skipped {why}"));
-            tree.staging.unlink(dst)?;
-            return Ok(None);
         }
-        Ok(None) => {
-            tree.staging.unlink(dst)?;
-            return Ok(None);
-        }
-        Err(e) if e.is_planted() => {
-            warnings.push(format!("skipped {e}"));
-            tree.staging.unlink(dst)?;
-            return Ok(None);
-        }
+        Ok(None) => {}
+        Err(e) if e.is_planted() => warnings.push(format!("skipped {e}")),
         Err(e) => return Err(e.into()),
-    };
+    }
+    tree.staging.unlink(dst)?;
+    Ok(None)
+}
+
+/// Copies the open control file `source` (up to the size it had when opened) to `dst` in the
+/// staging dir, replacing it, with its metadata.
+fn write_control(mut source: ReadFile, tree: &Tree, dst: &Path) -> Result<(), BackupError> {
     let dir = tree.staging.sub(dst.parent().unwrap_or(Path::new("")))?;
-    let file_name = dst.file_name().and_then(|n| n.to_str()).unwrap_or(name);
+    let file_name = dst.file_name().and_then(|n| n.to_str()).unwrap_or(UIDLIST);
     let (tmp, out) = dir.create_temp(&format!(".{file_name}.maildir-backup"), 0o600)?;
     let owner = tree.keep_owner.then(|| source.meta.owner());
-    let copied = fsx::copy_file(&mut source, &out, owner);
-    let len = match copied {
-        Ok(c) => c.size,
-        Err(fail) => {
-            let _ = dir.unlink(&tmp);
-            return Err(match fail {
-                fsx::CopyFail::Source(e) => FsError::Io { op: "read control file", path: source.path, source: e },
-                fsx::CopyFail::Dest(e) => FsError::Io { op: "write", path: dir.show(&tmp), source: e },
-            }
-            .into());
+    if let Err(fail) = fsx::copy_file(&mut source, &out, owner) {
+        let _ = dir.unlink(&tmp);
+        return Err(match fail {
+            fsx::CopyFail::Source(e) => FsError::Io { op: "read control file", path: source.path, source: e },
+            fsx::CopyFail::Dest(e) => FsError::Io { op: "write", path: dir.show(&tmp), source: e },
         }
-    };
-    dir.rename(&tmp, &dir, file_name, Replace::Allowed)?;
-    Ok(Some(Precopied { source, len }))
-}
-
-/// Copies each folder's dovecot-uidlist before the lock (the only big control file), so that
-/// under the lock only what was appended since is copied. The sources stay open, within a
-/// share of the descriptor limit; whatever is over it is copied under the lock instead.
-pub fn precopy_control_files(md: &Maildir, tree: &Tree, warnings: &mut Vec<String>) -> Result<ControlFiles, BackupError> {
-    let budget = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(soft, _)| (soft.min(1 << 20) as usize).saturating_sub(256) / 2)
-        .unwrap_or(256);
-    let mut files = ControlFiles::default();
-    for group in control_groups(md, tree)? {
-        if files.by_dest.len() >= budget {
-            break;
-        }
-        let Some((name, dst)) = group.files.iter().find(|(n, _)| n == UIDLIST) else { continue };
-        let Some(src) = group.open(md, warnings)? else { continue };
-        if let Some(p) = copy_control(&src, name, tree, dst, warnings)? {
-            files.by_dest.insert(dst.clone(), p);
-        }
+        .into());
     }
-    Ok(files)
+    dir.rename(&tmp, &dir, file_name, Replace::Allowed)?;
+    Ok(())
 }
 
-/// Brings the control files to what they are now. Called with the locks held: an unchanged
-/// file costs a stat, an appended uidlist only its new lines.
-pub fn copy_control_files(md: &Maildir, tree: &Tree, mut pre: ControlFiles, warnings: &mut Vec<String>) -> Result<(), BackupError> {
-    let groups = control_groups(md, tree)?;
-    let current: HashSet<&PathBuf> = groups.iter().flat_map(|g| g.files.iter().map(|(_, d)| d)).collect();
-    for group in &groups {
+/// The control files as they were under the locks: opened then, written into the staged copy
+/// by `write` once the locks are let go. Dovecot changes a control file in place only by
+/// appending to dovecot-uidlist (anything else is a new file renamed over the old), so what an
+/// open file held up to its size then is what it held at the instant.
+#[derive(Default)]
+pub struct CapturedControl {
+    files: Vec<(ReadFile, PathBuf)>,
+}
+
+/// Under the locks: opens every control file, to be copied once the locks are let go. Past
+/// a share of the descriptor limit, files are copied at once instead.
+pub fn capture_control_files(md: &Maildir, tree: &Tree, warnings: &mut Vec<String>) -> Result<CapturedControl, BackupError> {
+    let mut open_left = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft.min(1 << 20) as usize / 4)
+        .unwrap_or(256);
+    let mut captured = CapturedControl::default();
+    for group in control_groups(md, tree)? {
         let src = group.open(md, warnings)?;
         for (name, dst) in &group.files {
             let Some(src) = &src else {
                 tree.staging.unlink(dst)?;
                 continue;
             };
-            let now = match src.lstat(name)? {
-                Some(m) if m.is_file() && m.nlink() == 1 => m,
-                _ => {
-                    // Gone, or planted: copy_control says which and removes our copy.
-                    copy_control(src, name, tree, dst, warnings)?;
-                    continue;
-                }
-            };
-            // Only dovecot-uidlist is changed in place solely by appending; other control files
-            // are rewritten (dovecot-uidvalidity even in place at the same size): copy afresh.
-            if let Some(p) = pre.by_dest.remove(dst).filter(|_| name == UIDLIST).as_mut() {
-                let same = p.source.meta.dev() == now.dev() && p.source.meta.ino() == now.ino();
-                if same && now.size() >= p.len && now.size() <= control_file_limit(name) {
-                    if now.size() > p.len {
-                        append_tail(p, tree, dst, &now)?;
-                    }
-                    continue;
-                }
+            let Some(source) = open_control(src, name, tree, dst, warnings)? else { continue };
+            if open_left == 0 {
+                write_control(source, tree, dst)?;
+                continue;
             }
-            copy_control(src, name, tree, dst, warnings)?;
+            open_left -= 1;
+            captured.files.push((source, dst.clone()));
         }
     }
-    // Copied before the lock, gone since (e.g. a dovecot-uidvalidity.* marker renamed away).
-    for dst in pre.by_dest.into_keys() {
-        if !current.contains(&dst) {
-            tree.staging.unlink(&dst)?;
-        }
-    }
-    Ok(())
+    Ok(captured)
 }
 
-/// Appends what was added to the source after `p.len` (up to its size now) and takes the
-/// source's times.
-fn append_tail(p: &mut Precopied, tree: &Tree, dst: &Path, now: &Meta) -> Result<(), BackupError> {
-    let err = |op, path: PathBuf| move |e: io::Error| BackupError::Fs(FsError::Io { op, path, source: e });
-    let out = tree.staging.open_append(dst)?;
-    p.source.file.seek(SeekFrom::Start(p.len)).map_err(err("seek", p.source.path.clone()))?;
-    let mut tail = (&p.source.file).take(now.size() - p.len);
-    p.len += io::copy(&mut tail, &mut &out).map_err(err("append to", tree.staging.show(dst)))?;
-    fsx::apply(&out, now, tree.keep_owner.then(|| now.owner())).map_err(err("set metadata of", tree.staging.show(dst)))?;
-    Ok(())
+impl CapturedControl {
+    /// Writes the captured control files into the staged copy (after the locks are let go).
+    pub fn write(self, tree: &Tree) -> Result<(), BackupError> {
+        for (source, dst) in self.files {
+            write_control(source, tree, &dst)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

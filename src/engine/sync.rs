@@ -17,12 +17,11 @@ use crate::maildir::{Folder, Maildir, MessageName, Subdir, FOLDER_CONTROL_FILES,
 
 /// Warnings kept for the report; a Maildir full of planted files must not flood the log.
 const MAX_WARNINGS: usize = 1000;
-/// While the locks are held, a new message at least this big is only opened, and copied once
-/// they are let go: a message file never changes, so the file opened under the locks is the
-/// message as it was at the instant, and users do not wait for its copy.
-const DEFER_FROM: u64 = 256 * 1024;
-/// Deferred copies at most (each holds two descriptors); past it, copied at once.
-const MAX_DEFERRED: usize = 64;
+/// While the locks are held, a new message is only opened (and its staged file made), and
+/// copied once they are let go: a message file never changes, so the file opened under the
+/// locks is the message as it was at the instant, and users do not wait for its copy. At most
+/// this many (each holds two descriptors); past it, copied at once.
+const MAX_DEFERRED: usize = 128;
 
 /// A message as it is in the staged copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +57,7 @@ pub struct Tree {
     /// which the other names are hard-linked to, and the file's stamp (an inode number is
     /// reused once the file is gone). A backup never costs more than its source.
     shared: HashMap<(u64, u64), ((PathBuf, String), Stamp)>,
-    /// Whether big new messages are to be deferred (see `DEFER_FROM`), and those that were.
+    /// Whether new messages are to be deferred (see `MAX_DEFERRED`), and those that were.
     deferring: bool,
     deferred: Vec<Deferred>,
 }
@@ -287,9 +286,9 @@ impl Tree {
         }
     }
 
-    /// From now on (while the locks are held), big new messages are only opened and staged
-    /// empty; `copy_deferred` fills them.
-    pub fn defer_big_copies(&mut self, on: bool) {
+    /// From now on (while the locks are held), new messages are only opened and staged empty;
+    /// `copy_deferred` fills them.
+    pub fn defer_copies(&mut self, on: bool) {
         self.deferring = on;
     }
 
@@ -614,9 +613,9 @@ impl JobContext<'_> {
     }
 
     /// Takes a deferral slot for a file of `size` bytes, if it is big and one is left.
-    fn may_defer(&self, size: u64) -> bool {
+    fn may_defer(&self) -> bool {
         use std::sync::atomic::Ordering;
-        size >= DEFER_FROM && self.defer_slots.is_some_and(|s| s.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok())
+        self.defer_slots.is_some_and(|s| s.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok())
     }
 
     fn run(&self, job: &CopyJob) -> Result<JobResult, BackupError> {
@@ -655,7 +654,7 @@ impl JobContext<'_> {
         }
         let out = self.create_staged(name)?;
         let owner = self.keep_owner.then(|| input.meta.owner());
-        if claim.is_none() && self.may_defer(input.meta.size()) {
+        if claim.is_none() && self.may_defer() {
             let size = input.meta.size();
             let d = Deferred { key: job.key.clone(), shown: self.dst.show(name), input, out, owner };
             return Ok(JobResult::Deferred(entry(size, String::new()), d));

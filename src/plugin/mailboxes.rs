@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{ffi, opt_str, row, report_error};
-use crate::engine::reconcile::{lock_all_or_none, NEXT_LOCK_WAIT};
+use crate::engine::reconcile::{lock_round, NEXT_LOCK_WAIT};
 use crate::engine::{BackupError, BackupOptions, Busy, HeldLocks, Mailboxes};
 use crate::maildir::folders::{folder_name, is_maildir};
 use crate::maildir::{Folder, MailLocation, Maildir};
@@ -94,6 +94,9 @@ fn raw_folders<'a>(p: *const ffi::mb_folder, n: u32) -> &'a [ffi::mb_folder] {
     }
 }
 
+/// How often a busy Dovecot lock is tried again while it is waited for.
+const POLL: Duration = Duration::from_millis(1);
+
 struct DovecotLocks<'j> {
     boxes: &'j DovecotMailboxes<'j>,
     held: Vec<u32>,
@@ -175,16 +178,20 @@ impl Mailboxes for DovecotMailboxes<'_> {
         Ok(self.state.borrow().folders.iter().filter(|f| still_there(md, f)).cloned().collect())
     }
 
-    fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], opts: &BackupOptions, attempts: &mut u32, _warnings: &mut Vec<String>)
-        -> Result<(Box<dyn HeldLocks + 'a>, Instant), BackupError> {
+    fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], _opts: &BackupOptions, first_wait: Duration, _warnings: &mut Vec<String>)
+        -> Result<Result<(Box<dyn HeldLocks + 'a>, Instant), Busy>, BackupError> {
         let order = self.indexes(folders);
-        let (locks, since) = lock_all_or_none(order.len(), opts.lock.timeout, attempts, |n, wait| {
+        let round = lock_round(order.len(), first_wait, |n, wait| {
             let (f, i) = order[n];
             Ok(self.try_lock(md, f, i, wait)?.map(|held| OneLock { job: self.job, i, held }))
         })?;
+        let (locks, since) = match round {
+            Ok(taken) => taken,
+            Err((n, why)) => return Ok(Err(Busy { folder: order[n].0.name.clone(), why })),
+        };
         let held = locks.iter().filter(|l| l.held).map(|l| l.i).collect();
         std::mem::forget(locks); // ownership passes to DovecotLocks, which unlocks them
-        Ok((Box::new(DovecotLocks { boxes: self, held }), since))
+        Ok(Ok((Box::new(DovecotLocks { boxes: self, held }), since)))
     }
 }
 
@@ -196,8 +203,8 @@ impl DovecotMailboxes<'_> {
         folders.iter().filter_map(|f| st.folders.iter().position(|g| g == f).map(|p| (f, st.index[p]))).collect()
     }
 
-    /// Dovecot's uidlist lock of folder `f` (shim index `i`), polled for up to `wait` (Dovecot's
-    /// try-lock never waits): Ok(true) held, Ok(false) the folder is gone (nothing left to
+    /// Dovecot's uidlist lock of folder `f` (shim index `i`), polled every `POLL` for up to
+    /// `wait` (Dovecot's try-lock never waits): Ok(true) held, Ok(false) the folder is gone (nothing left to
     /// protect; the engine sees it gone), Err(why) busy.
     fn try_lock(&self, md: &Maildir, f: &Folder, i: u32, wait: Duration) -> Result<Result<bool, String>, BackupError> {
         let try_lock = self.job.try_lock.ok_or_else(|| BackupError::Io {
@@ -211,7 +218,7 @@ impl DovecotMailboxes<'_> {
             match unsafe { try_lock(self.job.ctx, i) } {
                 1 => return Ok(Ok(true)),
                 _ if !still_there(md, f) => return Ok(Ok(false)),
-                0 if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
+                0 if Instant::now() < until => std::thread::sleep(until.saturating_duration_since(Instant::now()).min(POLL)),
                 0 => return Ok(Err(format!("Dovecot holds the uidlist lock of {}", f.name))),
                 _ => {
                     return Err(BackupError::Io {

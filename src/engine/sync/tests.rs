@@ -309,25 +309,25 @@ fn layout_fs_folders_nest() {
     assert!(!staging.join("Archive/2024").exists() && staging.join("Archive/cur").is_dir());
 }
 
-/// A big message first seen while the locks are held is staged empty and filled after; a
-/// later pass may rename it, move it to another folder or remove it meanwhile.
+/// A message first seen while the locks are held is staged empty and filled after; a later
+/// pass may rename it, move it to another folder or remove it meanwhile.
 #[test]
-fn big_messages_found_under_the_locks_are_copied_after_them() {
+fn messages_found_under_the_locks_are_copied_after_them() {
     let w = World::new(&[".Archive"]);
-    let big = |tag: &str| tag.as_bytes().iter().copied().cycle().take(DEFER_FROM as usize + 1).collect::<Vec<u8>>();
+    let big = |tag: &str| tag.as_bytes().iter().copied().cycle().take(300_000).collect::<Vec<u8>>();
     put(&w.src, "cur", "0.M0P0.h:2,", &body("0"));
     let mut tree = w.tree();
     w.pass(&mut tree);
 
-    tree.defer_big_copies(true);
+    tree.defer_copies(true);
     put(&w.src, "new", "1.M1P1.h", &big("one"));
     put(&w.src, "new", "2.M2P2.h", &big("two"));
     put(&w.src, "new", "3.M3P3.h", &big("three"));
-    put(&w.src, "cur", "4.M4P4.h:2,", &body("4")); // small: copied at once
+    put(&w.src, "cur", "4.M4P4.h:2,", &body("4"));
     let s = w.pass(&mut tree);
-    assert_eq!((s.copied, s.bytes), (4, body("4").len() as u64), "only the small one's bytes are read under the locks");
+    assert_eq!((s.copied, s.bytes), (4, 0), "nothing is read under the locks");
     assert_eq!(fs::metadata(w.staging.join("new/1.M1P1.h")).unwrap().len(), 0, "staged empty");
-    assert_eq!(fs::read(w.staging.join("cur/4.M4P4.h:2,")).unwrap(), body("4"));
+    assert_eq!(fs::metadata(w.staging.join("cur/4.M4P4.h:2,")).unwrap().len(), 0, "staged empty");
 
     // Still under the locks: one is read (renamed), one moved to Archive, one expunged.
     fs::rename(w.src.join("new/1.M1P1.h"), w.src.join("cur/1.M1P1.h:2,S")).unwrap();
@@ -335,41 +335,42 @@ fn big_messages_found_under_the_locks_are_copied_after_them() {
     fs::remove_file(w.src.join("new/3.M3P3.h")).unwrap();
     let s = w.pass(&mut tree);
     assert_eq!((s.renamed, s.moved, s.removed), (1, 1, 1));
-    tree.defer_big_copies(false);
+    tree.defer_copies(false);
 
     let s = tree.copy_deferred(&w.pool, &NoProgress).unwrap();
-    assert_eq!(s.bytes, 3 * (DEFER_FROM + 1), "all three were read after the locks");
+    assert_eq!(s.bytes, 3 * 300_000 + body("4").len() as u64, "all four were read after the locks");
     assert_eq!(fs::read(w.staging.join("cur/1.M1P1.h:2,S")).unwrap(), big("one"));
     assert_eq!(fs::read(w.staging.join(".Archive/cur/2.M2P2.h:2,")).unwrap(), big("two"));
+    assert_eq!(fs::read(w.staging.join("cur/4.M4P4.h:2,")).unwrap(), body("4"));
     assert_eq!(tracked(&tree), w.staged());
     let e1 = &tree.folders[Path::new("")].entries["1.M1P1.h"];
     let e2 = &tree.folders[Path::new(".Archive")].entries["2.M2P2.h"];
-    assert_eq!((e1.size, e1.blake3.as_str()), (DEFER_FROM + 1, blake3_hex(&big("one")).as_str()));
+    assert_eq!((e1.size, e1.blake3.as_str()), (300_000, blake3_hex(&big("one")).as_str()));
     assert_eq!(e2.blake3, blake3_hex(&big("two")), "the moved one's checksum is recorded where it went");
     // Nothing deferred outside the locks.
     put(&w.src, "new", "5.M5P5.h", &big("five"));
     let s = w.pass(&mut tree);
-    assert_eq!(s.bytes, DEFER_FROM + 1);
+    assert_eq!(s.bytes, 300_000);
     assert_eq!(tree.copy_deferred(&w.pool, &NoProgress).unwrap(), PassStats::default());
 }
 
-/// Past `MAX_DEFERRED`, big messages are copied at once (each deferral holds descriptors).
+/// Past `MAX_DEFERRED`, messages are copied at once (each deferral holds descriptors).
 #[test]
 fn deferred_copies_are_bounded() {
     let w = World::new(&[]);
     let mut tree = w.tree();
     w.pass(&mut tree);
-    tree.defer_big_copies(true);
+    tree.defer_copies(true);
     let n = MAX_DEFERRED + 5;
-    let big = vec![b'x'; DEFER_FROM as usize];
+    let msg = vec![b'x'; 1000];
     for i in 0..n {
-        put(&w.src, "new", &format!("{i}.M{i}P1.h"), &big);
+        put(&w.src, "new", &format!("{i}.M{i}P1.h"), &msg);
     }
     let s = w.pass(&mut tree);
-    assert_eq!((s.copied, s.bytes), (n as u64, 5 * DEFER_FROM));
+    assert_eq!((s.copied, s.bytes), (n as u64, 5 * 1000));
     let s = tree.copy_deferred(&w.pool, &NoProgress).unwrap();
-    assert_eq!(s.bytes, MAX_DEFERRED as u64 * DEFER_FROM);
-    assert!(tree.folders[Path::new("")].entries.values().all(|e| e.blake3 == blake3_hex(&big)));
+    assert_eq!(s.bytes, MAX_DEFERRED as u64 * 1000);
+    assert!(tree.folders[Path::new("")].entries.values().all(|e| e.blake3 == blake3_hex(&msg)));
 }
 
 /// A listing with exactly these (key, sub, name) entries, full.
