@@ -2,7 +2,9 @@
 //! user waits for — against the obvious way to a consistent copy, holding them for the whole copy.
 //!
 //! `cargo bench --bench lock_hold` (as root: it starts a private Dovecot 2.3 on 127.0.0.1 with
-//! the tests' harness). Options: `-- --messages 100000 --runs 20`.
+//! the tests' harness). Options: `-- --messages 100000 --runs 20 [--plugin]`; `--plugin` also
+//! runs as many `doveadm maildir-backup` backups with the plugin built for release (they run as
+//! the mail user, whose priority cannot be raised under the locks).
 //!
 //! The mailbox is loaded over IMAP (5 folders), then changed for the whole run as in the live
 //! tests: four IMAP clients set flags, move, append and expunge, dovecot-lda delivers, and a
@@ -15,6 +17,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -33,9 +36,34 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     v[rank - 1]
 }
 
+/// The plugin built for release (as the tests build theirs, in its own target dir).
+fn release_plugin() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = manifest.join("target/plugin-bench");
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--lib", "--features", "doveadm-plugin", "--target-dir"])
+        .arg(&target)
+        .current_dir(manifest)
+        .output()
+        .expect("run cargo build for the plugin");
+    assert!(out.status.success(), "building the plugin failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    target.join("release/libmaildir_backup.so")
+}
+
+/// Sorted holds: "p50 .., p99 .., max .." (nearest rank).
+fn summary(holds: &mut [f64]) -> (f64, f64, f64) {
+    holds.sort_by(|a, b| a.total_cmp(b));
+    (quantile(holds, 0.5), quantile(holds, 0.99), holds[holds.len() - 1])
+}
+
 fn main() {
     let messages: usize = arg("--messages").and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let runs: usize = arg("--runs").and_then(|s| s.parse().ok()).unwrap_or(20);
+    let plugin = std::env::args().any(|a| a == "--plugin");
+    if plugin {
+        // Read once by the harness, before any thread starts.
+        std::env::set_var("MB_PLUGIN_SO", release_plugin());
+    }
     let bin = env!("CARGO_BIN_EXE_maildir-backup");
     let t = Instant::now();
     let d = Dovecot::start(DovecotOptions { extra_conf: "mail_max_userip_connections = 50\n".into(), ..Default::default() });
@@ -79,6 +107,19 @@ fn main() {
         println!("  backup {r}: {:.1} s, lock hold {hold:.1} ms after {} attempts: {}", seconds[r], j["lock_attempts"], j["lock_hold_phases"]);
         let _ = std::fs::remove_dir_all(&dest);
     }
+    let mut plugin_holds = Vec::new();
+    if plugin {
+        let out = support::vmail_tempdir();
+        for r in 0..runs {
+            let dest = out.path().join(format!("p{r}"));
+            let run = support::plugin::run_plugin(&d, &["-f", "json", "maildir-backup", "-u", "alice", &dest.to_string_lossy()]);
+            run.expect_ok();
+            let hold: f64 = run.json_rows()[0]["lock_ms"].parse().expect("lock_ms");
+            println!("  plugin backup {r}: {:.1} s, lock hold {hold:.1} ms", run.elapsed.as_secs_f64());
+            plugin_holds.push(hold);
+            let _ = std::fs::remove_dir_all(&dest);
+        }
+    }
     let mut copies = Vec::new();
     for r in 0..3 {
         let dest = out.path().join(format!("rsync{r}"));
@@ -91,11 +132,10 @@ fn main() {
     }
     let stats = churn.stop();
 
-    holds.sort_by(|a, b| a.total_cmp(b));
     phases.sort_by(|a, b| a.0.total_cmp(&b.0));
     copies.sort_by(|a, b| a.total_cmp(b));
     seconds.sort_by(|a, b| a.total_cmp(b));
-    let (p50, p99, max) = (quantile(&holds, 0.5), quantile(&holds, 0.99), holds[holds.len() - 1]);
+    let (p50, p99, max) = summary(&mut holds);
     let peer = quantile(&copies, 0.5);
     println!(
         "  churn meanwhile: {} flag changes, {} moves, {} appends, {} expunges, {} deliveries, {} folder operations ({} refused)",
@@ -104,6 +144,10 @@ fn main() {
     println!("  maildir-backup: lock hold p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (backup itself: median {:.1} s)", quantile(&seconds, 0.5));
     for (what, (hold, split)) in [("median", &phases[(phases.len() - 1) / 2]), ("longest", &phases[phases.len() - 1])] {
         println!("  {what} hold {hold:.1} ms: {split}");
+    }
+    if plugin {
+        let (p50, p99, max) = summary(&mut plugin_holds);
+        println!("  doveadm maildir-backup (plugin): lock hold p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
     }
     println!("  peer, locks held for a whole rsync -a: median {peer:.0} ms");
     println!("  ratio ours/peer: p50 {:.4}, p99 {:.4}, max {:.4}", p50 / peer, p99 / peer, max / peer);

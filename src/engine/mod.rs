@@ -6,6 +6,7 @@
 //! `scan` lists a folder, `watch` hears of changes (inotify), `sync` applies listings to the
 //! staged copy, `reconcile` takes the locks and the control files.
 
+mod priority;
 pub(crate) mod reconcile;
 pub(crate) mod scan;
 pub(crate) mod sync;
@@ -364,10 +365,12 @@ impl<'a> Run<'a> {
         loop {
             self.catch_up()?;
             self.progress.phase("reconciling");
+            let raised = priority::Raised::new(&self.pool);
             let busy = match self.lock_round(first.take())? {
-                Ok(held) => return self.settle_and_let_go(held),
+                Ok(held) => return self.settle_and_let_go(held, raised),
                 Err(busy) => busy,
             };
+            drop(raised);
             let left = self.opts.lock.timeout.saturating_sub(started.elapsed());
             let folder = busy.folder.clone();
             unsettled.note(busy);
@@ -422,9 +425,9 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Under the locks of `held`: the passes and the control files (see `settle`); then lets
-    /// go and copies what was only opened under them.
-    fn settle_and_let_go(&mut self, held: Held<'a>) -> Result<Reconciled, BackupError> {
+    /// Under the locks of `held` (at the `raised` priority): the passes and the control files
+    /// (see `settle`); then lets go and copies what was only opened under them.
+    fn settle_and_let_go(&mut self, held: Held<'a>, raised: priority::Raised) -> Result<Reconciled, BackupError> {
         let Held { locks, folders, since, mut phases } = held;
         let mut w = Vec::new();
         self.tree.defer_copies(true);
@@ -433,6 +436,7 @@ impl<'a> Run<'a> {
         locks.release(&mut w);
         phases.release_ms = lap(&mut t);
         let held = since.elapsed();
+        drop(raised);
         self.tree.defer_copies(false);
         self.tree.warn_all(w);
         let (taken_at, control) = result?;
