@@ -109,7 +109,7 @@ fn main() {
     }
     let mut plugin_holds = Vec::new();
     if plugin {
-        let out = support::vmail_tempdir();
+        let out = support::readback::vmail_tempdir();
         for r in 0..runs {
             let dest = out.path().join(format!("p{r}"));
             let run = support::plugin::run_plugin(&d, &["-f", "json", "maildir-backup", "-u", "alice", &dest.to_string_lossy()]);
