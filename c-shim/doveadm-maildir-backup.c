@@ -97,6 +97,15 @@ static void cb_touch(void *context, unsigned int i)
 		(void)maildir_uidlist_lock_touch(box_uidlist(array_idx_elem(&lc->boxes, i)));
 }
 
+static void cb_refresh(void *context, unsigned int i)
+{
+	struct lock_ctx *lc = context;
+
+	i_assert(i < array_count(&lc->boxes));
+	/* A failure shows again, and is reported, in the try_lock that follows. */
+	(void)maildir_uidlist_refresh(box_uidlist(array_idx_elem(&lc->boxes, i)));
+}
+
 static void cb_row(void *context, const char *mailbox, uint64_t messages,
 		   uint64_t bytes, double lock_ms, const char *status)
 {
@@ -384,6 +393,7 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 	job.try_lock = cb_try_lock;
 	job.unlock = cb_unlock;
 	job.touch = cb_touch;
+	job.refresh = cb_refresh;
 	job.row = cb_row;
 	job.error = cb_error;
 	job.relist = cb_relist;

@@ -32,6 +32,9 @@ struct mb_user_job {
 	int (*try_lock)(void *ctx, unsigned int folder);
 	void (*unlock)(void *ctx, unsigned int folder);
 	void (*touch)(void *ctx, unsigned int folder);
+	/* Brings Dovecot's copy of folders[i]'s uidlist up to date without the lock, so
+	   that try_lock (which refreshes it under the lock) reads only what changed since. */
+	void (*refresh)(void *ctx, unsigned int folder);
 	/* One output row per folder; status is "ok" or an error text. */
 	void (*row)(void *ctx, const char *mailbox, uint64_t messages,
 		    uint64_t bytes, double lock_ms, const char *status);

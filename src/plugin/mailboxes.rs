@@ -181,6 +181,14 @@ impl Mailboxes for DovecotMailboxes<'_> {
     fn lock_all<'a>(&'a self, md: &Maildir, folders: &[Folder], _opts: &BackupOptions, first_wait: Duration, _warnings: &mut Vec<String>)
         -> Result<Result<(Box<dyn HeldLocks + 'a>, Instant), Busy>, BackupError> {
         let order = self.indexes(folders);
+        if let Some(refresh) = self.job.refresh {
+            // Dovecot reads what changed in a uidlist when it takes the lock: read it now,
+            // before any lock is held.
+            for &(_, i) in &order {
+                // SAFETY: the shim's callback, on the thread that called us.
+                unsafe { refresh(self.job.ctx, i) }
+            }
+        }
         let round = lock_round(order.len(), first_wait, |n, wait| {
             let (f, i) = order[n];
             Ok(self.try_lock(md, f, i, wait)?.map(|held| OneLock { job: self.job, i, held }))
