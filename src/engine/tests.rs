@@ -33,8 +33,9 @@ fn hold_for(file: &Path, hold: Duration) -> std::thread::JoinHandle<()> {
 fn a_lock_held_longer_than_a_round_waits_is_waited_for_and_taken() {
     let t = tmp();
     let root = maildir(&t);
-    let holder = hold_for(&root.join(".B/dovecot-uidlist"), Duration::from_millis(400));
+    // Before the lock is taken: it is let go 400 ms after that at the earliest.
     let started = Instant::now();
+    let holder = hold_for(&root.join(".B/dovecot-uidlist"), Duration::from_millis(400));
     let r = backup(&MailLocation::plain(&root), &t.path().join("out"), &opts(Duration::from_secs(30))).unwrap();
     holder.join().unwrap();
     assert!(r.lock_attempts >= 2, "the first round found .B busy: {}", r.lock_attempts);
