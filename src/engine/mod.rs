@@ -588,8 +588,8 @@ fn copy_indexes(md: &Maildir, tree: &Tree) {
         let (Some(from), Ok(to)) = (from, tree.staging.sub(&to)) else { continue };
         for e in from.list().unwrap_or_default() {
             let Some(name) = e.name.to_str().filter(|n| wanted(n)) else { continue };
-            // Only regular files with one name (see reconcile::open_control), never over anything, never
-            // through a symlink.
+            // Only regular files with one name (see reconcile::open_control), never over
+            // anything, never through a symlink.
             let Ok(mut input) = from.open_read(name) else { continue };
             if input.meta.nlink() > 1 {
                 continue;

@@ -315,10 +315,9 @@ impl ControlGroup<'_> {
     }
 }
 
-/// Opens control file `name` in `src` to be copied to `dst` in the staging dir; None if there
-/// is no usable source (then our copy at `dst` is removed; a planted, linked or oversized one
-/// is reported in `warnings`).
-fn open_control(src: &Dir, name: &str, tree: &Tree, dst: &Path, warnings: &mut Vec<String>) -> Result<Option<ReadFile>, BackupError> {
+/// Opens control file `name` in `src`; None if there is no usable one (a planted, linked or
+/// oversized one is reported in `warnings`).
+fn open_control(src: &Dir, name: &str, warnings: &mut Vec<String>) -> Result<Option<ReadFile>, BackupError> {
     let limit = control_file_limit(name);
     match src.open_read_opt(name) {
         Ok(Some(f)) if f.meta.size() <= limit && f.meta.nlink() == 1 => return Ok(Some(f)),
@@ -336,7 +335,6 @@ fn open_control(src: &Dir, name: &str, tree: &Tree, dst: &Path, warnings: &mut V
         Err(e) if e.is_planted() => warnings.push(format!("skipped {e}")),
         Err(e) => return Err(e.into()),
     }
-    tree.staging.unlink(dst)?;
     Ok(None)
 }
 
@@ -375,14 +373,11 @@ pub fn capture_control_files(md: &Maildir, tree: &Tree, warnings: &mut Vec<Strin
         .map(|(soft, _)| soft.min(1 << 20) as usize / 4)
         .unwrap_or(256);
     let mut captured = CapturedControl::default();
+    // Nothing is staged at any control file's place before this: a missing one stays missing.
     for group in control_groups(md, tree)? {
-        let src = group.open(md, warnings)?;
+        let Some(src) = group.open(md, warnings)? else { continue };
         for (name, dst) in &group.files {
-            let Some(src) = &src else {
-                tree.staging.unlink(dst)?;
-                continue;
-            };
-            let Some(source) = open_control(src, name, tree, dst, warnings)? else { continue };
+            let Some(source) = open_control(&src, name, warnings)? else { continue };
             if open_left == 0 {
                 write_control(source, tree, dst)?;
                 continue;

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::scan::{DirStamp, Listed, Listing};
 use super::{BackupError, Progress};
 use crate::fsx::{self, Dir, FsError, Replace};
-use crate::maildir::{Folder, Maildir, MessageName, Subdir, FOLDER_CONTROL_FILES, MAILDIRFOLDER, MESSAGE_DIRS};
+use crate::maildir::{Folder, Maildir, MessageName, Subdir, MESSAGE_DIRS};
 
 /// Warnings kept for the report; a Maildir full of planted files must not flood the log.
 const MAX_WARNINGS: usize = 1000;
@@ -372,9 +372,6 @@ impl Tree {
         for sub in MESSAGE_DIRS {
             dir.remove_tree(sub)?;
         }
-        for f in FOLDER_CONTROL_FILES.iter().chain([MAILDIRFOLDER].iter()) {
-            dir.unlink(f)?;
-        }
         // A LAYOUT=fs parent may still hold child folders: only remove it if empty.
         if !state.folder.is_inbox() {
             self.staging.rmdir(rel)?;
@@ -612,7 +609,7 @@ impl JobContext<'_> {
         }
     }
 
-    /// Takes a deferral slot for a file of `size` bytes, if it is big and one is left.
+    /// Takes a deferral slot, if copies are being deferred and one is left.
     fn may_defer(&self) -> bool {
         use std::sync::atomic::Ordering;
         self.defer_slots.is_some_and(|s| s.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok())

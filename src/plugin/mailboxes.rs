@@ -212,8 +212,8 @@ impl DovecotMailboxes<'_> {
     }
 
     /// Dovecot's uidlist lock of folder `f` (shim index `i`), polled every `POLL` for up to
-    /// `wait` (Dovecot's try-lock never waits): Ok(true) held, Ok(false) the folder is gone (nothing left to
-    /// protect; the engine sees it gone), Err(why) busy.
+    /// `wait` (Dovecot's try-lock never waits): Ok(true) held, Ok(false) the folder is gone
+    /// (nothing left to protect; the engine sees it gone), Err(why) busy.
     fn try_lock(&self, md: &Maildir, f: &Folder, i: u32, wait: Duration) -> Result<Result<bool, String>, BackupError> {
         let try_lock = self.job.try_lock.ok_or_else(|| BackupError::Io {
             op: "lock",
