@@ -147,7 +147,7 @@ static int parse_secs(const char *str, double *secs_r)
 
 /* The plugin's settings from dovecot.conf, as strings (NULL: not set). */
 struct backup_settings {
-	const char *dest, *lock_timeout, *jobs;
+	const char *dest, *lock_timeout, *jobs, *metrics;
 	bool with_indexes;
 };
 
@@ -176,6 +176,8 @@ static int get_settings(struct mail_user *user, struct backup_settings *set_r)
 		t_strdup(set->maildir_backup_dest);
 	set_r->lock_timeout = dec2str(set->maildir_backup_lock_timeout);
 	set_r->jobs = dec2str(set->maildir_backup_jobs);
+	set_r->metrics = set->maildir_backup_metrics[0] == '\0' ? NULL :
+		t_strdup(set->maildir_backup_metrics);
 	set_r->with_indexes = set->maildir_backup_with_indexes;
 	settings_free(set);
 #else
@@ -184,6 +186,7 @@ static int get_settings(struct mail_user *user, struct backup_settings *set_r)
 	set_r->dest = mail_user_plugin_getenv(user, "maildir_backup_dest");
 	set_r->lock_timeout = mail_user_plugin_getenv(user, "maildir_backup_lock_timeout");
 	set_r->jobs = mail_user_plugin_getenv(user, "maildir_backup_jobs");
+	set_r->metrics = mail_user_plugin_getenv(user, "maildir_backup_metrics");
 	value = mail_user_plugin_getenv(user, "maildir_backup_with_indexes");
 	set_r->with_indexes = value != NULL &&
 		(strcasecmp(value, "yes") == 0 || strcmp(value, "1") == 0);
@@ -327,6 +330,7 @@ static int merge_settings(struct maildir_backup_cmd_context *bctx, struct mail_u
 	}
 	job->jobs = jobs > 0 ? (unsigned int)jobs : 0;
 	job->with_indexes = bctx->with_indexes || set.with_indexes ? 1 : 0;
+	job->metrics_file = set.metrics;
 	return 0;
 }
 

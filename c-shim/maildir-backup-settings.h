@@ -7,6 +7,7 @@
 struct maildir_backup_settings {
 	pool_t pool;
 	const char *maildir_backup_dest;
+	const char *maildir_backup_metrics;
 	unsigned int maildir_backup_lock_timeout;
 	unsigned int maildir_backup_jobs;
 	bool maildir_backup_with_indexes;

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, Progress};
 use crate::maildir::MailLocation;
+use crate::metrics;
+use crate::repo::status::LastRun;
 use crate::repo::{self, RepoError};
 use crate::restore::{self, RestoreError, RestoreReport, RestoreRequest};
 use crate::staging::{self, StagingError};
@@ -131,15 +133,56 @@ fn user_path(template: &str, user: &str, base: Option<&Path>) -> Result<PathBuf,
     }
 }
 
+/// A Prometheus textfile to keep a user's backup metrics in, and the user's name there.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub file: PathBuf,
+    pub user: String,
+}
+
 /// Backs up `source`, whose folders and locks `mailboxes` gives, into `dest`: all of it, or
-/// nothing (then the error says so).
+/// nothing (then the error says so). Either way the run is recorded in the repository (for
+/// a repository destination) and in `metrics`; a failure to record is only a warning.
 pub fn run_backup(
     source: &MailLocation,
     mailboxes: &dyn Mailboxes,
     dest: &Destination,
     opts: &BackupOptions,
     progress: &dyn Progress,
+    metrics: Option<&Metrics>,
 ) -> Result<BackupReport, JobError> {
+    let started = chrono::Utc::now().timestamp();
+    let result = backup(source, mailboxes, dest, opts, progress);
+    let mut run = match &result {
+        Ok(r) => LastRun {
+            started,
+            finished: chrono::Utc::now().timestamp(),
+            ok: true,
+            snapshot: r.destination.file_name().map(|n| n.to_string_lossy().into_owned()),
+            seconds: r.seconds,
+            lock_hold_ms: r.lock_hold_ms,
+            messages: r.messages,
+            bytes: r.bytes,
+            warnings: r.warnings.len() as u64,
+            ..Default::default()
+        },
+        Err(e) => LastRun::failed(started, chrono::Utc::now().timestamp(), e.exit_code(), &e.to_string()),
+    };
+    if let Destination::Repo { repo, series, .. } = dest {
+        match repo::record_run(repo, series, run.clone()) {
+            Ok(recorded) => run = recorded,
+            Err(e) => crate::warnings::defer(format!("the run was not recorded in the repository: {e}")),
+        }
+    }
+    if let Some(m) = metrics {
+        if let Err(e) = metrics::update(&m.file, &m.user, &run) {
+            crate::warnings::defer(format!("the metrics were not updated: {e}"));
+        }
+    }
+    result
+}
+
+fn backup(source: &MailLocation, mailboxes: &dyn Mailboxes, dest: &Destination, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupReport, JobError> {
     let attempt = || -> Result<BackupReport, JobError> {
         let md = engine::open_source(source)?;
         // Before creating any directory: never a destination inside the Maildir it backs up.

@@ -5,12 +5,14 @@
 //! plugin (`plugin` + `c-shim/`) and the CLI (`src/main.rs`, `src/cli/`) only translate
 //! their arguments into jobs and the results into output.
 
+pub mod check;
 pub mod dotlock;
 pub mod engine;
 pub mod fsx;
 pub mod job;
 pub mod maildir;
 pub mod manifest;
+pub mod metrics;
 #[cfg(feature = "doveadm-plugin")]
 mod plugin;
 pub mod repo;

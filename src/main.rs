@@ -21,7 +21,13 @@ fn main() {
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {
-            let code = if e.use_stderr() { maildir_backup::sysexits::EX_USAGE } else { 0 };
+            // `check` is a monitoring plugin: there, bad usage is UNKNOWN (3), as Nagios expects.
+            let is_check = std::env::args().nth(1).as_deref() == Some("check");
+            let code = match (e.use_stderr(), is_check) {
+                (false, _) => 0,
+                (true, true) => maildir_backup::check::State::Unknown.exit_code(),
+                (true, false) => maildir_backup::sysexits::EX_USAGE,
+            };
             let _ = e.print();
             std::process::exit(code);
         }

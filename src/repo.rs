@@ -16,6 +16,9 @@ use crate::maildir::Maildir;
 use crate::manifest::{Manifest, MANIFEST_NAME};
 use crate::staging::{Staging, STAGING_SUFFIX};
 
+pub mod status;
+use status::{LastRun, StatusError};
+
 pub const LATEST: &str = "latest";
 /// Snapshot directory names: UTC, sortable, no colons.
 pub const TIME_FORMAT: &str = "%Y-%m-%dT%H%M%SZ";
@@ -41,6 +44,8 @@ pub enum RepoError {
     BadName(String),
     #[error(transparent)]
     Backup(#[from] BackupError),
+    #[error(transparent)]
+    Status(#[from] StatusError),
 }
 
 impl crate::sysexits::ExitCode for RepoError {
@@ -50,6 +55,8 @@ impl crate::sysexits::ExitCode for RepoError {
             RepoError::NotARepo(_) => crate::sysexits::EX_NOINPUT,
             RepoError::BadName(_) => crate::sysexits::EX_USAGE,
             RepoError::Backup(e) => e.exit_code(),
+            RepoError::Status(StatusError::Fs(e)) => e.exit_code(),
+            RepoError::Status(StatusError::Unreadable { .. }) => crate::sysexits::EX_DATAERR,
         }
     }
 }
@@ -84,11 +91,16 @@ pub fn list_snapshots(series: &Dir) -> Result<Vec<Snapshot>, RepoError> {
     Ok(out)
 }
 
-/// The series under `path`: `path` itself if it holds snapshots, else its subdirectories
-/// that do. Sorted by name.
+/// Whether `dir` is a series: it holds snapshots, or the record of a run that made none.
+fn is_series(dir: &Dir) -> Result<bool, RepoError> {
+    Ok(!list_snapshots(dir)?.is_empty() || dir.lstat(status::LAST_RUN)?.is_some())
+}
+
+/// The series under `path`: `path` itself if it is one, else its subdirectories that are.
+/// Sorted by name.
 pub fn series_under(path: &Path) -> Result<Vec<Series>, RepoError> {
     let dir = Dir::open(path)?;
-    if !list_snapshots(&dir)?.is_empty() {
+    if is_series(&dir)? {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         return Ok(vec![Series { name, dir }]);
     }
@@ -99,7 +111,7 @@ pub fn series_under(path: &Path) -> Result<Vec<Series>, RepoError> {
             continue;
         }
         let sub = dir.sub(name)?;
-        if !list_snapshots(&sub)?.is_empty() {
+        if is_series(&sub)? {
             out.push(Series { name: name.to_string(), dir: sub });
         }
     }
@@ -261,6 +273,17 @@ pub fn snapshot(
     let report = engine::backup_to(md, mailboxes, &series, OsStr::new(&snap_name), opts, reuse, progress)?;
     point_latest(&series, &snap_name)?;
     Ok(report)
+}
+
+/// Records `run` as the last of series `name` in `repo` (both made if missing), carrying on
+/// the history of the record it replaces (an unreadable one is replaced without it).
+pub fn record_run(repo: &Path, name: &str, run: LastRun) -> Result<LastRun, RepoError> {
+    check_series_name(name)?;
+    let (repo_dir, _) = Dir::open_or_create(repo, REPO_MODE, None)?;
+    let (series, _) = repo_dir.ensure_dir(name, REPO_MODE, None)?;
+    let run = run.after(status::read(&series).ok().flatten().as_ref());
+    status::write(&series, &run)?;
+    Ok(run)
 }
 
 /// Removes the staging dirs of killed runs: each had its own timestamp, so no later run

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use maildir_backup::engine::{BackupOptions, BackupReport, OnDisk, Progress};
-use maildir_backup::job::{self, Destination};
+use maildir_backup::job::{self, Destination, Metrics};
+use maildir_backup::maildir::MailLocation;
+use maildir_backup::repo;
 use maildir_backup::sysexits;
 use maildir_backup::verify;
 use maildir_backup::warnings;
@@ -25,12 +27,17 @@ pub struct BackupArgs {
     /// hard-linking messages unchanged since the previous snapshot.
     #[arg(long, value_name = "REPO")]
     pub repo: Option<PathBuf>,
-    /// The snapshot series name in the repository [default: the user's directory name].
-    #[arg(long, value_name = "NAME", requires = "repo")]
+    /// The snapshot series name in the repository, and the user in --metrics [default: the
+    /// user's directory name].
+    #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
     /// With --repo: also compare checksums (not only sizes) before linking a message.
     #[arg(long, requires = "repo")]
     pub paranoid: bool,
+    /// Keep this user's metrics (last success, duration, lock hold, messages, bytes,
+    /// failures) in FILE, a Prometheus node-exporter textfile shared by all users.
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
     #[command(flatten)]
     pub source: SourceArgs,
     #[command(flatten)]
@@ -137,7 +144,7 @@ fn print_report(r: &BackupReport, run: &RunArgs) {
 
 impl BackupArgs {
     /// The source and the destination the arguments name.
-    fn paths(&self) -> Result<(maildir_backup::maildir::MailLocation, Destination), Failure> {
+    fn paths(&self) -> Result<(MailLocation, Destination), Failure> {
         let want_rest = if self.repo.is_some() { 0 } else { 1 };
         let (source, rest) = self.source.resolve(&self.paths, want_rest)?;
         let dest = match &self.repo {
@@ -146,12 +153,21 @@ impl BackupArgs {
         };
         Ok((source, dest))
     }
+
+    /// Where the metrics go, under the series name or else the user's directory name.
+    fn metrics(&self, source: &MailLocation) -> Result<Option<Metrics>, Failure> {
+        let Some(file) = &self.metrics else { return Ok(None) };
+        let user = self.name.clone().or_else(|| repo::default_name(&source.root));
+        let user = user.ok_or_else(|| Failure::usage(format!("cannot name the user of {} in the metrics; give --name", source.root.display())))?;
+        Ok(Some(Metrics { file: file.clone(), user }))
+    }
 }
 
 pub fn run_backup(a: BackupArgs) -> Outcome {
     let (source, dest) = a.paths()?;
+    let metrics = a.metrics(&source)?;
     let bar = a.run.progress();
-    let result = job::run_backup(&source, &OnDisk, &dest, &a.run.options(), &bar);
+    let result = job::run_backup(&source, &OnDisk, &dest, &a.run.options(), &bar, metrics.as_ref());
     drop(bar);
     warnings::emit_deferred(&Stderr("maildir-backup: "));
     print_report(&result?, &a.run);

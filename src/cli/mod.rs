@@ -3,6 +3,8 @@
 
 mod args;
 mod backup;
+mod check;
+mod docs;
 mod lock;
 mod repo;
 
@@ -24,6 +26,9 @@ enum Command {
     Snapshots(repo::SnapshotsArgs),
     Restore(repo::RestoreArgs),
     Prune(repo::PruneArgs),
+    Check(check::CheckArgs),
+    #[command(hide = true)]
+    GenerateDocs(docs::GenerateDocsArgs),
     Lock(lock::LockArgs),
     Maildirlock(lock::MaildirlockArgs),
 }
@@ -69,6 +74,8 @@ pub fn run(cli: Cli) -> i32 {
         Command::Snapshots(a) => ("maildir-backup snapshots", repo::run_snapshots(a)),
         Command::Restore(a) => ("maildir-backup restore", repo::run_restore(a)),
         Command::Prune(a) => ("maildir-backup prune", repo::run_prune(a)),
+        Command::Check(a) => ("maildir-backup check", check::run_check(a)),
+        Command::GenerateDocs(a) => ("maildir-backup generate-docs", docs::run_generate_docs(a)),
         Command::Lock(a) => ("maildir-backup lock", lock::run_lock(a)),
         Command::Maildirlock(a) => ("maildirlock", lock::run_maildirlock(a)),
     };

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::engine::{BackupOptions, BackupReport, NoProgress};
-use crate::job::{self, Destination, RestorePlan, SnapshotRef};
+use crate::job::{self, Destination, Metrics, RestorePlan, SnapshotRef};
 use crate::maildir::{Layout, MailLocation};
 use crate::restore::{RestoreReport, RestoreRequest};
 use crate::sysexits::{self, ExitCode};
@@ -171,8 +171,10 @@ fn backup_user(job: &ffi::mb_user_job, log: &DovecotLog) -> c_int {
         Err(e) => return log.failed(&e),
     };
     let location = location_from(job.root_dir, job.control_root, job.index_root, job.layout);
+    // SAFETY: as above.
+    let metrics = unsafe { opt_str(job.metrics_file) }.map(|file| Metrics { file: PathBuf::from(file), user: user.clone() });
     let (mailboxes, code) = DovecotMailboxes::new(job, location.clone());
-    match job::run_backup(&location, &mailboxes, &dest, &backup_options(job), &NoProgress) {
+    match job::run_backup(&location, &mailboxes, &dest, &backup_options(job), &NoProgress, metrics.as_ref()) {
         Ok(report) => {
             print_backup(job, log, &report, &mailboxes);
             code

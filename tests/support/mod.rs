@@ -21,6 +21,7 @@ pub mod hostile;
 pub mod imap;
 pub mod plugin;
 pub mod procs;
+pub mod promtext;
 pub mod readback;
 pub mod repo_helpers;
 pub mod run;

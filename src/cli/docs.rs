@@ -1,0 +1,91 @@
+//! Man pages and shell completions, generated from the same clap definitions that parse the
+//! command line (`maildir-backup generate-docs DIR`, run by `make` and the package build), and
+//! pages for the two doveadm commands, whose options the C shim defines and this mirrors.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use clap::{Arg, ArgAction, Args, Command, CommandFactory};
+use clap_complete::Shell;
+
+use super::{Cli, Failure, Outcome};
+
+/// Write the man pages and the shell completions into DIR (man/, completions/).
+#[derive(Args, Debug)]
+pub struct GenerateDocsArgs {
+    pub dir: PathBuf,
+}
+
+pub fn run_generate_docs(a: GenerateDocsArgs) -> Outcome {
+    let failed = |what: &str, path: &Path| {
+        let path = path.to_path_buf();
+        let what = what.to_string();
+        move |e: io::Error| Failure::new(maildir_backup::sysexits::for_io_error(&e), format!("{what} {}: {e}", path.display()))
+    };
+    let (man, completions) = (a.dir.join("man"), a.dir.join("completions"));
+    for d in [&man, &completions] {
+        fs::create_dir_all(d).map_err(failed("create", d))?;
+    }
+    let mut cli = Cli::command();
+    cli.build();
+    let mut pages = vec![cli.clone()];
+    pages.extend(cli.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help").map(|s| s.clone().name(format!("maildir-backup-{}", s.get_name()))));
+    pages.extend([doveadm_backup(), doveadm_restore()]);
+    for page in pages {
+        let path = man.join(format!("{}.1", page.get_name()));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out).map_err(failed("render", &path))?;
+        fs::write(&path, out).map_err(failed("write", &path))?;
+    }
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut cli, "maildir-backup", &completions).map_err(failed("write completions into", &completions))?;
+    }
+    Ok(0)
+}
+
+const DOVEADM_SETTINGS: &str = "\
+Settings, in dovecot.conf (plugin { } on 2.3, top-level keys on 2.4); command-line options win:
+
+maildir_backup_dest: the destination template, as DEST-TEMPLATE.
+
+maildir_backup_lock_timeout: as -t (on 2.4 with a unit, e.g. 30s).
+
+maildir_backup_jobs: as -j.
+
+maildir_backup_with_indexes: as -i.
+
+maildir_backup_metrics: a Prometheus node-exporter textfile, updated after every user.
+
+Over doveadm's HTTP API the command is maildirBackup, with the parameters mailbox, lockTimeout, \
+jobs, withIndexes and destination. Exit status: sysexits, as in maildir-backup(1); a user that \
+fails does not stop the others. See /usr/share/doc/maildir-backup/README.md.";
+
+/// `doveadm maildir-backup`, as the shim registers it.
+fn doveadm_backup() -> Command {
+    Command::new("doveadm-maildir-backup")
+        .about("Consistent, live backups of Dovecot Maildirs, run inside doveadm")
+        .long_about("Backs up each user's Maildir with Dovecot's own view of the user (userdb, mail location, namespaces) and Dovecot's own uidlist locks: a bulk copy without locks, then a reconcile of a few milliseconds under the locks of all folders at once. One output row per folder: user, mailbox, messages, bytes, lock_ms, status.")
+        .disable_help_flag(true)
+        .override_usage("doveadm [-f flow|tab|json] maildir-backup [-u USER | -A | -F FILE] [-S SOCKET] [-m MAILBOX]... [-t SECS] [-j JOBS] [-i] [DEST-TEMPLATE]")
+        .arg(Arg::new("mailbox").short('m').value_name("MAILBOX").action(ArgAction::Append).help("Back up only this mailbox (repeatable; Dovecot's mailbox patterns)"))
+        .arg(Arg::new("lock-timeout").short('t').value_name("SECS").help("Seconds to keep trying to lock all of a user's folders [default: 122]"))
+        .arg(Arg::new("jobs").short('j').value_name("JOBS").help("Parallel copy threads [default: 4]"))
+        .arg(Arg::new("with-indexes").short('i').action(ArgAction::SetTrue).help("Also copy Dovecot's index files (best effort)"))
+        .arg(Arg::new("destination").value_name("DEST-TEMPLATE").help("Where each user's backup goes: %u %n %d (2.4: %{user}, %{user | username}, %{user | domain}); repo:REPO writes dated snapshots into a repository, REPO/USER/<UTC time>"))
+        .after_long_help(DOVEADM_SETTINGS)
+}
+
+/// `doveadm maildir-backup-restore`, as the shim registers it.
+fn doveadm_restore() -> Command {
+    Command::new("doveadm-maildir-backup-restore")
+        .about("Restore mail from a maildir-backup snapshot into Dovecot users' Maildirs")
+        .long_about("Restores into the mail location Dovecot gives for each user. Into a Maildir with mail it merges: nothing is overwritten, a message already there is skipped, restored messages get new UIDs. Into an empty one, UIDs, UIDVALIDITY, flags and keywords are kept.")
+        .disable_help_flag(true)
+        .override_usage("doveadm maildir-backup-restore [-u USER | -A | -F FILE] [-m FOLDER]... [-g UNIQUE]... [-U FOLDER:UID]... [-n] SNAPSHOT")
+        .arg(Arg::new("folder").short('m').value_name("FOLDER").action(ArgAction::Append).help("Restore only this folder (repeatable)"))
+        .arg(Arg::new("message").short('g').value_name("UNIQUE").action(ArgAction::Append).help("Restore only the message with this Maildir unique name (repeatable)"))
+        .arg(Arg::new("uid").short('U').value_name("FOLDER:UID").action(ArgAction::Append).help("Restore only the message that had this UID in the snapshot (repeatable)"))
+        .arg(Arg::new("dry-run").short('n').action(ArgAction::SetTrue).help("Only say what would be restored"))
+        .arg(Arg::new("snapshot").value_name("SNAPSHOT").required(true).help("A backup or snapshot directory (%u %n %d expanded), or repo:REPO for the user's newest snapshot"))
+}
