@@ -1,4 +1,4 @@
-//! The doveadm plugin in real doveadm of Dovecot 2.3 and 2.4 (backups, restores, settings, errors).
+//! The doveadm plugin in real doveadm of Dovecot 2.3 and 2.4 (backups, restores, settings, errors, metrics).
 //!
 //! The doveadm plugin end to end: real `doveadm` of both releases loading the real plugin (see
 //! tests/support/plugin.rs: 2.3 through `unshare -m` + a bind mount over the module dir, 2.4 installed into
@@ -19,6 +19,7 @@ use support::plugin::*;
 use support::procs::{files_in, LockHolder};
 use support::readback::*;
 use support::trixie::{in_root, tempdir_in_root};
+use support::promtext;
 use support::*;
 
 const FOLDERS: &[&str] = &["INBOX", "Sent", "Archive.2024", "Entwürfe"];
@@ -900,4 +901,77 @@ fn d24_plugin_without_its_settings_module_runs_with_defaults() {
     let r = Run::of(c);
     r.expect_ok().expect_stderr(&["has no maildir_backup settings", "defaults", "libmaildir_backup_settings.so"]);
     assert_verified(&dest);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 11. Monitoring
+
+fn metric(samples: &[promtext::Sample], name: &str, user: &str) -> f64 {
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels.get("user").map(String::as_str) == Some(user))
+        .unwrap_or_else(|| panic!("no {name}{{user=\"{user}\"}} in {samples:?}"))
+        .value
+}
+
+fn metrics_in(file: &Path) -> Vec<promtext::Sample> {
+    let text = fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    promtext::parse(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", file.display()))
+}
+
+/// `-A` over alice and bob into a repository, with the metrics textfile named by `setting` (the
+/// release's `-o` key) in `prom` (a directory the mail user can write): one file holds both users,
+/// with their manifests' counts, and each series has its run record, so `check` is OK. Then bob's
+/// lock is held past a 1 s timeout: his failure (exit 75, one failure) is in the file and makes
+/// `check` a WARNING, while alice's new success stands beside it.
+fn plugin_writes_metrics_and_run_records<R: PluginRelease>(d: &Instance<R>, setting: &str, repo: &Path, prom: &Path) {
+    for user in ["alice", "bob"] {
+        populate(d, user, FOLDERS, 4);
+    }
+    let file = prom.join("maildir-backup.prom");
+    let metrics_opt = format!("{setting}={}", R::inside(&file).display());
+    let dest = format!("repo:{}", R::inside(repo).display());
+    run_plugin(d, &["-o", &metrics_opt, "maildir-backup", "-A", &dest]).expect_ok();
+    let m = metrics_in(&file);
+    for user in ["alice", "bob"] {
+        let manifest = read_manifest(&repo.join(user).join("latest"));
+        let messages: u64 = manifest.folders.iter().map(|f| f.messages).sum();
+        assert_eq!(messages, 16, "{user}");
+        assert_eq!(metric(&m, "maildir_backup_messages", user), messages as f64, "{user}");
+        assert_eq!(metric(&m, "maildir_backup_last_run_success", user), 1.0, "{user}");
+        assert!(metric(&m, "maildir_backup_lock_hold_seconds", user) > 0.0, "{user}");
+        assert!(repo.join(user).join("last-run.json").is_file(), "{user}: no run record");
+    }
+    let repo_s = repo.to_str().unwrap();
+    let ok = cli(&["check", repo_s]);
+    assert_eq!(ok.code(), Some(0), "{}", ok.show());
+
+    let holder = LockHolder::start(&d.mailbox_path("bob", "INBOX", "control"), 30);
+    run_plugin(d, &["-o", &metrics_opt, "maildir-backup", "-A", "-t", "1", &dest]).expect_code(EX_TEMPFAIL);
+    holder.release();
+    let m = metrics_in(&file);
+    assert_eq!(metric(&m, "maildir_backup_last_run_success", "bob"), 0.0);
+    assert_eq!(metric(&m, "maildir_backup_last_run_exit_code", "bob"), f64::from(EX_TEMPFAIL));
+    assert_eq!(metric(&m, "maildir_backup_failures_total", "bob"), 1.0);
+    assert_eq!(metric(&m, "maildir_backup_last_run_success", "alice"), 1.0);
+    assert_eq!(metric(&m, "maildir_backup_failures_total", "alice"), 0.0);
+    let warned = cli(&["check", repo_s, "-v"]);
+    assert_eq!(warned.code(), Some(1), "{}", warned.show());
+    assert!(warned.stdout.contains("bob: last run failed at ") && warned.stdout.contains("(exit 75)"), "{}", warned.show());
+}
+
+#[test]
+fn plugin_writes_metrics_and_run_records_on_2_3() {
+    let d = Dovecot::start(DovecotOptions { users: vec!["alice".into(), "bob".into()], ..Default::default() });
+    let out = vmail_tempdir();
+    plugin_writes_metrics_and_run_records(&d, "plugin/maildir_backup_metrics", &out.path().join("repo"), &vmail_dir(&out.path().join("prom")));
+}
+
+#[test]
+fn d24_plugin_writes_metrics_and_run_records() {
+    install_plugin24();
+    let d = Dovecot24::start(DovecotOptions { users: vec!["alice".into(), "bob".into()], ..Default::default() });
+    let out = tempdir_in_root();
+    vmail_dir24(out.path());
+    plugin_writes_metrics_and_run_records(&d, "maildir_backup_metrics", &out.path().join("repo"), &vmail_dir24(&out.path().join("prom")));
 }
