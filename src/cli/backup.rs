@@ -18,7 +18,7 @@ use super::{Failure, Outcome, Stderr};
 
 /// Back up a live Maildir consistently (bulk copy, then a short reconcile under Dovecot's lock).
 #[derive(Args, Debug)]
-#[command(after_help = "SOURCE is a Maildir path or a Dovecot 2.3 mail_location such as\n  maildir:/srv/mail/alice/Maildir:CONTROL=/srv/control/alice:INDEX=/srv/index/alice:LAYOUT=fs\nFor Dovecot 2.4 settings use --mail-path/--control-path/--index-path/--layout and give only DEST.")]
+#[command(after_help = "SOURCE is a Maildir path or a Dovecot 2.3 mail_location such as\n  maildir:/srv/mail/alice:CONTROL=/srv/control/alice:LAYOUT=fs\nFor Dovecot 2.4 settings use --mail-path/--control-path/--index-path/--layout and give only DEST.")]
 pub struct BackupArgs {
     /// SOURCE and DEST (DEST only with --mail-path; neither DEST with --repo). DEST must not exist.
     #[arg(value_name = "SOURCE DEST", num_args = 0..=2)]

@@ -36,6 +36,8 @@ pub fn run_generate_docs(a: GenerateDocsArgs) -> Outcome {
         let path = man.join(format!("{}.1", page.get_name()));
         let mut out = Vec::new();
         clap_mangen::Man::new(page).render(&mut out).map_err(failed("render", &path))?;
+        // clap_mangen heads the after-help text "EXTRA"; man-pages(7) calls such a section NOTES.
+        let out = String::from_utf8_lossy(&out).replacen(".SH EXTRA\n", ".SH NOTES\n", 1);
         fs::write(&path, out).map_err(failed("write", &path))?;
     }
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
