@@ -16,7 +16,7 @@ mod support;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use support::promtext::{self, Sample};
+use support::promtext::{self, user_value};
 use support::*;
 
 /// A Maildir with `n` messages in INBOX and in `.Sent`.
@@ -123,15 +123,6 @@ fn check_tells_ok_warning_critical_and_unknown() {
     assert_eq!(code, 3);
 }
 
-fn metrics_of(file: &Path) -> Vec<Sample> {
-    let text = fs::read_to_string(file).unwrap();
-    promtext::parse(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", file.display()))
-}
-
-fn value(samples: &[Sample], name: &str, user: &str) -> f64 {
-    samples.iter().find(|s| s.name == name && s.labels.get("user").map(String::as_str) == Some(user)).unwrap_or_else(|| panic!("no {name} for {user}")).value
-}
-
 #[test]
 fn metrics_file_keeps_every_user_and_parses_strictly() {
     let t = tempdir();
@@ -144,23 +135,23 @@ fn metrics_file_keeps_every_user_and_parses_strictly() {
         let r = cli_ok(&["backup", "--json", "--repo", s(&repo), "--name", user, "--metrics", s(&file), s(src)]);
         reports.push(r.json());
     }
-    let m = metrics_of(&file);
-    assert_eq!(value(&m, "maildir_backup_messages", "alice"), reports[0]["messages"].as_f64().unwrap());
-    assert_eq!(value(&m, "maildir_backup_bytes", "alice"), reports[0]["bytes"].as_f64().unwrap());
-    assert_eq!(value(&m, "maildir_backup_lock_hold_seconds", "alice"), reports[0]["lock_hold_ms"].as_f64().unwrap() / 1000.0);
-    assert_eq!(value(&m, "maildir_backup_last_run_success", odd), 1.0);
-    let succeeded = value(&m, "maildir_backup_last_success_timestamp_seconds", "alice");
+    let m = promtext::read(&file);
+    assert_eq!(user_value(&m, "maildir_backup_messages", "alice"), reports[0]["messages"].as_f64().unwrap());
+    assert_eq!(user_value(&m, "maildir_backup_bytes", "alice"), reports[0]["bytes"].as_f64().unwrap());
+    assert_eq!(user_value(&m, "maildir_backup_lock_hold_seconds", "alice"), reports[0]["lock_hold_ms"].as_f64().unwrap() / 1000.0);
+    assert_eq!(user_value(&m, "maildir_backup_last_run_success", odd), 1.0);
+    let succeeded = user_value(&m, "maildir_backup_last_success_timestamp_seconds", "alice");
 
     // A failure: the last success and its counts stay, the failure is counted.
     let r = cli(&["backup", "-q", "--name", "alice", "--metrics", s(&file), s(&t.path().join("gone")), s(&t.path().join("out"))]);
     assert_eq!(r.code(), Some(EX_NOINPUT));
-    let m = metrics_of(&file);
-    assert_eq!(value(&m, "maildir_backup_last_run_success", "alice"), 0.0);
-    assert_eq!(value(&m, "maildir_backup_last_run_exit_code", "alice"), 66.0);
-    assert_eq!(value(&m, "maildir_backup_failures_total", "alice"), 1.0);
-    assert_eq!(value(&m, "maildir_backup_failures_total", odd), 0.0);
-    assert_eq!(value(&m, "maildir_backup_last_success_timestamp_seconds", "alice"), succeeded);
-    assert_eq!(value(&m, "maildir_backup_messages", "alice"), reports[0]["messages"].as_f64().unwrap());
+    let m = promtext::read(&file);
+    assert_eq!(user_value(&m, "maildir_backup_last_run_success", "alice"), 0.0);
+    assert_eq!(user_value(&m, "maildir_backup_last_run_exit_code", "alice"), 66.0);
+    assert_eq!(user_value(&m, "maildir_backup_failures_total", "alice"), 1.0);
+    assert_eq!(user_value(&m, "maildir_backup_failures_total", odd), 0.0);
+    assert_eq!(user_value(&m, "maildir_backup_last_success_timestamp_seconds", "alice"), succeeded);
+    assert_eq!(user_value(&m, "maildir_backup_messages", "alice"), reports[0]["messages"].as_f64().unwrap());
 
     // Eight users finishing together: none is lost.
     let users: Vec<String> = (0..8).map(|i| format!("user{i}")).collect();
@@ -177,9 +168,9 @@ fn metrics_file_keeps_every_user_and_parses_strictly() {
     for mut c in children {
         assert!(c.wait().unwrap().success());
     }
-    let m = metrics_of(&file);
+    let m = promtext::read(&file);
     for u in users.iter().map(String::as_str).chain(["alice", odd]) {
-        assert!(value(&m, "maildir_backup_last_run_timestamp_seconds", u) > 0.0, "{u}");
+        assert!(user_value(&m, "maildir_backup_last_run_timestamp_seconds", u) > 0.0, "{u}");
     }
     assert_eq!(fs::read_dir(t.path().join("prom")).unwrap().count(), 1, "no temporary file left beside the metrics");
     use std::os::unix::fs::PermissionsExt;

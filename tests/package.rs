@@ -329,10 +329,9 @@ fn backup_all_users(root: &Root) {
     let check = root.ok(&["maildir-backup", "check", REPO, "--name", "alice", "--name", "bob"]);
     assert!(check.starts_with("MAILDIR-BACKUP OK: 2 users"), "{check}");
     let prom = root.host(&format!("{METRICS_DIR}/maildir-backup.prom"));
-    let samples = promtext::parse(&fs::read_to_string(&prom).unwrap()).unwrap();
+    let samples = promtext::read(&prom);
     for user in USERS {
-        let messages = samples.iter().find(|s| s.name == "maildir_backup_messages" && s.labels["user"] == user);
-        assert_eq!(messages.map(|s| s.value), Some(6.0), "{user} in {}", prom.display());
+        assert_eq!(promtext::user_value(&samples, "maildir_backup_messages", user), 6.0, "{user}");
     }
 }
 

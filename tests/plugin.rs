@@ -906,19 +906,6 @@ fn d24_plugin_without_its_settings_module_runs_with_defaults() {
 // ---------------------------------------------------------------------------------------------------------
 // 11. Monitoring
 
-fn metric(samples: &[promtext::Sample], name: &str, user: &str) -> f64 {
-    samples
-        .iter()
-        .find(|s| s.name == name && s.labels.get("user").map(String::as_str) == Some(user))
-        .unwrap_or_else(|| panic!("no {name}{{user=\"{user}\"}} in {samples:?}"))
-        .value
-}
-
-fn metrics_in(file: &Path) -> Vec<promtext::Sample> {
-    let text = fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    promtext::parse(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", file.display()))
-}
-
 /// `-A` over alice and bob into a repository, with the metrics textfile named by `setting` (the
 /// release's `-o` key) in `prom` (a directory the mail user can write): one file holds both users,
 /// with their manifests' counts, and each series has its run record, so `check` is OK. Then bob's
@@ -932,16 +919,16 @@ fn plugin_writes_metrics_and_run_records<R: PluginRelease>(d: &Instance<R>, sett
     let metrics_opt = format!("{setting}={}", R::inside(&file).display());
     let dest = format!("repo:{}", R::inside(repo).display());
     run_plugin(d, &["-o", &metrics_opt, "maildir-backup", "-A", &dest]).expect_ok();
-    let m = metrics_in(&file);
+    let m = promtext::read(&file);
     for user in ["alice", "bob"] {
         // By its real name: root refuses the mail user's `latest` link.
         let series = repo.join(user);
         let manifest = read_manifest(&series.join(fs::read_link(series.join("latest")).unwrap()));
         let messages: u64 = manifest.folders.iter().map(|f| f.messages).sum();
         assert_eq!(messages, 16, "{user}");
-        assert_eq!(metric(&m, "maildir_backup_messages", user), messages as f64, "{user}");
-        assert_eq!(metric(&m, "maildir_backup_last_run_success", user), 1.0, "{user}");
-        assert!(metric(&m, "maildir_backup_lock_hold_seconds", user) > 0.0, "{user}");
+        assert_eq!(promtext::user_value(&m, "maildir_backup_messages", user), messages as f64, "{user}");
+        assert_eq!(promtext::user_value(&m, "maildir_backup_last_run_success", user), 1.0, "{user}");
+        assert!(promtext::user_value(&m, "maildir_backup_lock_hold_seconds", user) > 0.0, "{user}");
         assert!(repo.join(user).join("last-run.json").is_file(), "{user}: no run record");
     }
     let repo_s = repo.to_str().unwrap();
@@ -951,12 +938,12 @@ fn plugin_writes_metrics_and_run_records<R: PluginRelease>(d: &Instance<R>, sett
     let holder = LockHolder::start(&d.mailbox_path("bob", "INBOX", "control"), 30);
     run_plugin(d, &["-o", &metrics_opt, "maildir-backup", "-A", "-t", "1", &dest]).expect_code(EX_TEMPFAIL);
     holder.release();
-    let m = metrics_in(&file);
-    assert_eq!(metric(&m, "maildir_backup_last_run_success", "bob"), 0.0);
-    assert_eq!(metric(&m, "maildir_backup_last_run_exit_code", "bob"), f64::from(EX_TEMPFAIL));
-    assert_eq!(metric(&m, "maildir_backup_failures_total", "bob"), 1.0);
-    assert_eq!(metric(&m, "maildir_backup_last_run_success", "alice"), 1.0);
-    assert_eq!(metric(&m, "maildir_backup_failures_total", "alice"), 0.0);
+    let m = promtext::read(&file);
+    assert_eq!(promtext::user_value(&m, "maildir_backup_last_run_success", "bob"), 0.0);
+    assert_eq!(promtext::user_value(&m, "maildir_backup_last_run_exit_code", "bob"), f64::from(EX_TEMPFAIL));
+    assert_eq!(promtext::user_value(&m, "maildir_backup_failures_total", "bob"), 1.0);
+    assert_eq!(promtext::user_value(&m, "maildir_backup_last_run_success", "alice"), 1.0);
+    assert_eq!(promtext::user_value(&m, "maildir_backup_failures_total", "alice"), 0.0);
     let warned = cli(&["check", repo_s, "-v"]);
     assert_eq!(warned.code(), Some(1), "{}", warned.show());
     assert!(warned.stdout.contains("bob: last run failed at ") && warned.stdout.contains("(exit 75)"), "{}", warned.show());

@@ -11,6 +11,21 @@ pub struct Sample {
     pub value: f64,
 }
 
+/// The samples of the textfile `file`; panics (showing it) if it cannot be read or does not parse.
+pub fn read(file: &std::path::Path) -> Vec<Sample> {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    parse(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", file.display()))
+}
+
+/// The value of `name{user="USER"}`; panics if there is none.
+pub fn user_value(samples: &[Sample], name: &str, user: &str) -> f64 {
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels.get("user").map(String::as_str) == Some(user))
+        .unwrap_or_else(|| panic!("no {name}{{user=\"{user}\"}} in {samples:?}"))
+        .value
+}
+
 fn is_metric_name(s: &str) -> bool {
     let mut c = s.chars();
     matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_' || f == ':') && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
