@@ -138,7 +138,9 @@ fn metrics_file_keeps_every_user_and_parses_strictly() {
     let m = promtext::read(&file);
     assert_eq!(user_value(&m, "maildir_backup_messages", "alice"), reports[0]["messages"].as_f64().unwrap());
     assert_eq!(user_value(&m, "maildir_backup_bytes", "alice"), reports[0]["bytes"].as_f64().unwrap());
-    assert_eq!(user_value(&m, "maildir_backup_lock_hold_seconds", "alice"), reports[0]["lock_hold_ms"].as_f64().unwrap() / 1000.0);
+    // The same duration, in seconds there and milliseconds here: equal up to rounding.
+    let (held, reported) = (user_value(&m, "maildir_backup_lock_hold_seconds", "alice"), reports[0]["lock_hold_ms"].as_f64().unwrap() / 1000.0);
+    assert!(held > 0.0 && (held - reported).abs() <= reported * 1e-9, "{held} s vs {reported} s");
     assert_eq!(user_value(&m, "maildir_backup_last_run_success", odd), 1.0);
     let succeeded = user_value(&m, "maildir_backup_last_success_timestamp_seconds", "alice");
 
