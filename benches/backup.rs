@@ -1,5 +1,5 @@
-//! Backup speed against `cp -a` and `rsync -a` on the same Maildir in the same run, lock
-//! hold times, and incremental snapshots against `rsync -a --link-dest`.
+//! Backup speed against `cp -a` and `rsync -a` on the same Maildir in the same run, `--link`
+//! against `cp -al`, lock hold times, and incremental snapshots against `rsync -a --link-dest`.
 //!
 //! `cargo bench --bench backup` (sizes: `-- --messages 20000,100000`, repeats: `--runs 3`).
 //! The Maildir is synthetic but shaped like Dovecot's: 5 folders, Dovecot file names,
@@ -126,6 +126,9 @@ fn main() {
             ("cp -a", Box::new(|d: &Path| synced(format!("cp -a '{}' '{}'", src.display(), d.display()), d))),
             ("rsync -a", Box::new(|d: &Path| synced(format!("rsync -a '{}/' '{}'", src.display(), d.display()), d))),
             ("maildir-backup", Box::new(|d: &Path| { let mut c = Command::new(BIN); c.args(["backup", "--json"]).arg(&src).arg(d); c })),
+            // Hard-link snapshots, and their unlocked peer.
+            ("cp -al", Box::new(|d: &Path| synced(format!("cp -al '{}' '{}'", src.display(), d.display()), d))),
+            ("maildir-backup --link", Box::new(|d: &Path| { let mut c = Command::new(BIN); c.args(["backup", "--json", "--link"]).arg(&src).arg(d); c })),
         ];
         for (name, mk) in &tools {
             if name.starts_with("rsync") && !has("rsync") {
@@ -140,7 +143,7 @@ fn main() {
                     let out = cmd.output().unwrap();
                     v.push(t.elapsed());
                     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                    holds.push(json_field(&String::from_utf8_lossy(&out.stdout), "lock_hold_ms"));
+                    holds.push((*name, json_field(&String::from_utf8_lossy(&out.stdout), "lock_hold_ms")));
                 } else {
                     v.push(run(&mut cmd));
                 }
@@ -148,12 +151,18 @@ fn main() {
             }
             times.push((name, median(v)));
         }
-        let ours = times.iter().find(|(n, _)| *n == "maildir-backup").map(|t| t.1).unwrap();
+        let time_of = |tool: &str| times.iter().find(|(n, _)| *n == tool).map(|t| t.1).unwrap();
+        let (ours, linked) = (time_of("maildir-backup"), time_of("maildir-backup --link"));
         for (name, t) in &times {
-            println!("  {name:<16} {:>8.2} s (incl. sync)   ours/{name}: {:.2}", t.as_secs_f64(), ours.as_secs_f64() / t.as_secs_f64());
+            let mine = if name.contains("-al") || name.contains("--link") { linked } else { ours };
+            println!("  {name:<22} {:>8.2} s (incl. sync)   ours/{name}: {:.2}", t.as_secs_f64(), mine.as_secs_f64() / t.as_secs_f64());
         }
-        holds.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!("  lock hold (quiescent source): median {:.2} ms, max {:.2} ms", holds[holds.len() / 2], holds[holds.len() - 1]);
+        println!("  --link / copy: {:.3}", linked.as_secs_f64() / ours.as_secs_f64());
+        for tool in ["maildir-backup", "maildir-backup --link"] {
+            let mut h: Vec<f64> = holds.iter().filter(|(n, _)| *n == tool).map(|(_, ms)| *ms).collect();
+            h.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!("  lock hold of {tool} (quiescent source): median {:.2} ms, max {:.2} ms", h[h.len() / 2], h[h.len() - 1]);
+        }
 
         // Lock hold while the source changes: once the copy is under way, 1 % of the messages
         // get a flag (renamed) and 0.1 % new ones arrive; then the source is put back.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 
-use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, Progress, Reuse};
+use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, MessageFiles, Progress, Reuse};
 use crate::fsx::{self, Dir, FsError, Replace};
 use crate::maildir::Maildir;
 use crate::manifest::{Manifest, MANIFEST_NAME};
@@ -147,9 +147,12 @@ impl PreviousSnapshot {
     pub fn load(series: &Dir, name: &str, paranoid: bool) -> Option<PreviousSnapshot> {
         let dir = series.sub(name).ok()?;
         let manifest = Manifest::read(&dir).ok()?;
+        // A message a link snapshot recorded without its checksum is copied afresh: a copy
+        // always has one.
         let by_unique = manifest
             .messages
             .into_iter()
+            .filter(|m| !m.blake3.is_empty())
             .map(|m| (m.unique, (Path::new(&m.folder).join(m.dir.as_str()), m.name, m.size, m.blake3)))
             .collect();
         Some(PreviousSnapshot { dir, by_unique, paranoid, open_dirs: Mutex::new(HashMap::new()) })
@@ -261,7 +264,9 @@ pub fn snapshot(
     let (repo_dir, _) = Dir::open_or_create(repo, REPO_MODE, None)?;
     let (series, _) = repo_dir.ensure_dir(name, REPO_MODE, None)?;
     remove_dead_staging(&series)?;
-    let previous = latest(&series).and_then(|p| PreviousSnapshot::load(&series, &p, paranoid));
+    // Linking from the source costs what linking from the previous snapshot does.
+    let copying = opts.messages == MessageFiles::Copy;
+    let previous = latest(&series).filter(|_| copying).and_then(|p| PreviousSnapshot::load(&series, &p, paranoid));
     // One snapshot per second at most: wait for a fresh name rather than invent one.
     let mut now = Utc::now();
     while series.lstat(now.format(TIME_FORMAT).to_string())?.is_some() {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use maildir_backup::engine::{BackupOptions, BackupReport, OnDisk, Progress};
+use maildir_backup::engine::{BackupOptions, BackupReport, MessageFiles, OnDisk, Progress};
 use maildir_backup::job::{self, Destination, Metrics};
 use maildir_backup::maildir::MailLocation;
 use maildir_backup::repo;
@@ -55,6 +55,14 @@ pub struct RunArgs {
     /// Also copy Dovecot's index files (best effort; Dovecot rebuilds them if they disagree).
     #[arg(long)]
     pub with_indexes: bool,
+    /// Hard-link every message file instead of copying it (instant; DEST or REPO must be on the
+    /// Maildir's file system, and the backup shares its disk): a snapshot to hand to restic or
+    /// borg. Control files are still copied.
+    #[arg(long)]
+    pub link: bool,
+    /// With --link: read every message to record its checksum anyway.
+    #[arg(long, requires = "link")]
+    pub checksum: bool,
     /// Print the summary as JSON (for monitoring).
     #[arg(long)]
     pub json: bool,
@@ -65,7 +73,8 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn options(&self) -> BackupOptions {
-        BackupOptions { lock: self.lock.settings(), jobs: self.jobs.into(), with_indexes: self.with_indexes }
+        let messages = if self.link { MessageFiles::Link { checksums: self.checksum } } else { MessageFiles::Copy };
+        BackupOptions { lock: self.lock.settings(), jobs: self.jobs.into(), with_indexes: self.with_indexes, messages }
     }
 
     pub fn progress(&self) -> Bar {

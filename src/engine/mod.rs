@@ -92,6 +92,8 @@ pub enum BackupError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error("--link: {dest} is not on the file system (mount) of the source {source_dir}; hard links cannot cross mounts: give a destination beside the Maildir, or copy")]
+    LinkAcrossMounts { dest: PathBuf, source_dir: PathBuf },
     #[error("could not lock all folders within the lock timeout of {timeout:.1?} ({rounds} rounds in {waited:.1?}); busy or still changing: {folders}; last: {why}")]
     LockTimeout { timeout: Duration, waited: Duration, rounds: u32, folders: String, why: String },
 }
@@ -101,7 +103,7 @@ impl ExitCode for BackupError {
         match self {
             BackupError::NotMaildir(_) => sysexits::EX_DATAERR,
             BackupError::NoSource(_) => sysexits::EX_NOINPUT,
-            BackupError::DestInsideSource { .. } | BackupError::Location(_) => sysexits::EX_USAGE,
+            BackupError::DestInsideSource { .. } | BackupError::LinkAcrossMounts { .. } | BackupError::Location(_) => sysexits::EX_USAGE,
             BackupError::Staging(e) => e.exit_code(),
             BackupError::Lock(e) => e.exit_code(),
             BackupError::Io { source, .. } => sysexits::for_io_error(source),
@@ -129,12 +131,25 @@ pub struct BackupOptions {
     pub jobs: usize,
     /// Also copy Dovecot's index files (best effort: they are not protected by the lock).
     pub with_indexes: bool,
+    pub messages: MessageFiles,
 }
 
 impl Default for BackupOptions {
     fn default() -> Self {
-        BackupOptions { lock: LockSettings::default(), jobs: 4, with_indexes: false }
+        BackupOptions { lock: LockSettings::default(), jobs: 4, with_indexes: false, messages: MessageFiles::Copy }
     }
+}
+
+/// How message files get into a backup (control and index files are always copied: Dovecot
+/// changes them in place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageFiles {
+    /// Copied, with their BLAKE3: a backup that survives whatever happens to the source's disk.
+    Copy,
+    /// Hard-linked to the source's own files, which Dovecot never changes in place (it only
+    /// renames and unlinks them): instant, but on the source's file system, sharing its disk.
+    /// `checksums` reads every message anyway to record its BLAKE3.
+    Link { checksums: bool },
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -236,12 +251,22 @@ pub(crate) fn backup_to(
     progress: &dyn Progress,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
+    check_link_mount(md, parent, name, opts)?;
     let staging = Staging::prepare(parent, name)?;
     let mut report = copy_into(md, mailboxes, staging.dir().try_clone()?, opts, reuse, progress)?;
     staging.publish()?;
     report.destination = parent.show(name);
     report.seconds = started.elapsed().as_secs_f64(); // the publish's flush included
     Ok(report)
+}
+
+/// With `--link`, before anything is written: `parent` must be on the source's mount, or no
+/// message could be linked.
+fn check_link_mount(md: &Maildir, parent: &Dir, name: &OsStr, opts: &BackupOptions) -> Result<(), BackupError> {
+    if opts.messages == MessageFiles::Copy || md.root.mount_id()? == parent.mount_id()? {
+        return Ok(());
+    }
+    Err(BackupError::LinkAcrossMounts { dest: parent.show(name), source_dir: md.root.path().to_path_buf() })
 }
 
 /// One backup under way: where from and how, the staged copy, and what the passes did.
@@ -566,7 +591,7 @@ fn copy_into(
         reuse,
         progress,
         pool,
-        tree: Tree::new(out, fsx::running_as_root()),
+        tree: Tree::new(out, fsx::running_as_root()).with_messages(opts.messages),
         watcher: if opts.lock.nfs_flush { None } else { watch::Watcher::new() },
         total: PassStats::default(),
         passes: 0,

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use rayon::prelude::*;
 
 use super::scan::{DirStamp, Listed, Listing};
-use super::{BackupError, Progress};
+use super::{BackupError, MessageFiles, Progress};
 use crate::fsx::{self, Dir, FsError, Replace};
 use crate::maildir::{Folder, Maildir, MessageName, Subdir, MESSAGE_DIRS};
 
@@ -60,6 +60,7 @@ pub struct Tree {
     /// Whether new messages are to be deferred (see `MAX_DEFERRED`), and those that were.
     deferring: bool,
     deferred: Vec<Deferred>,
+    messages: MessageFiles,
 }
 
 /// A copy left for after the locks: the source as opened under them, and the staged file
@@ -283,7 +284,14 @@ impl Tree {
             shared: HashMap::new(),
             deferring: false,
             deferred: Vec::new(),
+            messages: MessageFiles::Copy,
         }
+    }
+
+    /// Message files linked instead of copied (see [`MessageFiles`]).
+    pub fn with_messages(mut self, messages: MessageFiles) -> Tree {
+        self.messages = messages;
+        self
     }
 
     /// From now on (while the locks are held), new messages are only opened and staged empty;
@@ -562,7 +570,7 @@ impl Tree {
                     let i = job.listed.sub.index();
                     let r = match &src[i] {
                         Some(s) => {
-                            let ctx = JobContext { rel: &batch[f].0, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, reuse, shared, defer_slots };
+                            let ctx = JobContext { rel: &batch[f].0, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, messages: self.messages, reuse, shared, defer_slots };
                             ctx.run(job)
                         }
                         None => Ok(JobResult::Vanished),
@@ -589,6 +597,7 @@ struct JobContext<'a> {
     dst: &'a Dir,
     staging: &'a Dir,
     keep_owner: bool,
+    messages: MessageFiles,
     reuse: Option<&'a dyn Reuse>,
     shared: &'a SharedInodes<'a>,
     /// Copies that may still be deferred in this pass (None: none may).
@@ -607,6 +616,29 @@ impl JobContext<'_> {
             }
             r => r,
         }
+    }
+
+    /// `--link`: the very source file we opened and checked, under `name` in the staged copy;
+    /// false if it has as many links as its file system allows (then it is copied).
+    fn link(&self, input: &fsx::ReadFile, name: &str) -> Result<bool, BackupError> {
+        let mut linked = self.dst.link_file(&input.file, name);
+        if linked.as_ref().is_err_and(|e| e.errno() == Some(libc::EEXIST)) {
+            // Left by a readdir that saw the message under two names (see `create_staged`).
+            self.dst.unlink(name)?;
+            linked = self.dst.link_file(&input.file, name);
+        }
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(libc::EMLINK) => Ok(false),
+            // A mount inside the Maildir: the check before the backup saw only its top.
+            Err(e) if e.errno() == Some(libc::EXDEV) => Err(BackupError::LinkAcrossMounts { dest: self.dst.show(name), source_dir: input.path.clone() }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Size and BLAKE3 of a linked message, read to the size it had when opened.
+    fn hash(&self, input: &mut fsx::ReadFile) -> Result<(u64, String), BackupError> {
+        fsx::hash_file(input).map_err(|e| BackupError::Fs(FsError::Io { op: "read message", path: input.path.clone(), source: e }))
     }
 
     /// Takes a deferral slot, if copies are being deferred and one is left.
@@ -636,6 +668,12 @@ impl JobContext<'_> {
             Err(e) if e.is_planted() => return Ok(JobResult::Skipped(format!("skipped {e}"))),
             Err(e) => return Err(e.into()),
         };
+        if let MessageFiles::Link { checksums } = self.messages {
+            if self.link(&input, name)? {
+                let (size, blake3) = if checksums { self.hash(&mut input)? } else { (input.meta.size(), String::new()) };
+                return Ok(JobResult::Linked(entry(size, blake3)));
+            }
+        }
         // A file with other names: copied once, by the first job to meet it; linked after.
         let stamp = stamp_of(&input.meta);
         let mut claim = None;

@@ -586,19 +586,37 @@ impl Dir {
     }
 
     /// Gives the open file `f` a new random name `<prefix>.<random>` here: the very file we
-    /// hold, whatever names point where by now. Through /proc/self/fd, so it needs no privilege.
+    /// hold, whatever names point where by now.
     pub fn link_open_file(&self, f: &File, prefix: &str) -> Result<String> {
-        let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
         for _ in 0..16 {
             let name = format!("{prefix}.{}", random_hex());
             self.check_one(OsStr::new(&name))?;
-            match rustix::fs::linkat(rustix::fs::CWD, proc.as_str(), &self.fd, name.as_str(), AtFlags::SYMLINK_FOLLOW) {
+            match link_fd(f, self.fd.as_fd(), OsStr::new(&name)) {
                 Ok(()) => return Ok(name),
                 Err(Errno::EXIST) => continue,
                 Err(e) => return Err(FsError::io("link", self.show(&name), e)),
             }
         }
         Err(FsError::io("link into", self.path.clone(), Errno::EXIST))
+    }
+
+    /// Gives the open file `f` the name `rel` here (EEXIST if it is taken): the very file we
+    /// hold and checked, whatever names point where by now.
+    pub fn link_file(&self, f: &File, rel: impl AsRef<Path>) -> Result<()> {
+        let rel = rel.as_ref();
+        let (dir, name) = self.parent_of(rel)?;
+        link_fd(f, dir.fd(), name).map_err(|e| FsError::io("link", self.show(rel), e))
+    }
+
+    /// The mount this directory is on (its device where the kernel cannot say, before 5.8):
+    /// a hard link never crosses one.
+    pub fn mount_id(&self) -> Result<u64> {
+        use rustix::fs::{statx, StatxFlags};
+        match statx(&self.fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID) {
+            Ok(st) if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) => Ok(st.stx_mnt_id),
+            Ok(st) => Ok(u64::from(st.stx_dev_major) << 32 | u64::from(st.stx_dev_minor)),
+            Err(e) => Err(FsError::io("statx", self.path.clone(), e)),
+        }
     }
 
     /// Removes the file (or symlink) `rel`; false if it was not there.
@@ -763,6 +781,13 @@ impl Parent<'_> {
             Parent::Owned(d) => d.fd.as_fd(),
         }
     }
+}
+
+/// Links the open file `f` as `name` in `dir`, through /proc/self/fd so that it needs no
+/// privilege (`AT_EMPTY_PATH` would need CAP_DAC_READ_SEARCH).
+fn link_fd(f: &File, dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
+    let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
+    rustix::fs::linkat(rustix::fs::CWD, proc.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW)
 }
 
 fn push_components(todo: &mut Vec<OsString>, path: &Path) {
