@@ -590,6 +590,15 @@ impl Tree {
 /// Folders whose jobs run together (each holds four directories open meanwhile).
 const FOLDERS_PER_BATCH: usize = 64;
 
+/// How `--link` went for one message.
+enum Linking {
+    Linked,
+    /// Unlinked from the source since it was opened.
+    Gone,
+    /// At its file system's limit of links: copied instead.
+    TooManyLinks,
+}
+
 /// Where one folder's jobs read and write, and what they may link instead.
 struct JobContext<'a> {
     rel: &'a Path,
@@ -618,9 +627,8 @@ impl JobContext<'_> {
         }
     }
 
-    /// `--link`: the very source file we opened and checked, under `name` in the staged copy;
-    /// false if it has as many links as its file system allows (then it is copied).
-    fn link(&self, input: &fsx::ReadFile, name: &str) -> Result<bool, BackupError> {
+    /// `--link`: the very source file we opened and checked, under `name` in the staged copy.
+    fn link(&self, input: &fsx::ReadFile, name: &str) -> Result<Linking, BackupError> {
         let mut linked = self.dst.link_file(&input.file, name);
         if linked.as_ref().is_err_and(|e| e.errno() == Some(libc::EEXIST)) {
             // Left by a readdir that saw the message under two names (see `create_staged`).
@@ -628,8 +636,10 @@ impl JobContext<'_> {
             linked = self.dst.link_file(&input.file, name);
         }
         match linked {
-            Ok(()) => Ok(true),
-            Err(e) if e.errno() == Some(libc::EMLINK) => Ok(false),
+            Ok(()) => Ok(Linking::Linked),
+            // Expunged since we opened it: a file with no name left cannot be given one.
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(Linking::Gone),
+            Err(e) if e.errno() == Some(libc::EMLINK) => Ok(Linking::TooManyLinks),
             // A mount inside the Maildir: the check before the backup saw only its top.
             Err(e) if e.errno() == Some(libc::EXDEV) => Err(BackupError::LinkAcrossMounts { dest: self.dst.show(name), source_dir: input.path.clone() }),
             Err(e) => Err(e.into()),
@@ -669,9 +679,13 @@ impl JobContext<'_> {
             Err(e) => return Err(e.into()),
         };
         if let MessageFiles::Link { checksums } = self.messages {
-            if self.link(&input, name)? {
-                let (size, blake3) = if checksums { self.hash(&mut input)? } else { (input.meta.size(), String::new()) };
-                return Ok(JobResult::Linked(entry(size, blake3)));
+            match self.link(&input, name)? {
+                Linking::Linked => {
+                    let (size, blake3) = if checksums { self.hash(&mut input)? } else { (input.meta.size(), String::new()) };
+                    return Ok(JobResult::Linked(entry(size, blake3)));
+                }
+                Linking::Gone => return Ok(JobResult::Vanished),
+                Linking::TooManyLinks => {}
             }
         }
         // A file with other names: copied once, by the first job to meet it; linked after.

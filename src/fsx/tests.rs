@@ -120,3 +120,25 @@ fn remove_tree_stays_inside() {
     assert!(!t.path().join("tree").exists());
     assert!(t.path().join("keep/file").exists());
 }
+
+#[test]
+fn link_file_links_the_open_file_and_knows_its_mount() {
+    let t = tmp();
+    std::fs::create_dir_all(t.path().join("src")).unwrap();
+    std::fs::create_dir_all(t.path().join("dst")).unwrap();
+    std::fs::write(t.path().join("src/msg"), b"hello").unwrap();
+    let (src, dst) = (Dir::open(&t.path().join("src")).unwrap(), Dir::open(&t.path().join("dst")).unwrap());
+    let opened = src.open_read("msg").unwrap();
+    // Renamed after it was opened: the link is still the file we opened.
+    std::fs::rename(t.path().join("src/msg"), t.path().join("src/moved")).unwrap();
+    dst.link_file(&opened.file, "copy").unwrap();
+    let ino = |p: &str| std::fs::metadata(t.path().join(p)).unwrap().ino();
+    assert_eq!(ino("dst/copy"), ino("src/moved"));
+    assert_eq!(dst.link_file(&opened.file, "copy").unwrap_err().errno(), Some(libc::EEXIST));
+    // Unlinked everywhere: a file with no name left cannot get one back (the engine counts it gone).
+    std::fs::remove_file(t.path().join("src/moved")).unwrap();
+    std::fs::remove_file(t.path().join("dst/copy")).unwrap();
+    assert_eq!(dst.link_file(&opened.file, "again").unwrap_err().errno(), Some(libc::ENOENT));
+    assert_eq!(src.mount_id().unwrap(), dst.mount_id().unwrap());
+    assert_ne!(src.mount_id().unwrap(), Dir::open(Path::new("/proc")).unwrap().mount_id().unwrap());
+}
