@@ -183,7 +183,7 @@ fn make_special(w: &World, kind: &str, p: &Path) {
 
 /// A message of `.Work`, then each control file, replaced by a special file of `kind`: every backup ends in
 /// time with exit 0, warns naming the file, leaves no uidlist lock and holds all the other messages.
-fn special_files(kind: &str) {
+fn special_files(kind: &str, extra: &[&str]) {
     let w = World::new();
     // The control files first: the old code blocks forever opening a FIFO there.
     let mut places: Vec<String> = CONTROL_FILES.iter().map(|s| s.to_string()).collect();
@@ -202,7 +202,7 @@ fn special_files(kind: &str) {
         let want = mail_hashes(&w.maildir);
         let what = format!("{} as a {kind}", p.strip_prefix(&w.maildir).unwrap().display());
         let dest = w.top.join(format!("b{i}"));
-        let o = backup(&w.maildir, &dest);
+        let o = backup_with(&w.maildir, &dest, extra);
         assert!(o.ok(), "{what}: backup failed:\n{}", o.show());
         let base = p.file_name().unwrap().to_string_lossy().into_owned();
         assert!(o.stderr_line_with(&[&base]), "{what}: no warning naming {base}:\n{}", o.show());
@@ -216,17 +216,23 @@ fn special_files(kind: &str) {
 
 #[test]
 fn backup_survives_fifos() {
-    special_files("fifo");
+    special_files("fifo", &[]);
 }
 
 #[test]
 fn backup_survives_unix_sockets() {
-    special_files("socket");
+    special_files("socket", &[]);
 }
 
 #[test]
 fn backup_survives_device_nodes() {
-    special_files("device");
+    special_files("device", &[]);
+}
+
+/// The same with `--link`: what is linked is the file opened and checked, never a FIFO.
+#[test]
+fn link_backup_survives_fifos() {
+    special_files("fifo", &["--link"]);
 }
 
 #[test]
@@ -355,6 +361,17 @@ const RACE_FILES: &[&str] = &[".Work/dovecot-uidlist", ".Work/dovecot-keywords",
 
 #[test]
 fn backup_races_swapping_dirs_and_control_files_for_symlinks() {
+    backups_race_swapping_dirs_and_control_files(&[]);
+}
+
+/// With `--link`, nothing of hers is linked that she swapped in: only files opened without
+/// following a link and checked regular.
+#[test]
+fn link_backup_races_swapping_dirs_and_control_files_for_symlinks() {
+    backups_race_swapping_dirs_and_control_files(&["--link"]);
+}
+
+fn backups_race_swapping_dirs_and_control_files(extra: &[&str]) {
     let w = World::new();
     w.her_maildir(&[("", 20), (".Work", 30), (".Other", 10)]);
     let want = mail_hashes(&w.maildir);
@@ -362,9 +379,9 @@ fn backup_races_swapping_dirs_and_control_files_for_symlinks() {
     let t = Instant::now();
     let (mut runs, mut ok) = (0, 0);
     while runs < 40 && (runs < 10 || t.elapsed() < Duration::from_secs(15)) {
-        let what = format!("backup {runs} during the race");
+        let what = format!("backup {runs} {extra:?} during the race");
         let dest = w.top.join(format!("b{runs}"));
-        let o = backup(&w.maildir, &dest);
+        let o = backup_with(&w.maildir, &dest, extra);
         w.victim.assert_not_leaked(Some(&o), &[&dest], &what);
         w.victim.check(&what);
         if o.ok() {

@@ -216,7 +216,15 @@ pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> Out {
 
 /// `maildir-backup backup -q --lock-timeout 10 SOURCE DEST`.
 pub fn backup(source: &Path, dest: &Path) -> Out {
-    cli(&[OsStr::new("backup"), OsStr::new("-q"), OsStr::new("--lock-timeout"), OsStr::new("10"), source.as_os_str(), dest.as_os_str()])
+    backup_with(source, dest, &[])
+}
+
+/// [`backup`] with more options (e.g. `--link`).
+pub fn backup_with(source: &Path, dest: &Path, extra: &[&str]) -> Out {
+    let mut args = vec![OsStr::new("backup"), OsStr::new("-q"), OsStr::new("--lock-timeout"), OsStr::new("10")];
+    args.extend(extra.iter().map(OsStr::new));
+    args.extend([source.as_os_str(), dest.as_os_str()]);
+    cli(&args)
 }
 
 /// `maildir-backup restore --lock-timeout 10 SNAPSHOT TARGET`.
