@@ -1,7 +1,11 @@
 //! The jobs both front ends run. The CLI and the doveadm plugin each turn their own arguments
 //! into a [`Destination`] (or a [`SnapshotRef`]) and options, call [`run_backup`] or
 //! [`run_restore`], and show the report; checking the paths, making missing parent
-//! directories and wording the errors happen here, once.
+//! directories and wording the errors happen here, once. [`hand_off`] hands a link snapshot
+//! to an offsite tool.
+
+mod hand_off;
+pub use hand_off::{run_hand_off, HandOff, HandOffError, HandOffReport};
 
 use std::path::{Path, PathBuf};
 
@@ -34,12 +38,20 @@ pub enum JobError {
     Repo(#[from] RepoError),
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    #[error(transparent)]
+    HandOff(#[from] HandOffError),
     #[error("{source}; nothing was published at {}", dest.display())]
     Unpublished { dest: PathBuf, source: Box<JobError> },
 }
 
 impl From<StagingError> for JobError {
     fn from(e: StagingError) -> Self {
+        JobError::Backup(e.into())
+    }
+}
+
+impl From<crate::fsx::FsError> for JobError {
+    fn from(e: crate::fsx::FsError) -> Self {
         JobError::Backup(e.into())
     }
 }
@@ -52,6 +64,7 @@ impl ExitCode for JobError {
             JobError::Backup(e) => e.exit_code(),
             JobError::Repo(e) => e.exit_code(),
             JobError::Restore(e) => e.exit_code(),
+            JobError::HandOff(e) => e.exit_code(),
             JobError::Unpublished { source, .. } => source.exit_code(),
         }
     }

@@ -8,6 +8,7 @@ pub const EX_USAGE: i32 = 64;
 pub const EX_DATAERR: i32 = 65;
 pub const EX_NOINPUT: i32 = 66;
 pub const EX_NOUSER: i32 = 67;
+pub const EX_UNAVAILABLE: i32 = 69;
 pub const EX_SOFTWARE: i32 = 70;
 pub const EX_CANTCREAT: i32 = 73;
 pub const EX_IOERR: i32 = 74;

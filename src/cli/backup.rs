@@ -34,6 +34,14 @@ pub struct BackupArgs {
     /// With --repo: also compare checksums (not only sizes) before linking a message.
     #[arg(long, requires = "repo")]
     pub paranoid: bool,
+    /// Hard-link every message file instead of copying it (instant; DEST or REPO must be on the
+    /// Maildir's file system, and the backup shares its disk): a snapshot to hand to restic or
+    /// borg. Control files are still copied.
+    #[arg(long)]
+    pub link: bool,
+    /// With --link: read every message to record its checksum anyway.
+    #[arg(long, requires = "link")]
+    pub checksum: bool,
     /// Keep this user's metrics (last success, duration, lock hold, messages, bytes,
     /// failures) in FILE, a Prometheus node-exporter textfile shared by all users.
     #[arg(long, value_name = "FILE")]
@@ -55,14 +63,6 @@ pub struct RunArgs {
     /// Also copy Dovecot's index files (best effort; Dovecot rebuilds them if they disagree).
     #[arg(long)]
     pub with_indexes: bool,
-    /// Hard-link every message file instead of copying it (instant; DEST or REPO must be on the
-    /// Maildir's file system, and the backup shares its disk): a snapshot to hand to restic or
-    /// borg. Control files are still copied.
-    #[arg(long)]
-    pub link: bool,
-    /// With --link: read every message to record its checksum anyway.
-    #[arg(long, requires = "link")]
-    pub checksum: bool,
     /// Print the summary as JSON (for monitoring).
     #[arg(long)]
     pub json: bool,
@@ -72,8 +72,7 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    pub fn options(&self) -> BackupOptions {
-        let messages = if self.link { MessageFiles::Link { checksums: self.checksum } } else { MessageFiles::Copy };
+    pub fn options(&self, messages: MessageFiles) -> BackupOptions {
         BackupOptions { lock: self.lock.settings(), jobs: self.jobs.into(), with_indexes: self.with_indexes, messages }
     }
 
@@ -176,10 +175,63 @@ pub fn run_backup(a: BackupArgs) -> Outcome {
     let (source, dest) = a.paths()?;
     let metrics = a.metrics(&source)?;
     let bar = a.run.progress();
-    let result = job::run_backup(&source, &OnDisk, &dest, &a.run.options(), &bar, metrics.as_ref());
+    let messages = if a.link { MessageFiles::Link { checksums: a.checksum } } else { MessageFiles::Copy };
+    let result = job::run_backup(&source, &OnDisk, &dest, &a.run.options(messages), &bar, metrics.as_ref());
     drop(bar);
     warnings::emit_deferred(&Stderr("maildir-backup: "));
     print_report(&result?, &a.run);
+    Ok(sysexits::EX_OK)
+}
+
+/// Snapshot a live Maildir with hard links at a stable path, run an offsite tool (restic,
+/// borg) in it, then remove it.
+#[derive(Args, Debug)]
+#[command(after_help = "COMMAND runs in the stage directory with MAILDIR_BACKUP_USER, MAILDIR_BACKUP_TIME (the snapshot's \
+instant, RFC 3339) and MAILDIR_BACKUP_STAGE set, e.g.\n  maildir-backup hand-off /srv/mail/alice/Maildir --stage /srv/mail/.stage/alice -- \
+restic -r /srv/restic backup --ignore-ctime --tag alice .\nIts exit status becomes ours when it fails.")]
+pub struct HandOffArgs {
+    /// SOURCE (none with --mail-path).
+    #[arg(value_name = "SOURCE", num_args = 0..=1)]
+    pub paths: Vec<String>,
+    /// Where the snapshot is made: the same path every run (restic and borg recognise unchanged
+    /// files by path), on the Maildir's file system. A snapshot an earlier run left there is replaced.
+    #[arg(long, value_name = "DIR")]
+    pub stage: PathBuf,
+    /// The user, for COMMAND's environment [default: the user's directory name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Leave the snapshot at the stage afterwards.
+    #[arg(long)]
+    pub keep_stage: bool,
+    /// Read every message to record its checksum in the snapshot's manifest.
+    #[arg(long)]
+    pub checksum: bool,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// The program to run and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+pub fn run_hand_off(a: HandOffArgs) -> Outcome {
+    let (source, _) = a.source.resolve(&a.paths, 0)?;
+    let user = a.name.clone().or_else(|| repo::default_name(&source.root));
+    let user = user.ok_or_else(|| Failure::usage(format!("cannot name the user of {}; give --name", source.root.display())))?;
+    let h = job::HandOff { stage: a.stage.clone(), user, command: a.command.clone(), keep_stage: a.keep_stage };
+    let bar = a.run.progress();
+    let result = job::run_hand_off(&source, &OnDisk, &h, &a.run.options(MessageFiles::Link { checksums: a.checksum }), &bar);
+    drop(bar);
+    warnings::emit_deferred(&Stderr("maildir-backup: "));
+    let r = result?;
+    if a.run.json || a.run.quiet {
+        print_report(&r, &a.run);
+    } else {
+        warnings::emit(&Stderr("maildir-backup: "), &r.warnings);
+        let program = a.command[0].to_string_lossy();
+        println!("handed {} folders, {} messages, {} at {} to {program} (lock held {:.1} ms)", r.folders, r.messages, human_bytes(r.bytes), r.destination.display(), r.lock_hold_ms);
+    }
     Ok(sysexits::EX_OK)
 }
 

@@ -23,6 +23,7 @@ pub struct Cli {
 enum Command {
     Backup(backup::BackupArgs),
     Verify(backup::VerifyArgs),
+    HandOff(backup::HandOffArgs),
     Snapshots(repo::SnapshotsArgs),
     Restore(repo::RestoreArgs),
     Prune(repo::PruneArgs),
@@ -71,6 +72,7 @@ pub fn run(cli: Cli) -> i32 {
     let (name, outcome) = match cli.command {
         Command::Backup(a) => ("maildir-backup backup", backup::run_backup(a)),
         Command::Verify(a) => ("maildir-backup verify", backup::run_verify(a)),
+        Command::HandOff(a) => ("maildir-backup hand-off", backup::run_hand_off(a)),
         Command::Snapshots(a) => ("maildir-backup snapshots", repo::run_snapshots(a)),
         Command::Restore(a) => ("maildir-backup restore", repo::run_restore(a)),
         Command::Prune(a) => ("maildir-backup prune", repo::run_prune(a)),

@@ -1,0 +1,212 @@
+//! `hand-off`: a link snapshot of a live Maildir handed to real restic and borg (Debian's packages,
+//! repositories in a temp dir), against a real Dovecot 2.3 under IMAP churn.
+//!
+//! - `restic_and_borg_get_the_reconcile_instant_under_churn`: five hand-offs to each while IMAP sessions
+//!   change flags, move, append and expunge; every restic snapshot and borg archive, restored, holds every
+//!   message of its reconcile instant exactly once (by Message-ID) and nothing from tmp/, verifies, and
+//!   Dovecot reads it with the UIDs and flags its uidlist and names say. The stage is gone after each.
+//! - `restores_from_restic_and_borg_merge_into_the_live_mailbox`: a deleted folder and an expunged
+//!   message come back from a restic snapshot and from a borg archive into alice's live mailbox, each
+//!   once; bob, a new user, gets the whole snapshot with its UIDs and flags.
+//! - `hand_off_fails_cleanly`: the tool's exit status is ours, a missing tool is 69, a stage that is not
+//!   ours is refused (73), and two hand-offs on one stage do not mix.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::churn::{backups_under_churn, files_under_tmp, imap_churn, presence_problems, scan_message_ids, Churn, ChurnBackup, Tracker};
+use support::procs::mb;
+use support::readback::{assert_no_problems, assert_verified, check_dovecot_reads_backup};
+use support::repo_helpers::{start_with_users, uidlist_uniques};
+use support::*;
+
+const FOLDERS: &[&str] = &["INBOX", "Sent", "Archive", "Archive.2024"];
+const PASSWORD_ENV: [(&str, &str); 2] = [("RESTIC_PASSWORD", "test"), ("BORG_PASSPHRASE", "test")];
+
+/// An offsite tool with a repository in a temp dir.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tool {
+    Restic,
+    Borg,
+}
+
+impl Tool {
+    fn init(self, repo: &Path) {
+        let mut c = match self {
+            Tool::Restic => Command::new("restic"),
+            Tool::Borg => Command::new("borg"),
+        };
+        match self {
+            Tool::Restic => c.args(["init", "-q", "-r"]).arg(repo),
+            Tool::Borg => c.args(["init", "-e", "repokey"]).arg(repo),
+        };
+        Run::of(with_env(c)).expect_ok();
+    }
+
+    /// The command hand-off runs in the stage (the recipes of the README).
+    fn backup_command(self, repo: &Path) -> Vec<String> {
+        let repo = repo.display().to_string();
+        match self {
+            Tool::Restic => ["restic", "-q", "-r", &repo, "backup", "--ignore-ctime", "--tag", "maildir-backup", "."].map(String::from).to_vec(),
+            Tool::Borg => vec!["borg".into(), "create".into(), "--files-cache=mtime,size,inode".into(), format!("{repo}::{{now:%Y-%m-%dT%H:%M:%S.%f}}"), ".".into()],
+        }
+    }
+
+    /// The newest snapshot (archive), restored into the new directory `into`.
+    fn restore_latest(self, repo: &Path, into: &Path) {
+        match self {
+            Tool::Restic => {
+                // Backed up as ".", so restored at the target's top.
+                let mut c = Command::new("restic");
+                c.args(["-q", "-r"]).arg(repo).args(["restore", "latest", "--target"]).arg(into);
+                Run::of(with_env(c)).expect_ok();
+            }
+            Tool::Borg => {
+                let mut list = Command::new("borg");
+                list.args(["list", "--short", "--last", "1"]).arg(repo);
+                let last = Run::of(with_env(list));
+                last.expect_ok();
+                fs::create_dir_all(into).unwrap();
+                let mut c = Command::new("borg");
+                c.arg("extract").arg(format!("{}::{}", repo.display(), last.stdout.trim())).current_dir(into);
+                Run::of(with_env(c)).expect_ok();
+            }
+        }
+    }
+}
+
+fn with_env(mut c: Command) -> Command {
+    c.envs(PASSWORD_ENV).env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes").env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes");
+    c
+}
+
+/// `hand-off SOURCE --stage STAGE -- COMMAND...`
+fn hand_off(source: &Path, stage: &Path, command: &[String]) -> Run {
+    let mut c = mb();
+    c.args(["hand-off", "-q"]).arg(source).arg("--stage").arg(stage).arg("--").args(command);
+    Run::of(with_env(c))
+}
+
+/// Dovecot with alice (FOLDERS × `n` messages, junk in every tmp/) and bob (never used).
+fn alice_with_junk(n: usize) -> (Dovecot, Vec<String>) {
+    let d = start_with_users(&["alice", "bob"]);
+    populate(&d, "alice", FOLDERS, n);
+    let mut junk = Vec::new();
+    for (k, f) in FOLDERS.iter().enumerate() {
+        let tmp = d.mailbox_path("alice", f, "mailbox").join("tmp");
+        let id = format!("<junk.{k}@tmp.example>");
+        fs::write(tmp.join(format!("1700000000.M{k}P999.junkhost,S=100")), format!("From: x@example.com\r\nMessage-ID: {id}\r\n\r\nhalf\r\n")).unwrap();
+        junk.push(id);
+    }
+    chown_vmail_recursive(&d.maildir("alice"));
+    (d, junk)
+}
+
+#[test]
+fn restic_and_borg_get_the_reconcile_instant_under_churn() {
+    let (d, junk) = alice_with_junk(100);
+    let maildir = d.maildir("alice");
+    let tracker = Tracker::new();
+    assert_eq!(tracker.register_existing(&maildir), 400);
+    // The stage beside the mail, on its file system; the repositories anywhere.
+    let out = tempdir();
+    let stage = out.path().join("stage/alice");
+    for tool in [Tool::Restic, Tool::Borg] {
+        let repo = out.path().join(format!("{tool:?}-repo"));
+        tool.init(&repo);
+        let command = tool.backup_command(&repo);
+        let churn = Churn::start(imap_churn(&d, FOLDERS, 3), tracker.clone());
+        churn.wait_ops(30, Duration::from_secs(20));
+        let prefix = format!("{tool:?}-");
+        let (runs, _) = backups_under_churn(churn, &tracker, out.path(), &prefix, 5, (20, Duration::from_secs(20)), |dest| {
+            let r = hand_off(&maildir, &stage, &command);
+            assert!(!stage.exists(), "{tool:?}: the stage was left behind");
+            if r.status.success() {
+                tool.restore_latest(&repo, dest);
+            }
+            r
+        });
+        for ChurnBackup { dest, start, end, .. } in &runs {
+            let what = format!("{tool:?} {}", dest.display());
+            assert_verified(dest);
+            assert!(files_under_tmp(dest).is_empty(), "{what}: files in tmp/");
+            assert!(!scan_message_ids(dest).keys().any(|m| junk.contains(m)), "{what}: junk from tmp/");
+            assert_no_problems(&format!("{what}: presence"), &presence_problems(&tracker, dest, *start, *end));
+            chown_vmail_recursive(dest);
+            assert_no_problems(&format!("{what}: Dovecot reading it"), &check_dovecot_reads_backup(&d, "alice", dest, false));
+        }
+    }
+}
+
+/// Message-ID → how many times alice's live mailbox has it.
+fn live_ids(d: &Dovecot) -> BTreeMap<String, usize> {
+    scan_message_ids(&d.maildir("alice")).into_iter().map(|(id, files)| (id, files.len())).collect()
+}
+
+#[test]
+fn restores_from_restic_and_borg_merge_into_the_live_mailbox() {
+    let (d, _) = alice_with_junk(10);
+    let maildir = d.maildir("alice");
+    let out = tempdir();
+    let stage = out.path().join("stage/alice");
+    let whole = live_ids(&d);
+    for tool in [Tool::Restic, Tool::Borg] {
+        let repo = out.path().join(format!("{tool:?}-repo"));
+        tool.init(&repo);
+        hand_off(&maildir, &stage, &tool.backup_command(&repo)).expect_ok();
+        let restored = out.path().join(format!("{tool:?}-restored"));
+        tool.restore_latest(&repo, &restored);
+
+        // Alice loses a folder and one message of INBOX.
+        d.doveadm_ok(&["mailbox", "delete", "-u", "alice", "Sent"]);
+        let uid = d.fetch_uid_flags("alice", "INBOX", None)[0].0;
+        let unique = uidlist_uniques(&maildir)[&uid].clone();
+        d.doveadm_ok(&["expunge", "-u", "alice", "mailbox", "INBOX", "uid", &uid.to_string()]);
+        assert!(live_ids(&d).len() < whole.len());
+
+        let (from, target) = (restored.display().to_string(), maildir.display().to_string());
+        cli_ok(&["restore", &from, &target, "--folder", "Sent"]);
+        cli_ok(&["restore", &from, &target, "--message", &unique]);
+        assert_eq!(live_ids(&d), whole, "{tool:?}: alice's mail after the restores (Message-ID → copies)");
+    }
+}
+
+#[test]
+fn hand_off_fails_cleanly() {
+    let (d, _) = alice_with_junk(3);
+    let maildir = d.maildir("alice");
+    let out = tempdir();
+    let stage = out.path().join("stage/alice");
+    let r = hand_off(&maildir, &stage, &["sh".into(), "-c".into(), "test -f maildir-backup.manifest && test \"$MAILDIR_BACKUP_USER\" = alice && exit 3".into()]);
+    assert_eq!(r.code(), Some(3), "{}", r.show());
+    assert!(r.stderr.contains("sh failed (exit status: 3) on the snapshot of 12 messages"), "{}", r.show());
+    assert!(!stage.exists());
+    hand_off(&maildir, &stage, &["no-such-tool".into()]).expect_code(69).expect_stderr(&["cannot run no-such-tool"]);
+    // --keep-stage leaves it; the next hand-off replaces it.
+    let mut c = mb();
+    c.args(["hand-off", "-q", "--keep-stage"]).arg(&maildir).arg("--stage").arg(&stage).args(["--", "true"]);
+    Run::of(c).expect_ok();
+    assert_verified(&stage);
+    hand_off(&maildir, &stage, &["true".into()]).expect_ok();
+    assert!(!stage.exists());
+    // Not ours: refused, untouched.
+    fs::create_dir_all(stage.join("precious")).unwrap();
+    hand_off(&maildir, &stage, &["true".into()]).expect_code(EX_CANTCREAT).expect_stderr(&["is not a stage of maildir-backup"]);
+    assert!(stage.join("precious").is_dir());
+    fs::remove_dir_all(&stage).unwrap();
+    // Two at once on one stage: the second is told to wait for its turn, the first is whole.
+    let mut first = mb();
+    first.args(["hand-off", "-q"]).arg(&maildir).arg("--stage").arg(&stage).args(["--", "sh", "-c", "touch started; sleep 3"]);
+    let mut child = first.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !stage.join("started").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    hand_off(&maildir, &stage, &["true".into()]).expect_code(EX_TEMPFAIL).expect_stderr(&["another hand-off is using"]);
+    assert!(child.wait().unwrap().success());
+}
