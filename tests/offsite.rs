@@ -210,3 +210,161 @@ fn hand_off_fails_cleanly() {
     hand_off(&maildir, &stage, &["true".into()]).expect_code(EX_TEMPFAIL).expect_stderr(&["another hand-off is using"]);
     assert!(child.wait().unwrap().success());
 }
+
+/// `n` messages of random text (nothing for the tools to deduplicate inside them) in five folders,
+/// numbered from `first`, written as vmail; returns their paths.
+fn generated_maildir(root: &Path, n: usize, first: usize) -> Vec<std::path::PathBuf> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ first as u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let folders = ["", ".Sent", ".Archive", ".Lists", ".Trash"];
+    for f in folders {
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(root.join(f).join(sub)).unwrap();
+        }
+    }
+    let files: Vec<_> = (first..first + n)
+        .map(|i| {
+            let size = 1024 + (next() % 8192) as usize;
+            let mut data = format!("Message-ID: <{i}@generated>\r\nSubject: {i}\r\n\r\n").into_bytes();
+            data.extend((data.len()..size).map(|_| b'a' + (next() % 26) as u8));
+            let path = root.join(folders[i % folders.len()]).join("cur").join(format!("{}.M{i}P1.gen,S={size}:2,", 1_700_000_000 + i));
+            fs::write(&path, data).unwrap();
+            path
+        })
+        .collect();
+    chown_vmail_recursive(root);
+    files
+}
+
+/// The JSON object in `out` that has `key`: all of it (borg), or its last such line (restic).
+fn json_with(out: &str, key: &str) -> serde_json::Value {
+    std::iter::once(out)
+        .chain(out.lines().rev())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get(key).is_some())
+        .unwrap_or_else(|| panic!("no JSON with {key} in:\n{out}"))
+}
+
+/// What a hand-off cost a tool: bytes added to its repository, files it read again, and (restic)
+/// the snapshot's id.
+struct Cost {
+    added: u64,
+    read: u64,
+    snapshot: String,
+}
+
+fn cost(tool: Tool, r: &Run) -> Cost {
+    r.expect_ok();
+    match tool {
+        Tool::Restic => {
+            let s = json_with(&r.stdout, "files_unmodified");
+            let read = s["files_new"].as_u64().unwrap() + s["files_changed"].as_u64().unwrap();
+            Cost { added: s["data_added"].as_u64().unwrap(), read, snapshot: s["snapshot_id"].as_str().unwrap().to_string() }
+        }
+        Tool::Borg => {
+            // --list names each file it read: A(dded) or M(odified); unchanged ones it skipped.
+            let read = r.stderr.lines().filter(|l| l.starts_with("A ") || l.starts_with("M ")).count() as u64;
+            let added = json_with(&r.stdout, "archive")["archive"]["stats"]["deduplicated_size"].as_u64().unwrap();
+            Cost { added, read, snapshot: String::new() }
+        }
+    }
+}
+
+fn restic_cat(repo: &Path, what: &[&str]) -> String {
+    let mut c = Command::new("restic");
+    c.args(["-q", "-r"]).arg(repo).arg("cat").args(what);
+    let r = Run::of(with_env(c));
+    r.expect_ok();
+    r.stdout
+}
+
+/// A restic snapshot's metadata: its trees (directory listings) and our manifest (rewritten every
+/// hand-off, and the only file of the snapshot that is neither a message nor a control file).
+fn restic_metadata_bytes(repo: &Path, snapshot: &str) -> u64 {
+    let mut c = Command::new("restic");
+    c.args(["-q", "-r"]).arg(repo).args(["ls", "--json", snapshot]);
+    let ls = Run::of(with_env(c));
+    ls.expect_ok();
+    let manifest = ls
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|n| n["name"] == "maildir-backup.manifest")
+        .and_then(|n| n["size"].as_u64())
+        .unwrap_or_else(|| panic!("no manifest in restic snapshot {snapshot}"));
+    manifest + restic_tree_bytes(repo, snapshot)
+}
+
+/// The bytes of every tree (directory listing) of a restic snapshot.
+fn restic_tree_bytes(repo: &Path, snapshot: &str) -> u64 {
+    let snap: serde_json::Value = serde_json::from_str(&restic_cat(repo, &["snapshot", snapshot])).unwrap();
+    let mut todo = vec![snap["tree"].as_str().unwrap().to_string()];
+    let mut total = 0;
+    while let Some(id) = todo.pop() {
+        let tree = restic_cat(repo, &["blob", &id]);
+        total += tree.len() as u64;
+        let nodes: serde_json::Value = serde_json::from_str(&tree).unwrap();
+        todo.extend(nodes["nodes"].as_array().unwrap().iter().filter_map(|n| n["subtree"].as_str().map(String::from)));
+    }
+    total
+}
+
+/// After 10 % flag changes (renames) and 1 % new mail, a hand-off makes restic and borg read only the
+/// renamed and new files, and store no more than 1.2 × the new mail plus the snapshot's metadata (every
+/// link changes a file's ctime, which both record, and our manifest is rewritten): for restic, the
+/// snapshot's trees and manifest; for borg, what a hand-off with nothing changed stores.
+#[test]
+fn a_second_hand_off_costs_what_changed() {
+    const N: usize = 20_000;
+    let out = tempdir();
+    let maildir = out.path().join("alice/Maildir");
+    let files = generated_maildir(&maildir, N, 0);
+    let stage = out.path().join("stage/alice");
+    for tool in [Tool::Restic, Tool::Borg] {
+        let repo = out.path().join(format!("{tool:?}-repo"));
+        tool.init(&repo);
+        let mut command = tool.backup_command(&repo);
+        match tool {
+            Tool::Restic => command.insert(4, "--json".into()),
+            Tool::Borg => command.splice(2..2, ["--json".to_string(), "--list".into()]).for_each(drop),
+        }
+        hand_off(&maildir, &stage, &command).expect_ok();
+        let unchanged = cost(tool, &hand_off(&maildir, &stage, &command));
+
+        let renamed: Vec<_> = files.iter().step_by(10).map(|f| (f.clone(), f.with_file_name(format!("{}S", f.file_name().unwrap().to_str().unwrap())))).collect();
+        for (from, to) in &renamed {
+            fs::rename(from, to).unwrap();
+        }
+        let new_bytes: u64 = generated_maildir(&out.path().join("new-mail"), N / 100, N)
+            .into_iter()
+            .map(|f| {
+                let to = maildir.join("new").join(f.file_name().unwrap().to_str().unwrap().replace(":2,", ""));
+                fs::rename(&f, &to).unwrap();
+                fs::metadata(&to).unwrap().len()
+            })
+            .sum();
+        let Cost { added, read, snapshot } = cost(tool, &hand_off(&maildir, &stage, &command));
+        let metadata = match tool {
+            Tool::Restic => restic_metadata_bytes(&repo, &snapshot),
+            Tool::Borg => unchanged.added,
+        };
+        eprintln!("{tool:?}: read {read} of {} files again; added {added} B for {new_bytes} B of new mail and {metadata} B of its metadata (nothing changed: read {}, added {} B)", N + N / 100, unchanged.read, unchanged.added);
+        // Only the manifest is new every time (the generated Maildir has no control files).
+        assert!(unchanged.read <= 1, "{tool:?} read {} files again when nothing had changed", unchanged.read);
+        assert!(read as f64 <= 0.15 * (N + N / 100) as f64, "{tool:?} read {read} files again");
+        assert!((added as f64) <= 1.2 * new_bytes as f64 + 1.1 * metadata as f64, "{tool:?} added {added} B for {new_bytes} B of new mail and {metadata} B of metadata");
+
+        // Put the Maildir back for the next tool.
+        for (from, to) in &renamed {
+            fs::rename(to, from).unwrap();
+        }
+        fs::remove_dir_all(maildir.join("new")).unwrap();
+        fs::create_dir(maildir.join("new")).unwrap();
+        fs::remove_dir_all(out.path().join("new-mail")).unwrap();
+    }
+}
