@@ -37,6 +37,7 @@ struct maildir_backup_cmd_context {
 	double lock_timeout_secs; /* < 0: not given */
 	int64_t jobs;             /* 0: not given */
 	bool with_indexes;
+	bool link;                /* hard-link message files instead of copying them */
 	bool invalid;             /* a parameter was refused (said in init) */
 };
 
@@ -330,6 +331,7 @@ static int merge_settings(struct maildir_backup_cmd_context *bctx, struct mail_u
 	}
 	job->jobs = jobs > 0 ? (unsigned int)jobs : 0;
 	job->with_indexes = bctx->with_indexes || set.with_indexes ? 1 : 0;
+	job->link = bctx->link ? 1 : 0;
 	job->metrics_file = set.metrics;
 	return 0;
 }
@@ -432,6 +434,7 @@ static void cmd_maildir_backup_init(INIT_PARAMS)
 	(void)doveadm_cmd_param_str(ctx->cctx, "destination", &bctx->dest);
 	(void)doveadm_cmd_param_int64(ctx->cctx, "jobs", &bctx->jobs);
 	(void)doveadm_cmd_param_bool(ctx->cctx, "with-indexes", &bctx->with_indexes);
+	(void)doveadm_cmd_param_bool(ctx->cctx, "link", &bctx->link);
 	if (doveadm_cmd_param_str(ctx->cctx, "lock-timeout", &timeout_str) &&
 	    parse_secs(timeout_str, &bctx->lock_timeout_secs) < 0) {
 		i_error("maildir-backup: invalid lock timeout: %s", timeout_str);
@@ -482,13 +485,14 @@ static struct doveadm_cmd_ver2 maildir_backup_cmd = {
 	.name = "maildir-backup",
 	.mail_cmd = cmd_maildir_backup_alloc,
 	.usage = DOVEADM_CMD_MAIL_USAGE_PREFIX
-		"[-m <mailbox>]... [-t <lock timeout secs>] [-j <jobs>] [-i] [<destination template>]",
+		"[-m <mailbox>]... [-t <lock timeout secs>] [-j <jobs>] [-i] [-L] [<destination template>]",
 DOVEADM_CMD_PARAMS_START
 DOVEADM_CMD_MAIL_COMMON
 DOVEADM_CMD_PARAM('m', "mailbox", CMD_PARAM_ARRAY, 0)
 DOVEADM_CMD_PARAM('t', "lock-timeout", CMD_PARAM_STR, 0)
 DOVEADM_CMD_PARAM('j', "jobs", CMD_PARAM_INT64, 0)
 DOVEADM_CMD_PARAM('i', "with-indexes", CMD_PARAM_BOOL, 0)
+DOVEADM_CMD_PARAM('L', "link", CMD_PARAM_BOOL, 0)
 DOVEADM_CMD_PARAM('\0', "destination", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
 DOVEADM_CMD_PARAMS_END
 };

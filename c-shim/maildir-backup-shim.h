@@ -26,6 +26,7 @@ struct mb_user_job {
 	double lock_timeout_secs;  /* < 0: default */
 	unsigned int jobs;         /* 0: default */
 	int with_indexes;          /* 0 or 1 */
+	int link;                  /* 1: hard-link message files (same file system only) */
 	const char *metrics_file;  /* a Prometheus textfile to update; NULL: none */
 
 	void *ctx;

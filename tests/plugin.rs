@@ -964,3 +964,49 @@ fn d24_plugin_writes_metrics_and_run_records() {
     vmail_dir24(out.path());
     plugin_writes_metrics_and_run_records(&d, "maildir_backup_metrics", &out.path().join("repo"), &vmail_dir24(&out.path().join("prom")));
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// 12. Link snapshots
+
+/// Message files below `root` by relative path: (dev, inode).
+fn message_inodes(root: &Path) -> BTreeMap<std::path::PathBuf, (u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    support::repo_helpers::message_files(root)
+        .into_iter()
+        .map(|f| {
+            let md = fs::symlink_metadata(&f).unwrap();
+            (f.strip_prefix(root).unwrap().to_path_buf(), (md.dev(), md.ino()))
+        })
+        .collect()
+}
+
+/// `-L`: the backup's messages are alice's own files (hard links), its control files copies, and it
+/// verifies; in `out`, a directory the mail user can write on the mail's file system.
+fn plugin_link_backup<R: PluginRelease>(d: &Instance<R>, out: &Path) {
+    populate(d, "alice", FOLDERS, 5);
+    let dest = out.join("alice-linked");
+    run_plugin(d, &["maildir-backup", "-u", "alice", "-L", &R::inside(&dest).display().to_string()]).expect_ok();
+    assert_verified(&dest);
+    let maildir = d.maildir("alice");
+    let (source, linked) = (message_inodes(&maildir), message_inodes(&dest));
+    assert_eq!(source.len(), FOLDERS.len() * 5);
+    assert_eq!(linked, source, "the -L backup's messages are not alice's files");
+    let uidlist = |root: &Path| fs::symlink_metadata(root.join("dovecot-uidlist")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    assert_ne!(uidlist(&dest), uidlist(&maildir));
+}
+
+#[test]
+fn plugin_link_backup_on_2_3() {
+    let d = Dovecot::start(DovecotOptions::default());
+    let out = vmail_tempdir();
+    plugin_link_backup(&d, out.path());
+}
+
+#[test]
+fn d24_plugin_link_backup() {
+    install_plugin24();
+    let d = Dovecot24::start(DovecotOptions::default());
+    let out = tempdir_in_root();
+    vmail_dir24(out.path());
+    plugin_link_backup(&d, out.path());
+}

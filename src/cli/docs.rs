@@ -59,7 +59,7 @@ maildir_backup_with_indexes: as -i.
 
 maildir_backup_metrics: a Prometheus node-exporter textfile, updated after every user.
 
-Over doveadm's HTTP API the command is maildirBackup, with the parameters mailbox, lockTimeout, \
+Over doveadm's HTTP API the command is maildirBackup, with the parameters mailbox, lockTimeout, link, \
 jobs, withIndexes and destination. Exit status: sysexits, as in maildir-backup(1); a user that \
 fails does not stop the others. See /usr/share/doc/maildir-backup/README.md.";
 
@@ -69,11 +69,12 @@ fn doveadm_backup() -> Command {
         .about("Consistent, live backups of Dovecot Maildirs, run inside doveadm")
         .long_about("Backs up each user's Maildir with Dovecot's own view of the user (userdb, mail location, namespaces) and Dovecot's own uidlist locks: a bulk copy without locks, then a reconcile of a few milliseconds under the locks of all folders at once. One output row per folder: user, mailbox, messages, bytes, lock_ms, status.")
         .disable_help_flag(true)
-        .override_usage("doveadm [-f flow|tab|json] maildir-backup [-u USER | -A | -F FILE] [-S SOCKET] [-m MAILBOX]... [-t SECS] [-j JOBS] [-i] [DEST-TEMPLATE]")
+        .override_usage("doveadm [-f flow|tab|json] maildir-backup [-u USER | -A | -F FILE] [-S SOCKET] [-m MAILBOX]... [-t SECS] [-j JOBS] [-i] [-L] [DEST-TEMPLATE]")
         .arg(Arg::new("mailbox").short('m').value_name("MAILBOX").action(ArgAction::Append).help("Back up only this mailbox (repeatable; Dovecot's mailbox patterns)"))
         .arg(Arg::new("lock-timeout").short('t').value_name("SECS").help("Seconds to keep trying to lock all of a user's folders [default: 122]"))
         .arg(Arg::new("jobs").short('j').value_name("JOBS").help("Parallel copy threads [default: 4]"))
         .arg(Arg::new("with-indexes").short('i').action(ArgAction::SetTrue).help("Also copy Dovecot's index files (best effort)"))
+        .arg(Arg::new("link").short('L').action(ArgAction::SetTrue).help("Hard-link message files instead of copying them (the destination must be on the mail's file system), as maildir-backup backup --link"))
         .arg(Arg::new("destination").value_name("DEST-TEMPLATE").help("Where each user's backup goes: %u %n %d (2.4: %{user}, %{user | username}, %{user | domain}); repo:REPO writes dated snapshots into a repository, REPO/USER/<UTC time>"))
         .after_long_help(DOVEADM_SETTINGS)
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::engine::{BackupOptions, BackupReport, NoProgress};
+use crate::engine::{BackupOptions, BackupReport, MessageFiles, NoProgress};
 use crate::job::{self, Destination, Metrics, RestorePlan, SnapshotRef};
 use crate::maildir::{Layout, MailLocation};
 use crate::restore::{RestoreReport, RestoreRequest};
@@ -156,6 +156,9 @@ fn backup_options(job: &ffi::mb_user_job) -> BackupOptions {
         opts.jobs = job.jobs as usize;
     }
     opts.with_indexes = job.with_indexes != 0;
+    if job.link != 0 {
+        opts.messages = MessageFiles::Link { checksums: false };
+    }
     opts
 }
 

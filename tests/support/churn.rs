@@ -813,7 +813,8 @@ pub fn imap_churn<R: Release>(d: &Instance<R>, folders: &[&str], workers: usize)
     }
 }
 
-/// Message-ID → files, with duplicates allowed only for messages a UID MOVE was moving during the backup.
+/// Message-ID → files, with duplicates allowed only for messages a UID MOVE was moving during the backup,
+/// or that two sessions moved at once (then the source itself holds them twice, for good).
 pub fn presence_problems(tracker: &Tracker, backup: &Path, start: u64, end: u64) -> Vec<String> {
     let ids = scan_message_ids(backup);
     let required = tracker.required(start, end);
@@ -828,8 +829,9 @@ pub fn presence_problems(tracker: &Tracker, backup: &Path, start: u64, end: u64)
         }
         // A message whose UID MOVE was in flight may be in both folders (Dovecot links it into the target
         // before it unlinks the source); any other copy is a duplicate.
-        if paths.len() > 1 && !(paths.len() == 2 && tracker.moved_between(mid, start, end)) {
-            problems.push(format!("{mid} is in the backup {} times: {paths:?}", paths.len()));
+        let excused = tracker.moved_concurrently(mid) || (paths.len() == 2 && tracker.moved_between(mid, start, end));
+        if paths.len() > 1 && !excused {
+            problems.push(format!("{mid} is in the backup {} times: {paths:?} (its moves, ticks: {:?}; backup {start}..{end})", paths.len(), tracker.moves_of(mid)));
         }
     }
     problems
