@@ -1,5 +1,6 @@
 //! Backup speed against `cp -a` and `rsync -a` on the same Maildir in the same run, `--link`
-//! against `cp -al`, lock hold times, and incremental snapshots against `rsync -a --link-dest`.
+//! against `cp -al`, lock hold times, incremental snapshots against `rsync -a --link-dest`, and
+//! what hand-offs to restic and borg read and add when little changed.
 //!
 //! `cargo bench --bench backup` (sizes: `-- --messages 20000,100000`, repeats: `--runs 3`).
 //! The Maildir is synthetic but shaped like Dovecot's: 5 folders, Dovecot file names,
@@ -229,5 +230,68 @@ fn main() {
         println!("    maildir-backup --repo   {:>8.2} s, {:>6} new files, {:>10.1} MiB written", t_ours.as_secs_f64(), of, ob as f64 / 1048576.0);
         println!("    rsync -a --link-dest    {:>8.2} s, {:>6} new files, {:>10.1} MiB written", t_rsync.as_secs_f64(), rf, rb as f64 / 1048576.0);
         println!("    ratio ours/rsync: time {:.2}, bytes written {:.3}", t_ours.as_secs_f64() / t_rsync.as_secs_f64(), ob as f64 / rb.max(1) as f64);
+
+        if has("restic") && has("borg") {
+            offsite(work.path(), &src, n);
+        } else {
+            println!("  (offsite figures skipped: restic or borg is not installed)");
+        }
+    }
+}
+
+/// Hand-offs to restic and borg (local repositories): each tool's first, then one after 10 % flag
+/// changes and 1 % new mail of random text; what the second read again and added to the repository.
+fn offsite(work: &Path, src: &Path, n: usize) {
+    let stage = work.join("stage/u");
+    let tools: [(&str, Vec<String>); 2] = [
+        ("restic", vec!["restic".into(), "-q".into(), "--json".into(), "-r".into(), work.join("restic").display().to_string(), "backup".into(), "--ignore-ctime".into(), ".".into()]),
+        ("borg", vec!["borg".into(), "create".into(), "--json".into(), "--list".into(), "--files-cache=mtime,size,inode".into(), format!("{}::{{now:%Y-%m-%dT%H:%M:%S.%f}}", work.join("borg").display()), ".".into()]),
+    ];
+    let env = [("RESTIC_PASSWORD", "bench"), ("BORG_PASSPHRASE", "bench"), ("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")];
+    assert!(Command::new("restic").args(["init", "-q", "-r"]).arg(work.join("restic")).envs(env).status().unwrap().success());
+    let borg_init = Command::new("borg").args(["init", "-e", "repokey"]).arg(work.join("borg")).envs(env).output().unwrap();
+    assert!(borg_init.status.success(), "{}", String::from_utf8_lossy(&borg_init.stderr));
+    let hand_off = |cmd: &[String]| {
+        let t = Instant::now();
+        let out = Command::new(BIN).args(["hand-off", "-q"]).arg(src).arg("--stage").arg(&stage).arg("--").args(cmd).envs(env).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (t.elapsed(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let firsts: Vec<Duration> = tools.iter().map(|(_, cmd)| hand_off(cmd).0).collect();
+
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut renamed = 0;
+    for dir in FOLDERS.iter().map(|f| src.join(f).join("cur")) {
+        let mut names: Vec<PathBuf> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        names.sort();
+        for f in names.iter().step_by(10) {
+            fs::rename(f, format!("{}T", f.display())).unwrap();
+            renamed += 1;
+        }
+    }
+    let mut new_bytes = 0u64;
+    for i in 0..n / 100 {
+        let size = 1024 + (rng.next() % 11264) as usize;
+        let body: Vec<u8> = (0..size).map(|_| b'a' + (rng.next() % 26) as u8).collect();
+        fs::write(src.join("new").join(format!("{}.M{i}P4343.bench,S={size}", 1_900_000_000 + i)), &body).unwrap();
+        new_bytes += size as u64;
+    }
+    println!("  offsite hand-offs (local repositories), then again after {renamed} flag changes + {} new messages ({:.1} MiB of random text):", n / 100, new_bytes as f64 / 1048576.0);
+    for ((name, cmd), first) in tools.iter().zip(firsts) {
+        let (t, stdout, stderr) = hand_off(cmd);
+        let (read, added) = if *name == "restic" {
+            let s: serde_json::Value = stdout.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.get("data_added").is_some())).unwrap();
+            (s["files_new"].as_u64().unwrap() + s["files_changed"].as_u64().unwrap(), s["data_added"].as_u64().unwrap())
+        } else {
+            let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            (stderr.lines().filter(|l| l.starts_with("A ") || l.starts_with("M ")).count() as u64, s["archive"]["stats"]["deduplicated_size"].as_u64().unwrap())
+        };
+        println!(
+            "    {name:<7} first {:>7.2} s; second {:>7.2} s, read {read} files again, added {:>7.1} MiB ({:.2} × the new mail)",
+            first.as_secs_f64(),
+            t.as_secs_f64(),
+            added as f64 / 1048576.0,
+            added as f64 / new_bytes as f64
+        );
     }
 }
