@@ -73,6 +73,7 @@ pub struct MessageRecord {
     pub unique: String,
     pub flags: String,
     pub size: u64,
+    /// Empty in a link snapshot made without `--checksum`: see [`MessageRecord::checksum`].
     pub blake3: String,
 }
 
@@ -80,6 +81,12 @@ impl MessageRecord {
     /// The file's path in the backup.
     pub fn rel_path(&self) -> std::path::PathBuf {
         Path::new(&self.folder).join(self.dir.as_str()).join(&self.name)
+    }
+
+    /// The BLAKE3 recorded for the message; None in a link snapshot made without checksums,
+    /// where its size is all there is to check.
+    pub fn checksum(&self) -> Option<&str> {
+        Some(self.blake3.as_str()).filter(|s| !s.is_empty())
     }
 }
 
@@ -245,8 +252,7 @@ fn check_message(m: &MessageRecord) -> Result<(), String> {
     if name.unique() != m.unique || name.flags() != m.flags {
         return Err(format!("message {:?}: unique name or flags do not match the file name", m.name));
     }
-    // Empty: a link snapshot made without checksums (sizes are all there is to check).
-    if !m.blake3.is_empty() && (m.blake3.len() != 64 || !m.blake3.bytes().all(|b| b.is_ascii_hexdigit())) {
+    if m.checksum().is_some_and(|s| s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit())) {
         return Err(format!("message {:?}: checksum {:?} is not a BLAKE3 hex digest", m.name, m.blake3));
     }
     // The folder path itself is checked with its folder record (every message needs one).

@@ -152,7 +152,7 @@ impl PreviousSnapshot {
         let by_unique = manifest
             .messages
             .into_iter()
-            .filter(|m| !m.blake3.is_empty())
+            .filter(|m| m.checksum().is_some())
             .map(|m| (m.unique, (Path::new(&m.folder).join(m.dir.as_str()), m.name, m.size, m.blake3)))
             .collect();
         Some(PreviousSnapshot { dir, by_unique, paranoid, open_dirs: Mutex::new(HashMap::new()) })

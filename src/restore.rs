@@ -470,26 +470,29 @@ fn restore_folder(s: &mut Session, targets: &Targets, f: &FolderRecord, rel: &Pa
     }
 }
 
-/// Every selected file must be a regular file of the size and checksum the manifest says.
-/// A file under several names is read once.
+/// Every selected file must be a regular file of the size and checksum the manifest says
+/// (the size alone where it recorded no checksum). A file under several names is read once.
 fn check_selected(snap: &Dir, selected: &[Selected]) -> Result<(), RestoreError> {
     let mut bad = Vec::new();
     let mut hashed: HashMap<(u64, u64), (u64, String)> = HashMap::new();
     for s in selected {
         let rel = s.msg.rel_path();
-        let sum = snap.open_read(&rel).map_err(|e| e.to_string()).and_then(|mut f| {
+        let measured = snap.open_read(&rel).map_err(|e| e.to_string()).and_then(|mut f| {
+            let Some(want) = s.msg.checksum() else { return Ok(f.meta.size() == s.msg.size) };
             let id = (f.meta.dev(), f.meta.ino());
-            if let Some(known) = hashed.get(&id) {
-                return Ok(known.clone());
-            }
-            let sum = fsx::hash_file(&mut f).map_err(|e| e.to_string())?;
-            hashed.insert(id, sum.clone());
-            Ok(sum)
+            let (size, sum) = match hashed.get(&id) {
+                Some(known) => known.clone(),
+                None => {
+                    let sum = fsx::hash_file(&mut f).map_err(|e| e.to_string())?;
+                    hashed.insert(id, sum.clone());
+                    sum
+                }
+            };
+            Ok(size == s.msg.size && sum == want)
         });
-        match sum {
-            // No checksum recorded (a link snapshot's): the size is all there is to check.
-            Ok((size, sum)) if size == s.msg.size && (s.msg.blake3.is_empty() || sum == s.msg.blake3) => {}
-            Ok(_) => bad.push(format!("{}: content differs from the manifest", fsx::shown(&snap.show(&rel)))),
+        match measured {
+            Ok(true) => {}
+            Ok(false) => bad.push(format!("{}: content differs from the manifest", fsx::shown(&snap.show(&rel)))),
             Err(e) => bad.push(e),
         }
     }
@@ -555,8 +558,9 @@ impl Present {
 
     fn has(&self, m: &MessageRecord) -> bool {
         self.uniques.contains(&m.unique)
-            || (!m.blake3.is_empty()
-                && self.by_size.get(&m.size).is_some_and(|files| files.iter().any(|(d, name)| self.sum(*d, name).is_some_and(|s| s == m.blake3))))
+            || m.checksum().is_some_and(|want| {
+                self.by_size.get(&m.size).is_some_and(|files| files.iter().any(|(d, name)| self.sum(*d, name).is_some_and(|s| s == want)))
+            })
     }
 
     fn sum(&self, d: usize, name: &str) -> Option<String> {

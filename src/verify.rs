@@ -77,9 +77,8 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
                 let rel = m.rel_path();
                 let shown = dir.show(&rel);
                 let opened = dir.open_read(&rel).map_err(|e| e.to_string());
-                let measured = match depth {
-                    Depth::Checksums if !m.blake3.is_empty() => opened.and_then(|mut f| fsx::hash_file(&mut f).map(|(size, sum)| (size, Some(sum))).map_err(|e| e.to_string())),
-                    // Sizes only, or no checksum recorded (a link snapshot's).
+                let measured = match (depth, m.checksum()) {
+                    (Depth::Checksums, Some(_)) => opened.and_then(|mut f| fsx::hash_file(&mut f).map(|(size, sum)| (size, Some(sum))).map_err(|e| e.to_string())),
                     _ => opened.map(|f| (f.meta.size(), None)),
                 };
                 match measured {
