@@ -93,18 +93,7 @@ fn backups_under_imap_churn_lose_nothing() {
 
     for ChurnBackup { dest, start, end, run: r } in &runs {
         assert_verified(dest);
-        let ids = scan_message_ids(dest);
-        let required = tracker.required(*start, *end);
-        let missing: Vec<&String> = required.iter().filter(|m| !ids.contains_key(*m)).collect();
-        assert!(missing.is_empty(), "{}: {} of {} required messages missing, e.g. {:?}", dest.display(), missing.len(), required.len(), &missing[..missing.len().min(5)]);
-        for (mid, paths) in &ids {
-            assert!(tracker.is_known(mid), "{}: unknown message {mid} at {paths:?}", dest.display());
-            // A message whose UID MOVE was in flight may be caught in both folders (Dovecot links it into
-            // the target before it unlinks the source file); any other copy is a duplicate.
-            if paths.len() > 1 {
-                assert!(tracker.moved_between(mid, *start, *end), "{}: {mid} is in the backup {} times: {paths:?}", dest.display(), paths.len());
-            }
-        }
+        assert_no_problems(&format!("{}: presence", dest.display()), &presence_problems(&tracker, dest, *start, *end));
         assert_no_problems("Dovecot reading the backup", &check_dovecot_reads_backup(&d, "alice", dest, false));
 
         // The rows printed are the backup's folders.
