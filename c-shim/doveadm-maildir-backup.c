@@ -28,12 +28,16 @@
 #  define DOVECOT_PREREQ(maj, min, micro) 0
 #endif
 
-/* doveadm maildir-backup: its parameters, read once in init; the user's settings fill in
-   what the command line left out, in run. */
+/* doveadm maildir-backup and maildir-backup-hand-off: their parameters, read once in init;
+   the user's settings fill in what the command line left out, in run. */
 struct maildir_backup_cmd_context {
 	struct doveadm_mail_cmd_context ctx;
 	const char *const *patterns;
-	const char *dest;
+	const char *dest;         /* the stage, for a hand-off */
+	const char *hand_off;     /* the hand-off's shell command */
+	bool is_hand_off;
+	bool keep_stage;
+	bool checksum;
 	double lock_timeout_secs; /* < 0: not given */
 	int64_t jobs;             /* 0: not given */
 	bool with_indexes;
@@ -148,7 +152,7 @@ static int parse_secs(const char *str, double *secs_r)
 
 /* The plugin's settings from dovecot.conf, as strings (NULL: not set). */
 struct backup_settings {
-	const char *dest, *lock_timeout, *jobs, *metrics;
+	const char *dest, *lock_timeout, *jobs, *metrics, *stage, *hand_off;
 	bool with_indexes;
 };
 
@@ -179,6 +183,10 @@ static int get_settings(struct mail_user *user, struct backup_settings *set_r)
 	set_r->jobs = dec2str(set->maildir_backup_jobs);
 	set_r->metrics = set->maildir_backup_metrics[0] == '\0' ? NULL :
 		t_strdup(set->maildir_backup_metrics);
+	set_r->stage = set->maildir_backup_stage[0] == '\0' ? NULL :
+		t_strdup(set->maildir_backup_stage);
+	set_r->hand_off = set->maildir_backup_hand_off[0] == '\0' ? NULL :
+		t_strdup(set->maildir_backup_hand_off);
 	set_r->with_indexes = set->maildir_backup_with_indexes;
 	settings_free(set);
 #else
@@ -188,6 +196,8 @@ static int get_settings(struct mail_user *user, struct backup_settings *set_r)
 	set_r->lock_timeout = mail_user_plugin_getenv(user, "maildir_backup_lock_timeout");
 	set_r->jobs = mail_user_plugin_getenv(user, "maildir_backup_jobs");
 	set_r->metrics = mail_user_plugin_getenv(user, "maildir_backup_metrics");
+	set_r->stage = mail_user_plugin_getenv(user, "maildir_backup_stage");
+	set_r->hand_off = mail_user_plugin_getenv(user, "maildir_backup_hand_off");
 	value = mail_user_plugin_getenv(user, "maildir_backup_with_indexes");
 	set_r->with_indexes = value != NULL &&
 		(strcasecmp(value, "yes") == 0 || strcmp(value, "1") == 0);
@@ -318,7 +328,18 @@ static int merge_settings(struct maildir_backup_cmd_context *bctx, struct mail_u
 
 	if (get_settings(user, &set) < 0)
 		return -1;
-	job->dest_template = bctx->dest != NULL ? bctx->dest : set.dest;
+	if (bctx->is_hand_off) {
+		job->dest_template = bctx->dest != NULL ? bctx->dest : set.stage;
+		job->hand_off = bctx->hand_off != NULL ? bctx->hand_off : set.hand_off;
+		if (job->hand_off == NULL) {
+			i_error("maildir-backup-hand-off: no command: give one or set "
+				"maildir_backup_hand_off");
+			bctx->invalid = TRUE;
+			return -1;
+		}
+	} else {
+		job->dest_template = bctx->dest != NULL ? bctx->dest : set.dest;
+	}
 	job->lock_timeout_secs = bctx->lock_timeout_secs;
 	if (job->lock_timeout_secs < 0 && set.lock_timeout != NULL &&
 	    parse_secs(set.lock_timeout, &job->lock_timeout_secs) < 0) {
@@ -332,6 +353,8 @@ static int merge_settings(struct maildir_backup_cmd_context *bctx, struct mail_u
 	job->jobs = jobs > 0 ? (unsigned int)jobs : 0;
 	job->with_indexes = bctx->with_indexes || set.with_indexes ? 1 : 0;
 	job->link = bctx->link ? 1 : 0;
+	job->checksum = bctx->checksum ? 1 : 0;
+	job->keep_stage = bctx->keep_stage ? 1 : 0;
 	job->metrics_file = set.metrics;
 	return 0;
 }
@@ -382,7 +405,7 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 	}
 	if (merge_settings(bctx, user, &job) < 0 ||
 	    get_roots(user, &inbox_ns, &root, &control_root, &index_root) < 0) {
-		ctx->exit_code = EX_CONFIG;
+		ctx->exit_code = bctx->invalid ? EX_USAGE : EX_CONFIG;
 		return -1;
 	}
 	lock_ctx_init(&lc, ctx, user, bctx->patterns);
@@ -421,7 +444,8 @@ cmd_maildir_backup_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *u
 	const char *const args[] ATTR_UNUSED
 #endif
 
-static void cmd_maildir_backup_init(INIT_PARAMS)
+/* The parameters both commands have, and their output's header. */
+static void init_common(struct doveadm_mail_cmd_context *ctx)
 {
 	struct maildir_backup_cmd_context *bctx =
 		container_of(ctx, struct maildir_backup_cmd_context, ctx);
@@ -431,10 +455,8 @@ static void cmd_maildir_backup_init(INIT_PARAMS)
 	bctx->patterns = all;
 	bctx->lock_timeout_secs = -1;
 	(void)doveadm_cmd_param_array(ctx->cctx, "mailbox", &bctx->patterns);
-	(void)doveadm_cmd_param_str(ctx->cctx, "destination", &bctx->dest);
 	(void)doveadm_cmd_param_int64(ctx->cctx, "jobs", &bctx->jobs);
 	(void)doveadm_cmd_param_bool(ctx->cctx, "with-indexes", &bctx->with_indexes);
-	(void)doveadm_cmd_param_bool(ctx->cctx, "link", &bctx->link);
 	if (doveadm_cmd_param_str(ctx->cctx, "lock-timeout", &timeout_str) &&
 	    parse_secs(timeout_str, &bctx->lock_timeout_secs) < 0) {
 		i_error("maildir-backup: invalid lock timeout: %s", timeout_str);
@@ -447,6 +469,29 @@ static void cmd_maildir_backup_init(INIT_PARAMS)
 	doveadm_print_header("bytes", "bytes", DOVEADM_PRINT_HEADER_FLAG_RIGHT_JUSTIFY);
 	doveadm_print_header("lock_ms", "lock_ms", DOVEADM_PRINT_HEADER_FLAG_RIGHT_JUSTIFY);
 	doveadm_print_header_simple("status");
+}
+
+static void cmd_maildir_backup_init(INIT_PARAMS)
+{
+	struct maildir_backup_cmd_context *bctx =
+		container_of(ctx, struct maildir_backup_cmd_context, ctx);
+
+	init_common(ctx);
+	(void)doveadm_cmd_param_str(ctx->cctx, "destination", &bctx->dest);
+	(void)doveadm_cmd_param_bool(ctx->cctx, "link", &bctx->link);
+}
+
+static void cmd_maildir_backup_hand_off_init(INIT_PARAMS)
+{
+	struct maildir_backup_cmd_context *bctx =
+		container_of(ctx, struct maildir_backup_cmd_context, ctx);
+
+	init_common(ctx);
+	bctx->is_hand_off = TRUE;
+	(void)doveadm_cmd_param_str(ctx->cctx, "stage", &bctx->dest);
+	(void)doveadm_cmd_param_str(ctx->cctx, "command", &bctx->hand_off);
+	(void)doveadm_cmd_param_bool(ctx->cctx, "keep-stage", &bctx->keep_stage);
+	(void)doveadm_cmd_param_bool(ctx->cctx, "checksum", &bctx->checksum);
 }
 
 #if !DOVECOT_PREREQ(2,4,0)
@@ -478,7 +523,7 @@ static struct doveadm_mail_cmd_context *cmd_maildir_backup_alloc(void)
 	struct maildir_backup_cmd_context *bctx =
 		doveadm_mail_cmd_alloc(struct maildir_backup_cmd_context);
 
-	return cmd_setup(&bctx->ctx, cmd_maildir_backup_init, cmd_maildir_backup_run, "m:t:j:i");
+	return cmd_setup(&bctx->ctx, cmd_maildir_backup_init, cmd_maildir_backup_run, "m:t:j:iL");
 }
 
 static struct doveadm_cmd_ver2 maildir_backup_cmd = {
@@ -494,6 +539,36 @@ DOVEADM_CMD_PARAM('j', "jobs", CMD_PARAM_INT64, 0)
 DOVEADM_CMD_PARAM('i', "with-indexes", CMD_PARAM_BOOL, 0)
 DOVEADM_CMD_PARAM('L', "link", CMD_PARAM_BOOL, 0)
 DOVEADM_CMD_PARAM('\0', "destination", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
+DOVEADM_CMD_PARAMS_END
+};
+
+/* doveadm maildir-backup-hand-off: a link snapshot at a stage per user, handed to the
+   admin's restic or borg command. */
+
+static struct doveadm_mail_cmd_context *cmd_maildir_backup_hand_off_alloc(void)
+{
+	struct maildir_backup_cmd_context *bctx =
+		doveadm_mail_cmd_alloc(struct maildir_backup_cmd_context);
+
+	return cmd_setup(&bctx->ctx, cmd_maildir_backup_hand_off_init, cmd_maildir_backup_run,
+			 "m:t:j:is:Kc");
+}
+
+static struct doveadm_cmd_ver2 maildir_backup_hand_off_cmd = {
+	.name = "maildir-backup-hand-off",
+	.mail_cmd = cmd_maildir_backup_hand_off_alloc,
+	.usage = DOVEADM_CMD_MAIL_USAGE_PREFIX
+		"[-m <mailbox>]... [-t <lock timeout secs>] [-j <jobs>] [-i] [-s <stage template>] [-K] [-c] [<shell command>]",
+DOVEADM_CMD_PARAMS_START
+DOVEADM_CMD_MAIL_COMMON
+DOVEADM_CMD_PARAM('m', "mailbox", CMD_PARAM_ARRAY, 0)
+DOVEADM_CMD_PARAM('t', "lock-timeout", CMD_PARAM_STR, 0)
+DOVEADM_CMD_PARAM('j', "jobs", CMD_PARAM_INT64, 0)
+DOVEADM_CMD_PARAM('i', "with-indexes", CMD_PARAM_BOOL, 0)
+DOVEADM_CMD_PARAM('s', "stage", CMD_PARAM_STR, 0)
+DOVEADM_CMD_PARAM('K', "keep-stage", CMD_PARAM_BOOL, 0)
+DOVEADM_CMD_PARAM('c', "checksum", CMD_PARAM_BOOL, 0)
+DOVEADM_CMD_PARAM('\0', "command", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
 DOVEADM_CMD_PARAMS_END
 };
 
@@ -617,6 +692,7 @@ DOVEADM_CMD_PARAMS_END
 void mb_shim_init(void)
 {
 	doveadm_cmd_register_ver2(&maildir_backup_cmd);
+	doveadm_cmd_register_ver2(&maildir_backup_hand_off_cmd);
 	doveadm_cmd_register_ver2(&maildir_backup_restore_cmd);
 }
 

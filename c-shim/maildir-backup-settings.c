@@ -12,6 +12,8 @@
 static const struct setting_define maildir_backup_setting_defines[] = {
 	DEF(STR, maildir_backup_dest),
 	DEF(STR, maildir_backup_metrics),
+	DEF(STR, maildir_backup_stage),
+	DEF(STR, maildir_backup_hand_off),
 	DEF(TIME, maildir_backup_lock_timeout),
 	DEF(UINT, maildir_backup_jobs),
 	DEF(BOOL, maildir_backup_with_indexes),
@@ -22,6 +24,8 @@ static const struct setting_define maildir_backup_setting_defines[] = {
 static const struct maildir_backup_settings maildir_backup_default_settings = {
 	.maildir_backup_dest = "",
 	.maildir_backup_metrics = "",
+	.maildir_backup_stage = "",
+	.maildir_backup_hand_off = "",
 	.maildir_backup_lock_timeout = 122,
 	.maildir_backup_jobs = 4,
 	.maildir_backup_with_indexes = FALSE,

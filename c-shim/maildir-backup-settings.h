@@ -8,6 +8,8 @@ struct maildir_backup_settings {
 	pool_t pool;
 	const char *maildir_backup_dest;
 	const char *maildir_backup_metrics;
+	const char *maildir_backup_stage;
+	const char *maildir_backup_hand_off;
 	unsigned int maildir_backup_lock_timeout;
 	unsigned int maildir_backup_jobs;
 	bool maildir_backup_with_indexes;

@@ -16,7 +16,8 @@ struct mb_folder {
 /* What the shim hands the core for one user. Callbacks run on the calling thread only. */
 struct mb_user_job {
 	const char *username;
-	const char *dest_template; /* may hold %u %n %d / %{user}...; NULL: none given */
+	const char *dest_template; /* may hold %u %n %d / %{user}...; NULL: none given
+				      (the stage when hand_off is set) */
 	const char *root_dir;      /* the user's Maildir root (INBOX) */
 	const char *control_root;  /* NULL unless control files live elsewhere */
 	const char *index_root;    /* NULL unless index files live elsewhere */
@@ -27,6 +28,10 @@ struct mb_user_job {
 	unsigned int jobs;         /* 0: default */
 	int with_indexes;          /* 0 or 1 */
 	int link;                  /* 1: hard-link message files (same file system only) */
+	int checksum;              /* 1: record checksums of linked message files */
+	const char *hand_off;      /* a shell command to run on a link snapshot at the stage
+				      (doveadm maildir-backup-hand-off); NULL: a backup */
+	int keep_stage;            /* 1: leave the stage after the hand-off */
 	const char *metrics_file;  /* a Prometheus textfile to update; NULL: none */
 
 	void *ctx;

@@ -137,7 +137,7 @@ impl SnapshotRef {
 }
 
 /// `template` expanded for `user`, made absolute from `base` if relative.
-fn user_path(template: &str, user: &str, base: Option<&Path>) -> Result<PathBuf, JobError> {
+pub fn user_path(template: &str, user: &str, base: Option<&Path>) -> Result<PathBuf, JobError> {
     let path = PathBuf::from(template::expand(template, user)?);
     match base {
         _ if path.is_absolute() => Ok(path),

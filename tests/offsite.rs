@@ -218,6 +218,32 @@ fn hand_off_fails_cleanly() {
     assert!(child.wait().unwrap().success());
 }
 
+/// Run as root, the tool reads the stage by path while the mail user owns the directories in it: a
+/// stage whose parent others can enter, or which lies below a directory the mail user (vmail here) can
+/// change, is refused (77) before anything is made or run.
+#[test]
+fn a_root_hand_off_needs_a_stage_only_root_can_enter() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, _) = alice_with_junk(3);
+    let maildir = d.maildir("alice");
+    let out = tempdir();
+    let ran = out.path().join("ran");
+    let tool = ["sh".to_string(), "-c".into(), format!("touch {}", ran.display())];
+    let open = out.path().join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+    hand_off(&maildir, &open.join("alice"), &tool).expect_code(EX_NOPERM).expect_stderr(&["must be a directory only root can enter", "mode 0755"]);
+    let theirs = out.path().join("theirs");
+    fs::create_dir_all(theirs.join("private")).unwrap();
+    fs::set_permissions(theirs.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(&theirs, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(ensure_vmail().0), None).unwrap();
+    hand_off(&maildir, &theirs.join("private/alice"), &tool).expect_code(EX_NOPERM).expect_stderr(&[&format!("{} above it is owned by uid {}", theirs.display(), ensure_vmail().0)]);
+    assert!(!ran.exists() && !open.join("alice").exists() && !theirs.join("private/alice").exists());
+    hand_off(&maildir, &out.path().join("private/alice"), &tool).expect_ok();
+    assert!(ran.exists());
+}
+
 /// `n` messages of random text (nothing for the tools to deduplicate inside them) in five folders,
 /// numbered from `first`, written as vmail; returns their paths.
 fn generated_maildir(root: &Path, n: usize, first: usize) -> Vec<std::path::PathBuf> {

@@ -999,3 +999,118 @@ fn d24_plugin_link_backup() {
     vmail_dir24(out.path());
     plugin_link_backup(&d, out.path());
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// 13. Hand-off to an offsite tool
+
+/// What a hand-off's command recorded of itself: (real uid, effective uid, user, time), one line a run.
+fn hand_off_ids(log: &Path) -> Vec<(u32, u32, String, String)> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            assert_eq!(w.len(), 4, "bad line {l:?} in {}", log.display());
+            (w[0].parse().unwrap(), w[1].parse().unwrap(), w[2].to_string(), w[3].to_string())
+        })
+        .collect()
+}
+
+/// `maildir-backup-hand-off -A -s OUT/stage/%u 'SHELL COMMAND'`: every user's link snapshot at their
+/// own stage, `tool` run in it as the mail user (real and effective ids both: doveadm -A only
+/// seteuid's away from root, which a child could take back) with the user and instant in its
+/// environment. bob's command fails with 3: his exit status is doveadm's, and alice and carol (before
+/// and after him) are still handed off. No stage is left. `restored(user)` gives back what `tool`
+/// stored for a user, which must be exactly their messages, with a manifest that verifies.
+/// `settings`: give the stage and command as settings (`-o KEY=VALUE`, `plugin/KEY` on 2.3) rather
+/// than as options.
+fn plugin_hand_off_all_users<R: PluginRelease>(d: &Instance<R>, out: &Path, settings: Option<&str>, tool: &str, restored: impl Fn(&str) -> std::path::PathBuf) {
+    populate_three_users(d);
+    let ids = R::inside(&out.join("ids"));
+    let command = format!(
+        "echo \"$(id -ru) $(id -u) $MAILDIR_BACKUP_USER $MAILDIR_BACKUP_TIME\" >> {}; [ \"$MAILDIR_BACKUP_USER\" != bob ] || exit 3; {tool}",
+        ids.display()
+    );
+    let stage = R::inside(&out.join("stage")).join("%u");
+    let args: Vec<String> = match settings {
+        None => ["maildir-backup-hand-off", "-A", "-s", s(&stage), &command].map(String::from).to_vec(),
+        Some(prefix) => vec![
+            "-o".into(),
+            format!("{prefix}maildir_backup_stage={}", stage.display()),
+            "-o".into(),
+            format!("{prefix}maildir_backup_hand_off={command}"),
+            "maildir-backup-hand-off".into(),
+            "-A".into(),
+        ],
+    };
+    let r = run_plugin(d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    r.expect_code(3).expect_stderr(&["user bob", "failed (exit status: 3)"]);
+    // Only the hand-offs' lock files (`.USER.maildir-backup-hand-off`) stay.
+    let left: Vec<_> = fs::read_dir(out.join("stage")).unwrap().flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().ends_with(".maildir-backup-hand-off")).collect();
+    assert!(left.is_empty(), "left in the stage dir: {left:?}\n{}", r.show());
+
+    let (vmail, _) = R::vmail_ids();
+    let ran = hand_off_ids(&out.join("ids"));
+    let users: BTreeSet<&str> = ran.iter().map(|(_, _, u, _)| u.as_str()).collect();
+    assert_eq!(users, BTreeSet::from(["alice", "bob", "carol"]), "{}", r.show());
+    for (ruid, euid, user, time) in &ran {
+        assert_eq!((*ruid, *euid), (vmail, vmail), "{user}'s command did not run as the mail user only");
+        assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{user}: MAILDIR_BACKUP_TIME {time:?}");
+    }
+    for user in ["alice", "carol"] {
+        let got = restored(user);
+        assert_verified(&got);
+        let (source, handed) = (message_inodes(&d.maildir(user)), message_inodes(&got));
+        assert!(!source.is_empty());
+        assert_eq!(handed.keys().collect::<Vec<_>>(), source.keys().collect::<Vec<_>>(), "{user}: handed off messages differ from the source");
+    }
+}
+
+fn three_users() -> DovecotOptions {
+    DovecotOptions { users: ["alice", "bob", "carol"].map(String::from).to_vec(), ..Default::default() }
+}
+
+/// 2.3 with the README's restic recipe: a repository the mail user can write, one snapshot per user
+/// tagged with the user's name.
+#[test]
+fn plugin_hands_all_users_to_restic_on_2_3() {
+    let d = Dovecot::start(three_users());
+    let out = tempdir();
+    let repo = out.path().join("restic");
+    fs::write(out.path().join("pw"), "test").unwrap();
+    let mut init = Command::new("restic");
+    init.args(["init", "-q", "--password-file"]).arg(out.path().join("pw")).arg("-r").arg(&repo);
+    Run::of(init).expect_ok();
+    chown_vmail_recursive(out.path());
+    let tool = format!(
+        "restic -q -r {0}/restic --password-file {0}/pw --cache-dir {0}/cache backup --ignore-ctime --host mail --tag \"$MAILDIR_BACKUP_USER\" .",
+        out.path().display()
+    );
+    plugin_hand_off_all_users(&d, out.path(), None, &tool, |user| {
+        let into = out.path().join(format!("restored-{user}"));
+        let mut c = Command::new("restic");
+        c.args(["-q", "--password-file"]).arg(out.path().join("pw")).arg("-r").arg(&repo);
+        c.args(["restore", "latest", "--host", "mail", "--tag", user, "--target"]).arg(&into);
+        Run::of(c).expect_ok();
+        into
+    });
+}
+
+/// 2.4, with the stage and command from its settings and tar (in the Debian 13 root doveadm runs in)
+/// as the tool.
+#[test]
+fn d24_plugin_hands_all_users_to_a_tool() {
+    install_plugin24();
+    let d = Dovecot24::start(three_users());
+    let out = tempdir_in_root();
+    vmail_dir24(out.path());
+    let tool = format!("tar -cf {}/\"$MAILDIR_BACKUP_USER\".tar .", in_root(out.path()));
+    plugin_hand_off_all_users(&d, out.path(), Some(""), &tool, |user| {
+        let into = out.path().join(format!("restored-{user}"));
+        fs::create_dir(&into).unwrap();
+        let mut c = Command::new("tar");
+        c.arg("-xf").arg(out.path().join(format!("{user}.tar"))).arg("-C").arg(&into);
+        Run::of(c).expect_ok();
+        into
+    });
+}

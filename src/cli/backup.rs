@@ -219,7 +219,7 @@ pub fn run_hand_off(a: HandOffArgs) -> Outcome {
     let (source, _) = a.source.resolve(&a.paths, 0)?;
     let user = a.name.clone().or_else(|| repo::default_name(&source.root));
     let user = user.ok_or_else(|| Failure::usage(format!("cannot name the user of {}; give --name", source.root.display())))?;
-    let h = job::HandOff { stage: a.stage.clone(), user, command: a.command.clone(), keep_stage: a.keep_stage };
+    let h = job::HandOff { stage: a.stage.clone(), user, command: a.command.clone(), keep_stage: a.keep_stage, stdout_to_stderr: false };
     let bar = a.run.progress();
     let result = job::run_hand_off(&source, &OnDisk, &h, &a.run.options(MessageFiles::Link { checksums: a.checksum }), &bar);
     drop(bar);

@@ -31,7 +31,7 @@ pub fn run_generate_docs(a: GenerateDocsArgs) -> Outcome {
     cli.build();
     let mut pages = vec![cli.clone()];
     pages.extend(cli.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help").map(|s| s.clone().name(format!("maildir-backup-{}", s.get_name()))));
-    pages.extend([doveadm_backup(), doveadm_restore()]);
+    pages.extend([doveadm_backup(), doveadm_hand_off(), doveadm_restore()]);
     for page in pages {
         let path = man.join(format!("{}.1", page.get_name()));
         let mut out = Vec::new();
@@ -59,24 +59,45 @@ maildir_backup_with_indexes: as -i.
 
 maildir_backup_metrics: a Prometheus node-exporter textfile, updated after every user.
 
+maildir_backup_stage, maildir_backup_hand_off: see doveadm-maildir-backup-hand-off(1).
+
 Over doveadm's HTTP API the command is maildirBackup, with the parameters mailbox, lockTimeout, link, \
 jobs, withIndexes and destination. Exit status: sysexits, as in maildir-backup(1); a user that \
 fails does not stop the others. See /usr/share/doc/maildir-backup/README.md.";
 
 /// `doveadm maildir-backup`, as the shim registers it.
 fn doveadm_backup() -> Command {
-    Command::new("doveadm-maildir-backup")
+    let page = Command::new("doveadm-maildir-backup")
         .about("Consistent, live backups of Dovecot Maildirs, run inside doveadm")
         .long_about("Backs up each user's Maildir with Dovecot's own view of the user (userdb, mail location, namespaces) and Dovecot's own uidlist locks: a bulk copy without locks, then a reconcile of a few milliseconds under the locks of all folders at once. One output row per folder: user, mailbox, messages, bytes, lock_ms, status.")
-        .disable_help_flag(true)
-        .override_usage("doveadm [-f flow|tab|json] maildir-backup [-u USER | -A | -F FILE] [-S SOCKET] [-m MAILBOX]... [-t SECS] [-j JOBS] [-i] [-L] [DEST-TEMPLATE]")
+        .override_usage("doveadm [-f flow|tab|json] maildir-backup [-u USER | -A | -F FILE] [-S SOCKET] [-m MAILBOX]... [-t SECS] [-j JOBS] [-i] [-L] [DEST-TEMPLATE]");
+    with_backup_args(page)
+        .arg(Arg::new("link").short('L').action(ArgAction::SetTrue).help("Hard-link message files instead of copying them (the destination must be on the mail's file system), as maildir-backup backup --link"))
+        .arg(Arg::new("destination").value_name("DEST-TEMPLATE").help("Where each user's backup goes: %u %n %d (2.4: %{user}, %{user | username}, %{user | domain}); repo:REPO writes dated snapshots into a repository, REPO/USER/<UTC time>"))
+        .after_long_help(DOVEADM_SETTINGS)
+}
+
+/// The options `doveadm maildir-backup` and `maildir-backup-hand-off` share.
+fn with_backup_args(page: Command) -> Command {
+    page.disable_help_flag(true)
         .arg(Arg::new("mailbox").short('m').value_name("MAILBOX").action(ArgAction::Append).help("Back up only this mailbox (repeatable; Dovecot's mailbox patterns)"))
         .arg(Arg::new("lock-timeout").short('t').value_name("SECS").help("Seconds to keep trying to lock all of a user's folders [default: 122]"))
         .arg(Arg::new("jobs").short('j').value_name("JOBS").help("Parallel copy threads [default: 4]"))
         .arg(Arg::new("with-indexes").short('i').action(ArgAction::SetTrue).help("Also copy Dovecot's index files (best effort)"))
-        .arg(Arg::new("link").short('L').action(ArgAction::SetTrue).help("Hard-link message files instead of copying them (the destination must be on the mail's file system), as maildir-backup backup --link"))
-        .arg(Arg::new("destination").value_name("DEST-TEMPLATE").help("Where each user's backup goes: %u %n %d (2.4: %{user}, %{user | username}, %{user | domain}); repo:REPO writes dated snapshots into a repository, REPO/USER/<UTC time>"))
-        .after_long_help(DOVEADM_SETTINGS)
+}
+
+/// `doveadm maildir-backup-hand-off`, as the shim registers it.
+fn doveadm_hand_off() -> Command {
+    let page = Command::new("doveadm-maildir-backup-hand-off")
+        .about("Hand consistent link snapshots of Dovecot users' Maildirs to restic or borg")
+        .long_about("For each user, makes a link snapshot (as doveadm maildir-backup -L) at the user's stage, runs the shell COMMAND in it as the mail user, and removes the stage again. The output rows are those of doveadm maildir-backup; COMMAND's output goes to standard error. A user whose COMMAND fails gets its exit status; the others go on.")
+        .override_usage("doveadm maildir-backup-hand-off [-u USER | -A | -F FILE] [-m MAILBOX]... [-t SECS] [-j JOBS] [-i] [-s STAGE-TEMPLATE] [-K] [-c] [COMMAND]");
+    with_backup_args(page)
+        .arg(Arg::new("stage").short('s').value_name("STAGE-TEMPLATE").help("Where each user's snapshot is made, the same path every run, on the mail's file system: %u %n %d (2.4: %{user}, ...) [setting: maildir_backup_stage]"))
+        .arg(Arg::new("keep-stage").short('K').action(ArgAction::SetTrue).help("Leave the snapshot at the stage afterwards"))
+        .arg(Arg::new("checksum").short('c').action(ArgAction::SetTrue).help("Record every message's checksum in the snapshot's manifest"))
+        .arg(Arg::new("command").value_name("COMMAND").help("A shell command run by /bin/sh -c in the stage, with MAILDIR_BACKUP_USER, MAILDIR_BACKUP_TIME and MAILDIR_BACKUP_STAGE set [setting: maildir_backup_hand_off]"))
+        .after_long_help("Settings, as for doveadm-maildir-backup(1): maildir_backup_stage and maildir_backup_hand_off, and the lock timeout and jobs settings. COMMAND runs with the mail user's ids only (also under -A, where doveadm keeps root as its real uid): the repository and its password must be readable by the mail user. Over doveadm's HTTP API the command is maildirBackupHandOff, with the parameters mailbox, lockTimeout, jobs, withIndexes, stage, keepStage, checksum and command. See /usr/share/doc/maildir-backup/README.md.")
 }
 
 /// `doveadm maildir-backup-restore`, as the shim registers it.

@@ -736,15 +736,20 @@ impl Dir {
     /// (device, inode) of this directory and each of its ancestors up to `/`: the physical
     /// path, whatever names lead here.
     pub fn lineage(&self) -> Result<Vec<(u64, u64)>> {
+        Ok(self.ancestors()?.iter().map(|m| (m.dev(), m.ino())).collect())
+    }
+
+    /// The metadata of this directory and of each of its ancestors up to `/`, nearest first.
+    pub fn ancestors(&self) -> Result<Vec<Meta>> {
         let err = |e| FsError::io("find the parent of", self.path.clone(), e);
-        let mut out = Vec::new();
+        let mut out: Vec<Meta> = Vec::new();
         let mut cur = rustix::fs::openat(&self.fd, ".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(err)?;
         loop {
             let m = Meta(rustix::fs::fstat(&cur).map_err(err)?);
-            if out.contains(&(m.dev(), m.ino())) {
+            if out.iter().any(|o| (o.dev(), o.ino()) == (m.dev(), m.ino())) {
                 return Ok(out); // `/` is its own parent
             }
-            out.push((m.dev(), m.ino()));
+            out.push(m);
             cur = rustix::fs::openat(&cur, "..", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(err)?;
         }
     }

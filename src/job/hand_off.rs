@@ -7,10 +7,14 @@
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus};
 
+use nix::unistd::{getegid, geteuid, setresgid, setresuid};
+
 use crate::engine::{self, BackupOptions, BackupReport, Mailboxes, MessageFiles, Progress};
-use crate::fsx::{Dir, FsError, Kind};
+use crate::fsx::{running_as_root, Dir, FsError, Kind};
 use crate::maildir::MailLocation;
 use crate::manifest::MANIFEST_NAME;
 use crate::staging;
@@ -27,12 +31,16 @@ pub struct HandOff {
     pub command: Vec<OsString>,
     /// Leave the snapshot at `stage` afterwards (the next hand-off replaces it).
     pub keep_stage: bool,
+    /// Send the tool's standard output to our standard error (doveadm's carries its table).
+    pub stdout_to_stderr: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandOffError {
     #[error("{0} exists and is not a stage of maildir-backup (no {MANIFEST_NAME} in it); remove it or choose another stage")]
     NotAStage(PathBuf),
+    #[error("{dir} must be a directory only root can enter (owned by root, mode 0700, below directories only root can change): the mail user could otherwise change the snapshot while {program} reads it as root ({why})")]
+    StageNotPrivate { dir: PathBuf, program: String, why: String },
     #[error("another hand-off is using {0}")]
     Busy(PathBuf),
     #[error("no command to hand {0} to")]
@@ -47,6 +55,7 @@ impl ExitCode for HandOffError {
     fn exit_code(&self) -> i32 {
         match self {
             HandOffError::NotAStage(_) => sysexits::EX_CANTCREAT,
+            HandOffError::StageNotPrivate { .. } => sysexits::EX_NOPERM,
             HandOffError::Busy(_) => sysexits::EX_TEMPFAIL,
             HandOffError::NoCommand(_) => sysexits::EX_USAGE,
             HandOffError::CannotRun { .. } => sysexits::EX_UNAVAILABLE,
@@ -73,6 +82,9 @@ pub fn run_hand_off(
 ) -> Result<HandOffReport, JobError> {
     let program = h.command.first().ok_or_else(|| HandOffError::NoCommand(h.stage.clone()))?;
     let (parent, name) = staging::split_dest(&h.stage)?;
+    if running_as_root() {
+        check_private(&parent, program)?;
+    }
     let _turn = take_turn(&parent, &name, &h.stage)?;
     remove_stage(&parent, &name, &h.stage)?;
     let checksums = matches!(opts.messages, MessageFiles::Link { checksums: true });
@@ -80,13 +92,7 @@ pub fn run_hand_off(
     let md = engine::open_source(source)?;
     engine::check_outside(&md, &h.stage)?;
     let report = engine::backup_to(&md, mailboxes, &parent, &name, &opts, None, progress)?;
-    let status = Command::new(program)
-        .args(&h.command[1..])
-        .current_dir(&h.stage)
-        .env("MAILDIR_BACKUP_USER", &h.user)
-        .env("MAILDIR_BACKUP_TIME", taken_at(&report))
-        .env("MAILDIR_BACKUP_STAGE", &h.stage)
-        .status();
+    let status = tool_command(h, program, &report).and_then(|mut c| c.status());
     if !h.keep_stage {
         parent.remove_tree(&name)?;
     }
@@ -96,6 +102,52 @@ pub fn run_hand_off(
         Ok(status) => Err(HandOffError::CommandFailed { program, status, messages: report.messages, stage: h.stage.clone() }.into()),
         Err(source) => Err(HandOffError::CannotRun { program, source }.into()),
     }
+}
+
+/// The tool, to run in the stage with our effective ids only: doveadm -A switches users with
+/// seteuid and keeps root as the real and saved id, which a child could take back (a shell
+/// would even do so itself), and the tool would then read a user's stage as root.
+fn tool_command(h: &HandOff, program: &OsStr, report: &BackupReport) -> io::Result<Command> {
+    let mut c = Command::new(program);
+    c.args(&h.command[1..])
+        .current_dir(&h.stage)
+        .env("MAILDIR_BACKUP_USER", &h.user)
+        .env("MAILDIR_BACKUP_TIME", taken_at(report))
+        .env("MAILDIR_BACKUP_STAGE", &h.stage);
+    if h.stdout_to_stderr {
+        c.stdout(io::stderr().as_fd().try_clone_to_owned()?);
+    }
+    let (uid, gid) = (geteuid(), getegid());
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            setresgid(gid, gid, gid)?;
+            setresuid(uid, uid, uid)?;
+            Ok(())
+        });
+    }
+    Ok(c)
+}
+
+/// Run as root, the tool reads the stage by its path, where the mail user owns every directory
+/// below the top (owners are kept): only a parent no one else can enter keeps the user from
+/// swapping them for symlinks mid-read, and only ancestors no one else can change keep that
+/// parent where its path says.
+fn check_private(parent: &Dir, program: &OsStr) -> Result<(), JobError> {
+    let refuse = |why: String| HandOffError::StageNotPrivate { dir: parent.path().to_path_buf(), program: program.to_string_lossy().into_owned(), why };
+    let ancestors = parent.ancestors()?;
+    let own = &ancestors[0];
+    if own.owner().uid != 0 || own.mode() & 0o077 != 0 {
+        return Err(refuse(format!("it is owned by uid {} with mode {:04o}", own.owner().uid, own.mode())).into());
+    }
+    for (depth, a) in ancestors.iter().enumerate().skip(1) {
+        let sticky = a.mode() & 0o1000 != 0;
+        if a.owner().uid != 0 || (a.mode() & 0o022 != 0 && !sticky) {
+            let shown = parent.path().ancestors().nth(depth).map_or_else(|| format!("{depth} levels up"), |p| p.display().to_string());
+            return Err(refuse(format!("{shown} above it is owned by uid {} with mode {:04o}", a.owner().uid, a.mode())).into());
+        }
+    }
+    Ok(())
 }
 
 /// The reconcile instant, RFC 3339 in UTC (e.g. for a restic tag or a borg archive name).

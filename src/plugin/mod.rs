@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::engine::{BackupOptions, BackupReport, MessageFiles, NoProgress};
-use crate::job::{self, Destination, Metrics, RestorePlan, SnapshotRef};
+use crate::job::{self, Destination, HandOff, Metrics, RestorePlan, SnapshotRef};
 use crate::maildir::{Layout, MailLocation};
 use crate::restore::{RestoreReport, RestoreRequest};
 use crate::sysexits::{self, ExitCode};
@@ -156,34 +156,52 @@ fn backup_options(job: &ffi::mb_user_job) -> BackupOptions {
         opts.jobs = job.jobs as usize;
     }
     opts.with_indexes = job.with_indexes != 0;
-    if job.link != 0 {
-        opts.messages = MessageFiles::Link { checksums: false };
+    if job.link != 0 || !job.hand_off.is_null() {
+        opts.messages = MessageFiles::Link { checksums: job.checksum != 0 };
     }
     opts
 }
 
 fn backup_user(job: &ffi::mb_user_job, log: &DovecotLog) -> c_int {
     // SAFETY: the shim's strings live for this call.
-    let (user, template) = unsafe { (opt_str(job.username).unwrap_or_default(), opt_str(job.dest_template)) };
+    let (user, template, hand_off) = unsafe { (opt_str(job.username).unwrap_or_default(), opt_str(job.dest_template), opt_str(job.hand_off)) };
     let Some(template) = template else {
-        log.error("no destination: give one on the command line or set maildir_backup_dest");
+        log.error(match hand_off {
+            Some(_) => "no stage: give one with -s or set maildir_backup_stage",
+            None => "no destination: give one on the command line or set maildir_backup_dest",
+        });
         return sysexits::EX_USAGE;
     };
-    let dest = match Destination::from_template(&template, &user, start_dir()) {
-        Ok(d) => d,
-        Err(e) => return log.failed(&e),
-    };
     let location = location_from(job.root_dir, job.control_root, job.index_root, job.layout);
-    // SAFETY: as above.
-    let metrics = unsafe { opt_str(job.metrics_file) }.map(|file| Metrics { file: PathBuf::from(file), user: user.clone() });
     let (mailboxes, code) = DovecotMailboxes::new(job, location.clone());
-    match job::run_backup(&location, &mailboxes, &dest, &backup_options(job), &NoProgress, metrics.as_ref()) {
+    let result = match hand_off {
+        Some(command) => hand_off_user(job, &user, &template, command, &location, &mailboxes),
+        None => Destination::from_template(&template, &user, start_dir()).and_then(|dest| {
+            // SAFETY: as above.
+            let metrics = unsafe { opt_str(job.metrics_file) }.map(|file| Metrics { file: PathBuf::from(file), user: user.clone() });
+            job::run_backup(&location, &mailboxes, &dest, &backup_options(job), &NoProgress, metrics.as_ref())
+        }),
+    };
+    match result {
         Ok(report) => {
             print_backup(job, log, &report, &mailboxes);
             code
         }
         Err(e) => log.failed(&e),
     }
+}
+
+/// `doveadm maildir-backup-hand-off`: a link snapshot at the user's stage, handed to the admin's
+/// shell command (its output goes to doveadm's standard error, which is not its table).
+fn hand_off_user(job: &ffi::mb_user_job, user: &str, stage: &str, command: String, location: &MailLocation, mailboxes: &DovecotMailboxes) -> Result<BackupReport, job::JobError> {
+    let h = HandOff {
+        stage: job::user_path(stage, user, start_dir())?,
+        user: user.to_string(),
+        command: vec!["/bin/sh".into(), "-c".into(), command.into()],
+        keep_stage: job.keep_stage != 0,
+        stdout_to_stderr: true,
+    };
+    job::run_hand_off(location, mailboxes, &h, &backup_options(job), &NoProgress)
 }
 
 /// A row per folder, named as Dovecot names it; the warnings to the log.
