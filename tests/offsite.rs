@@ -6,8 +6,10 @@
 //!   message of its reconcile instant exactly once (by Message-ID) and nothing from tmp/, verifies, and
 //!   Dovecot reads it with the UIDs and flags its uidlist and names say. The stage is gone after each.
 //! - `restores_from_restic_and_borg_merge_into_the_live_mailbox`: a deleted folder and an expunged
-//!   message come back from a restic snapshot and from a borg archive into alice's live mailbox, each
-//!   once; bob, a new user, gets the whole snapshot with its UIDs and flags.
+//!   message come back from a restic snapshot and from a borg archive, each restored into a directory
+//!   and read straight from its FUSE mount (`restic mount`, `borg mount`), into alice's live mailbox,
+//!   each once; bob and carol, who never had mail, get a mounted snapshot whole, with the UIDs and
+//!   flags alice had at the hand-off.
 //! - `hand_off_fails_cleanly`: the tool's exit status is ours, a missing tool is 69, a stage that is not
 //!   ours is refused (73), and two hand-offs on one stage do not mix.
 
@@ -74,17 +76,79 @@ impl Tool {
                 Run::of(with_env(c)).expect_ok();
             }
             Tool::Borg => {
-                let mut list = Command::new("borg");
-                list.args(["list", "--short", "--last", "1"]).arg(repo);
-                let last = Run::of(with_env(list));
-                last.expect_ok();
                 fs::create_dir_all(into).unwrap();
                 let mut c = Command::new("borg");
-                c.arg("extract").arg(format!("{}::{}", repo.display(), last.stdout.trim())).current_dir(into);
+                c.arg("extract").arg(format!("{}::{}", repo.display(), borg_last(repo))).current_dir(into);
                 Run::of(with_env(c)).expect_ok();
             }
         }
     }
+}
+
+/// How a restore reads a tool's newest snapshot: restored into a directory, or in its FUSE mount.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Via {
+    Extract,
+    Mount,
+}
+
+/// A tool's repository mounted with FUSE (`restic mount`, `borg mount`), unmounted on drop.
+struct Mounted {
+    at: std::path::PathBuf,
+    restic: Option<std::process::Child>,
+    /// The newest snapshot's directory in the mount.
+    latest: std::path::PathBuf,
+}
+
+impl Tool {
+    /// Mounts `repo` at the new directory `at`.
+    fn mount(self, repo: &Path, at: &Path) -> Mounted {
+        fs::create_dir_all(at).unwrap();
+        match self {
+            Tool::Restic => {
+                // restic serves the mount until it is unmounted; `tags/TAG/latest` links to the newest
+                // snapshot with the tag (the recipes tag them).
+                let mut c = Command::new("restic");
+                c.args(["-q", "-r"]).arg(repo).arg("mount").arg(at).stdout(std::process::Stdio::null());
+                let child = with_env(c).spawn().expect("start restic mount");
+                let latest = at.join("tags/maildir-backup/latest");
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !latest.join(MANIFEST).exists() {
+                    assert!(std::time::Instant::now() < deadline, "restic mount did not show {} within 30 s", latest.display());
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Mounted { at: at.to_path_buf(), restic: Some(child), latest }
+            }
+            Tool::Borg => {
+                // `borg mount` returns once the archive is mounted (it goes on in the background).
+                let mut c = Command::new("borg");
+                c.arg("mount").arg(format!("{}::{}", repo.display(), borg_last(repo))).arg(at);
+                Run::of(with_env(c)).expect_ok();
+                Mounted { at: at.to_path_buf(), restic: None, latest: at.to_path_buf() }
+            }
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg(&self.at).status();
+        if let Some(mut child) = self.restic.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+const MANIFEST: &str = "maildir-backup.manifest";
+
+/// The name of the newest archive in the borg repository `repo`.
+fn borg_last(repo: &Path) -> String {
+    let mut list = Command::new("borg");
+    list.args(["list", "--short", "--last", "1"]).arg(repo);
+    let last = Run::of(with_env(list));
+    last.expect_ok();
+    last.stdout.trim().to_string()
 }
 
 fn with_env(mut c: Command) -> Command {
@@ -99,9 +163,9 @@ fn hand_off(source: &Path, stage: &Path, command: &[String]) -> Run {
     Run::of(with_env(c))
 }
 
-/// Dovecot with alice (FOLDERS × `n` messages, junk in every tmp/) and bob (never used).
+/// Dovecot with alice (FOLDERS × `n` messages, junk in every tmp/), bob and carol (never used).
 fn alice_with_junk(n: usize) -> (Dovecot, Vec<String>) {
-    let d = start_with_users(&["alice", "bob"]);
+    let d = start_with_users(&["alice", "bob", "carol"]);
     populate(&d, "alice", FOLDERS, n);
     let mut junk = Vec::new();
     for (k, f) in FOLDERS.iter().enumerate() {
@@ -150,6 +214,11 @@ fn restic_and_borg_get_the_reconcile_instant_under_churn() {
     }
 }
 
+/// Folder → (UID, flags) of each message, as Dovecot gives them to `user`.
+fn uid_flags(d: &Dovecot, user: &str) -> BTreeMap<&'static str, Vec<(u32, String)>> {
+    FOLDERS.iter().map(|f| (*f, d.fetch_uid_flags(user, f, None))).collect()
+}
+
 /// Message-ID → how many times alice's live mailbox has it.
 fn live_ids(d: &Dovecot) -> BTreeMap<String, usize> {
     scan_message_ids(&d.maildir("alice")).into_iter().map(|(id, files)| (id, files.len())).collect()
@@ -162,12 +231,23 @@ fn restores_from_restic_and_borg_merge_into_the_live_mailbox() {
     let out = tempdir();
     let stage = out.path().join("stage/alice");
     let whole = live_ids(&d);
-    for tool in [Tool::Restic, Tool::Borg] {
+    let mut handed = BTreeMap::new();
+    for (tool, via) in [(Tool::Restic, Via::Extract), (Tool::Restic, Via::Mount), (Tool::Borg, Via::Extract), (Tool::Borg, Via::Mount)] {
         let repo = out.path().join(format!("{tool:?}-repo"));
-        tool.init(&repo);
-        hand_off(&maildir, &stage, &tool.backup_command(&repo)).expect_ok();
-        let restored = out.path().join(format!("{tool:?}-restored"));
-        tool.restore_latest(&repo, &restored);
+        if via == Via::Extract {
+            tool.init(&repo);
+            hand_off(&maildir, &stage, &tool.backup_command(&repo)).expect_ok();
+            handed = uid_flags(&d, "alice");
+        }
+        let mut _mounted = None;
+        let restored = match via {
+            Via::Extract => {
+                let restored = out.path().join(format!("{tool:?}-restored"));
+                tool.restore_latest(&repo, &restored);
+                restored
+            }
+            Via::Mount => _mounted.insert(tool.mount(&repo, &out.path().join(format!("{tool:?}-mount")))).latest.clone(),
+        };
 
         // Alice loses a folder and one message of INBOX.
         d.doveadm_ok(&["mailbox", "delete", "-u", "alice", "Sent"]);
@@ -179,7 +259,13 @@ fn restores_from_restic_and_borg_merge_into_the_live_mailbox() {
         let (from, target) = (restored.display().to_string(), maildir.display().to_string());
         cli_ok(&["restore", &from, &target, "--folder", "Sent"]);
         cli_ok(&["restore", &from, &target, "--message", &unique]);
-        assert_eq!(live_ids(&d), whole, "{tool:?}: alice's mail after the restores (Message-ID → copies)");
+        assert_eq!(live_ids(&d), whole, "{tool:?} {via:?}: alice's mail after the restores (Message-ID → copies)");
+        if via == Via::Mount {
+            // Whole into a user who never had mail: Dovecot gives the UIDs and flags of the hand-off.
+            let fresh = if tool == Tool::Restic { "bob" } else { "carol" };
+            cli_ok(&["restore", &from, &d.maildir(fresh).display().to_string()]);
+            assert_eq!(uid_flags(&d, fresh), handed, "{tool:?}: {fresh}'s mail restored whole from the mount");
+        }
     }
 }
 
@@ -216,6 +302,55 @@ fn hand_off_fails_cleanly() {
     }
     hand_off(&maildir, &stage, &["true".into()]).expect_code(EX_TEMPFAIL).expect_stderr(&["another hand-off is using"]);
     assert!(child.wait().unwrap().success());
+}
+
+/// The README's borgmatic recipe: its `before_backup` hook makes the snapshot (`--keep-stage`), and
+/// borgmatic backs up the stage with the files cache that skips unchanged links. Twice, so the hook
+/// also replaces a kept stage; the newest archive, extracted, is exactly alice's mail, verifies, and
+/// holds nothing from tmp/.
+#[test]
+fn borgmatic_backs_up_the_stage_its_hook_made() {
+    let (d, junk) = alice_with_junk(10);
+    let maildir = d.maildir("alice");
+    let out = tempdir();
+    let stage = out.path().join("stage/alice");
+    let repo = out.path().join("borg");
+    Tool::Borg.init(&repo);
+    let config = out.path().join("borgmatic.yaml");
+    let yaml = format!(
+        "location:
+    source_directories:
+        - {stage}
+    repositories:
+        - {repo}
+    files_cache: mtime,size,inode
+storage:
+    encryption_passphrase: test
+    archive_name_format: 'alice-{{now:%Y-%m-%dT%H:%M:%S.%f}}'
+hooks:
+    before_backup:
+        - {bin} hand-off --keep-stage -q {maildir} --stage {stage} --name alice -- true
+",
+        stage = stage.display(),
+        repo = repo.display(),
+        bin = BIN,
+        maildir = maildir.display()
+    );
+    fs::write(&config, yaml).unwrap();
+    for _ in 0..2 {
+        let mut c = Command::new("borgmatic");
+        c.arg("--config").arg(&config).arg("create");
+        Run::of(with_env(c)).expect_ok();
+        assert_verified(&stage);
+    }
+    let extracted = out.path().join("extracted");
+    Tool::Borg.restore_latest(&repo, &extracted);
+    // borg keeps the source directory's path below the extraction directory.
+    let restored = extracted.join(stage.strip_prefix("/").unwrap());
+    assert_verified(&restored);
+    let ids: BTreeMap<String, usize> = scan_message_ids(&restored).into_iter().map(|(id, files)| (id, files.len())).collect();
+    assert_eq!(ids, live_ids(&d), "the archive's messages (Message-ID → copies) are not alice's");
+    assert!(!ids.keys().any(|m| junk.contains(m)), "junk from tmp/ in the archive");
 }
 
 /// Run as root, the tool reads the stage by path while the mail user owns the directories in it: a
