@@ -42,6 +42,7 @@ struct maildir_backup_cmd_context {
 	int64_t jobs;             /* 0: not given */
 	bool with_indexes;
 	bool link;                /* hard-link message files instead of copying them */
+	bool imap_view;           /* repo: keep the user's snapshots as IMAP folders */
 	bool invalid;             /* a parameter was refused (said in init) */
 };
 
@@ -153,7 +154,7 @@ static int parse_secs(const char *str, double *secs_r)
 /* The plugin's settings from dovecot.conf, as strings (NULL: not set). */
 struct backup_settings {
 	const char *dest, *lock_timeout, *jobs, *metrics, *stage, *hand_off;
-	bool with_indexes;
+	bool with_indexes, imap_view;
 };
 
 static int get_settings(struct mail_user *user, struct backup_settings *set_r)
@@ -188,6 +189,7 @@ static int get_settings(struct mail_user *user, struct backup_settings *set_r)
 	set_r->hand_off = set->maildir_backup_hand_off[0] == '\0' ? NULL :
 		t_strdup(set->maildir_backup_hand_off);
 	set_r->with_indexes = set->maildir_backup_with_indexes;
+	set_r->imap_view = set->maildir_backup_imap_view;
 	settings_free(set);
 #else
 	const char *value;
@@ -200,6 +202,9 @@ static int get_settings(struct mail_user *user, struct backup_settings *set_r)
 	set_r->hand_off = mail_user_plugin_getenv(user, "maildir_backup_hand_off");
 	value = mail_user_plugin_getenv(user, "maildir_backup_with_indexes");
 	set_r->with_indexes = value != NULL &&
+		(strcasecmp(value, "yes") == 0 || strcmp(value, "1") == 0);
+	value = mail_user_plugin_getenv(user, "maildir_backup_imap_view");
+	set_r->imap_view = value != NULL &&
 		(strcasecmp(value, "yes") == 0 || strcmp(value, "1") == 0);
 #endif
 	return 0;
@@ -353,6 +358,7 @@ static int merge_settings(struct maildir_backup_cmd_context *bctx, struct mail_u
 	job->jobs = jobs > 0 ? (unsigned int)jobs : 0;
 	job->with_indexes = bctx->with_indexes || set.with_indexes ? 1 : 0;
 	job->link = bctx->link ? 1 : 0;
+	job->imap_view = bctx->imap_view || set.imap_view ? 1 : 0;
 	job->checksum = bctx->checksum ? 1 : 0;
 	job->keep_stage = bctx->keep_stage ? 1 : 0;
 	job->metrics_file = set.metrics;
@@ -479,6 +485,7 @@ static void cmd_maildir_backup_init(INIT_PARAMS)
 	init_common(ctx);
 	(void)doveadm_cmd_param_str(ctx->cctx, "destination", &bctx->dest);
 	(void)doveadm_cmd_param_bool(ctx->cctx, "link", &bctx->link);
+	(void)doveadm_cmd_param_bool(ctx->cctx, "imap-view", &bctx->imap_view);
 }
 
 static void cmd_maildir_backup_hand_off_init(INIT_PARAMS)
@@ -523,14 +530,14 @@ static struct doveadm_mail_cmd_context *cmd_maildir_backup_alloc(void)
 	struct maildir_backup_cmd_context *bctx =
 		doveadm_mail_cmd_alloc(struct maildir_backup_cmd_context);
 
-	return cmd_setup(&bctx->ctx, cmd_maildir_backup_init, cmd_maildir_backup_run, "m:t:j:iL");
+	return cmd_setup(&bctx->ctx, cmd_maildir_backup_init, cmd_maildir_backup_run, "m:t:j:iLV");
 }
 
 static struct doveadm_cmd_ver2 maildir_backup_cmd = {
 	.name = "maildir-backup",
 	.mail_cmd = cmd_maildir_backup_alloc,
 	.usage = DOVEADM_CMD_MAIL_USAGE_PREFIX
-		"[-m <mailbox>]... [-t <lock timeout secs>] [-j <jobs>] [-i] [-L] [<destination template>]",
+		"[-m <mailbox>]... [-t <lock timeout secs>] [-j <jobs>] [-i] [-L] [-V] [<destination template>]",
 DOVEADM_CMD_PARAMS_START
 DOVEADM_CMD_MAIL_COMMON
 DOVEADM_CMD_PARAM('m', "mailbox", CMD_PARAM_ARRAY, 0)
@@ -538,6 +545,7 @@ DOVEADM_CMD_PARAM('t', "lock-timeout", CMD_PARAM_STR, 0)
 DOVEADM_CMD_PARAM('j', "jobs", CMD_PARAM_INT64, 0)
 DOVEADM_CMD_PARAM('i', "with-indexes", CMD_PARAM_BOOL, 0)
 DOVEADM_CMD_PARAM('L', "link", CMD_PARAM_BOOL, 0)
+DOVEADM_CMD_PARAM('V', "imap-view", CMD_PARAM_BOOL, 0)
 DOVEADM_CMD_PARAM('\0', "destination", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
 DOVEADM_CMD_PARAMS_END
 };

@@ -17,6 +17,7 @@ static const struct setting_define maildir_backup_setting_defines[] = {
 	DEF(TIME, maildir_backup_lock_timeout),
 	DEF(UINT, maildir_backup_jobs),
 	DEF(BOOL, maildir_backup_with_indexes),
+	DEF(BOOL, maildir_backup_imap_view),
 
 	SETTING_DEFINE_LIST_END
 };
@@ -29,6 +30,7 @@ static const struct maildir_backup_settings maildir_backup_default_settings = {
 	.maildir_backup_lock_timeout = 122,
 	.maildir_backup_jobs = 4,
 	.maildir_backup_with_indexes = FALSE,
+	.maildir_backup_imap_view = FALSE,
 };
 
 const struct setting_parser_info maildir_backup_setting_parser_info = {

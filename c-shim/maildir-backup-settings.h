@@ -13,6 +13,7 @@ struct maildir_backup_settings {
 	unsigned int maildir_backup_lock_timeout;
 	unsigned int maildir_backup_jobs;
 	bool maildir_backup_with_indexes;
+	bool maildir_backup_imap_view;
 };
 
 extern const struct setting_parser_info maildir_backup_setting_parser_info;

@@ -32,6 +32,7 @@ struct mb_user_job {
 	const char *hand_off;      /* a shell command to run on a link snapshot at the stage
 				      (doveadm maildir-backup-hand-off); NULL: a backup */
 	int keep_stage;            /* 1: leave the stage after the hand-off */
+	int imap_view;             /* 1: a repo: destination makes the series' IMAP view */
 	const char *metrics_file;  /* a Prometheus textfile to update; NULL: none */
 
 	void *ctx;

@@ -13,7 +13,7 @@ use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, P
 use crate::maildir::MailLocation;
 use crate::metrics;
 use crate::repo::status::LastRun;
-use crate::repo::{self, RepoError};
+use crate::repo::{self, RepoError, SnapshotOptions};
 use crate::restore::{self, RestoreError, RestoreReport, RestoreRequest};
 use crate::staging::{self, StagingError};
 use crate::sysexits::{self, ExitCode};
@@ -76,16 +76,16 @@ pub enum Destination {
     /// A new directory, published whole or not at all (its parents made if missing).
     Dir(PathBuf),
     /// A new dated snapshot in `repo/<series>/`, messages unchanged since the previous one
-    /// hard-linked from it (with `paranoid`, only if their checksums match too).
-    Repo { repo: PathBuf, series: String, paranoid: bool },
+    /// hard-linked from it.
+    Repo { repo: PathBuf, series: String, options: SnapshotOptions },
 }
 
 impl Destination {
     /// A snapshot series in `repo`, named `name` or else after the source's directory.
-    pub fn repo(repo: PathBuf, name: Option<String>, source: &MailLocation, paranoid: bool) -> Result<Destination, JobError> {
+    pub fn repo(repo: PathBuf, name: Option<String>, source: &MailLocation, options: SnapshotOptions) -> Result<Destination, JobError> {
         let series = name.or_else(|| repo::default_name(&source.root)).ok_or_else(|| JobError::NoSeriesName(source.root.clone()))?;
         repo::check_series_name(&series)?;
-        Ok(Destination::Repo { repo, series, paranoid })
+        Ok(Destination::Repo { repo, series, options })
     }
 
     /// From a doveadm template for `user`: `repo:REPO` (a series named after the user) or a
@@ -94,7 +94,7 @@ impl Destination {
         match template.strip_prefix(REPO_PREFIX) {
             Some(repo) => {
                 repo::check_series_name(user)?;
-                Ok(Destination::Repo { repo: user_path(repo, user, base)?, series: user.to_string(), paranoid: false })
+                Ok(Destination::Repo { repo: user_path(repo, user, base)?, series: user.to_string(), options: SnapshotOptions::default() })
             }
             None => Ok(Destination::Dir(user_path(template, user, base)?)),
         }
@@ -205,7 +205,7 @@ fn backup(source: &MailLocation, mailboxes: &dyn Mailboxes, dest: &Destination, 
                 let (parent, name) = staging::split_dest(path)?;
                 Ok(engine::backup_to(&md, mailboxes, &parent, &name, opts, None, progress)?)
             }
-            Destination::Repo { repo, series, paranoid } => Ok(repo::snapshot(&md, mailboxes, repo, series, opts, *paranoid, progress)?),
+            Destination::Repo { repo, series, options } => Ok(repo::snapshot(&md, mailboxes, repo, series, opts, *options, progress)?),
         }
     };
     attempt().map_err(|e| JobError::Unpublished { dest: dest.path(), source: Box::new(e) })
@@ -236,7 +236,7 @@ mod tests {
         assert_eq!(Destination::from_template("b/%u", "al", Some(base)).unwrap(), Destination::Dir("/start/b/al".into()));
         assert_eq!(
             Destination::from_template("repo:/r/%d", "al@d", None).unwrap(),
-            Destination::Repo { repo: "/r/d".into(), series: "al@d".into(), paranoid: false }
+            Destination::Repo { repo: "/r/d".into(), series: "al@d".into(), options: SnapshotOptions::default() }
         );
         assert!(matches!(Destination::from_template("rel", "al", None), Err(JobError::NoBase(_))));
         assert!(matches!(Destination::from_template("/b/%x", "al", None), Err(JobError::Template(_))));
@@ -247,11 +247,11 @@ mod tests {
     #[test]
     fn series_names_are_checked() {
         let src = MailLocation::plain("/srv/mail/alice/Maildir");
-        let d = Destination::repo("/r".into(), None, &src, true).unwrap();
-        assert_eq!(d, Destination::Repo { repo: "/r".into(), series: "alice".into(), paranoid: true });
+        let d = Destination::repo("/r".into(), None, &src, SnapshotOptions { paranoid: true, imap_view: false }).unwrap();
+        assert_eq!(d, Destination::Repo { repo: "/r".into(), series: "alice".into(), options: SnapshotOptions { paranoid: true, imap_view: false } });
         assert_eq!(d.path(), PathBuf::from("/r/alice"));
-        assert!(Destination::repo("/r".into(), Some(".hidden".into()), &src, false).is_err());
-        assert!(Destination::repo("/r".into(), Some("a/b".into()), &src, false).is_err());
-        assert!(matches!(Destination::repo("/r".into(), None, &MailLocation::plain("/"), false), Err(JobError::NoSeriesName(_))));
+        assert!(Destination::repo("/r".into(), Some(".hidden".into()), &src, SnapshotOptions::default()).is_err());
+        assert!(Destination::repo("/r".into(), Some("a/b".into()), &src, SnapshotOptions::default()).is_err());
+        assert!(matches!(Destination::repo("/r".into(), None, &MailLocation::plain("/"), SnapshotOptions::default()), Err(JobError::NoSeriesName(_))));
     }
 }

@@ -169,6 +169,25 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Reads the header and the folder records, checked as `read` checks them; the message
+    /// records are passed over, not kept.
+    pub fn read_folders(dir: &Dir) -> Result<(Header, Vec<FolderRecord>), ManifestError> {
+        let mut lines = Lines::open(dir)?;
+        let header = lines.header()?;
+        let mut folders = Vec::new();
+        while let Some(line) = lines.next_line()? {
+            match lines.parse(&line)? {
+                Record::Backup(_) => return Err(lines.bad("a second header")),
+                Record::Folder(f) => {
+                    check_folder(&f, header.layout).map_err(|w| lines.bad(&w))?;
+                    folders.push(f);
+                }
+                Record::Message(_) => {}
+            }
+        }
+        Ok((header, folders))
+    }
+
     /// Reads only the header (for listings).
     pub fn read_header(dir: &Dir) -> Result<Header, ManifestError> {
         Lines::open(dir)?.header()

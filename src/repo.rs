@@ -16,6 +16,7 @@ use crate::maildir::Maildir;
 use crate::manifest::{Manifest, MANIFEST_NAME};
 use crate::staging::{Staging, STAGING_SUFFIX};
 
+pub mod imap_view;
 pub mod status;
 use status::{LastRun, StatusError};
 
@@ -46,6 +47,8 @@ pub enum RepoError {
     Backup(#[from] BackupError),
     #[error(transparent)]
     Status(#[from] StatusError),
+    #[error("the IMAP view of {snapshot}: {what}")]
+    View { snapshot: PathBuf, what: String },
 }
 
 impl crate::sysexits::ExitCode for RepoError {
@@ -56,7 +59,7 @@ impl crate::sysexits::ExitCode for RepoError {
             RepoError::BadName(_) => crate::sysexits::EX_USAGE,
             RepoError::Backup(e) => e.exit_code(),
             RepoError::Status(StatusError::Fs(e)) => e.exit_code(),
-            RepoError::Status(StatusError::Unreadable { .. }) => crate::sysexits::EX_DATAERR,
+            RepoError::Status(StatusError::Unreadable { .. }) | RepoError::View { .. } => crate::sysexits::EX_DATAERR,
         }
     }
 }
@@ -249,15 +252,24 @@ pub fn check_series_name(name: &str) -> Result<(), RepoError> {
     Ok(())
 }
 
-/// Takes a new snapshot of `md` into `REPO/<name>/<now>` and points `latest` at it. The
-/// caller has checked that `repo` is outside the Maildir.
+/// How a snapshot is taken into a repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    /// Link a message from the previous snapshot only if its checksum still matches too.
+    pub paranoid: bool,
+    /// Make the series' IMAP view if it has none (one it has is always kept up to date).
+    pub imap_view: bool,
+}
+
+/// Takes a new snapshot of `md` into `REPO/<name>/<now>`, points `latest` at it and brings the
+/// series' IMAP view up to date. The caller has checked that `repo` is outside the Maildir.
 pub fn snapshot(
     md: &Maildir,
     mailboxes: &dyn Mailboxes,
     repo: &Path,
     name: &str,
     opts: &BackupOptions,
-    paranoid: bool,
+    snap_opts: SnapshotOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport, RepoError> {
     check_series_name(name)?;
@@ -266,7 +278,7 @@ pub fn snapshot(
     remove_dead_staging(&series)?;
     // Linking from the source costs what linking from the previous snapshot does.
     let copying = opts.messages == MessageFiles::Copy;
-    let previous = latest(&series).filter(|_| copying).and_then(|p| PreviousSnapshot::load(&series, &p, paranoid));
+    let previous = latest(&series).filter(|_| copying).and_then(|p| PreviousSnapshot::load(&series, &p, snap_opts.paranoid));
     // One snapshot per second at most: wait for a fresh name rather than invent one.
     let mut now = Utc::now();
     while series.lstat(now.format(TIME_FORMAT).to_string())?.is_some() {
@@ -275,8 +287,13 @@ pub fn snapshot(
     }
     let snap_name = now.format(TIME_FORMAT).to_string();
     let reuse = previous.as_ref().map(|p| p as &dyn Reuse);
-    let report = engine::backup_to(md, mailboxes, &series, OsStr::new(&snap_name), opts, reuse, progress)?;
+    let mut report = engine::backup_to(md, mailboxes, &series, OsStr::new(&snap_name), opts, reuse, progress)?;
     point_latest(&series, &snap_name)?;
+    // The snapshot is made whatever happens to the view: a failure there is a warning.
+    match list_snapshots(&series).and_then(|all| imap_view::refresh(&series, &all, snap_opts.imap_view)) {
+        Ok(changes) => report.warnings.extend(changes.into_iter().flat_map(|c| c.warnings)),
+        Err(e) => report.warnings.push(format!("the IMAP view of {} was not updated: {e}", series.path().display())),
+    }
     Ok(report)
 }
 

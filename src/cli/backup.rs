@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use maildir_backup::engine::{BackupOptions, BackupReport, MessageFiles, OnDisk, Progress};
 use maildir_backup::job::{self, Destination, Metrics};
 use maildir_backup::maildir::MailLocation;
-use maildir_backup::repo;
+use maildir_backup::repo::{self, SnapshotOptions};
 use maildir_backup::sysexits;
 use maildir_backup::verify;
 use maildir_backup::warnings;
@@ -34,6 +34,10 @@ pub struct BackupArgs {
     /// With --repo: also compare checksums (not only sizes) before linking a message.
     #[arg(long, requires = "repo")]
     pub paranoid: bool,
+    /// With --repo: show the user their snapshots as read-only IMAP folders (REPO/NAME/imap-view,
+    /// for the Dovecot namespace in dovecot-conf/); once made, every snapshot and prune keeps it.
+    #[arg(long, requires = "repo")]
+    pub imap_view: bool,
     /// Hard-link every message file instead of copying it (instant; DEST or REPO must be on the
     /// Maildir's file system, and the backup shares its disk): a snapshot to hand to restic or
     /// borg. Control files are still copied.
@@ -156,7 +160,10 @@ impl BackupArgs {
         let want_rest = if self.repo.is_some() { 0 } else { 1 };
         let (source, rest) = self.source.resolve(&self.paths, want_rest)?;
         let dest = match &self.repo {
-            Some(repo) => Destination::repo(repo.clone(), self.name.clone(), &source, self.paranoid)?,
+            Some(repo) => {
+                let options = SnapshotOptions { paranoid: self.paranoid, imap_view: self.imap_view };
+                Destination::repo(repo.clone(), self.name.clone(), &source, options)?
+            }
             None => Destination::Dir(PathBuf::from(&rest[0])),
         };
         Ok((source, dest))

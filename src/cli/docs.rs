@@ -59,10 +59,12 @@ maildir_backup_with_indexes: as -i.
 
 maildir_backup_metrics: a Prometheus node-exporter textfile, updated after every user.
 
+maildir_backup_imap_view: as -V.
+
 maildir_backup_stage, maildir_backup_hand_off: see doveadm-maildir-backup-hand-off(1).
 
 Over doveadm's HTTP API the command is maildirBackup, with the parameters mailbox, lockTimeout, link, \
-jobs, withIndexes and destination. Exit status: sysexits, as in maildir-backup(1); a user that \
+imapView, jobs, withIndexes and destination. Exit status: sysexits, as in maildir-backup(1); a user that \
 fails does not stop the others. See /usr/share/doc/maildir-backup/README.md.";
 
 /// `doveadm maildir-backup`, as the shim registers it.
@@ -70,9 +72,10 @@ fn doveadm_backup() -> Command {
     let page = Command::new("doveadm-maildir-backup")
         .about("Consistent, live backups of Dovecot Maildirs, run inside doveadm")
         .long_about("Backs up each user's Maildir with Dovecot's own view of the user (userdb, mail location, namespaces) and Dovecot's own uidlist locks: a bulk copy without locks, then a reconcile of a few milliseconds under the locks of all folders at once. One output row per folder: user, mailbox, messages, bytes, lock_ms, status.")
-        .override_usage("doveadm [-f flow|tab|json] maildir-backup [-u USER | -A | -F FILE] [-S SOCKET] [-m MAILBOX]... [-t SECS] [-j JOBS] [-i] [-L] [DEST-TEMPLATE]");
+        .override_usage("doveadm [-f flow|tab|json] maildir-backup [-u USER | -A | -F FILE] [-S SOCKET] [-m MAILBOX]... [-t SECS] [-j JOBS] [-i] [-L] [-V] [DEST-TEMPLATE]");
     with_backup_args(page)
         .arg(Arg::new("link").short('L').action(ArgAction::SetTrue).help("Hard-link message files instead of copying them (the destination must be on the mail's file system), as maildir-backup backup --link"))
+        .arg(Arg::new("imap-view").short('V').action(ArgAction::SetTrue).help("With repo:REPO: show each user their snapshots as read-only IMAP folders (REPO/USER/imap-view, for the namespace in 95-maildir-backup.conf); kept by every later snapshot and prune"))
         .arg(Arg::new("destination").value_name("DEST-TEMPLATE").help("Where each user's backup goes: %u %n %d (2.4: %{user}, %{user | username}, %{user | domain}); repo:REPO writes dated snapshots into a repository, REPO/USER/<UTC time>"))
         .after_long_help(DOVEADM_SETTINGS)
 }

@@ -6,7 +6,7 @@ use chrono::Utc;
 use clap::Args;
 use maildir_backup::job::{self, RestorePlan, SnapshotRef};
 use maildir_backup::manifest::Manifest;
-use maildir_backup::repo::{self, KeepPolicy, Series};
+use maildir_backup::repo::{self, imap_view, KeepPolicy, Series};
 use maildir_backup::restore::{RestoreReport, RestoreRequest};
 use maildir_backup::sysexits::ExitCode;
 use maildir_backup::warnings;
@@ -125,6 +125,18 @@ fn prune_series(s: &Series, keep: KeepPolicy, dry_run: bool) -> Result<i32, repo
         println!("keep   {}", k.path.display());
     }
     let mut code = 0;
+    if !dry_run {
+        // Out of the IMAP view before they go, so no one opens a snapshot being removed.
+        let oldest_first: Vec<_> = kept.iter().rev().cloned().collect();
+        match imap_view::refresh(&s.dir, &oldest_first, false) {
+            Ok(Some(c)) => c.warnings.iter().for_each(|w| eprintln!("maildir-backup prune: warning: {w}")),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("maildir-backup prune: the IMAP view of {} was not updated: {e}", s.dir.path().display());
+                code = e.exit_code();
+            }
+        }
+    }
     for r in &doomed {
         if dry_run {
             println!("would remove {}", r.path.display());

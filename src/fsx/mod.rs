@@ -26,7 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, ResolveFlags};
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags, ResolveFlags};
 use rustix::io::Errno;
 
 pub use copy::{copy_file, hash_file, Copied, CopyFail};
@@ -648,6 +648,35 @@ impl Dir {
 
     /// Removes the entry `name` and everything below it, descending only through real
     /// directories.
+    /// An exclusive flock on the file `name` here (made, 0600, if missing), held until the file
+    /// is dropped; None if someone else holds it and `wait` is false.
+    pub fn lock_file(&self, name: impl AsRef<Path>, wait: bool) -> Result<Option<File>> {
+        let name = name.as_ref();
+        let file = match self.create(name, 0o600) {
+            Err(e) if e.errno() == Some(libc::EEXIST) => self.open_append(name)?,
+            r => r?,
+        };
+        let op = if wait { FlockOperation::LockExclusive } else { FlockOperation::NonBlockingLockExclusive };
+        match rustix::fs::flock(&file, op) {
+            Ok(()) => Ok(Some(file)),
+            Err(Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(FsError::io("flock", self.show(name), e)),
+        }
+    }
+
+    /// Makes a directory of ours that its mode keeps us from changing (e.g. 0500) ours to
+    /// empty: root needs no such help, and anyone else's is left as it is.
+    fn make_removable(&self) -> Result<()> {
+        if running_as_root() {
+            return Ok(());
+        }
+        let md = self.stat()?;
+        if md.owner().uid == rustix::process::geteuid().as_raw() && md.mode() & 0o300 != 0o300 {
+            self.set_mode(md.mode() | 0o700)?;
+        }
+        Ok(())
+    }
+
     pub fn remove_tree(&self, name: impl AsRef<Path>) -> Result<()> {
         let name = name.as_ref();
         self.check_one(name.as_os_str())?;
@@ -665,6 +694,7 @@ impl Dir {
             left: Vec<Entry>,
         }
         let top = self.sub(name)?;
+        top.make_removable()?;
         let left = top.list()?;
         // Depth first with an explicit stack, so a deep tree cannot overflow ours.
         let mut stack = vec![Level { dir: top, name: name.as_os_str().to_os_string(), left }];
@@ -672,6 +702,7 @@ impl Dir {
             match level.left.pop() {
                 Some(e) if e.kind == Kind::Dir => {
                     let dir = level.dir.sub(Path::new(&e.name))?;
+                    dir.make_removable()?;
                     let left = dir.list()?;
                     stack.push(Level { dir, name: e.name, left });
                 }
@@ -752,6 +783,10 @@ impl Dir {
             out.push(m);
             cur = rustix::fs::openat(&cur, "..", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(err)?;
         }
+    }
+
+    pub fn set_owner(&self, o: Owner) -> Result<()> {
+        set_owner(&self.fd, o).map_err(|e| FsError::io("chown", self.path.clone(), e))
     }
 
     pub fn set_mode(&self, m: u32) -> Result<()> {

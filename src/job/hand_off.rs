@@ -14,7 +14,7 @@ use std::process::{Command, ExitStatus};
 use nix::unistd::{getegid, geteuid, setresgid, setresuid};
 
 use crate::engine::{self, BackupOptions, BackupReport, Mailboxes, MessageFiles, Progress};
-use crate::fsx::{running_as_root, Dir, FsError, Kind};
+use crate::fsx::{running_as_root, Dir, Kind};
 use crate::maildir::MailLocation;
 use crate::manifest::MANIFEST_NAME;
 use crate::staging;
@@ -160,15 +160,7 @@ fn take_turn(parent: &Dir, name: &OsStr, stage: &Path) -> Result<std::fs::File, 
     let mut lock_name = OsString::from(".");
     lock_name.push(name);
     lock_name.push(".maildir-backup-hand-off");
-    let file = match parent.create(&lock_name, 0o600) {
-        Err(e) if e.errno() == Some(libc::EEXIST) => parent.open_append(&lock_name)?,
-        r => r?,
-    };
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(HandOffError::Busy(stage.to_path_buf()).into()),
-        Err(e) => Err(FsError::Io { op: "flock", path: parent.show(&lock_name), source: e.into() }.into()),
-    }
+    Ok(parent.lock_file(&lock_name, false)?.ok_or_else(|| HandOffError::Busy(stage.to_path_buf()))?)
 }
 
 /// Removes the snapshot an earlier hand-off left at the stage (kept, or killed); anything else

@@ -12,6 +12,7 @@ use crate::engine::reconcile::{lock_round, NEXT_LOCK_WAIT};
 use crate::engine::{BackupError, BackupOptions, Busy, HeldLocks, Mailboxes};
 use crate::maildir::folders::{folder_name, is_maildir};
 use crate::maildir::{Folder, MailLocation, Maildir};
+use crate::repo::imap_view;
 use crate::sysexits;
 
 /// Dovecot's mailboxes of one user, locked with Dovecot's own lock through the shim. Listed again
@@ -59,6 +60,9 @@ impl<'j> DovecotMailboxes<'j> {
             let (name, mail_dir, control_dir, index_dir) =
                 unsafe { (opt_str(f.vname).unwrap_or_default(), opt_str(f.mail_dir), opt_str(f.control_dir), opt_str(f.index_dir)) };
             let Some(mail_dir) = mail_dir.map(PathBuf::from) else { continue };
+            if imap_view::shows(&mail_dir) {
+                continue; // the user's snapshots, shown to them by Dovecot: not mail to back up
+            }
             let loc = &self.loc;
             let Ok(rel) = mail_dir.strip_prefix(&loc.root).map(Path::to_path_buf) else {
                 if st.reported.insert(i as u32) {

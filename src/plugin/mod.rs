@@ -176,7 +176,10 @@ fn backup_user(job: &ffi::mb_user_job, log: &DovecotLog) -> c_int {
     let (mailboxes, code) = DovecotMailboxes::new(job, location.clone());
     let result = match hand_off {
         Some(command) => hand_off_user(job, &user, &template, command, &location, &mailboxes),
-        None => Destination::from_template(&template, &user, start_dir()).and_then(|dest| {
+        None => Destination::from_template(&template, &user, start_dir()).and_then(|mut dest| {
+            if let Destination::Repo { options, .. } = &mut dest {
+                options.imap_view = job.imap_view != 0;
+            }
             // SAFETY: as above.
             let metrics = unsafe { opt_str(job.metrics_file) }.map(|file| Metrics { file: PathBuf::from(file), user: user.clone() });
             job::run_backup(&location, &mailboxes, &dest, &backup_options(job), &NoProgress, metrics.as_ref())
