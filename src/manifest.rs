@@ -127,23 +127,11 @@ impl Manifest {
     /// It is first checked as `read` will check it: a backup is never written that its own
     /// restore would refuse.
     pub fn write(&self, dir: &Dir) -> Result<(), ManifestError> {
-        let path = dir.show(MANIFEST_NAME);
-        self.check_records().map_err(|what| ManifestError::Bad { path: format!("{} (being written)", path.display()), line: 0, what })?;
-        let io_err = |op, e| ManifestError::Fs(FsError::Io { op, path: path.clone(), source: e });
-        let mut w = BufWriter::new(dir.create(MANIFEST_NAME, 0o600)?);
-        let mut put = |r: &Record| -> io::Result<()> {
-            serde_json::to_writer(&mut w, r).map_err(io::Error::other)?;
-            w.write_all(b"\n")
-        };
-        put(&Record::Backup(self.header.clone())).map_err(|e| io_err("write", e))?;
-        for f in &self.folders {
-            put(&Record::Folder(f.clone())).map_err(|e| io_err("write", e))?;
-        }
-        for m in &self.messages {
-            put(&Record::Message(m.clone())).map_err(|e| io_err("write", e))?;
-        }
-        let file = w.into_inner().map_err(|e| io_err("write", e.into_error()))?;
-        file.sync_all().map_err(|e| io_err("fsync", e))
+        self.check_records().map_err(|what| ManifestError::Bad { path: format!("{} (being written)", dir.show(MANIFEST_NAME).display()), line: 0, what })?;
+        let mut w = ManifestWriter::create(dir, &self.header)?;
+        self.folders.iter().try_for_each(|f| w.folder(f))?;
+        self.messages.iter().try_for_each(|m| w.message(m))?;
+        w.finish()
     }
 
     /// Reads and checks the manifest of the backup in `dir`.
@@ -172,20 +160,39 @@ impl Manifest {
     /// Reads the header and the folder records, checked as `read` checks them; the message
     /// records are passed over, not kept.
     pub fn read_folders(dir: &Dir) -> Result<(Header, Vec<FolderRecord>), ManifestError> {
+        let mut folders = Vec::new();
+        let header = Manifest::visit(dir, |f| folders.push(f), |_| {})?;
+        Ok((header, folders))
+    }
+
+    /// Reads the manifest in `dir` record by record, each checked as `read` checks it, handing
+    /// each folder and message to its callback as it comes, and the header's counts checked
+    /// against the records at the end (but not, unlike `read`, each name's uniqueness: that
+    /// would keep them all).
+    pub fn visit(dir: &Dir, mut folder: impl FnMut(FolderRecord), mut message: impl FnMut(MessageRecord)) -> Result<Header, ManifestError> {
         let mut lines = Lines::open(dir)?;
         let header = lines.header()?;
-        let mut folders = Vec::new();
+        let (mut folders, mut messages, mut bytes) = (0u64, 0u64, 0u64);
         while let Some(line) = lines.next_line()? {
             match lines.parse(&line)? {
                 Record::Backup(_) => return Err(lines.bad("a second header")),
                 Record::Folder(f) => {
                     check_folder(&f, header.layout).map_err(|w| lines.bad(&w))?;
-                    folders.push(f);
+                    folders += 1;
+                    folder(f);
                 }
-                Record::Message(_) => {}
+                Record::Message(m) => {
+                    check_message(&m).map_err(|w| lines.bad(&w))?;
+                    (messages, bytes) = (messages + 1, bytes.checked_add(m.size).ok_or_else(|| lines.bad("message sizes overflow"))?);
+                    message(m);
+                }
             }
         }
-        Ok((header, folders))
+        if (folders, messages, bytes) != (header.folders, header.messages, header.bytes) {
+            let what = format!("the header counts {} folders, {} messages and {} bytes, the records {folders}, {messages} and {bytes}", header.folders, header.messages, header.bytes);
+            return Err(ManifestError::Bad { path: lines.path.clone(), line: 1, what });
+        }
+        Ok(header)
     }
 
     /// Reads only the header (for listings).
@@ -236,6 +243,74 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+}
+
+/// Writes a manifest record by record, so a backup never holds all of them at once: the header
+/// (with the counts the records must add up to), then the folders, then the messages. Each
+/// record is checked as `read` checks it, and the counts at `finish`.
+pub struct ManifestWriter {
+    w: BufWriter<std::fs::File>,
+    path: std::path::PathBuf,
+    header: Header,
+    /// Folder path → (messages its record says, messages written).
+    folders: HashMap<String, (u64, u64)>,
+    messages: u64,
+    bytes: u64,
+}
+
+impl ManifestWriter {
+    /// Starts a new manifest file (0600) in `dir`, with its header.
+    pub fn create(dir: &Dir, header: &Header) -> Result<ManifestWriter, ManifestError> {
+        let path = dir.show(MANIFEST_NAME);
+        let w = BufWriter::new(dir.create(MANIFEST_NAME, 0o600)?);
+        let mut mw = ManifestWriter { w, path, header: header.clone(), folders: HashMap::new(), messages: 0, bytes: 0 };
+        mw.put(&Record::Backup(header.clone()))?;
+        Ok(mw)
+    }
+
+    pub fn folder(&mut self, f: &FolderRecord) -> Result<(), ManifestError> {
+        check_folder(f, self.header.layout).map_err(|w| self.bad(w))?;
+        if self.folders.insert(f.path.clone(), (f.messages, 0)).is_some() {
+            return Err(self.bad(format!("folder {:?} is listed twice", f.path)));
+        }
+        self.put(&Record::Folder(f.clone()))
+    }
+
+    pub fn message(&mut self, m: &MessageRecord) -> Result<(), ManifestError> {
+        check_message(m).map_err(|w| self.bad(w))?;
+        let Some(count) = self.folders.get_mut(&m.folder) else {
+            return Err(self.bad(format!("message {:?} is in folder {:?}, which has no record", m.name, m.folder)));
+        };
+        count.1 += 1;
+        self.messages += 1;
+        self.bytes = self.bytes.checked_add(m.size).ok_or_else(|| self.bad("message sizes overflow".into()))?;
+        self.put(&Record::Message(m.clone()))
+    }
+
+    /// Checks the counts, flushes and fsyncs the file.
+    pub fn finish(self) -> Result<(), ManifestError> {
+        let h = &self.header;
+        if (self.folders.len() as u64, self.messages, self.bytes) != (h.folders, h.messages, h.bytes) {
+            return Err(self.bad(format!("the header counts {} folders, {} messages and {} bytes, the records {}, {} and {}", h.folders, h.messages, h.bytes, self.folders.len(), self.messages, self.bytes)));
+        }
+        if let Some((path, (said, got))) = self.folders.iter().find(|(_, (said, got))| said != got) {
+            return Err(self.bad(format!("folder {path:?} says {said} messages, the records {got}")));
+        }
+        let io_err = |op, path: std::path::PathBuf, e| ManifestError::Fs(FsError::Io { op, path, source: e });
+        let path = self.path.clone();
+        let file = self.w.into_inner().map_err(|e| io_err("write", path.clone(), e.into_error()))?;
+        file.sync_all().map_err(|e| io_err("fsync", path, e))
+    }
+
+    fn put(&mut self, r: &Record) -> Result<(), ManifestError> {
+        let w = &mut self.w;
+        let written = serde_json::to_writer(&mut *w, r).map_err(io::Error::other).and_then(|_| w.write_all(b"\n"));
+        written.map_err(|e| ManifestError::Fs(FsError::Io { op: "write", path: self.path.clone(), source: e }))
+    }
+
+    fn bad(&self, what: String) -> ManifestError {
+        ManifestError::Bad { path: format!("{} (being written)", self.path.display()), line: 0, what }
     }
 }
 

@@ -13,7 +13,7 @@ use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, MessageFiles, Progress, Reuse};
 use crate::fsx::{self, Dir, FsError, Replace};
 use crate::maildir::Maildir;
-use crate::manifest::{Manifest, MANIFEST_NAME};
+use crate::manifest::{Manifest, MessageRecord, MANIFEST_NAME};
 use crate::staging::{Staging, STAGING_SUFFIX};
 
 pub mod imap_view;
@@ -138,27 +138,42 @@ pub fn default_name(root: &Path) -> Option<String> {
 /// The previous snapshot's messages, offered for hard-linking.
 pub struct PreviousSnapshot {
     dir: Dir,
-    /// unique name -> (its file in the snapshot, size, BLAKE3)
-    by_unique: HashMap<String, (PathBuf, String, u64, String)>,
+    /// Message directories (`folder/cur`, `folder/new`), each once.
+    dirs: Vec<PathBuf>,
+    by_unique: HashMap<Box<str>, Kept>,
     paranoid: bool,
     /// The snapshot's folder directories opened so far (cur/ and new/ of each folder).
     open_dirs: Mutex<HashMap<PathBuf, Arc<Dir>>>,
+}
+
+/// A message of the previous snapshot, kept small: a snapshot of a big mailbox holds one per
+/// message of the one before.
+struct Kept {
+    /// Index into `dirs`.
+    dir: u32,
+    name: Box<str>,
+    size: u64,
+    blake3: [u8; 32],
 }
 
 impl PreviousSnapshot {
     /// The snapshot `name` of `series`; None if it has no usable manifest.
     pub fn load(series: &Dir, name: &str, paranoid: bool) -> Option<PreviousSnapshot> {
         let dir = series.sub(name).ok()?;
-        let manifest = Manifest::read(&dir).ok()?;
+        let (mut dirs, mut dir_index, mut by_unique) = (Vec::new(), HashMap::new(), HashMap::new());
         // A message a link snapshot recorded without its checksum is copied afresh: a copy
         // always has one.
-        let by_unique = manifest
-            .messages
-            .into_iter()
-            .filter(|m| m.checksum().is_some())
-            .map(|m| (m.unique, (Path::new(&m.folder).join(m.dir.as_str()), m.name, m.size, m.blake3)))
-            .collect();
-        Some(PreviousSnapshot { dir, by_unique, paranoid, open_dirs: Mutex::new(HashMap::new()) })
+        let keep = |m: MessageRecord| {
+            let Some(sum) = m.checksum().and_then(|h| blake3::Hash::from_hex(h).ok()) else { return };
+            let rel = Path::new(&m.folder).join(m.dir.as_str());
+            let dir = *dir_index.entry(rel).or_insert_with_key(|rel: &PathBuf| {
+                dirs.push(rel.clone());
+                dirs.len() as u32 - 1
+            });
+            by_unique.insert(m.unique.into_boxed_str(), Kept { dir, name: m.name.into_boxed_str(), size: m.size, blake3: *sum.as_bytes() });
+        };
+        Manifest::visit(&dir, |_| {}, keep).ok()?;
+        Some(PreviousSnapshot { dir, dirs, by_unique, paranoid, open_dirs: Mutex::new(HashMap::new()) })
     }
 
     fn sub_dir(&self, rel: &Path) -> Option<Arc<Dir>> {
@@ -177,22 +192,24 @@ impl PreviousSnapshot {
 
 impl Reuse for PreviousSnapshot {
     fn link_into(&self, unique: &str, source_size: u64, dst: &Dir, name: &str) -> Option<String> {
-        let (rel, old_name, size, blake3) = self.by_unique.get(unique)?;
-        if source_size != *size {
+        let kept = self.by_unique.get(unique)?;
+        let (old_name, size) = (&*kept.name, kept.size);
+        if source_size != size {
             return None;
         }
-        let from = self.sub_dir(rel)?;
+        let from = self.sub_dir(self.dirs.get(kept.dir as usize)?)?;
         // The old copy must still be what its manifest says, or we copy afresh.
-        if !from.lstat(old_name).ok()?.is_some_and(|m| m.is_file() && m.size() == *size) {
+        if !from.lstat(old_name).ok()?.is_some_and(|m| m.is_file() && m.size() == size) {
             return None;
         }
-        if self.paranoid && fsx::hash_file(&mut from.open_read(old_name).ok()?).ok()?.1 != *blake3 {
+        let blake3 = blake3::Hash::from(kept.blake3).to_hex().to_string();
+        if self.paranoid && fsx::hash_file(&mut from.open_read(old_name).ok()?).ok()?.1 != blake3 {
             return None;
         }
         from.link(old_name, dst, name).ok()?;
         // What was linked is in our staging now, where nobody else can change it: check it.
         match dst.lstat(name) {
-            Ok(Some(m)) if m.is_file() && m.size() == *size => Some(blake3.clone()),
+            Ok(Some(m)) if m.is_file() && m.size() == size => Some(blake3),
             _ => {
                 let _ = dst.unlink(name);
                 None

@@ -24,7 +24,7 @@ use crate::maildir::folders::{self, is_maildir};
 use crate::maildir::location::LocationError;
 use crate::maildir::uidlist::{self, UidlistError};
 use crate::maildir::{Folder, MailLocation, Maildir, MessageName, MESSAGE_DIRS};
-use crate::manifest::{FolderRecord, Header, Manifest, ManifestError, MessageRecord, EXPUNGED_LIMIT};
+use crate::manifest::{FolderRecord, Header, ManifestError, ManifestWriter, MessageRecord, EXPUNGED_LIMIT};
 use crate::staging::{Staging, StagingError};
 use crate::sysexits::{self, ExitCode};
 
@@ -534,8 +534,7 @@ impl<'a> Run<'a> {
             copy_indexes(md, tree);
         }
         self.progress.phase("finishing");
-        let manifest = build_manifest(md, tree, r.taken_at, r.held, self.total.bytes)?;
-        manifest.write(&tree.staging)?;
+        let header = write_manifest(md, tree, r.taken_at, r.held, self.total.bytes)?;
         // Last: anything written into a directory after this would change its mtime again.
         finish_dirs(md, tree)?;
         let folder_details = tree
@@ -551,9 +550,9 @@ impl<'a> Run<'a> {
         Ok(BackupReport {
             source: md.loc.to_mail_location(),
             destination: tree.staging.path().to_path_buf(),
-            folders: manifest.header.folders,
-            messages: manifest.header.messages,
-            bytes: manifest.header.bytes,
+            folders: header.folders,
+            messages: header.messages,
+            bytes: header.bytes,
             bytes_copied: self.total.bytes,
             messages_linked: self.total.linked,
             lock_hold_ms: r.held.as_secs_f64() * 1000.0,
@@ -657,56 +656,56 @@ fn finish_dirs(md: &Maildir, tree: &Tree) -> Result<(), BackupError> {
     Ok(())
 }
 
-fn build_manifest(md: &Maildir, tree: &Tree, taken_at: i64, held: Duration, bytes_copied: u64) -> Result<Manifest, BackupError> {
+/// Writes the backup's manifest from the staged tree, record by record (never all of them in
+/// memory at once); returns its header.
+fn write_manifest(md: &Maildir, tree: &Tree, taken_at: i64, held: Duration, bytes_copied: u64) -> Result<Header, BackupError> {
     let mut folders = Vec::new();
-    let mut messages = Vec::new();
-    let mut bytes = 0u64;
     for (rel, state) in &tree.folders {
-        let path = rel.to_string_lossy().into_owned();
-        let mut entries: Vec<_> = state.entries.values().collect();
-        let uniques: HashSet<&str> = entries.iter().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
+        let uniques: HashSet<&str> = state.entries.values().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
         let uidlist = summarize_uidlist(&tree.staging.sub(rel)?, &uniques)?;
+        folders.push(FolderRecord {
+            path: rel.to_string_lossy().into_owned(),
+            name: state.folder.name.clone(),
+            uidlist_header: uidlist.header,
+            uidlist_expunged: uidlist.expunged,
+            uidlist_expunged_partial: uidlist.partial,
+            messages: state.entries.len() as u64,
+        });
+    }
+    let owner = fsx::running_as_root().then(|| md.root.stat().map(|m| m.owner())).transpose()?;
+    let header = Header {
+        format: crate::manifest::FORMAT,
+        tool: format!("maildir-backup {}", env!("CARGO_PKG_VERSION")),
+        source: md.loc.to_mail_location(),
+        layout: md.loc.layout,
+        taken_at,
+        lock_hold_ms: held.as_millis() as u64,
+        folders: folders.len() as u64,
+        messages: tree.folders.values().map(|s| s.entries.len() as u64).sum(),
+        bytes: tree.folders.values().flat_map(|s| s.entries.values()).map(|e| e.size).sum(),
+        bytes_copied,
+        owner,
+    };
+    let mut w = ManifestWriter::create(&tree.staging, &header)?;
+    folders.iter().try_for_each(|f| w.folder(f))?;
+    for (folder, state) in folders.iter().zip(tree.folders.values()) {
+        let mut entries: Vec<_> = state.entries.values().collect();
         entries.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
-        for e in &entries {
+        for e in entries {
             let name = MessageName::parse(&e.name);
-            bytes += e.size;
-            messages.push(MessageRecord {
-                folder: path.clone(),
+            w.message(&MessageRecord {
+                folder: folder.path.clone(),
                 dir: e.sub,
                 name: e.name.clone(),
                 unique: name.map(|n| n.unique().to_string()).unwrap_or_default(),
                 flags: name.map(|n| n.flags().to_string()).unwrap_or_default(),
                 size: e.size,
                 blake3: e.blake3.clone(),
-            });
+            })?;
         }
-        folders.push(FolderRecord {
-            path,
-            name: state.folder.name.clone(),
-            uidlist_header: uidlist.header,
-            uidlist_expunged: uidlist.expunged,
-            uidlist_expunged_partial: uidlist.partial,
-            messages: entries.len() as u64,
-        });
     }
-    let owner = fsx::running_as_root().then(|| md.root.stat().map(|m| m.owner())).transpose()?;
-    Ok(Manifest {
-        header: Header {
-            format: crate::manifest::FORMAT,
-            tool: format!("maildir-backup {}", env!("CARGO_PKG_VERSION")),
-            source: md.loc.to_mail_location(),
-            layout: md.loc.layout,
-            taken_at,
-            lock_hold_ms: held.as_millis() as u64,
-            folders: folders.len() as u64,
-            messages: messages.len() as u64,
-            bytes,
-            bytes_copied,
-            owner,
-        },
-        folders,
-        messages,
-    })
+    w.finish()?;
+    Ok(header)
 }
 
 /// What the staged uidlist says beyond the files: its header, and the unique names it lists

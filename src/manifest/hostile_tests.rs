@@ -211,3 +211,33 @@ fn a_manifest_that_is_not_a_regular_file_is_not_read() {
     nix::unistd::mkfifo(&t.path().join(MANIFEST_NAME), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     assert!(matches!(Manifest::read(&dir), Err(ManifestError::Fs(FsError::NotRegular { .. }))), "a FIFO never blocks us");
 }
+
+/// The streaming writer checks what `read` checks that it can without keeping the records: each
+/// record, a message's folder, and the counts at `finish`; `visit` reads back what it wrote.
+#[test]
+fn the_writer_refuses_what_read_would() {
+    let t = tmp();
+    let dir = Dir::open(t.path()).unwrap();
+    let m = good();
+    let write = |header: &Header, folders: &[FolderRecord], messages: &[MessageRecord]| -> Result<(), ManifestError> {
+        let _ = dir.unlink(MANIFEST_NAME);
+        let mut w = ManifestWriter::create(&dir, header)?;
+        folders.iter().try_for_each(|f| w.folder(f))?;
+        messages.iter().try_for_each(|r| w.message(r))?;
+        w.finish()
+    };
+    let err = |r: Result<(), ManifestError>| r.unwrap_err().to_string();
+    assert!(err(write(&header(2, 3, 30), &m.folders, &m.messages)).contains("the header counts"));
+    assert!(err(write(&m.header, &m.folders[..1], &m.messages)).contains("which has no record"));
+    assert!(err(write(&m.header, &[m.folders[0].clone(), m.folders[0].clone()], &m.messages)).contains("listed twice"));
+    let mut wrong = m.folders.clone();
+    wrong[0].messages = 2;
+    assert!(err(write(&header(2, 2, 30), &wrong, &m.messages)).contains("says 2 messages"));
+    let mut unsafe_name = m.messages.clone();
+    unsafe_name[0].name = "../x:2,".into();
+    assert!(err(write(&m.header, &m.folders, &unsafe_name)).contains("not usable"));
+    write(&m.header, &m.folders, &m.messages).unwrap();
+    let (mut folders, mut messages) = (vec![], vec![]);
+    let h = Manifest::visit(&dir, |f| folders.push(f), |r| messages.push(r)).unwrap();
+    assert_eq!(Manifest { header: h, folders, messages }, m);
+}
