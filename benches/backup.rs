@@ -1,8 +1,11 @@
-//! Backup speed against `cp -a` and `rsync -a` on the same Maildir in the same run, `--link`
-//! against `cp -al`, lock hold times, incremental snapshots against `rsync -a --link-dest`, and
-//! what hand-offs to restic and borg read and add when little changed.
+//! Backup speed and peak memory against `tar | tar`, `cp -a` and `rsync -a` on the same Maildir in
+//! the same run, `--link` against `cp -al`, lock hold times, snapshots when nothing changed and
+//! after 10 % flag changes and 1 % new mail against `rsync -a --link-dest` and `doveadm backup`
+//! (run without a Dovecot server, from a config file; when a `vmail` user exists), the bytes each
+//! snapshot writes, and what hand-offs to restic and borg read and add when little changed.
 //!
-//! `cargo bench --bench backup` (sizes: `-- --messages 20000,100000`, repeats: `--runs 3`).
+//! `cargo bench --bench backup` (sizes: `-- --messages 20000,100000`, repeats: `--runs 3`;
+//! `--ours-only` skips the peers, e.g. for the memory of `--messages 1000000`).
 //! The Maildir is synthetic but shaped like Dovecot's: 5 folders, Dovecot file names,
 //! sizes 1-12 KiB, a dovecot-uidlist per folder. Everything runs warm (page cache), as a
 //! nightly backup of a busy server mostly does; the median of the runs is reported.
@@ -43,7 +46,7 @@ fn make_maildir(root: &Path, messages: usize) -> Vec<PathBuf> {
             fs::write(root.join(f).join("maildirfolder"), b"").unwrap();
         }
     }
-    let mut uidlists: Vec<String> = FOLDERS.iter().map(|_| "3 V1700000000 N1 G0123456789abcdef\n".to_string()).collect();
+    let mut uidlists: Vec<String> = FOLDERS.iter().map(|_| "3 V1700000000 N1 G0123456789abcdef0123456789abcdef\n".to_string()).collect();
     for i in 0..messages {
         let k = i % FOLDERS.len();
         let size = 1024 + (rng.next() % 11264) as usize;
@@ -63,10 +66,40 @@ fn make_maildir(root: &Path, messages: usize) -> Vec<PathBuf> {
 }
 
 fn run(cmd: &mut Command) -> Duration {
+    measure(cmd).time
+}
+
+/// A finished benchmark command: its wall time, its peak RSS (of it or of any process it waited
+/// for, from `wait4`), and its standard output.
+struct Measured {
+    time: Duration,
+    rss_kib: u64,
+    stdout: String,
+}
+
+fn measure(cmd: &mut Command) -> Measured {
+    use std::io::Read;
     let t = Instant::now();
-    let out = cmd.output().expect("run benchmark command");
-    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
-    t.elapsed()
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("run benchmark command");
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    let err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut e = err;
+        let mut s = String::new();
+        let _ = e.read_to_string(&mut s);
+        s
+    });
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    stderr.push_str(&err_reader.join().unwrap());
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: waits for our own child, which std has not reaped (we never called wait on it).
+    let r = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert!(r > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{cmd:?} failed: {stderr}");
+    Measured { time: t.elapsed(), rss_kib: usage.ru_maxrss as u64, stdout }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -105,6 +138,7 @@ fn main() {
     let sizes: Vec<usize> = arg("--messages").unwrap_or_else(|| "20000,100000".into()).split(',').filter_map(|s| s.parse().ok()).collect();
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(3);
     let base = PathBuf::from(std::env::var("MB_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()));
+    let ours_only = std::env::args().any(|a| a == "--ours-only");
     println!("maildir-backup benchmark ({} runs each, median; warm cache; {} cores)", runs, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     for &n in &sizes {
         let work = tempfile::Builder::new().prefix("mb-bench.").tempdir_in(&base).expect("bench dir");
@@ -114,7 +148,7 @@ fn main() {
         let total: u64 = files.iter().map(|f| fs::metadata(f).unwrap().len()).sum();
         println!("\n== {n} messages, {:.1} MiB (generated in {:.1} s)", total as f64 / 1048576.0, t.elapsed().as_secs_f64());
 
-        let mut times: Vec<(&str, Duration)> = Vec::new();
+        let mut times: Vec<(&str, Duration, u64)> = Vec::new();
         let mut holds = Vec::new();
         // cp and rsync get a `sync -f` (syncfs) afterwards: maildir-backup makes its copy
         // durable before publishing it, so the fair comparison includes the flush.
@@ -124,6 +158,7 @@ fn main() {
             c
         };
         let tools: Vec<(&str, Box<dyn Fn(&Path) -> Command>)> = vec![
+            ("tar | tar", Box::new(|d: &Path| synced(format!("mkdir '{1}' && tar -C '{0}' -cf - . | tar -C '{1}' -xpf -", src.display(), d.display()), d))),
             ("cp -a", Box::new(|d: &Path| synced(format!("cp -a '{}' '{}'", src.display(), d.display()), d))),
             ("rsync -a", Box::new(|d: &Path| synced(format!("rsync -a '{}/' '{}'", src.display(), d.display()), d))),
             ("maildir-backup", Box::new(|d: &Path| { let mut c = Command::new(BIN); c.args(["backup", "--json"]).arg(&src).arg(d); c })),
@@ -132,31 +167,28 @@ fn main() {
             ("maildir-backup --link", Box::new(|d: &Path| { let mut c = Command::new(BIN); c.args(["backup", "--json", "--link"]).arg(&src).arg(d); c })),
         ];
         for (name, mk) in &tools {
-            if name.starts_with("rsync") && !has("rsync") {
+            let ours = name.starts_with("maildir-backup");
+            if (!ours && ours_only) || (name.starts_with("rsync") && !has("rsync")) {
                 continue;
             }
-            let mut v = Vec::new();
+            let (mut v, mut rss) = (Vec::new(), 0);
             for r in 0..runs {
-                let dest = work.path().join(format!("out-{}-{r}", name.replace(' ', "")));
-                let mut cmd = mk(&dest);
-                if name.starts_with("maildir-backup") {
-                    let t = Instant::now();
-                    let out = cmd.output().unwrap();
-                    v.push(t.elapsed());
-                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                    holds.push((*name, json_field(&String::from_utf8_lossy(&out.stdout), "lock_hold_ms")));
-                } else {
-                    v.push(run(&mut cmd));
+                let dest = work.path().join(format!("out-{}-{r}", name.replace([' ', '|'], "")));
+                let m = measure(&mut mk(&dest));
+                if ours {
+                    holds.push((*name, json_field(&m.stdout, "lock_hold_ms")));
                 }
+                v.push(m.time);
+                rss = rss.max(m.rss_kib);
                 let _ = fs::remove_dir_all(&dest);
             }
-            times.push((name, median(v)));
+            times.push((name, median(v), rss));
         }
-        let time_of = |tool: &str| times.iter().find(|(n, _)| *n == tool).map(|t| t.1).unwrap();
+        let time_of = |tool: &str| times.iter().find(|(n, ..)| *n == tool).map(|t| t.1).unwrap();
         let (ours, linked) = (time_of("maildir-backup"), time_of("maildir-backup --link"));
-        for (name, t) in &times {
+        for (name, t, rss) in &times {
             let mine = if name.contains("-al") || name.contains("--link") { linked } else { ours };
-            println!("  {name:<22} {:>8.2} s (incl. sync)   ours/{name}: {:.2}", t.as_secs_f64(), mine.as_secs_f64() / t.as_secs_f64());
+            println!("  {name:<22} {:>8.2} s (incl. sync), peak RSS {:>7.1} MiB   ours/{name}: {:.2}", t.as_secs_f64(), mib(*rss), mine.as_secs_f64() / t.as_secs_f64());
         }
         println!("  --link / copy: {:.3}", linked.as_secs_f64() / ours.as_secs_f64());
         for tool in ["maildir-backup", "maildir-backup --link"] {
@@ -203,39 +235,121 @@ fn main() {
         }
         let _ = fs::remove_dir_all(&dest);
 
-        // Incremental: snapshot, then 10 % flag changes + 1 % new mail, then the next one.
-        let repo = work.path().join("repo");
-        let rs = work.path().join("rsync");
-        fs::create_dir_all(&rs).unwrap();
-        run(Command::new(BIN).args(["backup", "-q", "--repo"]).arg(&repo).args(["--name", "u"]).arg(&src));
-        run(Command::new("rsync").arg("-a").arg(format!("{}/", src.display())).arg(rs.join("0")));
-        let mut flagged = 0;
-        for f in files.iter().step_by(10) {
-            let s = f.to_string_lossy();
-            let to = if s.ends_with(":2,") { format!("{s}S") } else { format!("{s}F") };
-            fs::rename(f, &to).unwrap();
-            flagged += 1;
-        }
-        for i in 0..n / 100 {
-            let name = format!("{}.M{i}P999.bench,S=2000", 1_800_000_000 + i);
-            fs::write(src.join("new").join(name), vec![b'x'; 2000]).unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(1100)); // next snapshot name
-        let t_ours = run(Command::new(BIN).args(["backup", "-q", "--repo"]).arg(&repo).args(["--name", "u"]).arg(&src));
-        let t_rsync = run(Command::new("rsync").arg("-a").arg(format!("--link-dest={}", rs.join("0").display())).arg(format!("{}/", src.display())).arg(rs.join("1")));
-        let latest = fs::canonicalize(repo.join("u").join("latest")).unwrap();
-        let (of, ob) = new_bytes(&latest);
-        let (rf, rb) = new_bytes(&rs.join("1"));
-        println!("  incremental after {flagged} flag changes + {} new messages:", n / 100);
-        println!("    maildir-backup --repo   {:>8.2} s, {:>6} new files, {:>10.1} MiB written", t_ours.as_secs_f64(), of, ob as f64 / 1048576.0);
-        println!("    rsync -a --link-dest    {:>8.2} s, {:>6} new files, {:>10.1} MiB written", t_rsync.as_secs_f64(), rf, rb as f64 / 1048576.0);
-        println!("    ratio ours/rsync: time {:.2}, bytes written {:.3}", t_ours.as_secs_f64() / t_rsync.as_secs_f64(), ob as f64 / rb.max(1) as f64);
+        snapshots(work.path(), &src, &files, n, ours_only);
 
-        if has("restic") && has("borg") {
+        if ours_only {
+        } else if has("restic") && has("borg") {
             offsite(work.path(), &src, n);
         } else {
             println!("  (offsite figures skipped: restic or borg is not installed)");
         }
+    }
+}
+
+/// Snapshots into a repository, first when nothing changed and then after 10 % flag changes and
+/// 1 % new mail, each against its peers on their own previous copies: `rsync -a --link-dest` and
+/// `doveadm backup` (the latter only where a `vmail` user can own the mail it reads). Time, bytes
+/// newly written (files with one link), peak RSS.
+fn snapshots(work: &Path, src: &Path, files: &[PathBuf], n: usize, ours_only: bool) {
+    let repo = work.join("repo");
+    let rs = work.join("rsync");
+    fs::create_dir_all(&rs).unwrap();
+    let ours = || measure(Command::new(BIN).args(["backup", "-q", "--repo"]).arg(&repo).args(["--name", "u"]).arg(src));
+    let rsync_to = |to: &str| measure(Command::new("rsync").arg("-a").arg(format!("--link-dest={}", rs.join("0").display())).arg(format!("{}/", src.display())).arg(rs.join(to)));
+    let doveadm = (!ours_only).then(|| Doveadm::new(work, src)).flatten();
+    let first = ours();
+    if !ours_only {
+        run(Command::new("rsync").arg("-a").arg(format!("{}/", src.display())).arg(rs.join("0")));
+    }
+    let dv_first = doveadm.as_ref().map(Doveadm::backup);
+    println!("  first snapshot: maildir-backup --repo {:.2} s, peak RSS {:.1} MiB{}", first.time.as_secs_f64(), mib(first.rss_kib), dv_first.as_ref().map_or(String::new(), |m| format!("; doveadm backup {:.2} s, {:.1} MiB", m.time.as_secs_f64(), mib(m.rss_kib))));
+    std::thread::sleep(Duration::from_millis(1100)); // the next snapshot's name
+    let same = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("same"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
+    print_snapshot_rows("when nothing changed", &same, &new_bytes(&latest(&repo)), None);
+
+    let mut flagged = 0;
+    for f in files.iter().step_by(10) {
+        let s = f.to_string_lossy();
+        let to = if s.ends_with(":2,") { format!("{s}S") } else { format!("{s}F") };
+        fs::rename(f, &to).unwrap();
+        flagged += 1;
+    }
+    let mut new_mail = 0;
+    for i in 0..n / 100 {
+        let name = format!("{}.M{i}P999.bench,S=2000", 1_800_000_000 + i);
+        fs::write(src.join("new").join(name), vec![b'x'; 2000]).unwrap();
+        new_mail += 2000;
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let changed = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("1"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
+    let label = format!("after {flagged} flag changes + {} new messages", n / 100);
+    let rsync_written = (!ours_only).then(|| new_bytes(&rs.join("1")).1);
+    print_snapshot_rows(&label, &changed, &new_bytes(&latest(&repo)), Some((new_mail, rsync_written)));
+}
+
+fn latest(repo: &Path) -> PathBuf {
+    fs::canonicalize(repo.join("u").join("latest")).unwrap()
+}
+
+/// One snapshot situation: each tool's time and memory, and ours against the peers.
+fn print_snapshot_rows(label: &str, rows: &[(&str, Option<Measured>)], (files, written): &(u64, u64), mail: Option<(u64, Option<u64>)>) {
+    println!("  snapshot {label}:");
+    let ours = rows[0].1.as_ref().unwrap().time.as_secs_f64();
+    for (name, m) in rows {
+        let Some(m) = m else { continue };
+        println!("    {name:<22} {:>8.2} s, peak RSS {:>7.1} MiB   ours/{name}: {:.2}", m.time.as_secs_f64(), mib(m.rss_kib), ours / m.time.as_secs_f64());
+    }
+    print!("    maildir-backup wrote {files} new files, {:.2} MiB", *written as f64 / 1048576.0);
+    if let Some((mail, rsync)) = mail {
+        print!(" ({:.2} × the new mail's {:.2} MiB", *written as f64 / mail as f64, mail as f64 / 1048576.0);
+        if let Some(r) = rsync {
+            print!("; rsync --link-dest wrote {:.2} MiB", r as f64 / 1048576.0);
+        }
+        print!(")");
+    }
+    println!();
+}
+
+/// `doveadm backup` of the bench Maildir, without a Dovecot server: a config of its own, the mail
+/// read as `vmail` (Dovecot will not read mail as root), into a target of its own.
+struct Doveadm {
+    conf: PathBuf,
+    target: PathBuf,
+}
+
+impl Doveadm {
+    fn new(work: &Path, src: &Path) -> Option<Doveadm> {
+        if !has("doveadm") {
+            return None;
+        }
+        let dir = work.join("doveadm");
+        for d in ["run", "state", "target"] {
+            fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let ok = Command::new("chown").args(["-R", "vmail:vmail"]).arg(src).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            println!("  (doveadm backup skipped: no vmail user to read the mail as)");
+            return None;
+        }
+        let conf = dir.join("dovecot.conf");
+        fs::write(
+            &conf,
+            format!(
+                "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/log\ninstance_name = mb-bench\nprotocols =\nssl = no\n\
+                 mail_uid = vmail\nmail_gid = vmail\nfirst_valid_uid = 1\nmail_location = maildir:{src}\n",
+                d = dir.display(),
+                src = src.display()
+            ),
+        )
+        .unwrap();
+        Some(Doveadm { conf, target: dir.join("target/b") })
+    }
+
+    /// One `doveadm backup` (the first is a full one; later ones bring the target up to date).
+    fn backup(&self) -> Measured {
+        let mut c = Command::new("doveadm");
+        c.arg("-c").arg(&self.conf).arg("backup").arg(format!("maildir:{}", self.target.display())).env("USER", "u");
+        measure(&mut c)
     }
 }
 
