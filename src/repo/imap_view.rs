@@ -45,7 +45,7 @@ pub fn shows(path: &Path) -> bool {
 pub struct ViewChanges {
     pub added: Vec<String>,
     pub removed: Vec<String>,
-    /// Folders left out of the view, and why.
+    /// What the admin should know: folders the view cannot show, a view Dovecot cannot reach.
     pub warnings: Vec<String>,
 }
 
