@@ -70,32 +70,29 @@ fn run(cmd: &mut Command) -> Duration {
 }
 
 /// A finished benchmark command: its wall time, its peak RSS (of it or of any process it waited
-/// for, from `wait4`), and its standard output.
+/// for), and its standard output.
 struct Measured {
     time: Duration,
     rss_kib: u64,
     stdout: String,
 }
 
+/// Runs `cmd` under GNU time for its peak RSS: a child we spawn ourselves starts out sharing our
+/// memory until it execs, which `wait4` would count as its own.
 fn measure(cmd: &mut Command) -> Measured {
-    use std::io::Read;
+    let rss_file = tempfile::NamedTempFile::new().expect("temp file");
+    let mut timed = Command::new("/usr/bin/time");
+    timed.arg("-f").arg("%M").arg("-o").arg(rss_file.path()).arg(cmd.get_program()).args(cmd.get_args());
+    timed.envs(cmd.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
+    if let Some(dir) = cmd.get_current_dir() {
+        timed.current_dir(dir);
+    }
     let t = Instant::now();
-    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("run benchmark command");
-    let (mut stdout, mut stderr) = (String::new(), String::new());
-    let err = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut e = err;
-        let mut s = String::new();
-        let _ = e.read_to_string(&mut s);
-        s
-    });
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
-    stderr.push_str(&err_reader.join().unwrap());
-    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
-    // SAFETY: waits for our own child, which std has not reaped (we never called wait on it).
-    let r = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    assert!(r > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{cmd:?} failed: {stderr}");
-    Measured { time: t.elapsed(), rss_kib: usage.ru_maxrss as u64, stdout }
+    let out = timed.output().expect("run benchmark command under /usr/bin/time");
+    let time = t.elapsed();
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let rss_kib = fs::read_to_string(rss_file.path()).unwrap_or_default().trim().parse().unwrap_or(0);
+    Measured { time, rss_kib, stdout: String::from_utf8_lossy(&out.stdout).into_owned() }
 }
 
 fn mib(kib: u64) -> f64 {

@@ -700,7 +700,7 @@ fn write_manifest(md: &Maildir, tree: &Tree, taken_at: i64, held: Duration, byte
                 unique: name.map(|n| n.unique().to_string()).unwrap_or_default(),
                 flags: name.map(|n| n.flags().to_string()).unwrap_or_default(),
                 size: e.size,
-                blake3: e.blake3.clone(),
+                blake3: sync::hex(e.blake3),
             })?;
         }
     }

@@ -29,7 +29,20 @@ pub struct Entry {
     pub sub: Subdir,
     pub name: String,
     pub size: u64,
-    pub blake3: String,
+    /// None until known (a deferred copy, or a link made without checksums). Kept as 32
+    /// bytes, not hex: the tree holds one per message.
+    pub blake3: Option<blake3::Hash>,
+}
+
+/// A checksum as `fsx` gives it (hex; empty for none).
+fn digest(hex: &str) -> Option<blake3::Hash> {
+    blake3::Hash::from_hex(hex).ok()
+}
+
+/// The hex form of an entry's checksum (empty for none), as the manifest and the shared
+/// copies carry it.
+pub fn hex(h: Option<blake3::Hash>) -> String {
+    h.map(|h| h.to_hex().to_string()).unwrap_or_default()
 }
 
 /// The staged copy of one folder.
@@ -146,7 +159,7 @@ impl<'t> SharedInodes<'t> {
         let ((rel, key), stamp) = self.tree.shared.get(&id)?;
         let e = self.tree.folders.get(rel)?.entries.get(key)?;
         let path = staged_path(rel, e.sub, &e.name);
-        Some(SharedCopy { path, stamp: *stamp, size: e.size, blake3: e.blake3.clone(), at: (rel.clone(), key.clone()) })
+        Some(SharedCopy { path, stamp: *stamp, size: e.size, blake3: hex(e.blake3), at: (rel.clone(), key.clone()) })
     }
 
     fn into_new(self) -> impl Iterator<Item = ((u64, u64), SharedCopy)> {
@@ -220,8 +233,9 @@ struct Diff {
     /// unique name can leave several folders in one pass (Dovecot's COPY/MOVE hard-link under
     /// the same name), so every one is kept: each staged copy must be reused or removed.
     departed: HashMap<String, Vec<(PathBuf, Entry)>>,
-    /// New in a folder: (folder, key, where it is).
-    added: Vec<(PathBuf, String, Listed)>,
+    /// New in each folder: (key, where it is), by folder (a path per folder, not per message:
+    /// in a first pass every message is new).
+    added: Vec<(PathBuf, Vec<(String, Listed)>)>,
     gone_folders: Vec<PathBuf>,
 }
 
@@ -320,9 +334,9 @@ impl Tree {
             // Wherever a later pass left it (its folder, or another it moved to under the same
             // key; nowhere if removed). Only deferred entries lack a checksum.
             let holders = self.folders.values_mut().filter_map(|s| s.entries.get_mut(&d.key));
-            for e in holders.filter(|e| e.blake3.is_empty()) {
+            for e in holders.filter(|e| e.blake3.is_none()) {
                 e.size = c.size;
-                e.blake3 = c.blake3.clone();
+                e.blake3 = digest(&c.blake3);
             }
         }
         Ok(stats)
@@ -440,6 +454,7 @@ impl Tree {
             }
         }
         forget_other_keys_at(&mut state.entries, &listing.entries);
+        let mut added = Vec::new();
         for (key, listed) in listing.entries {
             match state.entries.get_mut(&key) {
                 Some(e) if e.sub == listed.sub && e.name == listed.name => {}
@@ -452,8 +467,11 @@ impl Tree {
                     e.name = listed.name;
                     stats.renamed += 1;
                 }
-                None => diff.added.push((folder.rel.clone(), key, listed)),
+                None => added.push((key, listed)),
             }
+        }
+        if !added.is_empty() {
+            diff.added.push((folder.rel.clone(), added));
         }
         Ok(())
     }
@@ -474,22 +492,28 @@ impl Tree {
     /// name): moves our copy too. The others are to be copied: returned by folder.
     fn move_or_queue(
         &mut self,
-        added: Vec<(PathBuf, String, Listed)>,
+        added: Vec<(PathBuf, Vec<(String, Listed)>)>,
         departed: &mut HashMap<String, Vec<(PathBuf, Entry)>>,
         stats: &mut PassStats,
     ) -> Result<Vec<(PathBuf, Vec<CopyJob>)>, BackupError> {
         let mut jobs: BTreeMap<PathBuf, Vec<CopyJob>> = BTreeMap::new();
-        for (rel, key, listed) in added {
-            let Some((from_rel, e)) = departed.get_mut(&key).and_then(Vec::pop) else {
-                jobs.entry(rel).or_default().push(CopyJob { key, listed });
-                continue;
-            };
-            let from = staged_path(&from_rel, e.sub, &e.name);
-            let to = staged_path(&rel, listed.sub, &listed.name);
-            self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
-            let entry = Entry { sub: listed.sub, name: listed.name, ..e };
-            self.folders.get_mut(&rel).expect("listed folder is staged").entries.insert(key, entry);
-            stats.moved += 1;
+        for (rel, new) in added {
+            let mut queued = Vec::new();
+            for (key, listed) in new {
+                let Some((from_rel, e)) = departed.get_mut(&key).and_then(Vec::pop) else {
+                    queued.push(CopyJob { key, listed });
+                    continue;
+                };
+                let from = staged_path(&from_rel, e.sub, &e.name);
+                let to = staged_path(&rel, listed.sub, &listed.name);
+                self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
+                let entry = Entry { sub: listed.sub, name: listed.name, ..e };
+                self.folders.get_mut(&rel).expect("listed folder is staged").entries.insert(key, entry);
+                stats.moved += 1;
+            }
+            if !queued.is_empty() {
+                jobs.entry(rel).or_default().extend(queued);
+            }
         }
         Ok(jobs.into_iter().collect())
     }
@@ -659,7 +683,7 @@ impl JobContext<'_> {
 
     fn run(&self, job: &CopyJob) -> Result<JobResult, BackupError> {
         let name = job.listed.name.as_str();
-        let entry = |size, blake3| Entry { sub: job.listed.sub, name: name.to_string(), size, blake3 };
+        let entry = |size, blake3: String| Entry { sub: job.listed.sub, name: name.to_string(), size, blake3: digest(&blake3) };
         if let Some(reuse) = self.reuse {
             // Same unique name = same message (Maildir files never change); the sizes must
             // agree too, or it is copied afresh.
