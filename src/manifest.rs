@@ -1,4 +1,5 @@
-//! The manifest inside every backup: one JSON record per line — a header, one record per
+//! The manifest inside every backup: zstd-compressed (plain before: both are read), one JSON
+//! record per line — a header, one record per
 //! folder (with its uidlist header) and one per message (folder, unique name, flags, size,
 //! BLAKE3 checksum). `verify` checks a backup against it; snapshots use it to find messages
 //! they can hard-link instead of copying; `restore` uses it to know what to put back.
@@ -17,6 +18,11 @@ use crate::fsx::{self, Dir, FsError, Owner};
 use crate::maildir::{Layout, MessageName, Subdir, MESSAGE_DIRS};
 
 pub const MANIFEST_NAME: &str = "maildir-backup.manifest";
+/// A manifest is written zstd-compressed (its JSON lines shrink about tenfold); one that does
+/// not start with zstd's magic number is read as the plain lines of earlier versions.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+const ZSTD_LEVEL: i32 = 3;
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 pub const FORMAT: u32 = 1;
 /// Longest line accepted: a folder record lists the expunged unique names its uidlist still
 /// holds, normally none or a few.
@@ -250,7 +256,7 @@ impl Manifest {
 /// (with the counts the records must add up to), then the folders, then the messages. Each
 /// record is checked as `read` checks it, and the counts at `finish`.
 pub struct ManifestWriter {
-    w: BufWriter<std::fs::File>,
+    w: zstd::Encoder<'static, BufWriter<std::fs::File>>,
     path: std::path::PathBuf,
     header: Header,
     /// Folder path → (messages its record says, messages written).
@@ -263,7 +269,8 @@ impl ManifestWriter {
     /// Starts a new manifest file (0600) in `dir`, with its header.
     pub fn create(dir: &Dir, header: &Header) -> Result<ManifestWriter, ManifestError> {
         let path = dir.show(MANIFEST_NAME);
-        let w = BufWriter::new(dir.create(MANIFEST_NAME, 0o600)?);
+        let file = BufWriter::new(dir.create(MANIFEST_NAME, 0o600)?);
+        let w = zstd::Encoder::new(file, ZSTD_LEVEL).map_err(|e| ManifestError::Fs(FsError::Io { op: "compress", path: path.clone(), source: e }))?;
         let mut mw = ManifestWriter { w, path, header: header.clone(), folders: HashMap::new(), messages: 0, bytes: 0 };
         mw.put(&Record::Backup(header.clone()))?;
         Ok(mw)
@@ -299,7 +306,8 @@ impl ManifestWriter {
         }
         let io_err = |op, path: std::path::PathBuf, e| ManifestError::Fs(FsError::Io { op, path, source: e });
         let path = self.path.clone();
-        let file = self.w.into_inner().map_err(|e| io_err("write", path.clone(), e.into_error()))?;
+        let buffered = self.w.finish().map_err(|e| io_err("write", path.clone(), e))?;
+        let file = buffered.into_inner().map_err(|e| io_err("write", path.clone(), e.into_error()))?;
         file.sync_all().map_err(|e| io_err("fsync", path, e))
     }
 
@@ -356,15 +364,28 @@ fn check_message(m: &MessageRecord) -> Result<(), String> {
 
 /// The manifest's lines, each bounded.
 struct Lines {
-    input: BufReader<std::io::Take<std::fs::File>>,
+    input: BufReader<std::io::Take<Box<dyn Read>>>,
     path: String,
     line: usize,
 }
 
 impl Lines {
+    /// Opens the manifest in `dir`, compressed (as written since zstd) or plain (as before).
     fn open(dir: &Dir) -> Result<Lines, ManifestError> {
         let f = dir.open_read(MANIFEST_NAME)?;
-        Ok(Lines { path: f.path.display().to_string(), input: BufReader::new(f.file.take(u64::MAX)), line: 0 })
+        let path = f.path.display().to_string();
+        let io_err = |e| ManifestError::Fs(FsError::Io { op: "read", path: f.path.clone(), source: e });
+        let mut file = BufReader::new(f.file);
+        let compressed = file.fill_buf().map_err(io_err)?.starts_with(&ZSTD_MAGIC);
+        let raw: Box<dyn Read> = if compressed {
+            let mut d = zstd::Decoder::with_buffer(file).map_err(io_err)?;
+            // Ours need 2 MiB; a forged one may not make us allocate more than this.
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(io_err)?;
+            Box::new(d)
+        } else {
+            Box::new(file)
+        };
+        Ok(Lines { path, input: BufReader::new(raw.take(u64::MAX)), line: 0 })
     }
 
     fn bad(&self, what: &str) -> ManifestError {

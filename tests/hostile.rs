@@ -647,7 +647,7 @@ fn restore_races_swapping_dirs_and_control_files() {
 // Forged snapshots
 
 fn read_lines(snap: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(snap.join("maildir-backup.manifest")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    support::repo_helpers::manifest_text(snap).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn write_lines(snap: &Path, lines: &[serde_json::Value]) {

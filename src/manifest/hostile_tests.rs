@@ -237,7 +237,26 @@ fn the_writer_refuses_what_read_would() {
     unsafe_name[0].name = "../x:2,".into();
     assert!(err(write(&m.header, &m.folders, &unsafe_name)).contains("not usable"));
     write(&m.header, &m.folders, &m.messages).unwrap();
+    assert!(fs::read(t.path().join(MANIFEST_NAME)).unwrap().starts_with(&ZSTD_MAGIC), "written uncompressed");
     let (mut folders, mut messages) = (vec![], vec![]);
     let h = Manifest::visit(&dir, |f| folders.push(f), |r| messages.push(r)).unwrap();
     assert_eq!(Manifest { header: h, folders, messages }, m);
+}
+
+/// A manifest compressed with a bigger window than ours needs is refused, not decoded into memory.
+#[test]
+fn a_compressed_manifest_with_a_huge_window_is_refused() {
+    let t = tmp();
+    let text = lines_of(&good()).join("\n") + "\n";
+    let mut e = zstd::Encoder::new(Vec::new(), 1).unwrap();
+    e.window_log(27).unwrap();
+    e.long_distance_matching(true).unwrap();
+    e.include_contentsize(false).unwrap();
+    std::io::Write::write_all(&mut e, text.as_bytes()).unwrap();
+    fs::write(t.path().join(MANIFEST_NAME), e.finish().unwrap()).unwrap();
+    let err = Manifest::read(&Dir::open(t.path()).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("memory"), "{err}");
+    // The same lines compressed as we compress them read back.
+    fs::write(t.path().join(MANIFEST_NAME), zstd::encode_all(text.as_bytes(), 3).unwrap()).unwrap();
+    assert_eq!(Manifest::read(&Dir::open(t.path()).unwrap()).unwrap(), good());
 }

@@ -79,9 +79,17 @@ pub struct ManifestData {
     pub messages: Vec<ManifestMsg>,
 }
 
+/// The JSON lines of a snapshot's manifest (written zstd-compressed; plain ones are read as they are).
+pub fn manifest_text(snapshot: &Path) -> String {
+    let p = snapshot.join("maildir-backup.manifest");
+    let raw = fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    let plain = if raw.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) { zstd::decode_all(&raw[..]).unwrap_or_else(|e| panic!("decompress {}: {e}", p.display())) } else { raw };
+    String::from_utf8(plain).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
 pub fn read_manifest(snapshot: &Path) -> ManifestData {
     let p = snapshot.join("maildir-backup.manifest");
-    let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    let text = manifest_text(snapshot);
     let mut header = serde_json::Value::Null;
     let (mut folders, mut messages) = (Vec::new(), Vec::new());
     for line in text.lines().filter(|l| !l.is_empty()) {
