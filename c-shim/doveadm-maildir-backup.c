@@ -533,6 +533,13 @@ static struct doveadm_mail_cmd_context *cmd_maildir_backup_alloc(void)
 	return cmd_setup(&bctx->ctx, cmd_maildir_backup_init, cmd_maildir_backup_run, "m:t:j:iLV");
 }
 
+/* The parameters both commands read in init_common(). */
+#define MB_BACKUP_PARAMS \
+DOVEADM_CMD_PARAM('m', "mailbox", CMD_PARAM_ARRAY, 0) \
+DOVEADM_CMD_PARAM('t', "lock-timeout", CMD_PARAM_STR, 0) \
+DOVEADM_CMD_PARAM('j', "jobs", CMD_PARAM_INT64, 0) \
+DOVEADM_CMD_PARAM('i', "with-indexes", CMD_PARAM_BOOL, 0)
+
 static struct doveadm_cmd_ver2 maildir_backup_cmd = {
 	.name = "maildir-backup",
 	.mail_cmd = cmd_maildir_backup_alloc,
@@ -540,10 +547,7 @@ static struct doveadm_cmd_ver2 maildir_backup_cmd = {
 		"[-m <mailbox>]... [-t <lock timeout secs>] [-j <jobs>] [-i] [-L] [-V] [<destination template>]",
 DOVEADM_CMD_PARAMS_START
 DOVEADM_CMD_MAIL_COMMON
-DOVEADM_CMD_PARAM('m', "mailbox", CMD_PARAM_ARRAY, 0)
-DOVEADM_CMD_PARAM('t', "lock-timeout", CMD_PARAM_STR, 0)
-DOVEADM_CMD_PARAM('j', "jobs", CMD_PARAM_INT64, 0)
-DOVEADM_CMD_PARAM('i', "with-indexes", CMD_PARAM_BOOL, 0)
+MB_BACKUP_PARAMS
 DOVEADM_CMD_PARAM('L', "link", CMD_PARAM_BOOL, 0)
 DOVEADM_CMD_PARAM('V', "imap-view", CMD_PARAM_BOOL, 0)
 DOVEADM_CMD_PARAM('\0', "destination", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
@@ -569,10 +573,7 @@ static struct doveadm_cmd_ver2 maildir_backup_hand_off_cmd = {
 		"[-m <mailbox>]... [-t <lock timeout secs>] [-j <jobs>] [-i] [-s <stage template>] [-K] [-c] [<shell command>]",
 DOVEADM_CMD_PARAMS_START
 DOVEADM_CMD_MAIL_COMMON
-DOVEADM_CMD_PARAM('m', "mailbox", CMD_PARAM_ARRAY, 0)
-DOVEADM_CMD_PARAM('t', "lock-timeout", CMD_PARAM_STR, 0)
-DOVEADM_CMD_PARAM('j', "jobs", CMD_PARAM_INT64, 0)
-DOVEADM_CMD_PARAM('i', "with-indexes", CMD_PARAM_BOOL, 0)
+MB_BACKUP_PARAMS
 DOVEADM_CMD_PARAM('s', "stage", CMD_PARAM_STR, 0)
 DOVEADM_CMD_PARAM('K', "keep-stage", CMD_PARAM_BOOL, 0)
 DOVEADM_CMD_PARAM('c', "checksum", CMD_PARAM_BOOL, 0)

@@ -219,9 +219,14 @@ fn uid_flags(d: &Dovecot, user: &str) -> BTreeMap<&'static str, Vec<(u32, String
     FOLDERS.iter().map(|f| (*f, d.fetch_uid_flags(user, f, None))).collect()
 }
 
+/// Message-ID → how many times the Maildir at `root` has it.
+fn message_counts(root: &Path) -> BTreeMap<String, usize> {
+    scan_message_ids(root).into_iter().map(|(id, files)| (id, files.len())).collect()
+}
+
 /// Message-ID → how many times alice's live mailbox has it.
 fn live_ids(d: &Dovecot) -> BTreeMap<String, usize> {
-    scan_message_ids(&d.maildir("alice")).into_iter().map(|(id, files)| (id, files.len())).collect()
+    message_counts(&d.maildir("alice"))
 }
 
 #[test]
@@ -348,7 +353,7 @@ hooks:
     // borg keeps the source directory's path below the extraction directory.
     let restored = extracted.join(stage.strip_prefix("/").unwrap());
     assert_verified(&restored);
-    let ids: BTreeMap<String, usize> = scan_message_ids(&restored).into_iter().map(|(id, files)| (id, files.len())).collect();
+    let ids = message_counts(&restored);
     assert_eq!(ids, live_ids(&d), "the archive's messages (Message-ID → copies) are not alice's");
     assert!(!ids.keys().any(|m| junk.contains(m)), "junk from tmp/ in the archive");
 }
