@@ -190,7 +190,35 @@ impl PreviousSnapshot {
     }
 }
 
+impl PreviousSnapshot {
+    /// The previous snapshot's copy of the control file `rel`, open, if it is what copying
+    /// `source` with `owner` would make: same size, mode, owner, times and bytes.
+    fn same_control(&self, rel: &Path, source: &mut fsx::ReadFile, owner: Option<fsx::Owner>) -> Option<fsx::ReadFile> {
+        let (folder, name) = (rel.parent()?, rel.file_name()?);
+        let mut old = if folder.as_os_str().is_empty() { self.dir.open_read(name) } else { self.sub_dir(folder)?.open_read(name) }.ok()?;
+        let (m, s) = (&old.meta, &source.meta);
+        let owner_ok = owner.is_none_or(|o| m.owner() == o);
+        if !(owner_ok && m.size() == s.size() && m.mode() == fsx::safe_mode(s.mode()) && (m.mtime(), m.mtime_nsec()) == (s.mtime(), s.mtime_nsec())) {
+            return None;
+        }
+        let same = fsx::hash_file(&mut old).ok()? == fsx::hash_file(source).ok()?;
+        same.then_some(old)
+    }
+}
+
 impl Reuse for PreviousSnapshot {
+    fn link_control(&self, rel: &Path, source: &mut fsx::ReadFile, owner: Option<fsx::Owner>, dst: &Dir, name: &str) -> bool {
+        let Some(old) = self.same_control(rel, source, owner) else { return false };
+        // The very file compared, under a temporary name, then over whatever is there.
+        let Ok(tmp) = dst.link_open_file(&old.file, &format!(".{name}.maildir-backup")) else { return false };
+        if dst.rename(&tmp, dst, name, Replace::Allowed).is_err() {
+            let _ = dst.unlink(&tmp);
+            return false;
+        }
+        true
+    }
+
+
     fn link_into(&self, unique: &str, source_size: u64, dst: &Dir, name: &str) -> Option<String> {
         let kept = self.by_unique.get(unique)?;
         let (old_name, size) = (&*kept.name, kept.size);

@@ -465,7 +465,7 @@ impl<'a> Run<'a> {
         self.tree.defer_copies(false);
         self.tree.warn_all(w);
         let (taken_at, control) = result?;
-        control.write(&self.tree)?;
+        control.write(&self.tree, self.reuse)?;
         self.total.add(&self.tree.copy_deferred(&self.pool, self.progress)?);
         Ok(Reconciled { taken_at, held, phases })
     }
@@ -522,7 +522,7 @@ impl<'a> Run<'a> {
         }
         phases.passes_ms = lap(&mut t);
         let taken_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-        let captured = reconcile::capture_control_files(self.md, &self.tree, w)?;
+        let captured = reconcile::capture_control_files(self.md, &self.tree, self.reuse, w)?;
         phases.control_files_ms = lap(&mut t);
         Ok((taken_at, captured))
     }

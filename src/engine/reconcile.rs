@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::scan::{dir_stamps, list_folder, open_subdirs, partial_listing, Listed, Listing};
-use super::sync::{FolderState, Tree};
+use super::sync::{FolderState, Reuse, Tree};
 use super::watch::Watcher;
 use super::{BackupError, BackupOptions};
 use crate::dotlock::{self, DotLock, LockError, LockSettings};
@@ -340,11 +340,18 @@ fn open_control(src: &Dir, name: &str, warnings: &mut Vec<String>) -> Result<Opt
 
 /// Copies the open control file `source` (up to the size it had when opened) to `dst` in the
 /// staging dir, replacing it, with its metadata.
-fn write_control(mut source: ReadFile, tree: &Tree, dst: &Path) -> Result<(), BackupError> {
+fn write_control(mut source: ReadFile, tree: &Tree, dst: &Path, reuse: Option<&dyn Reuse>) -> Result<(), BackupError> {
     let dir = tree.staging.sub(dst.parent().unwrap_or(Path::new("")))?;
     let file_name = dst.file_name().and_then(|n| n.to_str()).unwrap_or(UIDLIST);
-    let (tmp, out) = dir.create_temp(&format!(".{file_name}.maildir-backup"), 0o600)?;
     let owner = tree.keep_owner.then(|| source.meta.owner());
+    // Unchanged since the previous snapshot (most folders, most nights): linked, not written.
+    if let Some(r) = reuse {
+        if r.link_control(dst, &mut source, owner, &dir, file_name) {
+            return Ok(());
+        }
+        std::io::Seek::rewind(&mut source.file).map_err(|e| FsError::Io { op: "read control file", path: source.path.clone(), source: e })?;
+    }
+    let (tmp, out) = dir.create_temp(&format!(".{file_name}.maildir-backup"), 0o600)?;
     if let Err(fail) = fsx::copy_file(&mut source, &out, owner) {
         let _ = dir.unlink(&tmp);
         return Err(match fail {
@@ -368,7 +375,7 @@ pub struct CapturedControl {
 
 /// Under the locks: opens every control file, to be copied once the locks are let go. Past
 /// a share of the descriptor limit, files are copied at once instead.
-pub fn capture_control_files(md: &Maildir, tree: &Tree, warnings: &mut Vec<String>) -> Result<CapturedControl, BackupError> {
+pub fn capture_control_files(md: &Maildir, tree: &Tree, reuse: Option<&dyn Reuse>, warnings: &mut Vec<String>) -> Result<CapturedControl, BackupError> {
     let mut open_left = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(soft, _)| soft.min(1 << 20) as usize / 4)
         .unwrap_or(256);
@@ -379,7 +386,7 @@ pub fn capture_control_files(md: &Maildir, tree: &Tree, warnings: &mut Vec<Strin
         for (name, dst) in &group.files {
             let Some(source) = open_control(&src, name, warnings)? else { continue };
             if open_left == 0 {
-                write_control(source, tree, dst)?;
+                write_control(source, tree, dst, reuse)?;
                 continue;
             }
             open_left -= 1;
@@ -391,9 +398,9 @@ pub fn capture_control_files(md: &Maildir, tree: &Tree, warnings: &mut Vec<Strin
 
 impl CapturedControl {
     /// Writes the captured control files into the staged copy (after the locks are let go).
-    pub fn write(self, tree: &Tree) -> Result<(), BackupError> {
+    pub fn write(self, tree: &Tree, reuse: Option<&dyn Reuse>) -> Result<(), BackupError> {
         for (source, dst) in self.files {
-            write_control(source, tree, &dst)?;
+            write_control(source, tree, &dst, reuse)?;
         }
         Ok(())
     }

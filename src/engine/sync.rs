@@ -198,6 +198,13 @@ pub trait Reuse: Sync {
     /// Hard-links an earlier copy of message `unique`, `size` bytes in the source, into `dst`
     /// as `name`; its BLAKE3 if it did.
     fn link_into(&self, unique: &str, size: u64, dst: &Dir, name: &str) -> Option<String>;
+
+    /// Hard-links an earlier copy of the control file at `rel` (in the backup) into `dst` as
+    /// `name` if it is the same file as `source` would be copied: the same bytes, mode, owner
+    /// and modification time. True if it did; it may have read `source` (the caller rewinds it).
+    fn link_control(&self, _rel: &Path, _source: &mut fsx::ReadFile, _owner: Option<fsx::Owner>, _dst: &Dir, _name: &str) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
