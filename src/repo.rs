@@ -1,7 +1,8 @@
 //! A backup repository: `REPO/<name>/<UTC timestamp>/` snapshots, each a complete,
 //! self-contained backup with its manifest, and `REPO/<name>/latest` pointing at the newest.
 //! A message already in the previous snapshot is hard-linked from it, found by its Maildir
-//! unique name (so a flag change, which renames the file, costs one link, not a copy).
+//! unique name (so a flag change, which renames the file, costs one link, not a copy), and so
+//! is a control file that is still the same file (most folders' uidlists, most nights).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -176,6 +177,20 @@ impl PreviousSnapshot {
         Some(PreviousSnapshot { dir, dirs, by_unique, paranoid, open_dirs: Mutex::new(HashMap::new()) })
     }
 
+    /// The previous snapshot's copy of the control file `rel`, open, if it is what copying
+    /// `source` with `owner` would make: same size, mode, owner, times and bytes.
+    fn same_control(&self, rel: &Path, source: &mut fsx::ReadFile, owner: Option<fsx::Owner>) -> Option<fsx::ReadFile> {
+        let (folder, name) = (rel.parent()?, rel.file_name()?);
+        let mut old = if folder.as_os_str().is_empty() { self.dir.open_read(name) } else { self.sub_dir(folder)?.open_read(name) }.ok()?;
+        let (m, s) = (&old.meta, &source.meta);
+        let owner_ok = owner.is_none_or(|o| m.owner() == o);
+        if !(owner_ok && m.size() == s.size() && m.mode() == fsx::safe_mode(s.mode()) && (m.mtime(), m.mtime_nsec()) == (s.mtime(), s.mtime_nsec())) {
+            return None;
+        }
+        let same = fsx::hash_file(&mut old).ok()? == fsx::hash_file(source).ok()?;
+        same.then_some(old)
+    }
+
     fn sub_dir(&self, rel: &Path) -> Option<Arc<Dir>> {
         let mut open = self.open_dirs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = open.get(rel) {
@@ -190,22 +205,6 @@ impl PreviousSnapshot {
     }
 }
 
-impl PreviousSnapshot {
-    /// The previous snapshot's copy of the control file `rel`, open, if it is what copying
-    /// `source` with `owner` would make: same size, mode, owner, times and bytes.
-    fn same_control(&self, rel: &Path, source: &mut fsx::ReadFile, owner: Option<fsx::Owner>) -> Option<fsx::ReadFile> {
-        let (folder, name) = (rel.parent()?, rel.file_name()?);
-        let mut old = if folder.as_os_str().is_empty() { self.dir.open_read(name) } else { self.sub_dir(folder)?.open_read(name) }.ok()?;
-        let (m, s) = (&old.meta, &source.meta);
-        let owner_ok = owner.is_none_or(|o| m.owner() == o);
-        if !(owner_ok && m.size() == s.size() && m.mode() == fsx::safe_mode(s.mode()) && (m.mtime(), m.mtime_nsec()) == (s.mtime(), s.mtime_nsec())) {
-            return None;
-        }
-        let same = fsx::hash_file(&mut old).ok()? == fsx::hash_file(source).ok()?;
-        same.then_some(old)
-    }
-}
-
 impl Reuse for PreviousSnapshot {
     fn link_control(&self, rel: &Path, source: &mut fsx::ReadFile, owner: Option<fsx::Owner>, dst: &Dir, name: &str) -> bool {
         let Some(old) = self.same_control(rel, source, owner) else { return false };
@@ -217,7 +216,6 @@ impl Reuse for PreviousSnapshot {
         }
         true
     }
-
 
     fn link_into(&self, unique: &str, source_size: u64, dst: &Dir, name: &str) -> Option<String> {
         let kept = self.by_unique.get(unique)?;
