@@ -104,6 +104,15 @@ enum Record {
     Message(MessageRecord),
 }
 
+/// A record as written: borrowed, so writing one copies nothing.
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum RecordRef<'a> {
+    Backup(&'a Header),
+    Folder(&'a FolderRecord),
+    Message(&'a MessageRecord),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     pub header: Header,
@@ -140,26 +149,14 @@ impl Manifest {
         w.finish()
     }
 
-    /// Reads and checks the manifest of the backup in `dir`.
+    /// Reads and checks the manifest of the backup in `dir`: each record as `visit` does, and
+    /// every name's uniqueness and every folder's count.
     pub fn read(dir: &Dir) -> Result<Manifest, ManifestError> {
-        let mut lines = Lines::open(dir)?;
-        let header = lines.header()?;
         let (mut folders, mut messages) = (Vec::new(), Vec::new());
-        while let Some(line) = lines.next_line()? {
-            match lines.parse(&line)? {
-                Record::Backup(_) => return Err(lines.bad("a second header")),
-                Record::Folder(f) => {
-                    check_folder(&f, header.layout).map_err(|w| lines.bad(&w))?;
-                    folders.push(f);
-                }
-                Record::Message(m) => {
-                    check_message(&m).map_err(|w| lines.bad(&w))?;
-                    messages.push(m);
-                }
-            }
-        }
+        let header = Manifest::visit(dir, |f| folders.push(f), |m| messages.push(m))?;
         let manifest = Manifest { header, folders, messages };
-        manifest.check_counts().map_err(|w| ManifestError::Bad { path: lines.path.clone(), line: 1, what: w })?;
+        let path = dir.show(MANIFEST_NAME).display().to_string();
+        manifest.check_counts().map_err(|what| ManifestError::Bad { path, line: 1, what })?;
         Ok(manifest)
     }
 
@@ -178,7 +175,7 @@ impl Manifest {
     pub fn visit(dir: &Dir, mut folder: impl FnMut(FolderRecord), mut message: impl FnMut(MessageRecord)) -> Result<Header, ManifestError> {
         let mut lines = Lines::open(dir)?;
         let header = lines.header()?;
-        let (mut folders, mut messages, mut bytes) = (0u64, 0u64, 0u64);
+        let (mut folders, mut messages, mut bytes) = (0u64, 0u64, Some(0u64));
         while let Some(line) = lines.next_line()? {
             match lines.parse(&line)? {
                 Record::Backup(_) => return Err(lines.bad("a second header")),
@@ -189,14 +186,15 @@ impl Manifest {
                 }
                 Record::Message(m) => {
                     check_message(&m).map_err(|w| lines.bad(&w))?;
-                    (messages, bytes) = (messages + 1, bytes.checked_add(m.size).ok_or_else(|| lines.bad("message sizes overflow"))?);
+                    (messages, bytes) = (messages + 1, bytes.and_then(|b| b.checked_add(m.size)));
                     message(m);
                 }
             }
         }
+        let counted = |what: String| ManifestError::Bad { path: lines.path.clone(), line: 1, what };
+        let bytes = bytes.ok_or_else(|| counted("message sizes overflow".into()))?;
         if (folders, messages, bytes) != (header.folders, header.messages, header.bytes) {
-            let what = format!("the header counts {} folders, {} messages and {} bytes, the records {folders}, {messages} and {bytes}", header.folders, header.messages, header.bytes);
-            return Err(ManifestError::Bad { path: lines.path.clone(), line: 1, what });
+            return Err(counted(format!("the header counts {} folders, {} messages and {} bytes, the records {folders}, {messages} and {bytes}", header.folders, header.messages, header.bytes)));
         }
         Ok(header)
     }
@@ -272,7 +270,7 @@ impl ManifestWriter {
         let file = BufWriter::new(dir.create(MANIFEST_NAME, 0o600)?);
         let w = zstd::Encoder::new(file, ZSTD_LEVEL).map_err(|e| ManifestError::Fs(FsError::Io { op: "compress", path: path.clone(), source: e }))?;
         let mut mw = ManifestWriter { w, path, header: header.clone(), folders: HashMap::new(), messages: 0, bytes: 0 };
-        mw.put(&Record::Backup(header.clone()))?;
+        mw.put(&RecordRef::Backup(header))?;
         Ok(mw)
     }
 
@@ -281,7 +279,7 @@ impl ManifestWriter {
         if self.folders.insert(f.path.clone(), (f.messages, 0)).is_some() {
             return Err(self.bad(format!("folder {:?} is listed twice", f.path)));
         }
-        self.put(&Record::Folder(f.clone()))
+        self.put(&RecordRef::Folder(f))
     }
 
     pub fn message(&mut self, m: &MessageRecord) -> Result<(), ManifestError> {
@@ -292,7 +290,7 @@ impl ManifestWriter {
         count.1 += 1;
         self.messages += 1;
         self.bytes = self.bytes.checked_add(m.size).ok_or_else(|| self.bad("message sizes overflow".into()))?;
-        self.put(&Record::Message(m.clone()))
+        self.put(&RecordRef::Message(m))
     }
 
     /// Checks the counts, flushes and fsyncs the file.
@@ -311,7 +309,7 @@ impl ManifestWriter {
         file.sync_all().map_err(|e| io_err("fsync", path, e))
     }
 
-    fn put(&mut self, r: &Record) -> Result<(), ManifestError> {
+    fn put(&mut self, r: &RecordRef) -> Result<(), ManifestError> {
         let w = &mut self.w;
         let written = serde_json::to_writer(&mut *w, r).map_err(io::Error::other).and_then(|_| w.write_all(b"\n"));
         written.map_err(|e| ManifestError::Fs(FsError::Io { op: "write", path: self.path.clone(), source: e }))
