@@ -2,8 +2,9 @@
 //! into a [`Destination`] (or a [`SnapshotRef`]) and options, call [`run_backup`] or
 //! [`run_restore`], and show the report; checking the paths, making missing parent
 //! directories and wording the errors happen here, once. [`hand_off`] hands a link snapshot
-//! to an offsite tool.
+//! to an offsite tool; [`all_users`] runs a doveadm command user by user across a cluster.
 
+pub mod all_users;
 mod hand_off;
 pub use hand_off::{run_hand_off, HandOff, HandOffError, HandOffReport};
 

@@ -18,6 +18,11 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|_| format!("'{s}' seconds is too large"))
 }
 
+/// Parses a duration such as 26h, 2days, 90m or 30s.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration such as 26h, 2days or 90m: {e}"))
+}
+
 fn parse_layout(s: &str) -> Result<Layout, String> {
     Layout::parse(s).ok_or_else(|| format!("unknown layout '{s}' (expected maildir++ or fs)"))
 }

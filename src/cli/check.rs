@@ -10,6 +10,7 @@ use maildir_backup::check::{self, shown, CheckOptions, SeriesHealth, State};
 use maildir_backup::repo::RepoError;
 use maildir_backup::verify::Depth;
 
+use super::args::parse_duration;
 use super::Outcome;
 
 /// Check a repository for monitoring: every user's newest snapshot is young enough and
@@ -20,10 +21,10 @@ pub struct CheckArgs {
     /// The repository (or one series in it).
     pub repo: PathBuf,
     /// A newest snapshot older than this is CRITICAL (e.g. 26h, 2days, 90m).
-    #[arg(long, default_value = "26h", value_parser = parse_age, value_name = "AGE")]
+    #[arg(long, default_value = "26h", value_parser = parse_duration, value_name = "AGE")]
     pub max_age: Duration,
     /// A newest snapshot older than this is a WARNING.
-    #[arg(long, value_parser = parse_age, value_name = "AGE")]
+    #[arg(long, value_parser = parse_duration, value_name = "AGE")]
     pub warn_age: Option<Duration>,
     /// Check only this user's series (repeatable); one with no snapshot is CRITICAL.
     #[arg(long = "name", value_name = "USER")]
@@ -37,10 +38,6 @@ pub struct CheckArgs {
     /// After the status line, one line per user.
     #[arg(long, short = 'v')]
     pub verbose: bool,
-}
-
-fn parse_age(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not an age such as 26h or 2days: {e}"))
 }
 
 /// The command's status line's prefix.

@@ -1,6 +1,7 @@
 //! The subcommands. Each `run_*` returns its exit code or a [`Failure`], which `run` prints,
 //! once, as `maildir-backup <command>: <why>`.
 
+mod all_users;
 mod args;
 mod backup;
 mod check;
@@ -24,6 +25,7 @@ enum Command {
     Backup(backup::BackupArgs),
     Verify(backup::VerifyArgs),
     HandOff(backup::HandOffArgs),
+    AllUsers(all_users::AllUsersArgs),
     Snapshots(repo::SnapshotsArgs),
     Restore(repo::RestoreArgs),
     Prune(repo::PruneArgs),
@@ -73,6 +75,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Backup(a) => ("maildir-backup backup", backup::run_backup(a)),
         Command::Verify(a) => ("maildir-backup verify", backup::run_verify(a)),
         Command::HandOff(a) => ("maildir-backup hand-off", backup::run_hand_off(a)),
+        Command::AllUsers(a) => ("maildir-backup all-users", all_users::run_all_users(a)),
         Command::Snapshots(a) => ("maildir-backup snapshots", repo::run_snapshots(a)),
         Command::Restore(a) => ("maildir-backup restore", repo::run_restore(a)),
         Command::Prune(a) => ("maildir-backup prune", repo::run_prune(a)),
