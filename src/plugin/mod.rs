@@ -36,7 +36,9 @@ pub static doveadm_maildir_backup_plugin_version: AbiVersion =
     AbiVersion(concat!(env!("MB_DOVECOT_ABI_VERSION"), "\0").as_ptr() as *const c_char);
 
 /// doveadm's working directory when it loaded us: for `-u` it later changes to the user's home (or
-/// `/`), so a relative destination is resolved against this, as the caller meant.
+/// `/`), so a relative destination is resolved against this, as the caller meant. None in
+/// doveadm server (`-S`, a proxy, the HTTP API): its directory is Dovecot's base_dir, not the
+/// caller's, so a relative destination is refused there.
 static START_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 fn start_dir() -> Option<&'static std::path::Path> {
@@ -45,7 +47,8 @@ fn start_dir() -> Option<&'static std::path::Path> {
 
 #[no_mangle]
 pub extern "C" fn doveadm_maildir_backup_plugin_init(_module: *mut c_void) {
-    let _ = START_DIR.set(std::env::current_dir().ok());
+    let in_server = std::env::current_exe().is_ok_and(|p| p.file_name().is_some_and(|n| n == "doveadm-server"));
+    let _ = START_DIR.set(std::env::current_dir().ok().filter(|_| !in_server));
     // SAFETY: called once by doveadm's module loader on its main thread.
     unsafe { ffi::mb_shim_init() }
 }

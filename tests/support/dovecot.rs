@@ -178,6 +178,9 @@ pub struct DovecotOptions {
     pub users: Vec<String>,
     /// Appended verbatim at the end of dovecot.conf (later settings win).
     pub extra_conf: String,
+    /// `(dir, over)`: the master runs in a private mount namespace with host dir `dir` bind-mounted
+    /// over `over` (a doveadm module dir, so that its doveadm server loads our plugin).
+    pub master_bind: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for DovecotOptions {
@@ -189,6 +192,7 @@ impl Default for DovecotOptions {
             excl: true,
             users: vec!["alice".to_string()],
             extra_conf: String::new(),
+            master_bind: None,
         }
     }
 }
@@ -345,7 +349,15 @@ protocol lda {{
         // Fresh log files per attempt, so a retry decision only sees this attempt's errors.
         let _ = fs::remove_file(self.dir.join("dovecot.log"));
         let errf = fs::File::create(self.dir.join("dovecot.stderr")).unwrap();
-        let child = release_command::<R>(R::DOVECOT_BIN)
+        let mut c = match &self.opts.master_bind {
+            Some((dir, over)) => {
+                let mut c = Command::new("unshare");
+                c.args(["-m", "sh", "-c", r#"mount --bind "$0" "$1" && shift && exec "$@""#]).arg(dir).arg(over).args(R::command_words(R::DOVECOT_BIN));
+                c
+            }
+            None => release_command::<R>(R::DOVECOT_BIN),
+        };
+        let child = c
             .arg("-F")
             .arg("-c")
             .arg(self.conf_in_root())

@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod churn;
+pub mod cluster;
 pub mod dovecot;
 pub mod dovecot_common;
 pub mod hostile;
