@@ -7,7 +7,9 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use support::churn::{imap_churn, presence_problems, Churn, Tracker};
 use support::cluster::*;
 use support::plugin::run_plugin;
 use support::readback::*;
@@ -58,6 +60,61 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 
 // ---------------------------------------------------------------------------------------------------------
 // all-users through the proxy
+
+/// The documented nightly command on the proxy, 20 times in a row while IMAP sessions change, move,
+/// append and expunge mail of a user on each backend: every run finishes with every user backed up
+/// (none stopped at its time limit), each backend's repository holds exactly its own users, every
+/// snapshot verifies, and none lost a message that existed before its run and was not expunged during it.
+fn all_users_under_churn_twenty_times<R: ClusterRelease>() {
+    let c = Cluster::<R>::start(&[&["alice", "bob"], &["carol", "dave"]], None);
+    populated(&c, 30);
+    let churned = ["alice", "carol"];
+    let (mut trackers, mut churns) = (Vec::new(), Vec::new());
+    for user in churned {
+        let b = c.backend_of(user);
+        let tracker = Tracker::new();
+        assert_eq!(tracker.register_existing(&b.dovecot.maildir(user)), 90);
+        let mut o = imap_churn(&b.dovecot, FOLDERS, 2);
+        o.user = user.to_string();
+        churns.push(Churn::start(o, tracker.clone()));
+        trackers.push(tracker);
+    }
+    for ch in &churns {
+        ch.wait_ops(20, Duration::from_secs(30));
+    }
+    let mut ticks = Vec::new();
+    for _ in 0..20 {
+        let start: Vec<u64> = trackers.iter().map(|t| t.tick()).collect();
+        let r = c.all_users(&["-j", "4", "--user-timeout", "2m"], &["maildir-backup", "-t", "60"]);
+        let end: Vec<u64> = trackers.iter().map(|t| t.tick()).collect();
+        r.expect_ok().expect_stderr(&["4 ok, 0 failed, 0 timed out"]);
+        assert_eq!(users_in_rows(&r), set(&["alice", "bob", "carol", "dave"]), "{}", r.show());
+        ticks.push((start, end));
+    }
+    for ch in churns {
+        let stats = ch.stop();
+        assert!(stats.moves > 0 && stats.flag_changes > 0 && stats.appends > 0 && stats.expunges > 0, "churn did too little: {stats:?}");
+    }
+    for b in &c.backends {
+        let got = repo_contents(&b.repo);
+        assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), b.users.iter().cloned().collect(), "{}", b.repo.display());
+        for (user, snaps) in &got {
+            assert_eq!(snaps.len(), 20, "{user}: {snaps:?}");
+            snaps.iter().for_each(|s| drop(assert_verified(s)));
+        }
+    }
+    for (k, user) in churned.iter().enumerate() {
+        let snaps = &repo_contents(&c.backend_of(user).repo)[*user];
+        for (snap, (start, end)) in snaps.iter().zip(&ticks) {
+            assert_no_problems(&format!("{}: presence", snap.display()), &presence_problems(&trackers[k], snap, start[k], end[k]));
+        }
+    }
+}
+
+#[test]
+fn all_users_under_churn_twenty_times_on_2_3() {
+    all_users_under_churn_twenty_times::<V23>();
+}
 
 /// The nightly run over a cluster: each backend's repository gets exactly its own users; with a backend
 /// down, its user fails with the reason (the connection refused) while the users before and after it in
