@@ -261,3 +261,26 @@ fn http_api_runs_backup_and_restore<R: ClusterRelease>() {
 fn http_api_runs_backup_and_restore_on_2_3() {
     http_api_runs_backup_and_restore::<V23>();
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Dovecot 2.4
+
+#[test]
+fn d24_all_users_under_churn_twenty_times() {
+    all_users_under_churn_twenty_times::<V24>();
+}
+
+#[test]
+fn d24_all_users_go_on_past_a_backend_that_is_down() {
+    all_users_go_on_past_a_backend_that_is_down::<V24>();
+}
+
+#[test]
+fn d24_doveadm_s_has_the_local_effect() {
+    doveadm_s_has_the_local_effect::<V24>();
+}
+
+#[test]
+fn d24_http_api_runs_backup_and_restore() {
+    http_api_runs_backup_and_restore::<V24>();
+}
