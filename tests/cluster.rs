@@ -118,11 +118,12 @@ fn all_users_under_churn_twenty_times_on_2_3() {
 
 /// The nightly run over a cluster: each backend's repository gets exactly its own users; with a backend
 /// down, its user fails with the reason (the connection refused) while the users before and after it in
-/// the list are still backed up; `-F` names the users instead of the userdb.
+/// the list are still backed up; `-F` names the users instead of the userdb. The first run is the
+/// README's nightly command.
 fn all_users_go_on_past_a_backend_that_is_down<R: ClusterRelease>() {
     let mut c = Cluster::<R>::start(&[&["alice", "bob"], &["carol"]], Some(&["alice", "carol", "bob"]));
     populated(&c, 5);
-    let r = c.all_users(&["-j", "1"], &["maildir-backup"]);
+    let r = c.readme_all_users();
     r.expect_ok();
     assert_eq!(users_in_rows(&r), set(&["alice", "bob", "carol"]), "{}", r.show());
     r.expect_stderr(&["3 users in", "3 ok, 0 failed, 0 timed out"]);
@@ -222,6 +223,13 @@ fn http_api_runs_backup_and_restore<R: ClusterRelease>() {
     let c = Cluster::<R>::start(&[&["alice"]], None);
     populated(&c, 6);
     let b = &c.backends[0];
+    // The README's call first, as written but for the address and the repository.
+    let r = readme_curl(b.address, &R::inside(&b.repo));
+    r.expect_ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.show()));
+    assert_eq!((&v[0][0], &v[0][1][0]["mailbox"], &v[0][1][0]["status"]), (&"doveadmResponse".into(), &"INBOX".into(), &"ok".into()), "{}", r.show());
+    fs::remove_dir_all(b.repo.join("alice")).unwrap();
+
     let auth = api_key_auth(API_KEY);
     let repo = format!("repo:{}", R::inside(&b.repo).display());
     let body = serde_json::json!([["maildirBackup", {"user": "alice", "mailbox": ["INBOX", "Sent"], "lockTimeout": "30", "jobs": 2, "withIndexes": true, "destination": repo}, "b1"]]);

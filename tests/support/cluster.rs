@@ -1,7 +1,8 @@
-//! A small Dovecot cluster on loopback, as a mail provider runs one: backends, each with its own users,
-//! Maildirs and repository (`maildir_backup_dest = repo:B/backups`) and a doveadm server (TCP and HTTP
-//! API) on an address of its own, and a proxy whose passdb sends each user to its backend (`proxy=y
-//! host=…` with `doveadm_port`). All are real Dovecot instances of one release ([`Instance`]), each with
+//! A small Dovecot cluster on loopback, as a mail provider runs one, configured as the README's Clusters
+//! section says (its blocks are read from README.md; only addresses and paths are the test's): backends,
+//! each with its own users, Maildirs and repository (`maildir_backup_dest = repo:B/backups`) and a
+//! doveadm server (TCP and HTTP API) on an address of its own, and a proxy whose passdb sends each user
+//! to its backend (`proxy=y host=…` with `doveadm_port`). All are real Dovecot instances of one release ([`Instance`]), each with
 //! its own base_dir; the doveadm servers load our plugin (2.3: each master runs in a mount namespace
 //! with the plugin's module dir; 2.4: the plugin is installed in the root).
 //!
@@ -22,30 +23,55 @@ use super::plugin::{run_plugin, PluginRelease};
 use super::run::{cli_bin, Run};
 use super::trixie::{chown_vmail_recursive_root, V24};
 
-pub const DOVEADM_PASSWORD: &str = "cluster-doveadm-secret";
-pub const API_KEY: &str = "cluster-api-key";
+/// The README's: the tests use its configuration as written.
+pub const DOVEADM_PASSWORD: &str = "change-this-doveadm-secret";
+pub const API_KEY: &str = "change-this-api-key";
 /// Every doveadm server's TCP port (the proxy's `doveadm_port`) and HTTP API port, on its own address.
 pub const DOVEADM_PORT: u16 = 24245;
 pub const HTTP_PORT: u16 = 24246;
 
+/// The README's address for a backend, replaced by each backend's own.
+const README_BACKEND: &str = "10.0.0.11";
+/// The README's repository, replaced by each backend's own.
+const README_REPO: &str = "/var/backups/maildir-backup";
+
+/// The README's nightly run on the proxy.
+const README_NIGHTLY: &str = "maildir-backup all-users -j 8 --user-timeout 2h -- maildir-backup -t 60";
+
+pub fn readme() -> String {
+    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap()
+}
+
+/// The README's fenced block that starts with the line `first` (up to its closing fence).
+pub fn readme_block(first: &str) -> String {
+    let readme = readme();
+    let start = readme.find(&format!("\n{first}\n")).unwrap_or_else(|| panic!("README.md has no block starting {first:?}")) + 1;
+    let len = readme[start..].find("\n```").expect("the block ends");
+    readme[start..start + len + 1].to_string()
+}
+
+/// The README's curl call of the HTTP API, for the backend at `address` with repository `repo` (as
+/// the backend sees it), run by sh: its output.
+pub fn readme_curl(address: Ipv4Addr, repo: &Path) -> Run {
+    let block = readme_block("curl -H \"Authorization: X-Dovecot-API $(printf %s change-this-api-key | base64)\" \\");
+    let script: String = block.lines().take_while(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    let script = script.replace(README_BACKEND, &address.to_string()).replace(README_REPO, &repo.display().to_string());
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!("set -e\n{script}"));
+    Run::of(c)
+}
+
 /// What the cluster needs of a release beyond the plugin.
 pub trait ClusterRelease: PluginRelease {
-    /// The doveadm service with a TCP and an HTTP listener on `addr`.
-    fn doveadm_service(addr: Ipv4Addr) -> String {
-        let a = Self::LISTENER_ADDRESS;
-        format!(
-            "service doveadm {{\n  inet_listener doveadm {{\n    {a} = {addr}\n    port = {DOVEADM_PORT}\n  }}\n  inet_listener http {{\n    {a} = {addr}\n    port = {HTTP_PORT}\n  }}\n}}\n"
-        )
-    }
-    /// A setting of our plugin.
-    fn plugin_setting(key: &str, value: &str) -> String;
+    /// The README's backend configuration as this release takes it (2.3: as written).
+    fn backend_conf(readme: String) -> String;
     /// Makes a host dir the mail user's, as the release's processes see it.
     fn chown_vmail(path: &Path);
 }
 
 impl ClusterRelease for V23 {
-    fn plugin_setting(key: &str, value: &str) -> String {
-        format!("plugin {{\n  {key} = {value}\n}}\n")
+    fn backend_conf(readme: String) -> String {
+        readme
     }
     fn chown_vmail(path: &Path) {
         chown_vmail_recursive(path)
@@ -53,12 +79,23 @@ impl ClusterRelease for V23 {
 }
 
 impl ClusterRelease for V24 {
-    fn plugin_setting(key: &str, value: &str) -> String {
-        format!("{key} = {value}\n")
+    /// As the README says for 2.4: `listen` for `address`, our setting outside `plugin { }`.
+    fn backend_conf(readme: String) -> String {
+        let conf = readme.replace("    address = ", "    listen = ");
+        let start = conf.find("plugin {\n").expect("a plugin block");
+        let end = start + conf[start..].find("}\n").expect("the plugin block ends") + 2;
+        let settings: String = conf[start..end].lines().skip(1).filter(|l| *l != "}").map(|l| format!("{}\n", l.trim())).collect();
+        format!("{}{settings}{}", &conf[..start], &conf[end..])
     }
     fn chown_vmail(path: &Path) {
         chown_vmail_recursive_root(path)
     }
+}
+
+/// The doveadm service with a TCP and an HTTP listener on `addr` (on the proxy, for its HTTP API).
+fn doveadm_service<R: Release>(addr: Ipv4Addr) -> String {
+    let a = R::LISTENER_ADDRESS;
+    format!("service doveadm {{\n  inet_listener doveadm {{\n    {a} = {addr}\n    port = {DOVEADM_PORT}\n  }}\n  inet_listener http {{\n    {a} = {addr}\n    port = {HTTP_PORT}\n  }}\n}}\n")
 }
 
 /// One backend: its Dovecot, address, users and repository (host path).
@@ -109,22 +146,28 @@ impl<R: ClusterRelease> Cluster<R> {
             fs::create_dir(&repo).unwrap();
             fs::set_permissions(&repo, fs::Permissions::from_mode(0o700)).unwrap();
             R::chown_vmail(&repo);
-            let extra = format!(
-                "{}doveadm_password = {DOVEADM_PASSWORD}\ndoveadm_api_key = {API_KEY}\n{}",
-                R::doveadm_service(address),
-                R::plugin_setting("maildir_backup_dest", &format!("repo:{}", R::inside(&repo).display()))
-            );
+            let extra = R::backend_conf(readme_block("# Each backend (2.3): /etc/dovecot/conf.d/96-maildir-backup-cluster.conf"))
+                .replace(README_BACKEND, &address.to_string())
+                .replace(README_REPO, &R::inside(&repo).display().to_string());
             let opts = DovecotOptions { users: names.iter().map(|u| u.to_string()).collect(), extra_conf: extra, master_bind: master_bind.clone(), ..Default::default() };
             backends.push(Backend { dovecot: Instance::start(opts), address, users: opts_users(names), repo, _repo_dir: repo_dir });
         }
         let proxy_address = Ipv4Addr::new(127, a, b, 2);
-        let extra = format!("{}doveadm_password = {DOVEADM_PASSWORD}\ndoveadm_api_key = {API_KEY}\ndoveadm_port = {DOVEADM_PORT}\n", R::doveadm_service(proxy_address));
+        let extra = format!(
+            "{}{}doveadm_api_key = {API_KEY}\n",
+            readme_block("# The proxy: /etc/dovecot/conf.d/96-maildir-backup-cluster.conf"),
+            doveadm_service::<R>(proxy_address)
+        );
         let proxy = Instance::start(DovecotOptions { users: Vec::new(), extra_conf: extra, master_bind, ..Default::default() });
         let all: Vec<&str> = order.map(<[&str]>::to_vec).unwrap_or_else(|| users.concat());
-        for user in all {
-            let b = backends.iter().find(|b| b.users.iter().any(|u| u == user)).unwrap_or_else(|| panic!("{user} is on no backend"));
-            proxy.add_userdb_user(user, &format!("proxy=y host={}", b.address));
-        }
+        let routes: Vec<(String, String)> = all
+            .iter()
+            .map(|user| {
+                let b = backends.iter().find(|b| b.users.iter().any(|u| u == user)).unwrap_or_else(|| panic!("{user} is on no backend"));
+                (user.to_string(), format!("proxy=y host={}", b.address))
+            })
+            .collect();
+        proxy.add_userdb_users(&routes);
         let scripts = tempdir();
         let doveadm = scripts.path().join("doveadm");
         fs::write(&doveadm, format!("#!/bin/sh\nexec {} \"$@\"\n", doveadm_words::<R>().join(" "))).unwrap();
@@ -147,6 +190,14 @@ impl<R: ClusterRelease> Cluster<R> {
         let mut c = Command::new(cli_bin());
         c.arg("all-users").arg("--doveadm").arg(&self.doveadm).arg("-c").arg(self.proxy.conf_in_root()).args(options).arg("--").args(command);
         Run::of(c)
+    }
+
+    /// The README's nightly command, with only `--doveadm` and `-c` added for this cluster.
+    pub fn readme_all_users(&self) -> Run {
+        assert!(readme().contains(&format!("\n{README_NIGHTLY}\n")), "the README's nightly command is not {README_NIGHTLY:?}");
+        let words: Vec<&str> = README_NIGHTLY.split_whitespace().collect();
+        let dashes = words.iter().position(|w| *w == "--").unwrap();
+        self.all_users(&words[2..dashes], &words[dashes + 1..])
     }
 }
 

@@ -493,6 +493,14 @@ protocol lda {{
         self.add_user_line(user, &format!("{user}:{{PLAIN}}{PASSWORD}::::::{extra}"), extra);
     }
 
+    /// [`Self::add_userdb_user`] for many users at once (one append, one wait: for the last).
+    pub fn add_userdb_users(&self, users: &[(String, String)]) {
+        let Some(((last, last_extra), rest)) = users.split_last() else { return };
+        let lines: String = rest.iter().map(|(u, extra)| format!("{u}:{{PLAIN}}{PASSWORD}::::::{extra}\n")).collect();
+        fs::OpenOptions::new().append(true).open(self.passwd_path()).unwrap().write_all(lines.as_bytes()).unwrap();
+        self.add_userdb_user(last, last_extra);
+    }
+
     fn add_user_line(&self, user: &str, line: &str, extra: &str) {
         let mut f = fs::OpenOptions::new().append(true).open(self.passwd_path()).unwrap();
         writeln!(f, "{line}").unwrap();
