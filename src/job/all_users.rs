@@ -26,8 +26,6 @@ const OUTPUT_LIMIT: u64 = 16 << 20;
 const USER_FILE_LIMIT: u64 = 64 << 20;
 /// How long a doveadm stopped at its time limit gets to end before it is killed.
 const TERM_GRACE: Duration = Duration::from_secs(5);
-/// How often a running doveadm is checked on.
-const POLL: Duration = Duration::from_millis(20);
 
 /// A command to run for every user.
 #[derive(Debug, Clone)]
@@ -265,38 +263,29 @@ fn tab_cells(line: &str) -> Vec<String> {
 
 /// Waits for `child` (None: stopped at `timeout`), reading its output meanwhile.
 fn wait_for(mut child: Child, timeout: Option<Duration>) -> (Option<ExitStatus>, Vec<u8>, Vec<u8>) {
-    let deadline = timeout.map(|t| Instant::now() + t);
     let readers = [child.stdout.take().map(|o| Box::new(o) as Box<dyn Read + Send>), child.stderr.take().map(|e| Box::new(e) as Box<dyn Read + Send>)];
     let [out, err] = readers.map(|r| std::thread::spawn(move || r.map(read_bounded).unwrap_or_default()));
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break Some(st),
-            Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                stop(&mut child);
-                break None;
-            }
-            Ok(None) => std::thread::sleep(POLL),
-            Err(_) => break child.wait().ok(),
-        }
-    };
-    (status, out.join().unwrap_or_default(), err.join().unwrap_or_default())
-}
-
-/// Stops a run's process group: SIGTERM, then SIGKILL if it is still there after the grace.
-fn stop(child: &mut Child) {
+    // A thread waits, so a run that ends is seen at once; this one only watches the clock.
     let group = Pid::from_raw(child.id() as i32);
-    let _ = killpg(group, Signal::SIGTERM);
-    let deadline = Instant::now() + TERM_GRACE;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            // The leader is gone; anything it left in its group goes too.
+    let (ended, end) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = child.wait().ok();
+        let _ = ended.send(());
+        status
+    });
+    let mut stopped = false;
+    if let Some(limit) = timeout {
+        if end.recv_timeout(limit).is_err() {
+            // Its whole process group: SIGTERM, then after the grace SIGKILL.
+            stopped = true;
+            let _ = killpg(group, Signal::SIGTERM);
+            let _ = end.recv_timeout(TERM_GRACE);
+            // Whatever of the group is left holds our pipes open.
             let _ = killpg(group, Signal::SIGKILL);
-            return;
         }
-        std::thread::sleep(POLL);
     }
-    let _ = killpg(group, Signal::SIGKILL);
-    let _ = child.wait();
+    let status = waiter.join().ok().flatten().filter(|_| !stopped);
+    (status, out.join().unwrap_or_default(), err.join().unwrap_or_default())
 }
 
 /// All of `r`, keeping the first `OUTPUT_LIMIT` bytes.
