@@ -6,8 +6,8 @@
 //! a ratio to `doveadm -A` one user at a time), peak RSS of the client side (GNU time: the doveadm
 //! client, or all-users and its doveadm children) and of the biggest doveadm-server process (sampled).
 //!
-//! `cargo bench --bench cluster` (as root; Dovecot 2.3 on loopback with the tests' cluster harness and
-//! the plugin built for release). Options: `-- --users 2000 --messages 50 --workers 4 --limit 600` (seconds a run may take: doveadm's
+//! `cargo bench --bench cluster` (as root; Dovecot 2.3 on loopback, or with `-- --dovecot 2.4` 2.4 in
+//! the Debian 13 root, with the tests' cluster harness and the plugin built for release). Options: `-- --users 2000 --messages 50 --workers 4 --limit 600` (seconds a run may take: doveadm's
 //! client can hang, and is then stopped and reported).
 
 #[allow(dead_code, unused_imports)]
@@ -22,28 +22,30 @@ use std::time::{Duration, Instant};
 
 use support::cluster::Cluster;
 use support::dovecot_common::descendants;
-use support::{chown_vmail_recursive, tempdir, Dovecot, V23};
+use support::cluster::ClusterRelease;
+use support::{Instance, V23, V24};
 
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::args().skip_while(|a| a != name).nth(1).and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-/// The plugin built for release, in its own target dir.
-fn release_plugin() -> PathBuf {
+/// The plugin (and 2.4's settings module) built for release against `dovecot_config`'s headers, in
+/// a target dir of its own.
+fn release_plugin(target: &str, dovecot_config: Option<&Path>) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = manifest.join("target/plugin-bench");
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--lib", "--features", "doveadm-plugin", "--target-dir"])
-        .arg(&target)
-        .current_dir(manifest)
-        .output()
-        .expect("run cargo build for the plugin");
+    let target = manifest.join("target").join(target);
+    let mut c = Command::new(env!("CARGO"));
+    c.args(["build", "--release", "--lib", "--features", "doveadm-plugin", "--target-dir"]).arg(&target).current_dir(manifest);
+    if let Some(config) = dovecot_config {
+        c.env("DOVECOT_CONFIG", config);
+    }
+    let out = c.output().expect("run cargo build for the plugin");
     assert!(out.status.success(), "building the plugin failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    target.join("release/libmaildir_backup.so")
+    target.join("release")
 }
 
 /// `messages` small messages in each user's INBOX (files written directly, as Dovecot names them).
-fn make_mail(d: &Dovecot, users: &[String], messages: usize) {
+fn make_mail<R: ClusterRelease>(d: &Instance<R>, users: &[String], messages: usize) {
     let body = "x".repeat(2000);
     for (u, user) in users.iter().enumerate() {
         let root = d.maildir(user);
@@ -55,7 +57,7 @@ fn make_mail(d: &Dovecot, users: &[String], messages: usize) {
             fs::write(root.join("cur").join(name), format!("Message-ID: <{i}.{user}@bench>\r\nSubject: {i}\r\n\r\n{body}")).unwrap();
         }
     }
-    chown_vmail_recursive(&d.dir().join("mail"));
+    R::chown_vmail(&d.dir().join("mail"));
 }
 
 /// The biggest peak RSS (VmHWM, KiB) of the doveadm-server processes under `master`, sampled until
@@ -136,24 +138,36 @@ fn words(parts: &[&str]) -> Vec<String> {
 }
 
 fn main() {
+    // The cluster harness loads the plugins named here (set before any thread starts).
+    if arg("--dovecot", "2.3".to_string()) == "2.4" {
+        let root = support::trixie::root();
+        let dir = release_plugin("plugin24-bench", Some(&root.join("usr/lib/dovecot/dovecot-config")));
+        std::env::set_var("MB_PLUGIN24_SO", dir.join("libmaildir_backup.so"));
+        std::env::set_var("MB_SETTINGS24_SO", dir.join("libmaildir_backup_settings.so"));
+        bench::<V24>("2.4");
+    } else {
+        std::env::set_var("MB_PLUGIN_SO", release_plugin("plugin-bench", None).join("libmaildir_backup.so"));
+        bench::<V23>("2.3");
+    }
+}
+
+fn bench<R: ClusterRelease>(release: &str) {
     let n: usize = arg("--users", 2000);
     let messages: usize = arg("--messages", 50);
     let workers: usize = arg("--workers", 4);
-    // The cluster harness loads the plugin named here (set before any thread starts).
-    std::env::set_var("MB_PLUGIN_SO", release_plugin());
     let users: Vec<String> = (0..n).map(|i| format!("u{i:05}")).collect();
     let names: Vec<&str> = users.iter().map(String::as_str).collect();
-    let c = Cluster::<V23>::start(&[&names], None);
+    let c = Cluster::<R>::start(&[&names], None);
     let b = &c.backends[0];
     make_mail(&b.dovecot, &users, messages);
-    let out = tempdir();
-    chown_vmail_recursive(out.path());
+    let out = R::tempdir();
+    R::chown_vmail(out.path());
     let master = b.dovecot.master_pid().expect("the backend runs");
     let doveadm = c.doveadm.display().to_string();
     let cli = env!("CARGO_BIN_EXE_maildir-backup").to_string();
-    let (bconf, pconf) = (b.dovecot.conf().display().to_string(), c.proxy.conf().display().to_string());
+    let (bconf, pconf) = (b.dovecot.conf_in_root().display().to_string(), c.proxy.conf_in_root().display().to_string());
     let repo_dir = |name: &str| out.path().join(name);
-    let repo = |name: &str| format!("repo:{}", repo_dir(name).display());
+    let repo = |name: &str| format!("repo:{}", R::inside(&repo_dir(name)).display());
     let workers_opt = format!("doveadm_worker_count={workers}");
     let j = workers.to_string();
     let limit = Duration::from_secs(arg("--limit", 600));
@@ -165,7 +179,7 @@ fn main() {
         ("e", format!("all-users -j {j} through the proxy"), words(&[&cli, "all-users", "--doveadm", &doveadm, "-c", &pconf, "-j", &j, "--", "maildir-backup", &repo("e")])),
         ("f", "doveadm -A through the proxy (one backend)".into(), words(&[&doveadm, "-c", &pconf, "maildir-backup", "-A", &repo("f")])),
     ];
-    println!("{n} users of {messages} messages on one backend (Dovecot 2.3, plugin built for release); first snapshot of every user per run\n");
+    println!("{n} users of {messages} messages on one backend (Dovecot {release}, plugin built for release); first snapshot of every user per run\n");
     println!("{:<52} {:>8} {:>9} {:>7} {:>11} {:>11} {:>8}", "run", "seconds", "users/s", "ratio", "client RSS", "server RSS", "servers");
     let mut base = None;
     for (name, what, cmd) in runs {

@@ -188,7 +188,10 @@ pub fn run(job: &AllUsers, users: &[String], mut done: impl FnMut(&UserRun)) -> 
         for _ in 0..job.parallel.clamp(1, users.len().max(1)) {
             let (queue, tx) = (&queue, tx.clone());
             s.spawn(move || {
-                while let Some((i, user)) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+                loop {
+                    // Its own statement: the queue's lock must not be held while the user runs.
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                    let Some((i, user)) = next else { return };
                     if tx.send((i, run_user(job, user))).is_err() {
                         return;
                     }
@@ -324,6 +327,18 @@ mod tests {
         assert_eq!(runs[0].rows, [["a", "ok"]]);
         assert_eq!(runs[2].errors, ["doveadm(bad): Error: no such backend"]);
         assert_eq!((summary.users, summary.ok, summary.failed, summary.timed_out, summary.exit), (4, 2, 1, 1, 75));
+    }
+
+    #[test]
+    fn users_run_side_by_side() {
+        // Each stand-in waits (up to 20 s) until all of them have started: only runs that are
+        // under way at the same time can all succeed.
+        let t = tempfile::tempdir().unwrap();
+        let script = format!(r#"touch {0}/"$5"; for i in $(seq 200); do [ $(ls {0} | wc -l) -ge 3 ] && exit 0; sleep 0.1; done; exit 1"#, t.path().display());
+        let job = AllUsers { doveadm: sh(&script), command: vec!["cmd".into()], parallel: 3, timeout: None };
+        let users: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let summary = run(&job, &users, |_| {});
+        assert_eq!((summary.ok, summary.exit), (3, 0), "{summary:?}");
     }
 
     #[test]
