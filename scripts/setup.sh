@@ -5,9 +5,9 @@ set -euo pipefail
 need_apt=()
 # debhelper … systemd: `make deb` and the package tests (lintian, man, bash completion, systemd-analyze);
 # restic, borgbackup, borgmatic: the hand-off tests; fuse3, python3-llfuse: their restores from `restic mount` / `borg mount`.
-# time: GNU time, for the peak memory the benches print.
+# time: GNU time, for the peak memory the benches print. curl: the HTTP API calls of the cluster tests.
 for pkg in dovecot-core dovecot-imapd dovecot-lmtpd dovecot-dev libclang-dev clang rsync liblockfile-bin debootstrap util-linux \
-    debhelper dpkg-dev fakeroot lintian man-db bash-completion systemd restic borgbackup borgmatic fuse3 python3-llfuse time; do
+    debhelper dpkg-dev fakeroot lintian man-db bash-completion systemd restic borgbackup borgmatic fuse3 python3-llfuse time curl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
