@@ -136,6 +136,14 @@ fn all_users_go_on_past_a_backend_that_is_down<R: ClusterRelease>() {
         }
     }
 
+    // Restores run the same way: the README's dry run for everyone.
+    assert!(readme().contains("maildir-backup all-users -- maildir-backup-restore -n\nrepo:/var/backups/maildir-backup"));
+    for b in &c.backends {
+        let r = c.all_users(&["-u", &b.users[0]], &["maildir-backup-restore", "-n", &format!("repo:{}", R::inside(&b.repo).display())]);
+        r.expect_ok();
+        assert!(r.stdout.lines().nth(1).is_some_and(|row| row.starts_with(&format!("{}\t", b.users[0])) && row.ends_with("\tdry run")), "{}", r.show());
+    }
+
     c.backends[1].dovecot.stop();
     let r = c.all_users(&["-j", "1"], &["maildir-backup"]);
     r.expect_code(EX_TEMPFAIL);
@@ -218,7 +226,8 @@ fn doveadm_s_has_the_local_effect_on_2_3() {
 // The HTTP API
 
 /// The doveadm HTTP API on a backend: `maildirBackup` and `maildirBackupRestore` with their parameters
-/// in camelCase answer with the command's rows; no API key or a wrong one gets 401.
+/// in camelCase answer with the command's rows, and so does the proxy's, routing the user to the
+/// backend; no API key or a wrong one gets 401.
 fn http_api_runs_backup_and_restore<R: ClusterRelease>() {
     let c = Cluster::<R>::start(&[&["alice"]], None);
     populated(&c, 6);
@@ -252,6 +261,15 @@ fn http_api_runs_backup_and_restore<R: ClusterRelease>() {
     let row = &v[0][1][0];
     assert_eq!((row["user"].as_str(), row["status"].as_str()), (Some("alice"), Some("dry run")), "{text}");
 
+    // Through the proxy's HTTP API: routed to the backend, which takes its own destination setting.
+    let proxy_url = format!("http://{}:{HTTP_PORT}/doveadm/v1", c.proxy_address);
+    let body = serde_json::json!([["maildirBackup", {"user": "alice", "mailbox": ["Sent"]}, "p1"]]);
+    let (code, text) = http_post(&proxy_url, Some(&auth), &body.to_string());
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains(r#""mailbox":"Sent""#) && text.contains(r#""status":"ok""#), "{text}");
+    assert_eq!(repo_contents(&b.repo)["alice"].len(), 2, "the proxy's request made no snapshot on the backend");
+
+    let body = serde_json::json!([["maildirBackupRestore", {"user": "alice", "folder": ["INBOX"], "dryRun": true, "snapshot": repo}, "r1"]]);
     for auth in [None, Some(api_key_auth("not-the-key"))] {
         let (code, text) = http_post(&b.http_url(), auth.as_deref(), &body.to_string());
         assert_eq!(code, 401, "{auth:?}: {text}");
