@@ -698,11 +698,103 @@ DOVEADM_CMD_PARAM('\0', "snapshot", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
 DOVEADM_CMD_PARAMS_END
 };
 
+/* doveadm maildir-backup-status: a user's last backup run into a repository, as recorded
+   there, failed or not. Its exit code says only whether the record could be read, so that
+   the HTTP API, which answers a failed command with its exit code alone, carries a failed
+   backup's reason here. */
+
+struct status_cmd_context {
+	struct doveadm_mail_cmd_context ctx;
+	const char *repo;
+};
+
+static void cb_status_row(void *context, const char *result, const char *started,
+			  const char *finished, int exit_code, const char *snapshot,
+			  const char *error)
+{
+	const char *username = context;
+
+	doveadm_print(username);
+	doveadm_print(result);
+	doveadm_print(started);
+	doveadm_print(finished);
+	doveadm_print(dec2str(exit_code));
+	doveadm_print(snapshot);
+	doveadm_print(error);
+}
+
+static void cb_status_error(void *context, const char *message)
+{
+	const char *username = context;
+
+	i_error("maildir-backup-status: user %s: %s", username, message);
+}
+
+static int
+cmd_maildir_backup_status_run(struct doveadm_mail_cmd_context *ctx, struct mail_user *user)
+{
+	struct status_cmd_context *sctx = container_of(ctx, struct status_cmd_context, ctx);
+	struct backup_settings set;
+	struct mb_status_job job;
+	int code;
+
+	i_zero(&set);
+	if (sctx->repo == NULL && get_settings(user, &set) < 0) {
+		ctx->exit_code = EX_CONFIG;
+		return -1;
+	}
+	i_zero(&job);
+	job.username = user->username;
+	job.repo_template = sctx->repo != NULL ? sctx->repo : set.dest;
+	job.ctx = (void *)user->username;
+	job.row = cb_status_row;
+	job.error = cb_status_error;
+	code = mb_status_user(&job);
+	if (code != 0) {
+		ctx->exit_code = code;
+		return -1;
+	}
+	return 0;
+}
+
+static void cmd_maildir_backup_status_init(INIT_PARAMS)
+{
+	struct status_cmd_context *sctx = container_of(ctx, struct status_cmd_context, ctx);
+
+	(void)doveadm_cmd_param_str(ctx->cctx, "repository", &sctx->repo);
+	doveadm_print_header_simple("user");
+	doveadm_print_header_simple("result");
+	doveadm_print_header_simple("started");
+	doveadm_print_header_simple("finished");
+	doveadm_print_header_simple("exit_code");
+	doveadm_print_header_simple("snapshot");
+	doveadm_print_header_simple("error");
+}
+
+static struct doveadm_mail_cmd_context *cmd_maildir_backup_status_alloc(void)
+{
+	struct status_cmd_context *sctx = doveadm_mail_cmd_alloc(struct status_cmd_context);
+
+	return cmd_setup(&sctx->ctx, cmd_maildir_backup_status_init,
+			 cmd_maildir_backup_status_run, "");
+}
+
+static struct doveadm_cmd_ver2 maildir_backup_status_cmd = {
+	.name = "maildir-backup-status",
+	.mail_cmd = cmd_maildir_backup_status_alloc,
+	.usage = DOVEADM_CMD_MAIL_USAGE_PREFIX "[repo:REPO]",
+DOVEADM_CMD_PARAMS_START
+DOVEADM_CMD_MAIL_COMMON
+DOVEADM_CMD_PARAM('\0', "repository", CMD_PARAM_STR, CMD_PARAM_FLAG_POSITIONAL)
+DOVEADM_CMD_PARAMS_END
+};
+
 void mb_shim_init(void)
 {
 	doveadm_cmd_register_ver2(&maildir_backup_cmd);
 	doveadm_cmd_register_ver2(&maildir_backup_hand_off_cmd);
 	doveadm_cmd_register_ver2(&maildir_backup_restore_cmd);
+	doveadm_cmd_register_ver2(&maildir_backup_status_cmd);
 }
 
 void mb_shim_deinit(void)

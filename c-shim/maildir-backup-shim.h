@@ -71,10 +71,25 @@ struct mb_restore_job {
 	void (*error)(void *ctx, const char *message);
 };
 
+/* The record of a user's last backup into a repository. */
+struct mb_status_job {
+	const char *username;
+	const char *repo_template;    /* repo:REPO */
+
+	void *ctx;
+	/* result: "ok", "failed" or "none" (no run recorded); times are UTC ISO 8601 or "-". */
+	void (*row)(void *ctx, const char *result, const char *started, const char *finished,
+		    int exit_code, const char *snapshot, const char *error);
+	void (*error)(void *ctx, const char *message);
+};
+
 /* Implemented in Rust: backs up one user; returns a sysexits code (0 = success). */
 int mb_backup_user(const struct mb_user_job *job);
 /* Implemented in Rust: restores into one user; returns a sysexits code. */
 int mb_restore_user(const struct mb_restore_job *job);
+
+/* Implemented in Rust: reports a user's last run; returns a sysexits code. */
+int mb_status_user(const struct mb_status_job *job);
 
 /* Implemented in C: registration with doveadm. */
 void mb_shim_init(void);

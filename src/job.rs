@@ -41,6 +41,8 @@ pub enum JobError {
     Restore(#[from] RestoreError),
     #[error(transparent)]
     HandOff(#[from] HandOffError),
+    #[error("{0:?} is not a repository (repo:REPO): only a repository keeps a record of its runs")]
+    NotARepo(String),
     #[error("{source}; nothing was published at {}", dest.display())]
     Unpublished { dest: PathBuf, source: Box<JobError> },
 }
@@ -60,7 +62,7 @@ impl From<crate::fsx::FsError> for JobError {
 impl ExitCode for JobError {
     fn exit_code(&self) -> i32 {
         match self {
-            JobError::Template(_) | JobError::NoBase(_) | JobError::NoSeriesName(_) => sysexits::EX_USAGE,
+            JobError::Template(_) | JobError::NoBase(_) | JobError::NoSeriesName(_) | JobError::NotARepo(_) => sysexits::EX_USAGE,
             JobError::NoSnapshot(_) => sysexits::EX_NOINPUT,
             JobError::Backup(e) => e.exit_code(),
             JobError::Repo(e) => e.exit_code(),
@@ -145,6 +147,21 @@ pub fn user_path(template: &str, user: &str, base: Option<&Path>) -> Result<Path
         Some(base) => Ok(base.join(path)),
         None => Err(JobError::NoBase(path)),
     }
+}
+
+/// The record of `user`'s last run into the repository a doveadm template (`repo:REPO`) names;
+/// None if it has none (no run yet).
+pub fn last_run(template: &str, user: &str, base: Option<&Path>) -> Result<Option<LastRun>, JobError> {
+    if !template.starts_with(REPO_PREFIX) {
+        return Err(JobError::NotARepo(template.to_string()));
+    }
+    let Destination::Repo { repo, series, .. } = Destination::from_template(template, user, base)? else { unreachable!("a repo: template") };
+    let dir = match crate::fsx::Dir::open(&repo.join(&series)) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(repo::status::read(&dir).map_err(RepoError::from)?)
 }
 
 /// A Prometheus textfile to keep a user's backup metrics in, and the user's name there.

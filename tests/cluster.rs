@@ -227,7 +227,8 @@ fn doveadm_s_has_the_local_effect_on_2_3() {
 
 /// The doveadm HTTP API on a backend: `maildirBackup` and `maildirBackupRestore` with their parameters
 /// in camelCase answer with the command's rows, and so does the proxy's, routing the user to the
-/// backend; no API key or a wrong one gets 401.
+/// backend; no API key or a wrong one gets 401; a failed backup's reason comes with
+/// `maildirBackupStatus`.
 fn http_api_runs_backup_and_restore<R: ClusterRelease>() {
     let c = Cluster::<R>::start(&[&["alice"]], None);
     populated(&c, 6);
@@ -281,6 +282,28 @@ fn http_api_runs_backup_and_restore<R: ClusterRelease>() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v[0][0], "error", "{text}");
     assert_eq!(v[0][1]["exitCode"], EX_USAGE, "{text}");
+
+    // The reason comes with maildirBackupStatus in the same request: a backup that cannot take the
+    // INBOX's lock (held by someone else) fails, and the status row says why.
+    let held = fake_uidlist_lock(&b.dovecot.maildir("alice"));
+    let body = serde_json::json!([
+        ["maildirBackup", {"user": "alice", "lockTimeout": "1", "destination": repo}, "b2"],
+        ["maildirBackupStatus", {"user": "alice", "repository": repo}, "s2"],
+    ]);
+    let (code, text) = http_post(&proxy_url, Some(&api_key_auth(API_KEY)), &body.to_string());
+    held.release();
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((&v[0][0], &v[0][1]["exitCode"]), (&"error".into(), &EX_TEMPFAIL.into()), "{text}");
+    let status = &v[1][1][0];
+    assert_eq!((&v[1][0], &status["result"], &status["exit_code"]), (&"doveadmResponse".into(), &"failed".into(), &"75".into()), "{text}");
+    assert!(status["error"].as_str().is_some_and(|e| e.contains("lock")), "{text}");
+    // And after a good run, what it made.
+    let body = serde_json::json!([["maildirBackup", {"user": "alice", "destination": repo}, "b3"], ["maildirBackupStatus", {"user": "alice", "repository": repo}, "s3"]]);
+    let (_, text) = http_post(&b.http_url(), Some(&api_key_auth(API_KEY)), &body.to_string());
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let newest = repo_contents(&b.repo)["alice"].last().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!((&v[1][1][0]["result"], &v[1][1][0]["snapshot"], &v[1][1][0]["error"]), (&"ok".into(), &newest.into(), &"-".into()), "{text}");
 }
 
 #[test]

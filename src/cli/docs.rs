@@ -31,7 +31,7 @@ pub fn run_generate_docs(a: GenerateDocsArgs) -> Outcome {
     cli.build();
     let mut pages = vec![cli.clone()];
     pages.extend(cli.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help").map(|s| s.clone().name(format!("maildir-backup-{}", s.get_name()))));
-    pages.extend([doveadm_backup(), doveadm_hand_off(), doveadm_restore()]);
+    pages.extend([doveadm_backup(), doveadm_hand_off(), doveadm_restore(), doveadm_status()]);
     for page in pages {
         let path = man.join(format!("{}.1", page.get_name()));
         let mut out = Vec::new();
@@ -115,4 +115,13 @@ fn doveadm_restore() -> Command {
         .arg(Arg::new("uid").short('U').value_name("FOLDER:UID").action(ArgAction::Append).help("Restore only the message that had this UID in the snapshot (repeatable)"))
         .arg(Arg::new("dry-run").short('n').action(ArgAction::SetTrue).help("Only say what would be restored"))
         .arg(Arg::new("snapshot").value_name("SNAPSHOT").required(true).help("A backup or snapshot directory (%u %n %d expanded), or repo:REPO for the user's newest snapshot"))
+}
+
+fn doveadm_status() -> Command {
+    Command::new("doveadm-maildir-backup-status")
+        .about("Show each Dovecot user's last backup run into a repository")
+        .long_about("One row per user from the run record in the repository (last-run.json): result (ok, failed, or none when no run is recorded), start and end (UTC), exit code, snapshot made, and the reason a failed run failed. It exits 0 whenever it could read the record, whatever the run's outcome: over the doveadm HTTP API, which answers a failed command with its exit code alone, this is how a caller gets a failed backup's reason (send it in the same request, after maildirBackup).")
+        .disable_help_flag(true)
+        .override_usage("doveadm maildir-backup-status [-u USER | -A | -F FILE] [repo:REPO]")
+        .arg(Arg::new("repository").value_name("repo:REPO").help("The repository (%u %n %d expanded); default: maildir_backup_dest, which must then be a repo: destination"))
 }

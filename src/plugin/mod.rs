@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::engine::{BackupOptions, BackupReport, MessageFiles, NoProgress};
 use crate::job::{self, Destination, HandOff, Metrics, RestorePlan, SnapshotRef};
 use crate::maildir::{Layout, MailLocation};
+use crate::repo::status::LastRun;
 use crate::restore::{RestoreReport, RestoreRequest};
 use crate::sysexits::{self, ExitCode};
 use crate::warnings::{self, Sink};
@@ -216,6 +217,47 @@ fn print_backup(job: &ffi::mb_user_job, log: &DovecotLog, report: &BackupReport,
     for f in &report.folder_details {
         let shown = mailboxes.vname(&f.path).unwrap_or_else(|| f.name.clone());
         row(job, &shown, f.messages, f.bytes, report.lock_hold_ms, "ok");
+    }
+}
+
+/// Reports one user's last run into a repository for `doveadm maildir-backup-status`: a row,
+/// and 0, whether that run succeeded or not (its outcome is in the row); a sysexits code if the
+/// record cannot be read.
+#[no_mangle]
+pub extern "C" fn mb_status_user(job: *const ffi::mb_status_job) -> c_int {
+    // SAFETY: the shim passes NULL or a job that lives for this call.
+    let Some(job) = (unsafe { job.as_ref() }) else { return sysexits::EX_SOFTWARE };
+    let log = DovecotLog { ctx: job.ctx, error: job.error };
+    guarded(&log, "status", || {
+        // SAFETY: the shim's strings live for this call.
+        let (user, template) = unsafe { (opt_str(job.username).unwrap_or_default(), opt_str(job.repo_template).unwrap_or_default()) };
+        match job::last_run(&template, &user, start_dir()) {
+            Ok(run) => {
+                status_row(job, run.as_ref());
+                sysexits::EX_OK
+            }
+            Err(e) => log.failed(&e),
+        }
+    })
+}
+
+fn status_row(job: &ffi::mb_status_job, run: Option<&LastRun>) {
+    let time = |t: i64| chrono::DateTime::from_timestamp(t, 0).map_or("-".to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+    let (result, started, finished, exit, snapshot, error) = match run {
+        None => ("none", "-".to_string(), "-".to_string(), 0, "-".to_string(), "-".to_string()),
+        Some(r) => (
+            if r.ok { "ok" } else { "failed" },
+            time(r.started),
+            time(r.finished),
+            r.exit_code,
+            r.snapshot.clone().unwrap_or_else(|| "-".into()),
+            r.error.clone().unwrap_or_else(|| "-".into()),
+        ),
+    };
+    let cells = [result, started.as_str(), finished.as_str(), snapshot.as_str(), error.as_str()].map(c_string);
+    if let (Some(row), [Some(result), Some(started), Some(finished), Some(snapshot), Some(error)]) = (job.row, cells) {
+        // SAFETY: the shim's callback with valid C strings.
+        unsafe { row(job.ctx, result.as_ptr(), started.as_ptr(), finished.as_ptr(), exit, snapshot.as_ptr(), error.as_ptr()) }
     }
 }
 
