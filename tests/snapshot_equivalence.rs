@@ -1,0 +1,185 @@
+//! A repository snapshot takes what it can from the previous snapshot (hard links, unchanged
+//! control files); whatever it takes over, it must equal a full backup of the same instant: the same
+//! files with the same bytes, modes and times, the same manifest records, and it verifies. Checked
+//! after each kind of change made in one folder alone (flags, a move, expunges, new mail, a folder
+//! renamed, a folder deleted), and under IMAP churn. And a snapshot whose manifest is in the first,
+//! uncompressed form is still read: by `verify`, by `restore` and as the previous snapshot.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::churn::{imap_churn, Churn, Tracker};
+use support::repo_helpers::*;
+use support::*;
+
+const USER: &str = "alice";
+const FOLDERS: &[&str] = &["INBOX", "Sent", "Archive", "Archive.2024"];
+const MANIFEST: &str = "maildir-backup.manifest";
+
+/// Everything below `root` but the manifest, by relative path: directories with their mode, files
+/// with size, mode, modification time and BLAKE3.
+fn contents(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for e in fs::read_dir(dir).unwrap().map(Result::unwrap) {
+            let (p, md) = (e.path(), e.metadata().unwrap());
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if rel == MANIFEST {
+                continue;
+            }
+            if md.is_dir() {
+                out.insert(rel, format!("dir {:o}", md.mode()));
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, format!("file {} {:o} {}.{} {}", md.len(), md.mode(), md.mtime(), md.mtime_nsec(), blake3_of(&p)));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// The snapshot equals the full backup and both verify.
+fn assert_equals_full_backup(snapshot: &Path, full: &Path, what: &str) {
+    assert_verifies(snapshot);
+    assert_verifies(full);
+    let (s, f) = (contents(snapshot), contents(full));
+    for (path, want) in &f {
+        assert_eq!(s.get(path), Some(want), "{what}: {path} differs from a full backup ({})", snapshot.display());
+    }
+    assert_eq!(s.len(), f.len(), "{what}: the snapshot holds files a full backup does not: {:?}", s.keys().filter(|k| !f.contains_key(*k)).collect::<Vec<_>>());
+    let (sm, fm) = (read_manifest(snapshot), read_manifest(full));
+    let sorted = |mut v: Vec<ManifestMsg>| {
+        v.sort_by(|a, b| (&a.folder, &a.dir, &a.name).cmp(&(&b.folder, &b.dir, &b.name)));
+        v
+    };
+    assert_eq!(sm.folders, fm.folders, "{what}: folder records");
+    assert_eq!(sorted(sm.messages), sorted(fm.messages), "{what}: message records");
+    for key in ["folders", "messages", "bytes", "layout", "source"] {
+        assert_eq!(sm.header[key], fm.header[key], "{what}: header {key}");
+    }
+}
+
+/// A full backup of `source` into `dest`.
+fn full_backup(source: &str, dest: &Path) {
+    cli_ok(&["backup", source, dest.to_str().unwrap()]);
+}
+
+fn uid_set(imap: &mut Imap, mailbox: &str, n: usize) -> String {
+    imap.select(mailbox).unwrap();
+    imap.uid_search_all().unwrap().iter().take(n).map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn a_snapshot_after_any_change_in_one_folder_equals_a_full_backup() {
+    let d = start_with_users(&[USER]);
+    populate(&d, USER, FOLDERS, 12);
+    let out = tempdir();
+    let repo = out.path().join("repo");
+    let source = d.maildir(USER).display().to_string();
+    take_snapshot(&source, &repo, USER, &[]);
+    type Change = fn(&mut Imap);
+    let changes: [(&str, Change); 6] = [
+        ("flags changed in Sent", |imap| {
+            let set = uid_set(imap, "Sent", 5);
+            imap.uid_store(&set, "+FLAGS", "\\Seen \\Flagged $Work").unwrap();
+            imap.noop().unwrap();
+        }),
+        ("messages moved from Archive to INBOX", |imap| {
+            let set = uid_set(imap, "Archive", 3);
+            imap.uid_move(&set, "INBOX").unwrap();
+        }),
+        ("messages expunged from INBOX", |imap| {
+            let set = uid_set(imap, "INBOX", 4);
+            imap.uid_store(&set, "+FLAGS", "\\Deleted").unwrap();
+            imap.uid_expunge(&set).unwrap();
+        }),
+        ("new mail in Archive.2024", |imap| {
+            for i in 0..3 {
+                imap.append("Archive.2024", "", &message(900 + i, 700)).unwrap();
+            }
+        }),
+        ("Archive.2024 renamed", |imap| {
+            imap.command("RENAME Archive.2024 Archive.2025").unwrap();
+        }),
+        ("Archive.2025 deleted", |imap| {
+            imap.command("DELETE Archive.2025").unwrap();
+        }),
+    ];
+    for (i, (what, change)) in changes.into_iter().enumerate() {
+        let mut imap = d.imap(USER);
+        change(&mut imap);
+        imap.logout();
+        // One snapshot per second: the next gets a name of its own.
+        std::thread::sleep(Duration::from_millis(1100));
+        let (snapshot, report) = take_snapshot(&source, &repo, USER, &[]);
+        assert!(report["messages_linked"].as_u64().unwrap_or(0) > 0, "{what}: nothing was taken from the previous snapshot: {report}");
+        let full = out.path().join(format!("full-{i}"));
+        full_backup(&source, &full);
+        assert_equals_full_backup(&snapshot, &full, what);
+    }
+}
+
+#[test]
+fn snapshots_under_churn_equal_full_backups_of_the_same_instant() {
+    let d = start_with_users(&[USER]);
+    populate(&d, USER, FOLDERS, 25);
+    let out = tempdir();
+    let repo = out.path().join("repo");
+    let source = d.maildir(USER).display().to_string();
+    let churn = Churn::start(imap_churn(&d, FOLDERS, 3), Tracker::new());
+    churn.wait_ops(30, Duration::from_secs(30));
+    take_snapshot(&source, &repo, USER, &[]);
+    for i in 0..3 {
+        churn.wait_ops(40, Duration::from_secs(30));
+        // The same instant: nothing changes between the snapshot and the full backup.
+        churn.pause();
+        let (snapshot, _) = take_snapshot(&source, &repo, USER, &[]);
+        let full = out.path().join(format!("full-{i}"));
+        full_backup(&source, &full);
+        churn.resume();
+        assert_equals_full_backup(&snapshot, &full, &format!("under churn, snapshot {i}"));
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let stats = churn.stop();
+    assert!(stats.moves > 0 && stats.flag_changes > 0 && stats.appends > 0 && stats.expunges > 0, "churn did too little: {stats:?}");
+}
+
+/// Rewrites a snapshot's manifest in the first, uncompressed form (its JSON lines as they are).
+fn uncompress_manifest(snapshot: &Path) {
+    let path = snapshot.join(MANIFEST);
+    let mode = fs::metadata(&path).unwrap().mode();
+    fs::write(&path, manifest_text(snapshot)).unwrap();
+    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    assert!(!fs::read(&path).unwrap().starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+}
+
+#[test]
+fn an_uncompressed_manifest_is_read_by_verify_restore_and_the_next_snapshot() {
+    let d = start_with_users(&[USER]);
+    populate(&d, USER, &["INBOX", "Sent"], 10);
+    let out = tempdir();
+    let repo = out.path().join("repo");
+    let source = d.maildir(USER).display().to_string();
+    let (old, _) = take_snapshot(&source, &repo, USER, &[]);
+    uncompress_manifest(&old);
+    assert_verifies(&old);
+
+    // The next snapshot links every message from it.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (new, report) = take_snapshot(&source, &repo, USER, &[]);
+    assert_eq!(report["messages_linked"].as_u64(), Some(20), "{report}");
+    let inodes = |s: &Path| read_manifest(s).messages.iter().map(|m| (m.unique.clone(), fs::metadata(m.path_in(s)).unwrap().ino())).collect::<BTreeMap<_, _>>();
+    assert_eq!(inodes(&new), inodes(&old));
+
+    // And a restore from it into a new Maildir gives the messages back.
+    let target: PathBuf = out.path().join("restored");
+    cli_ok(&["restore", old.to_str().unwrap(), target.to_str().unwrap()]);
+    let restored = |root: &Path| message_files(root).iter().map(|p| blake3_of(p)).collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(restored(&target), restored(&d.maildir(USER)));
+}
