@@ -15,33 +15,18 @@
 mod support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::cluster::Cluster;
+use support::cluster::{Cluster, ClusterRelease};
 use support::dovecot_common::descendants;
-use support::cluster::ClusterRelease;
+use support::plugin::{build, Profile};
 use support::{Instance, V23, V24};
 
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::args().skip_while(|a| a != name).nth(1).and_then(|s| s.parse().ok()).unwrap_or(default)
-}
-
-/// The plugin (and 2.4's settings module) built for release against `dovecot_config`'s headers, in
-/// a target dir of its own.
-fn release_plugin(target: &str, dovecot_config: Option<&Path>) -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = manifest.join("target").join(target);
-    let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "--release", "--lib", "--features", "doveadm-plugin", "--target-dir"]).arg(&target).current_dir(manifest);
-    if let Some(config) = dovecot_config {
-        c.env("DOVECOT_CONFIG", config);
-    }
-    let out = c.output().expect("run cargo build for the plugin");
-    assert!(out.status.success(), "building the plugin failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    target.join("release")
 }
 
 /// `messages` small messages in each user's INBOX (files written directly, as Dovecot names them).
@@ -141,12 +126,12 @@ fn main() {
     // The cluster harness loads the plugins named here (set before any thread starts).
     if arg("--dovecot", "2.3".to_string()) == "2.4" {
         let root = support::trixie::root();
-        let dir = release_plugin("plugin24-bench", Some(&root.join("usr/lib/dovecot/dovecot-config")));
+        let dir = build("plugin24-bench", Some(&root.join("usr/lib/dovecot/dovecot-config")), Profile::Release);
         std::env::set_var("MB_PLUGIN24_SO", dir.join("libmaildir_backup.so"));
         std::env::set_var("MB_SETTINGS24_SO", dir.join("libmaildir_backup_settings.so"));
         bench::<V24>("2.4");
     } else {
-        std::env::set_var("MB_PLUGIN_SO", release_plugin("plugin-bench", None).join("libmaildir_backup.so"));
+        std::env::set_var("MB_PLUGIN_SO", build("plugin-bench", None, Profile::Release).join("libmaildir_backup.so"));
         bench::<V23>("2.3");
     }
 }

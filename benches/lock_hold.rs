@@ -17,11 +17,11 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::churn::{Churn, ChurnOptions, Tracker};
+use support::plugin::{build, Profile};
 use support::{chown_vmail_recursive, populate, tempdir, Dovecot, DovecotOptions};
 
 const FOLDERS: &[&str] = &["INBOX", "Sent", "Archive", "Lists", "Trash"];
@@ -36,20 +36,6 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     v[rank - 1]
 }
 
-/// The plugin built for release (as the tests build theirs, in its own target dir).
-fn release_plugin() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = manifest.join("target/plugin-bench");
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--lib", "--features", "doveadm-plugin", "--target-dir"])
-        .arg(&target)
-        .current_dir(manifest)
-        .output()
-        .expect("run cargo build for the plugin");
-    assert!(out.status.success(), "building the plugin failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    target.join("release/libmaildir_backup.so")
-}
-
 /// Sorted holds: "p50 .., p99 .., max .." (nearest rank).
 fn summary(holds: &mut [f64]) -> (f64, f64, f64) {
     holds.sort_by(|a, b| a.total_cmp(b));
@@ -62,7 +48,7 @@ fn main() {
     let plugin = std::env::args().any(|a| a == "--plugin");
     if plugin {
         // Read once by the harness, before any thread starts.
-        std::env::set_var("MB_PLUGIN_SO", release_plugin());
+        std::env::set_var("MB_PLUGIN_SO", build("plugin-bench", None, Profile::Release).join("libmaildir_backup.so"));
     }
     let bin = env!("CARGO_BIN_EXE_maildir-backup");
     let t = Instant::now();

@@ -583,14 +583,15 @@ DOVEADM_CMD_PARAMS_END
 
 /* doveadm maildir-backup-restore */
 
-struct restore_row_ctx {
+/* What a restore's or a status's row and error callbacks need. */
+struct user_row_ctx {
 	const char *username;
 };
 
 static void cb_restore_row(void *context, const char *mode, uint64_t restored,
 			   uint64_t skipped, const char *status)
 {
-	struct restore_row_ctx *rc = context;
+	struct user_row_ctx *rc = context;
 
 	doveadm_print(rc->username);
 	doveadm_print(mode);
@@ -601,7 +602,7 @@ static void cb_restore_row(void *context, const char *mode, uint64_t restored,
 
 static void cb_restore_error(void *context, const char *message)
 {
-	struct restore_row_ctx *rc = context;
+	struct user_row_ctx *rc = context;
 
 	i_error("maildir-backup-restore: user %s: %s", rc->username, message);
 }
@@ -620,7 +621,7 @@ cmd_maildir_backup_restore_run(struct doveadm_mail_cmd_context *ctx, struct mail
 	struct restore_cmd_context *rctx =
 		container_of(ctx, struct restore_cmd_context, ctx);
 	struct mb_restore_job job;
-	struct restore_row_ctx rc;
+	struct user_row_ctx rc;
 	struct mail_namespace *ns;
 	const char *root, *control_root, *index_root;
 	int code;
@@ -712,9 +713,9 @@ static void cb_status_row(void *context, const char *result, const char *started
 			  const char *finished, int exit_code, const char *snapshot,
 			  const char *error)
 {
-	const char *username = context;
+	struct user_row_ctx *rc = context;
 
-	doveadm_print(username);
+	doveadm_print(rc->username);
 	doveadm_print(result);
 	doveadm_print(started);
 	doveadm_print(finished);
@@ -725,9 +726,9 @@ static void cb_status_row(void *context, const char *result, const char *started
 
 static void cb_status_error(void *context, const char *message)
 {
-	const char *username = context;
+	struct user_row_ctx *rc = context;
 
-	i_error("maildir-backup-status: user %s: %s", username, message);
+	i_error("maildir-backup-status: user %s: %s", rc->username, message);
 }
 
 static int
@@ -736,6 +737,7 @@ cmd_maildir_backup_status_run(struct doveadm_mail_cmd_context *ctx, struct mail_
 	struct status_cmd_context *sctx = container_of(ctx, struct status_cmd_context, ctx);
 	struct backup_settings set;
 	struct mb_status_job job;
+	struct user_row_ctx rc;
 	int code;
 
 	i_zero(&set);
@@ -746,7 +748,8 @@ cmd_maildir_backup_status_run(struct doveadm_mail_cmd_context *ctx, struct mail_
 	i_zero(&job);
 	job.username = user->username;
 	job.repo_template = sctx->repo != NULL ? sctx->repo : set.dest;
-	job.ctx = (void *)user->username;
+	rc.username = user->username;
+	job.ctx = &rc;
 	job.row = cb_status_row;
 	job.error = cb_status_error;
 	code = mb_status_user(&job);

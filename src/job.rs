@@ -152,10 +152,9 @@ pub fn user_path(template: &str, user: &str, base: Option<&Path>) -> Result<Path
 /// The record of `user`'s last run into the repository a doveadm template (`repo:REPO`) names;
 /// None if it has none (no run yet).
 pub fn last_run(template: &str, user: &str, base: Option<&Path>) -> Result<Option<LastRun>, JobError> {
-    if !template.starts_with(REPO_PREFIX) {
+    let Destination::Repo { repo, series, .. } = Destination::from_template(template, user, base)? else {
         return Err(JobError::NotARepo(template.to_string()));
-    }
-    let Destination::Repo { repo, series, .. } = Destination::from_template(template, user, base)? else { unreachable!("a repo: template") };
+    };
     let dir = match crate::fsx::Dir::open(&repo.join(&series)) {
         Ok(d) => d,
         Err(e) if e.is_not_found() => return Ok(None),

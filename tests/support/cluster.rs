@@ -2,9 +2,9 @@
 //! section says (its blocks are read from README.md; only addresses and paths are the test's): backends,
 //! each with its own users, Maildirs and repository (`maildir_backup_dest = repo:B/backups`) and a
 //! doveadm server (TCP and HTTP API) on an address of its own, and a proxy whose passdb sends each user
-//! to its backend (`proxy=y host=…` with `doveadm_port`). All are real Dovecot instances of one release ([`Instance`]), each with
-//! its own base_dir; the doveadm servers load our plugin (2.3: each master runs in a mount namespace
-//! with the plugin's module dir; 2.4: the plugin is installed in the root).
+//! to its backend (`proxy=y host=…` with `doveadm_port`). All are real Dovecot instances of one release
+//! ([`Instance`]), each with its own base_dir; the doveadm servers load our plugin (2.3: each master runs
+//! in a mount namespace with the plugin's module dir; 2.4: the plugin is installed in the root).
 //!
 //! Addresses: every cluster gets `127.A.B.0/24` of its own (A from the pid, B a counter), so the fixed
 //! doveadm ports never meet another test's; backend `i` is `127.A.B.(10+i)`, the proxy `127.A.B.2`. IMAP
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::dovecot::{release_command, DovecotOptions, Instance, Release, V23};
+use super::dovecot::{release_command, DovecotOptions, Instance, Release, BIND_THEN_EXEC, V23};
 use super::dovecot_common::{chown_vmail_recursive, tempdir};
 use super::plugin::{run_plugin, PluginRelease};
 use super::run::{cli_bin, Run};
@@ -209,7 +209,7 @@ fn opts_users(names: &[&str]) -> Vec<String> {
 fn doveadm_words<R: PluginRelease>() -> Vec<String> {
     let mut words = Vec::new();
     if let Some(dir) = R::plugin_dir() {
-        words.push(format!("unshare -m sh -c 'mount --bind \"$0\" \"$1\" && shift && exec \"$@\"' {} {}", dir.display(), R::module_dir().display()));
+        words.push(format!("unshare -m sh -c '{BIND_THEN_EXEC}' {} {}", dir.display(), R::module_dir().display()));
     }
     let cmd = release_command::<R>(R::DOVEADM_BIN);
     words.push(cmd.get_program().to_string_lossy().into_owned());

@@ -151,6 +151,17 @@ impl Release for V23 {
     }
 }
 
+/// What `sh -c` runs in [`bind_mounted`]: bind-mounts `$0` over `$1`, then runs the rest.
+pub const BIND_THEN_EXEC: &str = r#"mount --bind "$0" "$1" && shift && exec "$@""#;
+
+/// `unshare -m sh -c …`: a private mount namespace with host dir `dir` bind-mounted over `over`, where the
+/// program and arguments added to the returned command run (nothing changes for anyone else).
+pub fn bind_mounted(dir: &Path, over: &Path) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["-m", "sh", "-c", BIND_THEN_EXEC]).arg(dir).arg(over);
+    c
+}
+
 /// A [`Command`] running `prog` of release `R`.
 pub fn release_command<R: Release>(prog: &str) -> Command {
     let words = R::command_words(prog);
@@ -351,8 +362,8 @@ protocol lda {{
         let errf = fs::File::create(self.dir.join("dovecot.stderr")).unwrap();
         let mut c = match &self.opts.master_bind {
             Some((dir, over)) => {
-                let mut c = Command::new("unshare");
-                c.args(["-m", "sh", "-c", r#"mount --bind "$0" "$1" && shift && exec "$@""#]).arg(dir).arg(over).args(R::command_words(R::DOVECOT_BIN));
+                let mut c = bind_mounted(dir, over);
+                c.args(R::command_words(R::DOVECOT_BIN));
                 c
             }
             None => release_command::<R>(R::DOVECOT_BIN),

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use super::dovecot::{release_command, Instance, Release, V23};
+use super::dovecot::{bind_mounted, release_command, Instance, Release, V23};
 use super::run::Run;
 use super::dovecot_common::tempdir;
 use super::trixie::{root, V24};
@@ -37,13 +37,24 @@ pub const SETTINGS_DIR24_REL: &str = "usr/lib/dovecot/modules/settings";
 // ---------------------------------------------------------------------------------------------------------
 // Building and installing
 
-/// `cargo build --lib --features doveadm-plugin --target-dir target/TARGET` (with `DOVECOT_CONFIG` if
-/// given); returns the build's `debug` dir.
-fn build(target: &str, dovecot_config: Option<&Path>) -> PathBuf {
+/// A cargo build profile of the plugin.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+/// `cargo build [--release] --lib --features doveadm-plugin --target-dir target/TARGET` (with
+/// `DOVECOT_CONFIG` if given); returns the build's output dir (`debug` or `release`).
+pub fn build(target: &str, dovecot_config: Option<&Path>, profile: Profile) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let target = manifest.join("target").join(target);
     let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "--lib", "--features", "doveadm-plugin", "--target-dir"]).arg(&target);
+    c.arg("build");
+    if profile == Profile::Release {
+        c.arg("--release");
+    }
+    c.args(["--lib", "--features", "doveadm-plugin", "--target-dir"]).arg(&target);
     if let Some(config) = dovecot_config {
         c.env("DOVECOT_CONFIG", config);
     }
@@ -53,7 +64,7 @@ fn build(target: &str, dovecot_config: Option<&Path>) -> PathBuf {
         "building the plugin (DOVECOT_CONFIG {dovecot_config:?}) failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    target.join("debug")
+    target.join(if profile == Profile::Release { "release" } else { "debug" })
 }
 
 /// The 2.3 plugin .so: `MB_PLUGIN_SO` if set, else built here with cargo.
@@ -61,7 +72,7 @@ pub fn plugin_so() -> PathBuf {
     static SO: OnceLock<PathBuf> = OnceLock::new();
     SO.get_or_init(|| match std::env::var_os("MB_PLUGIN_SO") {
         Some(p) => PathBuf::from(p),
-        None => build("plugin-test", None).join("libmaildir_backup.so"),
+        None => build("plugin-test", None, Profile::Debug).join("libmaildir_backup.so"),
     })
     .clone()
 }
@@ -75,7 +86,7 @@ pub fn plugin24_build() -> (PathBuf, PathBuf) {
         if let (Some(p), Some(s)) = (&env_plugin, &env_settings) {
             return (p.clone(), s.clone());
         }
-        let dir = build("plugin24-test", Some(&root().join("usr/lib/dovecot/dovecot-config")));
+        let dir = build("plugin24-test", Some(&root().join("usr/lib/dovecot/dovecot-config")), Profile::Debug);
         (
             env_plugin.unwrap_or_else(|| dir.join("libmaildir_backup.so")),
             env_settings.unwrap_or_else(|| dir.join(SETTINGS_FILE)),
@@ -177,11 +188,8 @@ pub fn run_with_module_dir<R: PluginRelease>(d: &Instance<R>, module_dir: &Path,
 fn doveadm<R: PluginRelease>(d: &Instance<R>, module_dir: Option<&Path>, cwd: Option<&Path>, args: &[&str]) -> Run {
     let mut c = match module_dir {
         Some(m) => {
-            let mut c = Command::new("unshare");
-            c.args(["-m", "sh", "-c", r#"mount --bind "$0" "$1" && shift && exec "$@""#]).arg(m).arg(R::module_dir());
-            for w in R::command_words(R::DOVEADM_BIN) {
-                c.arg(w);
-            }
+            let mut c = bind_mounted(m, &R::module_dir());
+            c.args(R::command_words(R::DOVEADM_BIN));
             c
         }
         None => release_command::<R>(R::DOVEADM_BIN),
