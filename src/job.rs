@@ -220,7 +220,7 @@ fn backup(source: &MailLocation, mailboxes: &dyn Mailboxes, dest: &Destination, 
         match dest {
             Destination::Dir(path) => {
                 let (parent, name) = staging::split_dest(path)?;
-                Ok(engine::backup_to(&md, mailboxes, &parent, &name, opts, None, progress)?)
+                Ok(engine::backup_to(&md, mailboxes, &parent, &name, opts, engine::InRepo::default(), progress)?)
             }
             Destination::Repo { repo, series, options } => Ok(repo::snapshot(&md, mailboxes, repo, series, opts, *options, progress)?),
         }

@@ -17,6 +17,7 @@ pub mod metrics;
 mod plugin;
 pub mod repo;
 pub mod restore;
+pub mod store;
 pub(crate) mod staging;
 pub mod sysexits;
 pub(crate) mod template;

@@ -14,7 +14,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fsx::{self, Dir, FsError, Owner};
+use crate::fsx::{self, Dir, DirStamp, FsError, Owner};
+use crate::store::{self, PART_NAME};
 use crate::maildir::{Layout, MessageName, Subdir, MESSAGE_DIRS};
 
 pub const MANIFEST_NAME: &str = "maildir-backup.manifest";
@@ -23,7 +24,11 @@ pub const MANIFEST_NAME: &str = "maildir-backup.manifest";
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 const ZSTD_LEVEL: i32 = 3;
 const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+/// A plain backup's manifest, with every message record in it.
 pub const FORMAT: u32 = 1;
+/// A repository snapshot's: folders whose message records are in the series' store (see
+/// [`crate::store`]).
+pub const FORMAT_STORE: u32 = 2;
 /// Longest line accepted: a folder record lists the expunged unique names its uidlist still
 /// holds, normally none or a few.
 const LINE_LIMIT: u64 = 16 << 20;
@@ -66,6 +71,40 @@ pub struct FolderRecord {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub uidlist_expunged_partial: bool,
     pub messages: u64,
+    /// The store entry holding this folder's `cur/`, `new/` and message records (a repository
+    /// snapshot's folders), which then are not in the manifest itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// The size of the folder's messages, for a stored folder (whose records are elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// The source's `cur/` and `new/` as they were when the folder was listed: a later
+    /// snapshot takes the stored folder over whole if they have not changed since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_dirs: Option<SourceDirs>,
+}
+
+impl FolderRecord {
+    /// A folder with no messages and no uidlist, at `path`, named `name`.
+    pub fn new(path: String, name: String) -> FolderRecord {
+        FolderRecord { path, name, uidlist_header: None, uidlist_expunged: Vec::new(), uidlist_expunged_partial: false, messages: 0, store: None, bytes: None, source_dirs: None }
+    }
+}
+
+/// The stamps of a source folder's `cur/` and `new/`, and when (Unix time) they were listed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceDirs {
+    pub cur: DirStamp,
+    pub new: DirStamp,
+    pub listed_at: i64,
+}
+
+impl SourceDirs {
+    /// Whether a folder whose directories have the stamps `now` is provably as it was listed:
+    /// the same stamps, which were already settled when listed.
+    pub fn unchanged(&self, now: [Option<DirStamp>; 2]) -> bool {
+        now == [Some(self.cur), Some(self.new)] && now.iter().flatten().all(|s| s.settled_before(self.listed_at))
+    }
 }
 
 /// Bytes of expunged unique names a folder record lists at most (well inside `LINE_LIMIT`).
@@ -173,22 +212,44 @@ impl Manifest {
     /// against the records at the end (but not, unlike `read`, each name's uniqueness: that
     /// would keep them all).
     pub fn visit(dir: &Dir, mut folder: impl FnMut(FolderRecord), mut message: impl FnMut(MessageRecord)) -> Result<Header, ManifestError> {
-        let mut lines = Lines::open(dir)?;
+        let mut lines = Lines::open(dir, MANIFEST_NAME)?;
         let header = lines.header()?;
         let (mut folders, mut messages, mut bytes) = (0u64, 0u64, Some(0u64));
+        let mut stored: Vec<(String, String, u64, u64)> = Vec::new();
+        let mut stored_paths = HashSet::new();
         while let Some(line) = lines.next_line()? {
             match lines.parse(&line)? {
                 Record::Backup(_) => return Err(lines.bad("a second header")),
                 Record::Folder(f) => {
                     check_folder(&f, header.layout).map_err(|w| lines.bad(&w))?;
+                    if let Some(id) = &f.store {
+                        if header.format != FORMAT_STORE {
+                            return Err(lines.bad("a stored folder in a manifest of a plain backup"));
+                        }
+                        stored.push((f.path.clone(), id.clone(), f.messages, f.bytes.unwrap_or(0)));
+                        stored_paths.insert(f.path.clone());
+                    }
                     folders += 1;
                     folder(f);
                 }
                 Record::Message(m) => {
                     check_message(&m).map_err(|w| lines.bad(&w))?;
+                    if stored_paths.contains(&m.folder) {
+                        return Err(lines.bad(&format!("message {:?} is in folder {:?}, whose messages are in the store", m.name, m.folder)));
+                    }
                     (messages, bytes) = (messages + 1, bytes.and_then(|b| b.checked_add(m.size)));
                     message(m);
                 }
+            }
+        }
+        if !stored.is_empty() {
+            let series = dir.parent()?;
+            for (path, id, said, said_bytes) in stored {
+                let (n, b) = visit_part(&series, Some(&path), &id, &mut message)?;
+                if (n, b) != (said, said_bytes) {
+                    return Err(ManifestError::Bad { path: lines.path.clone(), line: 1, what: format!("folder {path:?} says {said} messages and {said_bytes} bytes, its store entry {id} holds {n} and {b}") });
+                }
+                (messages, bytes) = (messages + n, bytes.and_then(|x| x.checked_add(b)));
             }
         }
         let counted = |what: String| ManifestError::Bad { path: lines.path.clone(), line: 1, what };
@@ -199,9 +260,33 @@ impl Manifest {
         Ok(header)
     }
 
+    /// Hands each message record of the store entry `id` of `series` to `message`, checked.
+    pub fn visit_stored(series: &Dir, id: &str, mut message: impl FnMut(MessageRecord)) -> Result<(), ManifestError> {
+        visit_part(series, None, id, &mut message).map(drop)
+    }
+
     /// Reads only the header (for listings).
     pub fn read_header(dir: &Dir) -> Result<Header, ManifestError> {
-        Lines::open(dir)?.header()
+        Lines::open(dir, MANIFEST_NAME)?.header()
+    }
+
+    /// Reads the header and the folder records, each checked, and nothing after them: what a
+    /// snapshot needs of the one before it.
+    pub fn read_folders_only(dir: &Dir) -> Result<(Header, Vec<FolderRecord>), ManifestError> {
+        let mut lines = Lines::open(dir, MANIFEST_NAME)?;
+        let header = lines.header()?;
+        let mut folders = Vec::new();
+        while let Some(line) = lines.next_line()? {
+            match lines.parse(&line)? {
+                Record::Folder(f) => {
+                    check_folder(&f, header.layout).map_err(|w| lines.bad(&w))?;
+                    folders.push(f);
+                }
+                Record::Message(_) => break,
+                Record::Backup(_) => return Err(lines.bad("a second header")),
+            }
+        }
+        Ok((header, folders))
     }
 
     /// Every record as `read` checks it, and the counts.
@@ -250,15 +335,34 @@ impl Manifest {
     }
 }
 
+/// Hands each message record of store entry `id` (folder `folder`'s) to `message`, checked;
+/// returns how many there were and their bytes.
+fn visit_part(series: &Dir, folder: Option<&str>, id: &str, message: &mut impl FnMut(MessageRecord)) -> Result<(u64, u64), ManifestError> {
+    let mut lines = Lines::open(&store::open_entry(series, id)?, PART_NAME)?;
+    let (mut n, mut bytes) = (0u64, 0u64);
+    while let Some(line) = lines.next_line()? {
+        let Record::Message(m) = lines.parse(&line)? else { return Err(lines.bad("not a message record")) };
+        check_message(&m).map_err(|w| lines.bad(&w))?;
+        if folder.is_some_and(|f| f != m.folder) {
+            return Err(lines.bad(&format!("message {:?} is in folder {:?}, not {folder:?}", m.name, m.folder)));
+        }
+        bytes = bytes.checked_add(m.size).ok_or_else(|| lines.bad("message sizes overflow"))?;
+        n += 1;
+        message(m);
+    }
+    Ok((n, bytes))
+}
+
 /// Writes a manifest record by record, so a backup never holds all of them at once: the header
-/// (with the counts the records must add up to), then the folders, then the messages. Each
-/// record is checked as `read` checks it, and the counts at `finish`.
+/// (with the counts the records must add up to), then the folders, then the messages of the
+/// folders not in the store. Each record is checked as `read` checks it, and the counts at
+/// `finish`.
 pub struct ManifestWriter {
-    w: zstd::Encoder<'static, BufWriter<std::fs::File>>,
-    path: std::path::PathBuf,
+    out: Compressed,
     header: Header,
-    /// Folder path → (messages its record says, messages written).
+    /// Folder path → (messages its record says, messages written or stored).
     folders: HashMap<String, (u64, u64)>,
+    stored: HashSet<String>,
     messages: u64,
     bytes: u64,
 }
@@ -266,31 +370,43 @@ pub struct ManifestWriter {
 impl ManifestWriter {
     /// Starts a new manifest file (0600) in `dir`, with its header.
     pub fn create(dir: &Dir, header: &Header) -> Result<ManifestWriter, ManifestError> {
-        let path = dir.show(MANIFEST_NAME);
-        let file = BufWriter::new(dir.create(MANIFEST_NAME, 0o600)?);
-        let w = zstd::Encoder::new(file, ZSTD_LEVEL).map_err(|e| ManifestError::Fs(FsError::Io { op: "compress", path: path.clone(), source: e }))?;
-        let mut mw = ManifestWriter { w, path, header: header.clone(), folders: HashMap::new(), messages: 0, bytes: 0 };
-        mw.put(&RecordRef::Backup(header))?;
-        Ok(mw)
+        let mut out = Compressed::create(dir, MANIFEST_NAME)?;
+        out.put(&RecordRef::Backup(header))?;
+        Ok(ManifestWriter { out, header: header.clone(), folders: HashMap::new(), stored: HashSet::new(), messages: 0, bytes: 0 })
     }
 
+    /// A folder's record; a stored folder's messages (in its store entry) are counted with it.
     pub fn folder(&mut self, f: &FolderRecord) -> Result<(), ManifestError> {
         check_folder(f, self.header.layout).map_err(|w| self.bad(w))?;
-        if self.folders.insert(f.path.clone(), (f.messages, 0)).is_some() {
+        let done = if f.store.is_some() {
+            if self.header.format != FORMAT_STORE {
+                return Err(self.bad(format!("folder {:?} is stored, in a manifest of a plain backup", f.path)));
+            }
+            self.stored.insert(f.path.clone());
+            self.messages += f.messages;
+            self.bytes = self.bytes.checked_add(f.bytes.unwrap_or(0)).ok_or_else(|| self.bad("message sizes overflow".into()))?;
+            f.messages
+        } else {
+            0
+        };
+        if self.folders.insert(f.path.clone(), (f.messages, done)).is_some() {
             return Err(self.bad(format!("folder {:?} is listed twice", f.path)));
         }
-        self.put(&RecordRef::Folder(f))
+        self.out.put(&RecordRef::Folder(f))
     }
 
     pub fn message(&mut self, m: &MessageRecord) -> Result<(), ManifestError> {
         check_message(m).map_err(|w| self.bad(w))?;
+        if self.stored.contains(&m.folder) {
+            return Err(self.bad(format!("message {:?} is in folder {:?}, whose messages are in the store", m.name, m.folder)));
+        }
         let Some(count) = self.folders.get_mut(&m.folder) else {
             return Err(self.bad(format!("message {:?} is in folder {:?}, which has no record", m.name, m.folder)));
         };
         count.1 += 1;
         self.messages += 1;
         self.bytes = self.bytes.checked_add(m.size).ok_or_else(|| self.bad("message sizes overflow".into()))?;
-        self.put(&RecordRef::Message(m))
+        self.out.put(&RecordRef::Message(m))
     }
 
     /// Checks the counts, flushes and fsyncs the file.
@@ -302,17 +418,73 @@ impl ManifestWriter {
         if let Some((path, (said, got))) = self.folders.iter().find(|(_, (said, got))| said != got) {
             return Err(self.bad(format!("folder {path:?} says {said} messages, the records {got}")));
         }
-        let io_err = |op, path: std::path::PathBuf, e| ManifestError::Fs(FsError::Io { op, path, source: e });
-        let path = self.path.clone();
-        let buffered = self.w.finish().map_err(|e| io_err("write", path.clone(), e))?;
-        let file = buffered.into_inner().map_err(|e| io_err("write", path.clone(), e.into_error()))?;
-        file.sync_all().map_err(|e| io_err("fsync", path, e))
+        self.out.finish()
+    }
+
+    fn bad(&self, what: String) -> ManifestError {
+        self.out.bad(what)
+    }
+}
+
+/// Writes one folder's message records into its store entry: the part of the manifest that
+/// later snapshots share while the folder does not change.
+pub struct PartWriter {
+    out: Compressed,
+    folder: String,
+    messages: u64,
+    bytes: u64,
+}
+
+impl PartWriter {
+    /// Starts the records of folder `folder` in the (new, empty) store entry `entry`.
+    pub fn create(entry: &Dir, folder: &str) -> Result<PartWriter, ManifestError> {
+        Ok(PartWriter { out: Compressed::create(entry, PART_NAME)?, folder: folder.to_string(), messages: 0, bytes: 0 })
+    }
+
+    pub fn message(&mut self, m: &MessageRecord) -> Result<(), ManifestError> {
+        check_message(m).map_err(|w| self.out.bad(w))?;
+        if m.folder != self.folder {
+            return Err(self.out.bad(format!("message {:?} is in folder {:?}, not {:?}", m.name, m.folder, self.folder)));
+        }
+        self.messages += 1;
+        self.bytes = self.bytes.checked_add(m.size).ok_or_else(|| self.out.bad("message sizes overflow".into()))?;
+        self.out.put(&RecordRef::Message(m))
+    }
+
+    /// Flushes and fsyncs the records; returns how many there were and their bytes.
+    pub fn finish(self) -> Result<(u64, u64), ManifestError> {
+        self.out.finish()?;
+        Ok((self.messages, self.bytes))
+    }
+}
+
+/// A new file of zstd-compressed JSON lines.
+struct Compressed {
+    w: zstd::Encoder<'static, BufWriter<std::fs::File>>,
+    path: std::path::PathBuf,
+}
+
+impl Compressed {
+    fn create(dir: &Dir, name: &str) -> Result<Compressed, ManifestError> {
+        let path = dir.show(name);
+        let file = BufWriter::new(dir.create(name, 0o600)?);
+        let w = zstd::Encoder::new(file, ZSTD_LEVEL).map_err(|e| ManifestError::Fs(FsError::Io { op: "compress", path: path.clone(), source: e }))?;
+        Ok(Compressed { w, path })
     }
 
     fn put(&mut self, r: &RecordRef) -> Result<(), ManifestError> {
         let w = &mut self.w;
         let written = serde_json::to_writer(&mut *w, r).map_err(io::Error::other).and_then(|_| w.write_all(b"\n"));
         written.map_err(|e| ManifestError::Fs(FsError::Io { op: "write", path: self.path.clone(), source: e }))
+    }
+
+    /// Flushes and fsyncs the file.
+    fn finish(self) -> Result<(), ManifestError> {
+        let io_err = |op, path: std::path::PathBuf, e| ManifestError::Fs(FsError::Io { op, path, source: e });
+        let path = self.path;
+        let buffered = self.w.finish().map_err(|e| io_err("write", path.clone(), e))?;
+        let file = buffered.into_inner().map_err(|e| io_err("write", path.clone(), e.into_error()))?;
+        file.sync_all().map_err(|e| io_err("fsync", path, e))
     }
 
     fn bad(&self, what: String) -> ManifestError {
@@ -368,9 +540,10 @@ struct Lines {
 }
 
 impl Lines {
-    /// Opens the manifest in `dir`, compressed (as written since zstd) or plain (as before).
-    fn open(dir: &Dir) -> Result<Lines, ManifestError> {
-        let f = dir.open_read(MANIFEST_NAME)?;
+    /// Opens the manifest (or part) `name` in `dir`, compressed (as written since zstd) or
+    /// plain (as before).
+    fn open(dir: &Dir, name: &str) -> Result<Lines, ManifestError> {
+        let f = dir.open_read(name)?;
         let path = f.path.display().to_string();
         let io_err = |e| ManifestError::Fs(FsError::Io { op: "read", path: f.path.clone(), source: e });
         let mut file = BufReader::new(f.file);
@@ -418,8 +591,8 @@ impl Lines {
     fn header(&mut self) -> Result<Header, ManifestError> {
         let line = self.next_line()?.ok_or_else(|| self.bad("no backup header"))?;
         let Record::Backup(h) = self.parse(&line)? else { return Err(self.bad("no backup header")) };
-        if h.format != FORMAT {
-            return Err(self.bad(&format!("manifest format {} is not {FORMAT}", h.format)));
+        if h.format != FORMAT && h.format != FORMAT_STORE {
+            return Err(self.bad(&format!("manifest format {} is neither {FORMAT} nor {FORMAT_STORE}", h.format)));
         }
         Ok(h)
     }

@@ -4,17 +4,18 @@
 //! unique name (so a flag change, which renames the file, costs one link, not a copy), and so
 //! is a control file that is still the same file (most folders' uidlists, most nights).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 
-use crate::engine::{self, BackupError, BackupOptions, BackupReport, Mailboxes, MessageFiles, Progress, Reuse};
-use crate::fsx::{self, Dir, FsError, Replace};
-use crate::maildir::Maildir;
-use crate::manifest::{Manifest, MessageRecord, MANIFEST_NAME};
+use crate::engine::{self, BackupError, BackupOptions, BackupReport, InRepo, Mailboxes, MessageFiles, Progress, Reuse, Store};
+use crate::fsx::{self, Dir, DirStamp, FsError, Replace};
+use crate::maildir::{Maildir, Subdir};
+use crate::manifest::{FolderRecord, Manifest, MessageRecord, PartWriter, MANIFEST_NAME};
+use crate::store::{self, MessageDirs};
 use crate::staging::{Staging, STAGING_SUFFIX};
 
 pub mod imap_view;
@@ -50,6 +51,8 @@ pub enum RepoError {
     Status(#[from] StatusError),
     #[error("the IMAP view of {snapshot}: {what}")]
     View { snapshot: PathBuf, what: String },
+    #[error("{0}: {1}; the store's unused entries are kept while a snapshot's manifest cannot be read")]
+    References(PathBuf, crate::manifest::ManifestError),
 }
 
 impl crate::sysexits::ExitCode for RepoError {
@@ -60,7 +63,7 @@ impl crate::sysexits::ExitCode for RepoError {
             RepoError::BadName(_) => crate::sysexits::EX_USAGE,
             RepoError::Backup(e) => e.exit_code(),
             RepoError::Status(StatusError::Fs(e)) => e.exit_code(),
-            RepoError::Status(StatusError::Unreadable { .. }) | RepoError::View { .. } => crate::sysexits::EX_DATAERR,
+            RepoError::Status(StatusError::Unreadable { .. }) | RepoError::View { .. } | RepoError::References(..) => crate::sysexits::EX_DATAERR,
         }
     }
 }
@@ -136,19 +139,29 @@ pub fn default_name(root: &Path) -> Option<String> {
     }
 }
 
-/// The previous snapshot's messages, offered for hard-linking.
+/// The previous snapshot, offered for reuse: its folders whose source directories have not
+/// changed are taken over whole (its store entries shared), its messages hard-linked into
+/// the others, its unchanged control files linked.
 pub struct PreviousSnapshot {
+    series: Dir,
     dir: Dir,
-    /// Message directories (`folder/cur`, `folder/new`), each once.
-    dirs: Vec<PathBuf>,
-    by_unique: HashMap<Box<str>, Kept>,
+    /// Its folder records, by path: all a snapshot needs of it when little changed.
+    folders: HashMap<String, FolderRecord>,
+    /// Its messages by unique name, read only once a message is to be linked.
+    messages: OnceLock<Option<KeptMessages>>,
     paranoid: bool,
-    /// The snapshot's folder directories opened so far (cur/ and new/ of each folder).
+    message_dirs: MessageDirs,
+    /// The snapshot's folder directories opened so far (for control files).
     open_dirs: Mutex<HashMap<PathBuf, Arc<Dir>>>,
 }
 
-/// A message of the previous snapshot, kept small: a snapshot of a big mailbox holds one per
-/// message of the one before.
+/// The previous snapshot's messages, kept small: one per message of the mailbox.
+struct KeptMessages {
+    /// Message directories (folder, cur or new), each once.
+    dirs: Vec<(String, Subdir)>,
+    by_unique: HashMap<Box<str>, Kept>,
+}
+
 struct Kept {
     /// Index into `dirs`.
     dir: u32,
@@ -161,20 +174,31 @@ impl PreviousSnapshot {
     /// The snapshot `name` of `series`; None if it has no usable manifest.
     pub fn load(series: &Dir, name: &str, paranoid: bool) -> Option<PreviousSnapshot> {
         let dir = series.sub(name).ok()?;
+        let (_, folders) = Manifest::read_folders_only(&dir).ok()?;
+        let folders = folders.into_iter().map(|f| (f.path.clone(), f)).collect();
+        let message_dirs = MessageDirs::new(&dir).ok()?;
+        Some(PreviousSnapshot { series: series.try_clone().ok()?, dir, folders, messages: OnceLock::new(), paranoid, message_dirs, open_dirs: Mutex::new(HashMap::new()) })
+    }
+
+    /// Its messages by unique name, read from its manifest the first time they are asked for.
+    fn messages(&self) -> Option<&KeptMessages> {
+        self.messages.get_or_init(|| self.read_messages()).as_ref()
+    }
+
+    fn read_messages(&self) -> Option<KeptMessages> {
         let (mut dirs, mut dir_index, mut by_unique) = (Vec::new(), HashMap::new(), HashMap::new());
         // A message a link snapshot recorded without its checksum is copied afresh: a copy
         // always has one.
         let keep = |m: MessageRecord| {
             let Some(sum) = m.checksum().and_then(|h| blake3::Hash::from_hex(h).ok()) else { return };
-            let rel = Path::new(&m.folder).join(m.dir.as_str());
-            let dir = *dir_index.entry(rel).or_insert_with_key(|rel: &PathBuf| {
-                dirs.push(rel.clone());
+            let dir = *dir_index.entry((m.folder.clone(), m.dir)).or_insert_with_key(|key: &(String, Subdir)| {
+                dirs.push(key.clone());
                 dirs.len() as u32 - 1
             });
             by_unique.insert(m.unique.into_boxed_str(), Kept { dir, name: m.name.into_boxed_str(), size: m.size, blake3: *sum.as_bytes() });
         };
-        Manifest::visit(&dir, |_| {}, keep).ok()?;
-        Some(PreviousSnapshot { dir, dirs, by_unique, paranoid, open_dirs: Mutex::new(HashMap::new()) })
+        Manifest::visit(&self.dir, |_| {}, keep).ok()?;
+        Some(KeptMessages { dirs, by_unique })
     }
 
     /// The previous snapshot's copy of the control file `rel`, open, if it is what copying
@@ -218,12 +242,14 @@ impl Reuse for PreviousSnapshot {
     }
 
     fn link_into(&self, unique: &str, source_size: u64, dst: &Dir, name: &str) -> Option<String> {
-        let kept = self.by_unique.get(unique)?;
+        let messages = self.messages()?;
+        let kept = messages.by_unique.get(unique)?;
         let (old_name, size) = (&*kept.name, kept.size);
         if source_size != size {
             return None;
         }
-        let from = self.sub_dir(self.dirs.get(kept.dir as usize)?)?;
+        let (folder, sub) = messages.dirs.get(kept.dir as usize)?;
+        let from = self.message_dirs.get(folder, *sub).ok()??;
         // The old copy must still be what its manifest says, or we copy afresh.
         if !from.lstat(old_name).ok()?.is_some_and(|m| m.is_file() && m.size() == size) {
             return None;
@@ -241,6 +267,57 @@ impl Reuse for PreviousSnapshot {
                 None
             }
         }
+    }
+
+    fn take_over(&self, rel: &Path, now: [Option<DirStamp>; 2], fdir: &Dir) -> Option<FolderRecord> {
+        // --paranoid checks every message it links: nothing is taken on trust.
+        if self.paranoid {
+            return None;
+        }
+        let record = self.folders.get(rel.to_str()?)?;
+        let (id, source) = (record.store.as_deref()?, record.source_dirs?);
+        if !source.unchanged(now) {
+            return None;
+        }
+        // Its entry must still hold the folder's directories.
+        let entry = store::open_entry(&self.series, id).ok()?;
+        if !Subdir::ALL.iter().all(|s| entry.lstat(s.as_str()).ok().flatten().is_some_and(|m| m.is_dir())) {
+            return None;
+        }
+        if store::link_folder(fdir, &record.path, id).is_err() {
+            Subdir::ALL.iter().for_each(|s| drop(fdir.unlink(s.as_str())));
+            return None;
+        }
+        Some(record.clone())
+    }
+
+    fn stored_uniques(&self, id: &str) -> Result<HashSet<String>, BackupError> {
+        let mut uniques = HashSet::new();
+        Manifest::visit_stored(&self.series, id, |m| {
+            uniques.insert(m.unique);
+        })?;
+        Ok(uniques)
+    }
+}
+
+/// The store of the series a snapshot is taken into.
+struct SeriesStore<'a> {
+    series: &'a Dir,
+}
+
+impl Store for SeriesStore<'_> {
+    fn store_folder(&self, folder: &str, fdir: &Dir, records: &mut dyn Iterator<Item = MessageRecord>) -> Result<String, BackupError> {
+        let (id, entry) = store::create_entry(self.series)?;
+        let mut part = PartWriter::create(&entry, folder)?;
+        for m in records {
+            part.message(&m)?;
+        }
+        part.finish()?;
+        for sub in Subdir::ALL {
+            fdir.rename(sub.as_str(), &entry, sub.as_str(), Replace::Never)?;
+        }
+        store::link_folder(fdir, folder, &id)?;
+        Ok(id)
     }
 }
 
@@ -329,8 +406,10 @@ pub fn snapshot(
         now = Utc::now();
     }
     let snap_name = now.format(TIME_FORMAT).to_string();
-    let reuse = previous.as_ref().map(|p| p as &dyn Reuse);
-    let mut report = engine::backup_to(md, mailboxes, &series, OsStr::new(&snap_name), opts, reuse, progress)?;
+    // Held while the snapshot runs: no prune removes a store entry it takes over meanwhile.
+    let _store = store::lock(&series, true)?;
+    let repo = InRepo { reuse: previous.as_ref().map(|p| p as &dyn Reuse), store: Some(&SeriesStore { series: &series }) };
+    let mut report = engine::backup_to(md, mailboxes, &series, OsStr::new(&snap_name), opts, repo, progress)?;
     point_latest(&series, &snap_name)?;
     // The snapshot is made whatever happens to the view: a failure there is a warning.
     match list_snapshots(&series).and_then(|all| imap_view::refresh(&series, &all, snap_opts.imap_view)) {
@@ -415,6 +494,19 @@ pub fn remove_snapshot(series: &Dir, snap: &Snapshot) -> Result<(), RepoError> {
     series.rename_dir_noreplace(OsStr::new(&snap.name), OsStr::new(&doomed))?;
     series.remove_tree(&doomed)?;
     Ok(())
+}
+
+/// Removes the store entries no snapshot of `series` names any more (after a prune): how
+/// many, or None while a snapshot runs (they are left for the next prune).
+pub fn remove_unused_entries(series: &Dir) -> Result<Option<usize>, RepoError> {
+    store::remove_unused(series, || {
+        let mut keep = HashSet::new();
+        for snap in list_snapshots(series)? {
+            let (_, folders) = Manifest::read_folders_only(&series.sub(&snap.name)?).map_err(|e| RepoError::References(snap.path.clone(), e))?;
+            keep.extend(folders.into_iter().filter_map(|f| f.store));
+        }
+        Ok(keep)
+    })
 }
 
 /// Finishes the removals a killed prune left half done (snapshots already renamed away, so

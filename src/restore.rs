@@ -26,6 +26,7 @@ use crate::fsx::{self, Dir, FsError, Kind, Owner, Replace};
 use crate::maildir::folders::{self, Folder};
 use crate::maildir::keywords::{Keywords, KEYWORDS_FILE};
 use crate::maildir::uidlist::{self, UidlistError};
+use crate::store::MessageDirs;
 use crate::maildir::{is_user_control_file, Layout, MailLocation, Maildir, MessageName, Subdir, MAILDIRFOLDER, MESSAGE_DIRS, UIDLIST};
 use crate::manifest::{check_folder_path, FolderRecord, Manifest, ManifestError, MessageRecord, MANIFEST_NAME};
 use crate::sysexits::{self, ExitCode};
@@ -319,6 +320,7 @@ const MAX_DELIVERED: usize = 1024;
 /// One restore under way: where from, for whom, what it did so far.
 struct Session<'a> {
     snap: &'a Dir,
+    messages: MessageDirs,
     owner: Option<Owner>,
     req: &'a RestoreRequest,
     report: RestoreReport,
@@ -338,7 +340,7 @@ impl Session<'_> {
     /// the target's owner (set on the descriptor: whatever the user does to tmp/ meanwhile,
     /// we never chown anything else).
     fn deliver(&mut self, m: &MessageRecord, tmp: &mut TmpFiles) -> Result<String, RestoreError> {
-        let mut src = self.snap.open_read(m.rel_path())?;
+        let mut src = self.messages.open_message(&m.folder, m.dir, &m.name)?;
         let prefix = format!("{}.restore", fresh_unique(&m.unique));
         let id = (src.meta.dev(), src.meta.ino());
         if let Some(copy) = self.delivered.0.get(&id) {
@@ -398,7 +400,7 @@ pub fn restore(snapshot: &Path, target: &MailLocation, req: &RestoreRequest) -> 
         None => Dir::open_or_create(&target.root, 0o700, owner)?.0,
     };
     let targets = Targets { loc: target.clone(), root, layout: target.layout, control: std::cell::OnceCell::new() };
-    let mut session = Session { snap: &snap, owner, req, report, delivered: Delivered::default() };
+    let mut session = Session { snap: &snap, messages: MessageDirs::new(&snap)?, owner, req, report, delivered: Delivered::default() };
     for (f, rel, msgs) in by_folder.values() {
         restore_folder(&mut session, &targets, f, rel, msgs, full)?;
     }
@@ -475,9 +477,10 @@ fn restore_folder(s: &mut Session, targets: &Targets, f: &FolderRecord, rel: &Pa
 fn check_selected(snap: &Dir, selected: &[Selected]) -> Result<(), RestoreError> {
     let mut bad = Vec::new();
     let mut hashed: HashMap<(u64, u64), (u64, String)> = HashMap::new();
+    let messages = MessageDirs::new(snap)?;
     for s in selected {
         let rel = s.msg.rel_path();
-        let measured = snap.open_read(&rel).map_err(|e| e.to_string()).and_then(|mut f| {
+        let measured = messages.open_message(&s.msg.folder, s.msg.dir, &s.msg.name).map_err(|e| e.to_string()).and_then(|mut f| {
             let Some(want) = s.msg.checksum() else { return Ok(f.meta.size() == s.msg.size) };
             let id = (f.meta.dev(), f.meta.ino());
             let (size, sum) = match hashed.get(&id) {

@@ -96,5 +96,5 @@ pub fn backup(loc: &MailLocation, dest: &Path, opts: &crate::engine::BackupOptio
     let md = crate::engine::open_source(loc)?;
     crate::engine::check_outside(&md, dest)?;
     let (parent, name) = crate::staging::split_dest(dest)?;
-    crate::engine::backup_to(&md, &crate::engine::OnDisk, &parent, &name, opts, None, &crate::engine::NoProgress)
+    crate::engine::backup_to(&md, &crate::engine::OnDisk, &parent, &name, opts, crate::engine::InRepo::default(), &crate::engine::NoProgress)
 }

@@ -11,6 +11,7 @@ use crate::fsx::{self, Dir, FsError};
 use crate::maildir::uidlist::{Reader, UidlistError};
 use crate::maildir::{MessageName, Subdir, UIDLIST};
 use crate::manifest::{FolderRecord, Manifest};
+use crate::store::MessageDirs;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct VerifyReport {
@@ -68,6 +69,7 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
     report.messages = manifest.messages.len() as u64;
     report.bytes = manifest.header.bytes;
 
+    let dirs = MessageDirs::new(&dir)?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs.max(1)).build().ok();
     let check_all = || -> Vec<String> {
         manifest
@@ -76,7 +78,7 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
             .filter_map(|m| {
                 let rel = m.rel_path();
                 let shown = dir.show(&rel);
-                let opened = dir.open_read(&rel).map_err(|e| e.to_string());
+                let opened = dirs.open_message(&m.folder, m.dir, &m.name).map_err(|e| e.to_string());
                 let measured = match (depth, m.checksum()) {
                     (Depth::Checksums, Some(_)) => opened.and_then(|mut f| fsx::hash_file(&mut f).map(|(size, sum)| (size, Some(sum))).map_err(|e| e.to_string())),
                     _ => opened.map(|f| (f.meta.size(), None)),
@@ -103,7 +105,7 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
     for f in &manifest.folders {
         let expected = by_folder.remove(f.path.as_str()).unwrap_or_default();
         match dir.sub(&f.path) {
-            Ok(fdir) => check_folder(&fdir, f, &expected, &mut problems),
+            Ok(fdir) => check_folder(&fdir, &dirs, f, &expected, &mut problems),
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -113,12 +115,13 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
 }
 
 /// One folder's directories and uidlist against its part of the manifest.
-fn check_folder(fdir: &Dir, f: &FolderRecord, expected: &HashSet<(Subdir, &str)>, problems: &mut Vec<String>) {
+fn check_folder(fdir: &Dir, dirs: &MessageDirs, f: &FolderRecord, expected: &HashSet<(Subdir, &str)>, problems: &mut Vec<String>) {
     let mut uniques = HashSet::new();
     for sub in Subdir::ALL {
-        match fdir.sub(sub.as_str()).and_then(|d| d.list().map(|l| (d, l))) {
+        match dirs.get(&f.path, sub).and_then(|d| d.map(|d| d.list().map(|l| (d, l))).transpose()) {
             Err(e) => problems.push(e.to_string()),
-            Ok((d, entries)) => {
+            Ok(None) => problems.push(format!("{}: missing", fdir.show(sub.as_str()).display())),
+            Ok(Some((d, entries))) => {
                 for e in entries {
                     let name = e.name.to_string_lossy();
                     if let Some(msg) = MessageName::parse(&name) {

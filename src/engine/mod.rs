@@ -23,14 +23,22 @@ use crate::fsx::{self, Dir, FsError};
 use crate::maildir::folders::{self, is_maildir};
 use crate::maildir::location::LocationError;
 use crate::maildir::uidlist::{self, UidlistError};
-use crate::maildir::{Folder, MailLocation, Maildir, MessageName, MESSAGE_DIRS};
-use crate::manifest::{FolderRecord, Header, ManifestError, ManifestWriter, MessageRecord, EXPUNGED_LIMIT};
+use crate::maildir::{Folder, MailLocation, Maildir, MessageName, MESSAGE_DIRS, UIDLIST};
+use crate::manifest::{FolderRecord, Header, ManifestError, ManifestWriter, MessageRecord, SourceDirs, EXPUNGED_LIMIT};
 use crate::staging::{Staging, StagingError};
 use crate::sysexits::{self, ExitCode};
 
 pub use reconcile::{Busy, HeldLocks};
 use reconcile::{BUSY_LOCK_WAIT, FIRST_LOCK_WAIT};
-pub(crate) use sync::{PassStats, Reuse, Tree};
+pub(crate) use sync::{PassStats, Reuse, Store, Tree};
+
+/// What a repository offers a snapshot: the previous snapshot to reuse, and the store its
+/// folders go into. Neither for a plain backup.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct InRepo<'a> {
+    pub reuse: Option<&'a dyn Reuse>,
+    pub store: Option<&'a dyn Store>,
+}
 
 /// Where a backup's folders come from and how they are locked: walking the Maildir with
 /// our own dot-lock (`OnDisk`, the CLI), or Dovecot's mailbox list with Dovecot's lock (the
@@ -247,13 +255,13 @@ pub(crate) fn backup_to(
     parent: &Dir,
     name: &OsStr,
     opts: &BackupOptions,
-    reuse: Option<&dyn Reuse>,
+    repo: InRepo,
     progress: &dyn Progress,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
     check_link_mount(md, parent, name, opts)?;
     let staging = Staging::prepare(parent, name)?;
-    let mut report = copy_into(md, mailboxes, staging.dir().try_clone()?, opts, reuse, progress)?;
+    let mut report = copy_into(md, mailboxes, staging.dir().try_clone()?, opts, repo, progress)?;
     staging.publish()?;
     report.destination = parent.show(name);
     report.seconds = started.elapsed().as_secs_f64(); // the publish's flush included
@@ -275,6 +283,7 @@ struct Run<'a> {
     mailboxes: &'a dyn Mailboxes,
     opts: &'a BackupOptions,
     reuse: Option<&'a dyn Reuse>,
+    store: Option<&'a dyn Store>,
     progress: &'a dyn Progress,
     pool: rayon::ThreadPool,
     tree: Tree,
@@ -360,11 +369,24 @@ impl<'a> Run<'a> {
         let found = self.discover()?;
         let mut listings = Vec::with_capacity(found.len());
         for f in &found {
+            if self.take_over(f)? {
+                continue;
+            }
             listings.push((f.clone(), reconcile::watch_and_list(self.md, f, self.watcher.as_mut())?));
         }
         self.progress.total(listings.iter().filter_map(|(_, l)| l.as_ref()).map(|l| l.entries.len() as u64).sum());
         self.apply(listings)?;
         Ok(())
+    }
+
+    /// Takes folder `f` over whole from the previous snapshot if its directories have not
+    /// changed since that snapshot listed them (never on NFS, where directory times are
+    /// cached). It is not watched: each pass compares its directories' stamps, and lists it
+    /// in full once they change.
+    fn take_over(&mut self, f: &Folder) -> Result<bool, BackupError> {
+        let Some(reuse) = self.reuse.filter(|_| !self.opts.lock.nfs_flush) else { return Ok(false) };
+        let now = scan::dir_stamps(self.md, f);
+        self.tree.take_over(f, now, reuse)
     }
 
     /// What changed meanwhile, still without a lock, until a pass finds little: so the locked
@@ -534,18 +556,14 @@ impl<'a> Run<'a> {
             copy_indexes(md, tree);
         }
         self.progress.phase("finishing");
-        let header = write_manifest(md, tree, r.taken_at, r.held, self.total.bytes)?;
+        finish_message_dirs(md, tree)?;
+        let records = folder_records(md, tree, self.reuse, self.store)?;
+        let header = write_manifest(md, tree, &records, r.taken_at, r.held, self.total.bytes)?;
         // Last: anything written into a directory after this would change its mtime again.
         finish_dirs(md, tree)?;
-        let folder_details = tree
-            .folders
+        let folder_details = records
             .iter()
-            .map(|(rel, s)| FolderSummary {
-                name: s.folder.name.clone(),
-                path: rel.to_string_lossy().into_owned(),
-                messages: s.entries.len() as u64,
-                bytes: s.entries.values().map(|e| e.size).sum(),
-            })
+            .map(|f| FolderSummary { name: f.name.clone(), path: f.path.clone(), messages: f.messages, bytes: f.bytes.unwrap_or_else(|| folder_bytes(tree, &f.path)) })
             .collect();
         Ok(BackupReport {
             source: md.loc.to_mail_location(),
@@ -575,7 +593,7 @@ fn copy_into(
     mailboxes: &dyn Mailboxes,
     out: Dir,
     opts: &BackupOptions,
-    reuse: Option<&dyn Reuse>,
+    repo: InRepo,
     progress: &dyn Progress,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
@@ -587,7 +605,8 @@ fn copy_into(
         md,
         mailboxes,
         opts,
-        reuse,
+        reuse: repo.reuse,
+        store: repo.store,
         progress,
         pool,
         tree: Tree::new(out, fsx::running_as_root()).with_messages(opts.messages),
@@ -627,13 +646,24 @@ fn copy_indexes(md: &Maildir, tree: &Tree) {
     }
 }
 
-/// Gives every staged folder dir (and cur/new/tmp) the source's mode and times (never write
-/// access for group or others, and never the source's owner: a backup made by root stays
-/// root's). Done last: writing into a directory changes its mtime.
+/// Gives the staged cur/, new/ and tmp/ of every folder the source's mode and times (never
+/// write access for group or others, and never the source's owner: a backup made by root
+/// stays root's); a taken-over folder's cur/ and new/ are the previous snapshot's, as they were.
+fn finish_message_dirs(md: &Maildir, tree: &Tree) -> Result<(), BackupError> {
+    for (rel, state) in &tree.folders {
+        let subs: &[&str] = if state.taken_over.is_some() { &["tmp"] } else { &MESSAGE_DIRS };
+        for sub in subs {
+            copy_dir_meta(md, tree, &rel.join(sub))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives every staged folder directory (and LAYOUT=fs parent) the source's mode and times, as
+/// `finish_message_dirs`. Done last: writing into a directory changes its mtime.
 fn finish_dirs(md: &Maildir, tree: &Tree) -> Result<(), BackupError> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for rel in tree.folders.keys() {
-        dirs.extend(MESSAGE_DIRS.iter().map(|sub| rel.join(sub)));
         dirs.push(rel.clone());
         // LAYOUT=fs parents that are not folders themselves.
         dirs.extend(rel.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf));
@@ -642,12 +672,7 @@ fn finish_dirs(md: &Maildir, tree: &Tree) -> Result<(), BackupError> {
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     dirs.dedup();
     for rel in dirs {
-        let source = match md.root.lstat(&rel) {
-            Ok(Some(m)) if m.is_dir() => m,
-            Err(e) if !e.is_planted() => return Err(e.into()),
-            _ => continue, // gone or replaced meanwhile: keep our defaults
-        };
-        tree.staging.sub(&rel)?.copy_dir_meta(&source)?;
+        copy_dir_meta(md, tree, &rel)?;
     }
     // The backup's top directory is nobody's business but its maker's, whatever the source
     // allowed: no way in for the mail user, whose files inside keep their owner.
@@ -656,53 +681,111 @@ fn finish_dirs(md: &Maildir, tree: &Tree) -> Result<(), BackupError> {
     Ok(())
 }
 
-/// Writes the backup's manifest from the staged tree, record by record (never all of them in
-/// memory at once); returns its header.
-fn write_manifest(md: &Maildir, tree: &Tree, taken_at: i64, held: Duration, bytes_copied: u64) -> Result<Header, BackupError> {
-    let mut folders = Vec::new();
+/// The source directory `rel`'s mode and times onto its staged copy (kept as made if the
+/// source's is gone or replaced meanwhile).
+fn copy_dir_meta(md: &Maildir, tree: &Tree, rel: &Path) -> Result<(), BackupError> {
+    let source = match md.root.lstat(rel) {
+        Ok(Some(m)) if m.is_dir() => m,
+        Err(e) if !e.is_planted() => return Err(e.into()),
+        _ => return Ok(()),
+    };
+    tree.staging.sub(rel)?.copy_dir_meta(&source)?;
+    Ok(())
+}
+
+fn folder_bytes(tree: &Tree, path: &str) -> u64 {
+    tree.folders.get(Path::new(path)).map_or(0, |s| s.entries.values().map(|e| e.size).sum())
+}
+
+/// Each folder's record: a taken-over folder's as the previous snapshot has it (its uidlist
+/// described anew if that changed); in a repository, a listed folder's messages moved into a
+/// new store entry with their records; in a plain backup, a listed folder's records stay in
+/// the tree for the manifest.
+fn folder_records(md: &Maildir, tree: &Tree, reuse: Option<&dyn Reuse>, store: Option<&dyn Store>) -> Result<Vec<FolderRecord>, BackupError> {
+    let mut out = Vec::with_capacity(tree.folders.len());
+    let linked = tree.linked_control.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for (rel, state) in &tree.folders {
+        let path = rel.to_string_lossy().into_owned();
+        let fdir = tree.staging.sub(rel)?;
+        if let (Some(old), Some(reuse)) = (&state.taken_over, reuse) {
+            let mut record = FolderRecord { path, name: state.folder.name.clone(), ..old.clone() };
+            let uidlist_same = linked.contains(&rel.join(UIDLIST)) || (old.uidlist_header.is_none() && fdir.lstat(UIDLIST)?.is_none());
+            if !uidlist_same {
+                let uniques = reuse.stored_uniques(old.store.as_deref().unwrap_or_default())?;
+                let u = summarize_uidlist(&fdir, &uniques.iter().map(String::as_str).collect())?;
+                (record.uidlist_header, record.uidlist_expunged, record.uidlist_expunged_partial) = (u.header, u.expunged, u.partial);
+            }
+            out.push(record);
+            continue;
+        }
         let uniques: HashSet<&str> = state.entries.values().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
-        let uidlist = summarize_uidlist(&tree.staging.sub(rel)?, &uniques)?;
-        folders.push(FolderRecord {
-            path: rel.to_string_lossy().into_owned(),
-            name: state.folder.name.clone(),
+        let uidlist = summarize_uidlist(&fdir, &uniques)?;
+        let mut record = FolderRecord {
             uidlist_header: uidlist.header,
             uidlist_expunged: uidlist.expunged,
             uidlist_expunged_partial: uidlist.partial,
             messages: state.entries.len() as u64,
-        });
+            ..FolderRecord::new(path, state.folder.name.clone())
+        };
+        if let Some(store) = store {
+            record.bytes = Some(state.entries.values().map(|e| e.size).sum());
+            record.source_dirs = source_dirs(md, state);
+            record.store = Some(store.store_folder(&record.path, &fdir, &mut message_records(&record.path, state))?);
+        }
+        out.push(record);
     }
+    Ok(out)
+}
+
+/// The stamps a folder was listed with, if its directories still have them: what the next
+/// snapshot compares to take it over.
+fn source_dirs(md: &Maildir, state: &sync::FolderState) -> Option<SourceDirs> {
+    let [Some(cur), Some(new)] = state.stamps else { return None };
+    let listed_at = state.listed_at?.duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    (scan::dir_stamps(md, &state.folder) == state.stamps).then_some(SourceDirs { cur, new, listed_at })
+}
+
+/// A listed folder's message records, sorted by place and name.
+fn message_records<'s>(folder: &'s str, state: &'s sync::FolderState) -> impl Iterator<Item = MessageRecord> + 's {
+    let mut entries: Vec<_> = state.entries.values().collect();
+    entries.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
+    entries.into_iter().map(move |e| {
+        let name = MessageName::parse(&e.name);
+        MessageRecord {
+            folder: folder.to_string(),
+            dir: e.sub,
+            name: e.name.clone(),
+            unique: name.map(|n| n.unique().to_string()).unwrap_or_default(),
+            flags: name.map(|n| n.flags().to_string()).unwrap_or_default(),
+            size: e.size,
+            blake3: sync::hex(e.blake3),
+        }
+    })
+}
+
+/// Writes the backup's manifest: the header, `folders`' records, then the message records of
+/// the folders not in the store, one at a time (never all of them in memory at once); returns
+/// its header.
+fn write_manifest(md: &Maildir, tree: &Tree, folders: &[FolderRecord], taken_at: i64, held: Duration, bytes_copied: u64) -> Result<Header, BackupError> {
     let owner = fsx::running_as_root().then(|| md.root.stat().map(|m| m.owner())).transpose()?;
+    let stored = folders.iter().any(|f| f.store.is_some());
     let header = Header {
-        format: crate::manifest::FORMAT,
+        format: if stored { crate::manifest::FORMAT_STORE } else { crate::manifest::FORMAT },
         tool: format!("maildir-backup {}", env!("CARGO_PKG_VERSION")),
         source: md.loc.to_mail_location(),
         layout: md.loc.layout,
         taken_at,
         lock_hold_ms: held.as_millis() as u64,
         folders: folders.len() as u64,
-        messages: tree.folders.values().map(|s| s.entries.len() as u64).sum(),
-        bytes: tree.folders.values().flat_map(|s| s.entries.values()).map(|e| e.size).sum(),
+        messages: folders.iter().map(|f| f.messages).sum(),
+        bytes: folders.iter().map(|f| f.bytes.unwrap_or_else(|| folder_bytes(tree, &f.path))).sum(),
         bytes_copied,
         owner,
     };
     let mut w = ManifestWriter::create(&tree.staging, &header)?;
     folders.iter().try_for_each(|f| w.folder(f))?;
-    for (folder, state) in folders.iter().zip(tree.folders.values()) {
-        let mut entries: Vec<_> = state.entries.values().collect();
-        entries.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
-        for e in entries {
-            let name = MessageName::parse(&e.name);
-            w.message(&MessageRecord {
-                folder: folder.path.clone(),
-                dir: e.sub,
-                name: e.name.clone(),
-                unique: name.map(|n| n.unique().to_string()).unwrap_or_default(),
-                flags: name.map(|n| n.flags().to_string()).unwrap_or_default(),
-                size: e.size,
-                blake3: sync::hex(e.blake3),
-            })?;
-        }
+    for (f, state) in folders.iter().zip(tree.folders.values()).filter(|(f, _)| f.store.is_none()) {
+        message_records(&f.path, state).try_for_each(|m| w.message(&m))?;
     }
     w.finish()?;
     Ok(header)

@@ -179,9 +179,8 @@ pub fn unchanged_since_listing(md: &Maildir, state: &FolderState, nfs: bool) -> 
     if now != state.stamps || now.iter().any(|s| s.is_none()) {
         return false;
     }
-    let fresh_limit = listed_at.checked_sub(Duration::from_secs(1)).unwrap_or(SystemTime::UNIX_EPOCH);
-    let limit = fresh_limit.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    now.iter().flatten().all(|s| s.mtime() < limit)
+    let secs = listed_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    now.iter().flatten().all(|s| s.settled_before(secs))
 }
 
 /// Lists what may have changed: for a watched folder only the names inotify reported, for
@@ -347,6 +346,7 @@ fn write_control(mut source: ReadFile, tree: &Tree, dst: &Path, reuse: Option<&d
     // Unchanged since the previous snapshot (most folders, most nights): linked, not written.
     if let Some(r) = reuse {
         if r.link_control(dst, &mut source, owner, &dir, file_name) {
+            tree.linked_control.lock().unwrap_or_else(|p| p.into_inner()).insert(dst.to_path_buf());
             return Ok(());
         }
         std::io::Seek::rewind(&mut source.file).map_err(|e| FsError::Io { op: "read control file", path: source.path.clone(), source: e })?;

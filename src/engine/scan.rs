@@ -3,7 +3,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
-use crate::fsx::{self, Dir, FsError, Kind, Meta};
+pub use crate::fsx::DirStamp;
+use crate::fsx::{self, Dir, FsError, Kind};
 use crate::maildir::folders::bounded_warnings;
 use crate::maildir::{Folder, Maildir, MessageName, Subdir};
 
@@ -12,27 +13,6 @@ use crate::maildir::{Folder, Maildir, MessageName, Subdir};
 pub struct Listed {
     pub sub: Subdir,
     pub name: String,
-}
-
-/// A directory's identity and change time: if these are unchanged (and were not fresh when
-/// taken), nothing was created, renamed or removed in it since.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DirStamp {
-    ino: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-    ctime: i64,
-    ctime_nsec: i64,
-}
-
-impl DirStamp {
-    fn of(md: &Meta) -> DirStamp {
-        DirStamp { ino: md.ino(), mtime: md.mtime(), mtime_nsec: md.mtime_nsec(), ctime: md.ctime(), ctime_nsec: md.ctime_nsec() }
-    }
-
-    pub fn mtime(&self) -> i64 {
-        self.mtime
-    }
 }
 
 #[derive(Debug, Clone, Default)]

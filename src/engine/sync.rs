@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rayon::prelude::*;
 
@@ -14,6 +14,7 @@ use super::scan::{DirStamp, Listed, Listing};
 use super::{BackupError, MessageFiles, Progress};
 use crate::fsx::{self, Dir, FsError, Replace};
 use crate::maildir::{Folder, Maildir, MessageName, Subdir, MESSAGE_DIRS};
+use crate::manifest::{FolderRecord, MessageRecord};
 
 /// Warnings kept for the report; a Maildir full of planted files must not flood the log.
 const MAX_WARNINGS: usize = 1000;
@@ -52,6 +53,9 @@ pub struct FolderState {
     pub entries: HashMap<String, Entry>,
     pub stamps: [Option<DirStamp>; 2],
     pub listed_at: Option<SystemTime>,
+    /// Taken over whole from the previous snapshot (its record there) instead of listed: the
+    /// staged cur/ and new/ are that snapshot's, shared (see `Reuse::take_over`).
+    pub taken_over: Option<FolderRecord>,
 }
 
 /// Everything staged so far, by folder path.
@@ -74,6 +78,8 @@ pub struct Tree {
     deferring: bool,
     deferred: Vec<Deferred>,
     messages: MessageFiles,
+    /// Control files (paths in the staged copy) linked from the previous snapshot, unchanged.
+    pub linked_control: Mutex<HashSet<PathBuf>>,
 }
 
 /// A copy left for after the locks: the source as opened under them, and the staged file
@@ -205,6 +211,23 @@ pub trait Reuse: Sync {
     fn link_control(&self, _rel: &Path, _source: &mut fsx::ReadFile, _owner: Option<fsx::Owner>, _dst: &Dir, _name: &str) -> bool {
         false
     }
+
+    /// If the source folder at `rel`, whose cur/ and new/ have the stamps `now`, is provably as
+    /// the previous snapshot copied it: makes the staged folder `fdir` share that copy, and
+    /// returns the folder's record there.
+    fn take_over(&self, _rel: &Path, _now: [Option<DirStamp>; 2], _fdir: &Dir) -> Option<FolderRecord> {
+        None
+    }
+
+    /// The unique names of the messages of the previous snapshot's stored folder `id`.
+    fn stored_uniques(&self, id: &str) -> Result<HashSet<String>, BackupError>;
+}
+
+/// Where a repository snapshot keeps its folders' messages (see [`crate::store`]).
+pub trait Store: Sync {
+    /// Moves the staged folder `fdir`'s cur/ and new/ (folder `folder` of the backup), whose
+    /// messages `records` are, into a new store entry, leaving links to it; returns its id.
+    fn store_folder(&self, folder: &str, fdir: &Dir, records: &mut dyn Iterator<Item = MessageRecord>) -> Result<String, BackupError>;
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +329,7 @@ impl Tree {
             deferring: false,
             deferred: Vec::new(),
             messages: MessageFiles::Copy,
+            linked_control: Mutex::new(HashSet::new()),
         }
     }
 
@@ -388,8 +412,39 @@ impl Tree {
         }
         self.folders.insert(
             folder.rel.clone(),
-            FolderState { folder: folder.clone(), entries: HashMap::new(), stamps: [None, None], listed_at: None },
+            FolderState { folder: folder.clone(), entries: HashMap::new(), stamps: [None, None], listed_at: None, taken_over: None },
         );
+        Ok(())
+    }
+
+    /// Takes `folder` over from the previous snapshot if its directories (with stamps `now`)
+    /// are as that snapshot listed them; true if it did. Then it is not listed unless it
+    /// changes during the backup.
+    pub fn take_over(&mut self, folder: &Folder, now: [Option<DirStamp>; 2], reuse: &dyn Reuse) -> Result<bool, BackupError> {
+        if self.folders.contains_key(&folder.rel) {
+            return Ok(false);
+        }
+        let dir = self.staging.ensure_dirs(&folder.rel, 0o700, None)?;
+        let Some(record) = reuse.take_over(&folder.rel, now, &dir) else { return Ok(false) };
+        dir.mkdir("tmp", 0o700)?;
+        let listed_at = record.source_dirs.map(|d| SystemTime::UNIX_EPOCH + Duration::from_secs(d.listed_at.max(0) as u64));
+        let state = FolderState { folder: folder.clone(), entries: HashMap::new(), stamps: now, listed_at, taken_over: Some(record) };
+        self.folders.insert(folder.rel.clone(), state);
+        Ok(true)
+    }
+
+    /// A taken-over folder that changed after all: its own cur/ and new/ again, empty, for a
+    /// full listing to fill.
+    fn give_back(&mut self, rel: &Path) -> Result<(), BackupError> {
+        let Some(state) = self.folders.get_mut(rel) else { return Ok(()) };
+        if state.taken_over.take().is_none() {
+            return Ok(());
+        }
+        let dir = self.staging.sub(rel)?;
+        for sub in Subdir::ALL {
+            dir.unlink(sub.as_str())?;
+            dir.mkdir(sub.as_str(), 0o700)?;
+        }
         Ok(())
     }
 
@@ -445,6 +500,7 @@ impl Tree {
             return Ok(());
         };
         self.ensure_folder(folder)?;
+        self.give_back(&folder.rel)?;
         self.warn_all(listing.warnings);
         let state = self.folders.get_mut(&folder.rel).expect("ensured above");
         state.stamps = listing.stamps;

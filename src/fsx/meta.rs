@@ -114,6 +114,30 @@ impl Meta {
     }
 }
 
+/// A directory's identity and change times: if these are unchanged (and were not fresh when
+/// taken), nothing was created, renamed or removed in it since. The change time is kept too:
+/// an owner can set a directory's mtime back, never its ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct DirStamp {
+    pub ino: u64,
+    pub mtime: i64,
+    pub mtime_nsec: i64,
+    pub ctime: i64,
+    pub ctime_nsec: i64,
+}
+
+impl DirStamp {
+    pub fn of(md: &Meta) -> DirStamp {
+        DirStamp { ino: md.ino(), mtime: md.mtime(), mtime_nsec: md.mtime_nsec(), ctime: md.ctime(), ctime_nsec: md.ctime_nsec() }
+    }
+
+    /// Whether the last change it records came a second or more before `secs` (Unix time): then
+    /// a later change cannot share its time stamp (the kernel's clock ticks coarsely).
+    pub fn settled_before(&self, secs: i64) -> bool {
+        self.mtime.max(self.ctime) < secs - 1
+    }
+}
+
 /// True when we run as root: only then are owners kept (and only then do they matter).
 pub fn running_as_root() -> bool {
     rustix::process::geteuid().is_root()

@@ -30,7 +30,7 @@ use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags, ResolveFlag
 use rustix::io::Errno;
 
 pub use copy::{copy_file, hash_file, Copied, CopyFail};
-pub use meta::{apply, running_as_root, safe_mode, set_mode, set_mtime, set_owner, Kind, Meta, Owner};
+pub use meta::{apply, running_as_root, safe_mode, set_mode, set_mtime, set_owner, DirStamp, Kind, Meta, Owner};
 pub use name::{check_name, check_rel, has_control, NAME_MAX, PATH_MAX};
 
 /// What went wrong, always with the path (for the admin) and the operation. Paths are shown
@@ -316,6 +316,13 @@ impl Dir {
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The directory this one is in (`..`, which no symlink can redirect).
+    pub fn parent(&self) -> Result<Dir> {
+        let path = self.path.parent().map_or_else(|| self.path.join(".."), Path::to_path_buf);
+        let fd = rustix::fs::openat(&self.fd, "..", DIR_FLAGS | OFlags::NOFOLLOW, Mode::empty()).map_err(|e| FsError::io("open", path.clone(), e))?;
+        Ok(Dir { fd, path })
     }
 
     pub fn try_clone(&self) -> Result<Dir> {

@@ -91,7 +91,7 @@ pub fn run_hand_off(
     let opts = BackupOptions { messages: MessageFiles::Link { checksums }, ..opts.clone() };
     let md = engine::open_source(source)?;
     engine::check_outside(&md, &h.stage)?;
-    let report = engine::backup_to(&md, mailboxes, &parent, &name, &opts, None, progress)?;
+    let report = engine::backup_to(&md, mailboxes, &parent, &name, &opts, engine::InRepo::default(), progress)?;
     let status = tool_command(h, program, &report).and_then(|mut c| c.status());
     if !h.keep_stage {
         parent.remove_tree(&name)?;

@@ -25,7 +25,7 @@ fn header(folders: u64, messages: u64, bytes: u64) -> Header {
 }
 
 fn folder(path: &str, name: &str, messages: u64) -> FolderRecord {
-    FolderRecord { path: path.into(), name: name.into(), uidlist_header: None, uidlist_expunged: vec![], uidlist_expunged_partial: false, messages }
+    FolderRecord { messages, ..FolderRecord::new(path.into(), name.into()) }
 }
 
 fn message(folder: &str, name: &str, size: u64) -> MessageRecord {
@@ -183,7 +183,7 @@ fn broken_structure_is_refused() {
     bad([lines.clone(), vec!["{not json".into()]].concat(), "", 6);
     bad([lines.clone(), vec![r#"{"kind":"other"}"#.into()]].concat(), "", 6);
     let mut m = good();
-    m.header.format = FORMAT + 1;
+    m.header.format = FORMAT_STORE + 1;
     bad(lines_of(&m), "manifest format", 1);
 }
 

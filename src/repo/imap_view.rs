@@ -18,7 +18,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::fsx::{self, running_as_root, Dir, Kind, Owner, Replace};
-use crate::maildir::{control_file_limit, Layout, MESSAGE_DIRS};
+use crate::maildir::{control_file_limit, Layout, Subdir, MESSAGE_DIRS};
+use crate::store;
 use crate::manifest::Manifest;
 
 use super::{RepoError, Snapshot};
@@ -176,7 +177,7 @@ impl View {
             };
             let from = snap.sub(&f.path)?;
             copy_control(&from, &control.ensure_dirs(&rel, 0o700, Some(self.owner))?, self.owner)?;
-            made.extend(link_messages(&from, &staged, &rel)?);
+            made.extend(link_messages(&snap, &f.path, &staged, &rel)?);
         }
         // Read-only only now that they are filled; handed to the user as they are. The top
         // last: moving a directory to another parent rewrites its "..".
@@ -225,9 +226,9 @@ fn copy_control(from: &Dir, to: &Dir, owner: Owner) -> Result<(), RepoError> {
     Ok(())
 }
 
-/// Links the message files of the folder `from` (regular files only) into `rel` under
-/// `staged`, making its directories; returns each directory it made.
-fn link_messages(from: &Dir, staged: &Dir, rel: &Path) -> Result<Vec<Dir>, RepoError> {
+/// Links the message files of the folder `folder` of snapshot `snap` (regular files only) into
+/// `rel` under `staged`, making its directories; returns each directory it made.
+fn link_messages(snap: &Dir, folder: &str, staged: &Dir, rel: &Path) -> Result<Vec<Dir>, RepoError> {
     let mut made = Vec::new();
     let mut at = staged.try_clone()?;
     for part in rel.iter() {
@@ -239,7 +240,8 @@ fn link_messages(from: &Dir, staged: &Dir, rel: &Path) -> Result<Vec<Dir>, RepoE
     }
     for sub in MESSAGE_DIRS {
         let to = at.ensure_dir(sub, 0o700, None)?.0;
-        if let Some(src) = from.sub_opt(sub).ok().flatten().filter(|_| sub != "tmp") {
+        let message_dir = Subdir::ALL.into_iter().find(|s| s.as_str() == sub);
+        if let Some(src) = message_dir.and_then(|s| store::message_dir(snap, folder, s).ok().flatten()) {
             for e in src.list()?.into_iter().filter(|e| e.kind == Kind::File) {
                 match src.link(&e.name, &to, &e.name) {
                     Err(e) if e.is_not_found() => {} // removed meanwhile (its snapshot pruned)
