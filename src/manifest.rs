@@ -91,19 +91,20 @@ impl FolderRecord {
     }
 }
 
-/// The stamps of a source folder's `cur/` and `new/`, and when (Unix time) they were listed.
+/// The stamps of a source folder's `cur/` and `new/`, and when they were listed (Unix time in
+/// nanoseconds).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SourceDirs {
     pub cur: DirStamp,
     pub new: DirStamp,
-    pub listed_at: i64,
+    pub listed_at_ns: i64,
 }
 
 impl SourceDirs {
     /// Whether a folder whose directories have the stamps `now` is provably as it was listed:
     /// the same stamps, which were already settled when listed.
     pub fn unchanged(&self, now: [Option<DirStamp>; 2]) -> bool {
-        now == [Some(self.cur), Some(self.new)] && now.iter().flatten().all(|s| s.settled_before(self.listed_at))
+        now == [Some(self.cur), Some(self.new)] && now.iter().flatten().all(|s| s.settled_before(self.listed_at_ns.into()))
     }
 }
 

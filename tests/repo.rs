@@ -47,7 +47,22 @@ fn snapshot_dirs(series: &Path) -> BTreeSet<String> {
         .map(|e| e.unwrap())
         .filter(|e| e.file_type().unwrap().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".store")
         .collect()
+}
+
+/// The store entries of a series, and those its snapshots' folders link to.
+fn store_entries(series: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+    let names = |d: &Path| fs::read_dir(d).map(|r| r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect::<BTreeSet<_>>()).unwrap_or_default();
+    let entries = names(&series.join(".store")).into_iter().filter(|n| !n.starts_with('.')).collect();
+    let mut linked = BTreeSet::new();
+    for s in snapshot_dirs(series) {
+        for f in churn::all_files(&series.join(s)).into_iter().filter(|f| matches!(f.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()), Some("cur") | Some("new"))) {
+            let link = fs::read_link(f.parent().unwrap()).unwrap();
+            linked.insert(link.iter().rev().nth(1).unwrap().to_string_lossy().into_owned());
+        }
+    }
+    (entries, linked)
 }
 
 fn name_of(p: &Path) -> String {
@@ -409,6 +424,10 @@ fn prune_keeps_exactly_what_the_policy_names() {
     assert_eq!(removed, &all - &keep, "{}", r.show());
     let mut left = snapshot_dirs(&series);
     assert_eq!(left, keep, "prune left the wrong snapshots (no leftovers of removal may remain either)");
+    // The store keeps exactly what the kept snapshots link to.
+    let (entries, linked) = store_entries(&series);
+    assert!(!linked.is_empty());
+    assert_eq!(entries, linked, "the store after the prune:\n{}", r.show());
     assert_eq!(latest_target(&series), newest);
     for s in &keep {
         let dir = series.join(s);
@@ -495,5 +514,8 @@ fn unchanged_control_files_are_linked_from_the_previous_snapshot() {
         fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
     chown_vmail_recursive(&s2);
+    let store = repo.join(USER).join(".store");
+    fs::set_permissions(&store, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    chown_vmail_recursive(&store);
     support::readback::assert_no_problems("Dovecot reading the linked snapshot", &support::readback::check_dovecot_reads_backup(&d, USER, &s2, false));
 }

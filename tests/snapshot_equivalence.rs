@@ -2,8 +2,9 @@
 //! control files); whatever it takes over, it must equal a full backup of the same instant: the same
 //! files with the same bytes, modes and times, the same manifest records, and it verifies. Checked
 //! after each kind of change made in one folder alone (flags, a move, expunges, new mail, a folder
-//! renamed, a folder deleted), and under IMAP churn. And a snapshot whose manifest is in the first,
-//! uncompressed form is still read: by `verify`, by `restore` and as the previous snapshot.
+//! renamed, a folder deleted), and under IMAP churn. And a snapshot in the first form (its folders'
+//! own directories, every record in one uncompressed manifest) is still read: by `verify`, by
+//! `restore` and as the previous snapshot.
 
 mod support;
 
@@ -13,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::churn::{imap_churn, Churn, Tracker};
+use support::churn::{self, imap_churn, Churn, Tracker};
 use support::repo_helpers::*;
 use support::*;
 
@@ -26,7 +27,9 @@ const MANIFEST: &str = "maildir-backup.manifest";
 fn contents(root: &Path) -> BTreeMap<String, String> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
         for e in fs::read_dir(dir).unwrap().map(Result::unwrap) {
-            let (p, md) = (e.path(), e.metadata().unwrap());
+            let p = e.path();
+            // A folder's cur/ and new/ in a snapshot are links into the series' store.
+            let md = if churn::is_store_link(&p) { fs::metadata(&p) } else { e.metadata() }.unwrap();
             let rel = p.strip_prefix(root).unwrap().display().to_string();
             if rel == MANIFEST {
                 continue;
@@ -58,7 +61,20 @@ fn assert_equals_full_backup(snapshot: &Path, full: &Path, what: &str) {
         v.sort_by(|a, b| (&a.folder, &a.dir, &a.name).cmp(&(&b.folder, &b.dir, &b.name)));
         v
     };
-    assert_eq!(sm.folders, fm.folders, "{what}: folder records");
+    // What only a snapshot's folder records hold: where in the store, and what the next takes over.
+    let plain = |v: &[serde_json::Value]| {
+        v.iter()
+            .map(|f| {
+                let mut f = f.clone();
+                for key in ["store", "bytes", "source_dirs"] {
+                    f.as_object_mut().unwrap().remove(key);
+                }
+                f
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(sm.folders.iter().all(|f| f["store"].is_string()), "{what}: a snapshot folder is not in the store: {:?}", sm.folders);
+    assert_eq!(plain(&sm.folders), fm.folders, "{what}: folder records");
     assert_eq!(sorted(sm.messages), sorted(fm.messages), "{what}: message records");
     for key in ["folders", "messages", "bytes", "layout", "source"] {
         assert_eq!(sm.header[key], fm.header[key], "{what}: header {key}");
@@ -82,6 +98,9 @@ fn a_snapshot_after_any_change_in_one_folder_equals_a_full_backup() {
     let out = tempdir();
     let repo = out.path().join("repo");
     let source = d.maildir(USER).display().to_string();
+    take_snapshot(&source, &repo, USER, &[]);
+    // Listed a second after the last change: the next snapshot may take its folders over.
+    std::thread::sleep(Duration::from_millis(1100));
     take_snapshot(&source, &repo, USER, &[]);
     type Change = fn(&mut Imap);
     let changes: [(&str, Change); 6] = [
@@ -118,7 +137,8 @@ fn a_snapshot_after_any_change_in_one_folder_equals_a_full_backup() {
         // One snapshot per second: the next gets a name of its own.
         std::thread::sleep(Duration::from_millis(1100));
         let (snapshot, report) = take_snapshot(&source, &repo, USER, &[]);
-        assert!(report["messages_linked"].as_u64().unwrap_or(0) > 0, "{what}: nothing was taken from the previous snapshot: {report}");
+        // Folders untouched since before the previous snapshot are taken over whole.
+        assert!(report["folders_taken_over"].as_u64().unwrap_or(0) > 0, "{what}: nothing was taken from the previous snapshot: {report}");
         let full = out.path().join(format!("full-{i}"));
         full_backup(&source, &full);
         assert_equals_full_backup(&snapshot, &full, what);
@@ -150,25 +170,60 @@ fn snapshots_under_churn_equal_full_backups_of_the_same_instant() {
     assert!(stats.moves > 0 && stats.flag_changes > 0 && stats.appends > 0 && stats.expunges > 0, "churn did too little: {stats:?}");
 }
 
-/// Rewrites a snapshot's manifest in the first, uncompressed form (its JSON lines as they are).
-fn uncompress_manifest(snapshot: &Path) {
+/// Rewrites a snapshot in the first form: each folder's own cur/ and new/ (hard links to the
+/// files of its store entry), and one uncompressed manifest of format 1 holding every record.
+fn to_first_form(snapshot: &Path) {
+    let mut lines: Vec<String> = Vec::new();
+    let mut parts = Vec::new();
+    for line in manifest_text(snapshot).lines().filter(|l| !l.is_empty()) {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        match v["kind"].as_str() {
+            Some("backup") => v["format"] = 1.into(),
+            Some("folder") => {
+                let id = v["store"].as_str().expect("a snapshot's folder is stored").to_string();
+                let dir = snapshot.join(v["path"].as_str().unwrap());
+                for sub in ["cur", "new"] {
+                    let (link, entry) = (dir.join(sub), snapshot.join("..").join(".store").join(&id).join(sub));
+                    fs::remove_file(&link).unwrap();
+                    fs::create_dir(&link).unwrap();
+                    for e in fs::read_dir(&entry).unwrap().map(Result::unwrap) {
+                        fs::hard_link(e.path(), link.join(e.file_name())).unwrap();
+                    }
+                }
+                parts.push(snapshot.join("..").join(".store").join(&id).join("messages"));
+                for key in ["store", "bytes", "source_dirs"] {
+                    v.as_object_mut().unwrap().remove(key);
+                }
+            }
+            _ => {}
+        }
+        lines.push(v.to_string());
+    }
+    for part in parts {
+        let text = String::from_utf8(zstd::decode_all(&fs::read(part).unwrap()[..]).unwrap()).unwrap();
+        lines.extend(text.lines().map(str::to_string));
+    }
     let path = snapshot.join(MANIFEST);
     let mode = fs::metadata(&path).unwrap().mode();
-    fs::write(&path, manifest_text(snapshot)).unwrap();
+    fs::write(&path, lines.join("\n") + "\n").unwrap();
     fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
     assert!(!fs::read(&path).unwrap().starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
 }
 
 #[test]
-fn an_uncompressed_manifest_is_read_by_verify_restore_and_the_next_snapshot() {
+fn a_first_form_snapshot_is_read_by_verify_restore_and_the_next_snapshot() {
     let d = start_with_users(&[USER]);
     populate(&d, USER, &["INBOX", "Sent"], 10);
     let out = tempdir();
     let repo = out.path().join("repo");
     let source = d.maildir(USER).display().to_string();
     let (old, _) = take_snapshot(&source, &repo, USER, &[]);
-    uncompress_manifest(&old);
+    to_first_form(&old);
     assert_verifies(&old);
+    // Nothing of the store is needed to read it.
+    fs::rename(repo.join(USER).join(".store"), out.path().join("store-aside")).unwrap();
+    assert_verifies(&old);
+    assert!(!churn::all_files(&old).iter().any(|f| fs::symlink_metadata(f).unwrap().file_type().is_symlink()));
 
     // The next snapshot links every message from it.
     std::thread::sleep(Duration::from_millis(1100));

@@ -150,7 +150,7 @@ fn prune_series(s: &Series, keep: KeepPolicy, dry_run: bool) -> Result<i32, repo
     if !dry_run {
         match repo::remove_unused_entries(&s.dir) {
             Ok(Some(0)) => {}
-            Ok(Some(n)) => println!("removed {n} store entr{} no snapshot uses in {}", if n == 1 { "y" } else { "ies" }, s.dir.path().display()),
+            Ok(Some(n)) => println!("{n} store entr{} no snapshot uses deleted from {}", if n == 1 { "y" } else { "ies" }, s.dir.path().display()),
             Ok(None) => println!("a snapshot is running in {}: its store's unused entries are left for the next prune", s.dir.path().display()),
             Err(e) => {
                 eprintln!("maildir-backup prune: {e}");

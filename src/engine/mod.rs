@@ -170,6 +170,8 @@ pub struct BackupReport {
     /// Bytes read from the source (the rest were hard-linked from an earlier snapshot).
     pub bytes_copied: u64,
     pub messages_linked: u64,
+    /// Folders taken over whole from the previous snapshot (unchanged since it listed them).
+    pub folders_taken_over: u64,
     pub lock_hold_ms: f64,
     /// Where the hold went, in the order the work was done under the locks.
     pub lock_hold_phases: HoldPhases,
@@ -573,6 +575,7 @@ impl<'a> Run<'a> {
             bytes: header.bytes,
             bytes_copied: self.total.bytes,
             messages_linked: self.total.linked,
+            folders_taken_over: tree.folders.values().filter(|s| s.taken_over.is_some()).count() as u64,
             lock_hold_ms: r.held.as_secs_f64() * 1000.0,
             lock_hold_phases: r.phases,
             lock_attempts: self.lock_attempts,
@@ -741,8 +744,8 @@ fn folder_records(md: &Maildir, tree: &Tree, reuse: Option<&dyn Reuse>, store: O
 /// snapshot compares to take it over.
 fn source_dirs(md: &Maildir, state: &sync::FolderState) -> Option<SourceDirs> {
     let [Some(cur), Some(new)] = state.stamps else { return None };
-    let listed_at = state.listed_at?.duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
-    (scan::dir_stamps(md, &state.folder) == state.stamps).then_some(SourceDirs { cur, new, listed_at })
+    let listed_at_ns = i64::try_from(state.listed_at?.duration_since(UNIX_EPOCH).ok()?.as_nanos()).ok()?;
+    (scan::dir_stamps(md, &state.folder) == state.stamps).then_some(SourceDirs { cur, new, listed_at_ns })
 }
 
 /// A listed folder's message records, sorted by place and name.

@@ -179,8 +179,8 @@ pub fn unchanged_since_listing(md: &Maildir, state: &FolderState, nfs: bool) -> 
     if now != state.stamps || now.iter().any(|s| s.is_none()) {
         return false;
     }
-    let secs = listed_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    now.iter().flatten().all(|s| s.settled_before(secs))
+    let ns = listed_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+    now.iter().flatten().all(|s| s.settled_before(ns))
 }
 
 /// Lists what may have changed: for a watched folder only the names inotify reported, for

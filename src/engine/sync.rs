@@ -427,7 +427,7 @@ impl Tree {
         let dir = self.staging.ensure_dirs(&folder.rel, 0o700, None)?;
         let Some(record) = reuse.take_over(&folder.rel, now, &dir) else { return Ok(false) };
         dir.mkdir("tmp", 0o700)?;
-        let listed_at = record.source_dirs.map(|d| SystemTime::UNIX_EPOCH + Duration::from_secs(d.listed_at.max(0) as u64));
+        let listed_at = record.source_dirs.map(|d| SystemTime::UNIX_EPOCH + Duration::from_nanos(d.listed_at_ns.max(0) as u64));
         let state = FolderState { folder: folder.clone(), entries: HashMap::new(), stamps: now, listed_at, taken_over: Some(record) };
         self.folders.insert(folder.rel.clone(), state);
         Ok(true)

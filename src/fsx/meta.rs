@@ -131,10 +131,12 @@ impl DirStamp {
         DirStamp { ino: md.ino(), mtime: md.mtime(), mtime_nsec: md.mtime_nsec(), ctime: md.ctime(), ctime_nsec: md.ctime_nsec() }
     }
 
-    /// Whether the last change it records came a second or more before `secs` (Unix time): then
-    /// a later change cannot share its time stamp (the kernel's clock ticks coarsely).
-    pub fn settled_before(&self, secs: i64) -> bool {
-        self.mtime.max(self.ctime) < secs - 1
+    /// Whether the last change it records came over a second before `listed_ns` (Unix time in
+    /// nanoseconds): then a later change cannot share its time stamp (the kernel's file times
+    /// tick coarsely, and may lag the clock we read).
+    pub fn settled_before(&self, listed_ns: i128) -> bool {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        ns(self.mtime, self.mtime_nsec).max(ns(self.ctime, self.ctime_nsec)) + 1_000_000_000 < listed_ns
     }
 }
 

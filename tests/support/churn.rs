@@ -637,7 +637,7 @@ fn walk_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd.flatten() {
         let Ok(ft) = e.file_type() else { continue };
-        if ft.is_dir() {
+        if ft.is_dir() || is_store_link(&e.path()) {
             walk_files(&e.path(), out);
         } else {
             out.push(e.path());
@@ -645,7 +645,15 @@ fn walk_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Every file (not directory; symlinks included, not followed) under `root`.
+/// A snapshot's `cur` or `new` link into its series' store (see `maildir_backup::store`): walked
+/// as the directory it stands for.
+pub fn is_store_link(p: &Path) -> bool {
+    let named = matches!(p.file_name().and_then(|n| n.to_str()), Some("cur") | Some("new"));
+    named && fs::read_link(p).is_ok_and(|t| t.to_string_lossy().contains("/.store/"))
+}
+
+/// Every file (not directory; symlinks included, not followed, but for a snapshot's links into
+/// its store) under `root`.
 pub fn all_files(root: &Path) -> Vec<PathBuf> {
     let mut v = Vec::new();
     walk_files(root, &mut v);

@@ -81,35 +81,50 @@ pub struct ManifestData {
 
 /// The JSON lines of a snapshot's manifest (written zstd-compressed; plain ones are read as they are).
 pub fn manifest_text(snapshot: &Path) -> String {
-    let p = snapshot.join("maildir-backup.manifest");
-    let raw = fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    lines_of(&snapshot.join("maildir-backup.manifest"))
+}
+
+/// A file of JSON lines, zstd-compressed or plain.
+fn lines_of(p: &Path) -> String {
+    let raw = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
     let plain = if raw.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) { zstd::decode_all(&raw[..]).unwrap_or_else(|e| panic!("decompress {}: {e}", p.display())) } else { raw };
     String::from_utf8(plain).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// A snapshot's manifest, with the message records of its stored folders (in the series'
+/// `.store/<id>/messages`).
 pub fn read_manifest(snapshot: &Path) -> ManifestData {
     let p = snapshot.join("maildir-backup.manifest");
-    let text = manifest_text(snapshot);
     let mut header = serde_json::Value::Null;
     let (mut folders, mut messages) = (Vec::new(), Vec::new());
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", p.display()));
-        match v["kind"].as_str() {
-            Some("backup") => header = v,
-            Some("folder") => folders.push(v),
-            Some("message") => {
-                let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{}: no {k} in {line}", p.display())).to_string();
-                messages.push(ManifestMsg {
-                    folder: s("folder"),
-                    dir: s("dir"),
-                    name: s("name"),
-                    unique: s("unique"),
-                    flags: s("flags"),
-                    size: v["size"].as_u64().unwrap(),
-                    blake3: s("blake3"),
-                });
+    let mut parts = vec![p.clone()];
+    let mut i = 0;
+    while let Some(file) = parts.get(i).cloned() {
+        i += 1;
+        for line in lines_of(&file).lines().filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", file.display()));
+            match v["kind"].as_str() {
+                Some("backup") => header = v,
+                Some("folder") => {
+                    if let Some(id) = v["store"].as_str() {
+                        parts.push(snapshot.join("..").join(".store").join(id).join("messages"));
+                    }
+                    folders.push(v)
+                }
+                Some("message") => {
+                    let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{}: no {k} in {line}", file.display())).to_string();
+                    messages.push(ManifestMsg {
+                        folder: s("folder"),
+                        dir: s("dir"),
+                        name: s("name"),
+                        unique: s("unique"),
+                        flags: s("flags"),
+                        size: v["size"].as_u64().unwrap(),
+                        blake3: s("blake3"),
+                    });
+                }
+                other => panic!("{}: unknown record kind {other:?}", file.display()),
             }
-            other => panic!("{}: unknown record kind {other:?}", p.display()),
         }
     }
     assert!(!header.is_null(), "{}: no header record", p.display());
