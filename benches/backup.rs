@@ -10,6 +10,7 @@
 //! sizes 1-12 KiB, a dovecot-uidlist per folder. Everything runs warm (page cache), as a
 //! nightly backup of a busy server mostly does; the median of the runs is reported.
 
+use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -109,13 +110,17 @@ fn json_field(json: &str, field: &str) -> f64 {
     v[field].as_f64().unwrap_or(f64::NAN)
 }
 
-/// Bytes of regular files under `dir` that have a single link (newly written data).
-fn new_bytes(dir: &Path) -> (u64, u64) {
+/// Files and bytes newly written for the backup or snapshot `dir`: regular files with a single
+/// link below it (a snapshot's folders' `cur` and `new` links into its series' store followed),
+/// and the message records of each store entry it links to that `previous` (the snapshot before
+/// it) does not.
+fn new_bytes(dir: &Path, previous: Option<&Path>) -> (u64, u64) {
     let (mut files, mut bytes) = (0, 0);
     let mut stack = vec![dir.to_path_buf()];
+    let old_entries: HashSet<PathBuf> = previous.map(store_entries).unwrap_or_default();
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).unwrap().flatten() {
-            let md = e.metadata().unwrap();
+            let md = if is_store_link(&e.path()) { fs::metadata(e.path()) } else { e.metadata() }.unwrap();
             if md.is_dir() {
                 stack.push(e.path());
             } else if md.is_file() && md.nlink() == 1 {
@@ -124,7 +129,34 @@ fn new_bytes(dir: &Path) -> (u64, u64) {
             }
         }
     }
+    for entry in store_entries(dir).difference(&old_entries) {
+        let md = fs::metadata(entry.join("messages")).unwrap();
+        files += 1;
+        bytes += md.len();
+    }
     (files, bytes)
+}
+
+/// A snapshot's folder's `cur` or `new`, linked into its series' store.
+fn is_store_link(p: &Path) -> bool {
+    matches!(p.file_name().and_then(|n| n.to_str()), Some("cur") | Some("new")) && fs::read_link(p).is_ok_and(|t| t.to_string_lossy().contains("/.store/"))
+}
+
+/// The store entries a snapshot's folders link to.
+fn store_entries(snapshot: &Path) -> HashSet<PathBuf> {
+    let mut out = HashSet::new();
+    let mut stack = vec![snapshot.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if is_store_link(&p) {
+                out.insert(fs::canonicalize(&p).unwrap().parent().unwrap().to_path_buf());
+            } else if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
 }
 
 fn has(tool: &str) -> bool {
@@ -261,8 +293,9 @@ fn snapshots(work: &Path, src: &Path, files: &[PathBuf], n: usize, ours_only: bo
     let dv_first = doveadm.as_ref().map(Doveadm::backup);
     println!("  first snapshot: maildir-backup --repo {:.2} s, peak RSS {:.1} MiB{}", first.time.as_secs_f64(), mib(first.rss_kib), dv_first.as_ref().map_or(String::new(), |m| format!("; doveadm backup {:.2} s, {:.1} MiB", m.time.as_secs_f64(), mib(m.rss_kib))));
     std::thread::sleep(Duration::from_millis(1100)); // the next snapshot's name
+    let before = latest(&repo);
     let same = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("same"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
-    print_snapshot_rows("when nothing changed", &same, &new_bytes(&latest(&repo)), None);
+    print_snapshot_rows("when nothing changed", &same, &new_bytes(&latest(&repo), Some(&before)), None);
 
     let mut flagged = 0;
     for f in files.iter().step_by(10) {
@@ -278,10 +311,11 @@ fn snapshots(work: &Path, src: &Path, files: &[PathBuf], n: usize, ours_only: bo
         new_mail += 2000;
     }
     std::thread::sleep(Duration::from_millis(1100));
+    let before = latest(&repo);
     let changed = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("1"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
     let label = format!("after {flagged} flag changes + {} new messages", n / 100);
-    let rsync_written = (!ours_only).then(|| new_bytes(&rs.join("1")).1);
-    print_snapshot_rows(&label, &changed, &new_bytes(&latest(&repo)), Some((new_mail, rsync_written)));
+    let rsync_written = (!ours_only).then(|| new_bytes(&rs.join("1"), None).1);
+    print_snapshot_rows(&label, &changed, &new_bytes(&latest(&repo), Some(&before)), Some((new_mail, rsync_written)));
 }
 
 fn latest(repo: &Path) -> PathBuf {

@@ -344,8 +344,8 @@ fn visit_part(series: &Dir, folder: Option<&str>, id: &str, message: &mut impl F
     while let Some(line) = lines.next_line()? {
         let Record::Message(m) = lines.parse(&line)? else { return Err(lines.bad("not a message record")) };
         check_message(&m).map_err(|w| lines.bad(&w))?;
-        if folder.is_some_and(|f| f != m.folder) {
-            return Err(lines.bad(&format!("message {:?} is in folder {:?}, not {folder:?}", m.name, m.folder)));
+        if let Some(f) = folder.filter(|f| *f != m.folder) {
+            return Err(lines.bad(&format!("message {:?} is in folder {:?}, not {f:?}", m.name, m.folder)));
         }
         bytes = bytes.checked_add(m.size).ok_or_else(|| lines.bad("message sizes overflow"))?;
         n += 1;

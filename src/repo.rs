@@ -396,6 +396,8 @@ pub fn snapshot(
     let (repo_dir, _) = Dir::open_or_create(repo, REPO_MODE, None)?;
     let (series, _) = repo_dir.ensure_dir(name, REPO_MODE, None)?;
     remove_dead_staging(&series)?;
+    // Held while the snapshot runs: no prune removes a store entry it takes over meanwhile.
+    let _store = store::lock(&series, true)?;
     // Linking from the source costs what linking from the previous snapshot does.
     let copying = opts.messages == MessageFiles::Copy;
     let previous = latest(&series).filter(|_| copying).and_then(|p| PreviousSnapshot::load(&series, &p, snap_opts.paranoid));
@@ -406,8 +408,6 @@ pub fn snapshot(
         now = Utc::now();
     }
     let snap_name = now.format(TIME_FORMAT).to_string();
-    // Held while the snapshot runs: no prune removes a store entry it takes over meanwhile.
-    let _store = store::lock(&series, true)?;
     let repo = InRepo { reuse: previous.as_ref().map(|p| p as &dyn Reuse), store: Some(&SeriesStore { series: &series }) };
     let mut report = engine::backup_to(md, mailboxes, &series, OsStr::new(&snap_name), opts, repo, progress)?;
     point_latest(&series, &snap_name)?;

@@ -178,3 +178,56 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod hostile_tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+    use crate::test_support::tmp;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+
+    /// A series whose snapshot `snap` has INBOX's cur linked to entry `ID`, holding a message.
+    fn series() -> tempfile::TempDir {
+        let t = tmp();
+        std::fs::create_dir_all(t.path().join("snap")).unwrap();
+        std::fs::create_dir_all(t.path().join(STORE_DIR).join(ID).join("cur")).unwrap();
+        std::fs::write(t.path().join(STORE_DIR).join(ID).join("cur").join("m"), b"mail").unwrap();
+        symlink(link_target("", ID, Subdir::Cur), t.path().join("snap").join("cur")).unwrap();
+        t
+    }
+
+    fn open(t: &tempfile::TempDir) -> Result<Option<Dir>, FsError> {
+        message_dir(&Dir::open(&t.path().join("snap")).unwrap(), "", Subdir::Cur)
+    }
+
+    #[test]
+    fn our_link_is_followed_into_the_series_store() {
+        let t = series();
+        assert!(open(&t).unwrap().unwrap().open_read("m").is_ok());
+    }
+
+    #[test]
+    fn a_link_we_did_not_make_is_never_followed() {
+        let secret = tmp();
+        std::fs::create_dir(secret.path().join("cur")).unwrap();
+        for target in [secret.path().join("cur"), PathBuf::from("../../../etc"), PathBuf::from(format!("../{STORE_DIR}/{ID}/../{ID}/cur"))] {
+            let t = series();
+            std::fs::remove_file(t.path().join("snap").join("cur")).unwrap();
+            symlink(&target, t.path().join("snap").join("cur")).unwrap();
+            assert!(matches!(open(&t), Err(FsError::Symlink { .. })), "{} was followed", target.display());
+        }
+        // The entry, or its cur/, replaced by a symlink: not followed either.
+        let t = series();
+        let cur = t.path().join(STORE_DIR).join(ID).join("cur");
+        std::fs::remove_dir_all(&cur).unwrap();
+        symlink(secret.path().join("cur"), &cur).unwrap();
+        assert!(open(&t).unwrap_err().is_planted());
+        let t = series();
+        let entry = t.path().join(STORE_DIR).join(ID);
+        std::fs::rename(&entry, t.path().join("elsewhere")).unwrap();
+        symlink(t.path().join("elsewhere"), &entry).unwrap();
+        assert!(open(&t).unwrap_err().is_planted());
+    }
+}

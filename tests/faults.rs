@@ -147,6 +147,22 @@ fn messages(dir: &Path) -> BTreeSet<(String, String)> {
         .collect()
 }
 
+/// The store entries a snapshot's folders link to (`cur -> ../.store/<id>/cur`).
+fn store_links(snapshot: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut dirs = vec![snapshot.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).unwrap().map(Result::unwrap) {
+            if let Ok(t) = fs::read_link(e.path()) {
+                out.insert(t.iter().rev().nth(1).unwrap().to_string_lossy().into_owned());
+            } else if e.file_type().unwrap().is_dir() && e.file_name() != "cur" && e.file_name() != "new" && e.file_name() != "tmp" {
+                dirs.push(e.path());
+            }
+        }
+    }
+    out
+}
+
 fn names(dir: &Path) -> BTreeSet<String> {
     fs::read_dir(dir).map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
 }
@@ -331,8 +347,12 @@ fn kill_9_at_every_point_of_backup_restore_and_prune() {
         killed += 1;
         cli(&["prune", s(&repo), "--keep-last", "1"]).expect_ok();
         assert_eq!(series(&repo), [newest.clone()], "after kill at write {at}/{n} and a new prune");
-        let left: Vec<String> = names(&repo.join("alice")).into_iter().filter(|n| n.starts_with('.')).collect();
+        let left: Vec<String> = names(&repo.join("alice")).into_iter().filter(|n| n.starts_with('.') && n != ".store").collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+        // The store holds what the snapshot left links to, and nothing a killed run made.
+        let entries: Vec<String> = names(&repo.join("alice/.store")).into_iter().filter(|n| !n.starts_with('.')).collect();
+        let linked: std::collections::BTreeSet<String> = store_links(&repo.join("alice").join(&newest));
+        assert_eq!(entries.iter().cloned().collect::<std::collections::BTreeSet<_>>(), linked, "store entries after kill at write {at}/{n} and a new prune");
         verify_ok(&repo.join("alice/latest"));
         assert_eq!(messages(&repo.join("alice").join(&newest)), newest_messages);
     }

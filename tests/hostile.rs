@@ -731,7 +731,8 @@ fn forge(snap: &Path, f: &Forgery) {
 #[test]
 fn forged_manifests_are_refused() {
     let w = World::new();
-    let (snap, _) = w.clean_snapshot("clean", &[("", 4), (".Work", 5)]);
+    // Copied away from its series below: a backup with its records in its own manifest.
+    let (snap, _) = w.clean_plain_backup("clean", &[("", 4), (".Work", 5)]);
     w.her_maildir(HERS);
     let fresh = w.top.join("fresh").join("Maildir");
     let victim = w.victim.root.display().to_string();
@@ -791,7 +792,7 @@ fn forged_manifests_are_refused() {
 #[test]
 fn forged_snapshot_with_symlinked_messages_is_refused() {
     let w = World::new();
-    let (snap, _) = w.clean_snapshot("clean", &[("", 4), (".Work", 5)]);
+    let (snap, _) = w.clean_plain_backup("clean", &[("", 4), (".Work", 5)]);
     let copy = w.top.join("forged");
     copy_tree(&snap, &copy);
     let secret_hash = blake3::hash(w.victim.secret_text.as_bytes()).to_hex().to_string();

@@ -23,15 +23,17 @@ pub struct BackupArgs {
     /// SOURCE and DEST (DEST only with --mail-path; neither DEST with --repo). DEST must not exist.
     #[arg(value_name = "SOURCE DEST", num_args = 0..=2)]
     pub paths: Vec<String>,
-    /// Write a snapshot into this repository (REPO/NAME/<UTC time>) instead of DEST,
-    /// hard-linking messages unchanged since the previous snapshot.
+    /// Write a snapshot into this repository (REPO/NAME/<UTC time>) instead of DEST, sharing
+    /// the folders unchanged since the previous snapshot whole and hard-linking the unchanged
+    /// messages of the others.
     #[arg(long, value_name = "REPO")]
     pub repo: Option<PathBuf>,
     /// The snapshot series name in the repository, and the user in --metrics [default: the
     /// user's directory name].
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
-    /// With --repo: also compare checksums (not only sizes) before linking a message.
+    /// With --repo: also compare checksums (not only sizes) before linking a message, and share
+    /// no folder unchecked.
     #[arg(long, requires = "repo")]
     pub paranoid: bool,
     /// With --repo: show the user their snapshots as read-only IMAP folders (REPO/NAME/imap-view,

@@ -260,3 +260,61 @@ fn a_compressed_manifest_with_a_huge_window_is_refused() {
     fs::write(t.path().join(MANIFEST_NAME), zstd::encode_all(text.as_bytes(), 3).unwrap()).unwrap();
     assert_eq!(Manifest::read(&Dir::open(t.path()).unwrap()).unwrap(), good());
 }
+
+/// A repository series with snapshot `snap` whose manifest is `lines`, and store entry `ID`
+/// holding `part` as its message records.
+fn stored_series(lines: &[String], part: &[String]) -> tempfile::TempDir {
+    let t = tmp();
+    fs::create_dir_all(t.path().join("snap")).unwrap();
+    fs::write(t.path().join("snap").join(MANIFEST_NAME), lines.join("\n") + "\n").unwrap();
+    let entry = t.path().join(crate::store::STORE_DIR).join(ID);
+    fs::create_dir_all(&entry).unwrap();
+    fs::write(entry.join(PART_NAME), part.join("\n") + "\n").unwrap();
+    t
+}
+
+const ID: &str = "0123456789abcdef0123456789abcdef";
+
+/// The good manifest with Sent's message in store entry `ID`: (manifest lines, part lines).
+fn good_stored() -> (Vec<String>, Vec<String>) {
+    let mut m = good();
+    m.header.format = FORMAT_STORE;
+    m.folders[1].store = Some(ID.into());
+    m.folders[1].bytes = Some(20);
+    let part = vec![serde_json::to_string(&Record::Message(m.messages.pop().unwrap())).unwrap()];
+    (lines_of(&m), part)
+}
+
+fn read_stored(lines: &[String], part: &[String]) -> Result<Manifest, ManifestError> {
+    let t = stored_series(lines, part);
+    Manifest::read(&Dir::open(&t.path().join("snap")).unwrap())
+}
+
+#[test]
+fn a_stored_folder_is_read_from_its_entry() {
+    let (lines, part) = good_stored();
+    let m = read_stored(&lines, &part).unwrap();
+    assert_eq!(m.messages, good().messages);
+}
+
+#[test]
+fn a_forged_store_reference_is_refused() {
+    let bad = |lines: Vec<String>, part: Vec<String>, what: &str| match read_stored(&lines, &part) {
+        Err(ManifestError::Bad { what: w, .. }) => assert!(w.contains(what), "expected {what:?}, got {w:?}"),
+        Err(ManifestError::Fs(e)) => assert!(what.is_empty(), "expected {what:?}, got {e}"),
+        other => panic!("expected {what}: {other:?}"),
+    };
+    let (lines, part) = good_stored();
+    // A plain backup's manifest naming the store.
+    let mut plain = lines.clone();
+    plain[0] = plain[0].replace("\"format\":2", "\"format\":1");
+    bad(plain, part.clone(), "plain backup");
+    // The entry holds another folder's message, or more than the folder record says.
+    bad(lines.clone(), vec![part[0].replace(".Sent", ".Other")], "not \".Sent\"");
+    bad(lines.clone(), vec![part[0].clone(), part[0].replace("b.M2P2", "c.M3P3")], "holds 2");
+    // A message of a stored folder in the manifest itself as well.
+    bad([lines.clone(), part.clone()].concat(), part.clone(), "in the store");
+    // An entry name that climbs out, or a record that is not a message.
+    bad(lines.iter().map(|l| l.replace(ID, "../../etc")).collect(), part.clone(), "");
+    bad(lines.clone(), vec![lines[1].clone()], "not a message record");
+}

@@ -810,10 +810,23 @@ impl World {
     /// A clean Maildir built by root at `top/NAME/Maildir` (tag "snap", keyword flags $Work and Later), backed
     /// up as root into `top/repo`; returns (snapshot dir, the clean Maildir).
     pub fn clean_snapshot(&self, name: &str, folders: &[(&str, usize)]) -> (PathBuf, PathBuf) {
+        let repo = self.top.join("repo");
+        self.clean_backup(name, folders, &[OsStr::new("--repo"), repo.as_os_str(), OsStr::new("--name"), OsStr::new(name)])
+    }
+
+    /// A plain backup (each folder's own directories, every record in its manifest) of a clean
+    /// Maildir, and the Maildir: (backup, source).
+    pub fn clean_plain_backup(&self, name: &str, folders: &[(&str, usize)]) -> (PathBuf, PathBuf) {
+        let dest = self.top.join(format!("{name}-backup"));
+        self.clean_backup(name, folders, &[dest.as_os_str()])
+    }
+
+    fn clean_backup(&self, name: &str, folders: &[(&str, usize)], to: &[&OsStr]) -> (PathBuf, PathBuf) {
         let src = self.top.join(name).join("Maildir");
         build_maildir(&src, &format!("snap-{name}"), folders, "0 $Work\n1 Later\n");
-        let repo = self.top.join("repo");
-        let o = cli(&[OsStr::new("backup"), OsStr::new("--json"), OsStr::new("--repo"), repo.as_os_str(), OsStr::new("--name"), OsStr::new(name), src.as_os_str()]);
+        let mut args = vec![OsStr::new("backup"), OsStr::new("--json"), src.as_os_str()];
+        args.extend(to);
+        let o = cli(&args);
         assert!(o.ok(), "snapshot of the clean Maildir:\n{}", o.show());
         let j: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", o.show()));
         (PathBuf::from(j["destination"].as_str().unwrap()), src)
