@@ -398,6 +398,8 @@ fn imap_worker(id: usize, o: ChurnOptions, sh: Arc<Shared>, tr: Arc<Tracker>) ->
                 let before = tr.tick();
                 match imap.uid_move(&uid.to_string(), &dest) {
                     Ok(()) => st.moves += 1,
+                    // Another worker expunged it first: a race between clients, not an error.
+                    Err(e) if e.contains("[EXPUNGEISSUED]") => continue,
                     Err(e) => err(&mut st, "MOVE", e),
                 }
                 let after = tr.tick();
