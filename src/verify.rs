@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::fsx::{self, Dir, FsError};
 use crate::maildir::uidlist::{Reader, UidlistError};
 use crate::maildir::{MessageName, Subdir, UIDLIST};
-use crate::manifest::{FolderRecord, Manifest};
+use crate::manifest::{FolderRecord, Manifest, ManifestError, MessageRecord};
 use crate::store::MessageDirs;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -58,60 +58,94 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
         Err(e) => return Err(e.into()),
     };
     let mut report = VerifyReport { backup: path.to_path_buf(), ..Default::default() };
-    let manifest = match Manifest::read(&dir) {
-        Ok(m) => m,
+    // Every record and count checked as they stream by; then one folder's records at a time.
+    let (header, folders) = match Manifest::visit(&dir, |_| {}, |_| {}).and_then(|_| Manifest::read_folders_only(&dir)) {
+        Ok(read) => read,
         Err(e) => {
             report.problems.push(format!("no usable manifest: {e}"));
             return Ok(report);
         }
     };
-    report.folders = manifest.folders.len() as u64;
-    report.messages = manifest.messages.len() as u64;
-    report.bytes = manifest.header.bytes;
-
+    (report.folders, report.messages, report.bytes) = (header.folders, header.messages, header.bytes);
     let dirs = MessageDirs::new(&dir)?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs.max(1)).build().ok();
-    let check_all = || -> Vec<String> {
-        manifest
-            .messages
-            .par_iter()
-            .filter_map(|m| {
-                let rel = m.rel_path();
-                let shown = dir.show(&rel);
-                let opened = dirs.open_message(&m.folder, m.dir, &m.name).map_err(|e| e.to_string());
-                let measured = match (depth, m.checksum()) {
-                    (Depth::Checksums, Some(_)) => opened.and_then(|mut f| fsx::hash_file(&mut f).map(|(size, sum)| (size, Some(sum))).map_err(|e| e.to_string())),
-                    _ => opened.map(|f| (f.meta.size(), None)),
-                };
-                match measured {
-                    Err(e) => Some(e),
-                    Ok((size, _)) if size != m.size => Some(format!("{}: size {size}, manifest says {}", shown.display(), m.size)),
-                    Ok((_, Some(sum))) if sum != m.blake3 => Some(format!("{}: checksum differs from the manifest", shown.display())),
-                    Ok(_) => None,
-                }
-            })
-            .collect()
-    };
-    let mut problems = match &pool {
-        Some(p) => p.install(check_all),
-        None => check_all(),
-    };
-
-    // Files on disk per folder, against the manifest and the uidlist.
-    let mut by_folder: HashMap<&str, HashSet<(Subdir, &str)>> = HashMap::new();
-    for m in &manifest.messages {
-        by_folder.entry(m.folder.as_str()).or_default().insert((m.dir, m.name.as_str()));
-    }
-    for f in &manifest.folders {
-        let expected = by_folder.remove(f.path.as_str()).unwrap_or_default();
+    let mut problems = Vec::new();
+    let mut inline = inline_records(&dir, &folders).unwrap_or_else(|e| {
+        problems.push(format!("no usable manifest: {e}"));
+        HashMap::new()
+    });
+    for f in &folders {
+        let records = match &f.store {
+            Some(id) => stored_records(&dir, id).unwrap_or_else(|e| {
+                problems.push(format!("no usable records for folder {:?}: {e}", f.name));
+                Vec::new()
+            }),
+            None => inline.remove(f.path.as_str()).unwrap_or_default(),
+        };
+        let check = || check_messages(&dir, &dirs, &records, depth);
+        problems.extend(match &pool {
+            Some(p) => p.install(check),
+            None => check(),
+        });
+        if records.len() as u64 != f.messages {
+            problems.push(format!("folder {:?}: the manifest says {} messages, its records are {}", f.name, f.messages, records.len()));
+        }
+        // Files on disk, against the records and the uidlist.
+        let mut expected = HashSet::new();
+        for m in &records {
+            if !expected.insert((m.dir, m.name.as_str())) {
+                problems.push(format!("{}: listed twice in the manifest", dir.show(m.rel_path()).display()));
+            }
+        }
         match dir.sub(&f.path) {
             Ok(fdir) => check_folder(&fdir, &dirs, f, &expected, &mut problems),
             Err(e) => problems.push(e.to_string()),
         }
     }
+    for (folder, records) in inline {
+        problems.push(format!("{} messages of folder {folder:?}, which the manifest does not list", records.len()));
+    }
     problems.sort();
     report.problems = problems;
     Ok(report)
+}
+
+/// The records kept in the manifest itself (a plain backup's, a first-form snapshot's), by folder.
+fn inline_records(dir: &Dir, folders: &[FolderRecord]) -> Result<HashMap<String, Vec<MessageRecord>>, ManifestError> {
+    let mut by_folder: HashMap<String, Vec<MessageRecord>> = HashMap::new();
+    if folders.iter().all(|f| f.store.is_some()) {
+        return Ok(by_folder);
+    }
+    Manifest::visit(dir, |_| {}, |m| by_folder.entry(m.folder.clone()).or_default().push(m))?;
+    Ok(by_folder)
+}
+
+/// The records of a stored folder, from its store entry.
+fn stored_records(dir: &Dir, id: &str) -> Result<Vec<MessageRecord>, ManifestError> {
+    let mut records = Vec::new();
+    Manifest::visit_stored(&dir.parent()?, id, |m| records.push(m))?;
+    Ok(records)
+}
+
+/// Each message file against its record: its size, and its BLAKE3 to `depth`.
+fn check_messages(dir: &Dir, dirs: &MessageDirs, records: &[MessageRecord], depth: Depth) -> Vec<String> {
+    records
+        .par_iter()
+        .filter_map(|m| {
+            let shown = dir.show(m.rel_path());
+            let opened = dirs.open_message(&m.folder, m.dir, &m.name).map_err(|e| e.to_string());
+            let measured = match (depth, m.checksum()) {
+                (Depth::Checksums, Some(_)) => opened.and_then(|mut f| fsx::hash_file(&mut f).map(|(size, sum)| (size, Some(sum))).map_err(|e| e.to_string())),
+                _ => opened.map(|f| (f.meta.size(), None)),
+            };
+            match measured {
+                Err(e) => Some(e),
+                Ok((size, _)) if size != m.size => Some(format!("{}: size {size}, manifest says {}", shown.display(), m.size)),
+                Ok((_, Some(sum))) if sum != m.blake3 => Some(format!("{}: checksum differs from the manifest", shown.display())),
+                Ok(_) => None,
+            }
+        })
+        .collect()
 }
 
 /// One folder's directories and uidlist against its part of the manifest.

@@ -76,6 +76,9 @@ const MAX_NEW_FOLDER_ROUNDS: u32 = 20;
 /// Passes under the locks before giving up on a source that keeps renaming (with a warning).
 const MAX_LOCKED_PASSES: u32 = 5;
 
+/// Messages the bulk copy lists before it copies them (and lets go of their listings).
+const BULK_BATCH: usize = 20_000;
+
 /// Catch-up passes stop once a pass changes no more than this many messages.
 const SMALL_PASS: u64 = 20;
 const MAX_CATCH_UP_PASSES: u32 = 4;
@@ -365,19 +368,28 @@ impl<'a> Run<'a> {
         Ok(s)
     }
 
-    /// Everything, without any lock: each folder watched, then listed in full, then copied.
+    /// Everything, without any lock: each folder watched, then listed in full, then copied, a
+    /// few folders at a time (`BULK_BATCH` messages), so that only their listings are held at
+    /// once. The progress total grows as folders are listed.
     fn bulk(&mut self) -> Result<(), BackupError> {
         self.progress.phase("copying");
         let found = self.discover()?;
-        let mut listings = Vec::with_capacity(found.len());
-        for f in &found {
-            if self.take_over(f)? {
-                continue;
+        let (mut batch, mut in_batch, mut listed) = (Vec::new(), 0, 0);
+        for (i, f) in found.iter().enumerate() {
+            if !self.take_over(f)? {
+                let listing = reconcile::watch_and_list(self.md, f, self.watcher.as_mut())?;
+                let n = listing.as_ref().map_or(0, |l| l.entries.len());
+                (in_batch, listed) = (in_batch + n, listed + n as u64);
+                self.progress.total(listed);
+                batch.push((f.clone(), listing));
             }
-            listings.push((f.clone(), reconcile::watch_and_list(self.md, f, self.watcher.as_mut())?));
+            if in_batch >= BULK_BATCH || batch.len() >= sync::FOLDERS_PER_BATCH || (i + 1 == found.len() && !batch.is_empty()) {
+                let s = self.tree.apply(self.md, std::mem::take(&mut batch), &self.pool, self.reuse, self.progress)?;
+                self.total.add(&s);
+                in_batch = 0;
+            }
         }
-        self.progress.total(listings.iter().filter_map(|(_, l)| l.as_ref()).map(|l| l.entries.len() as u64).sum());
-        self.apply(listings)?;
+        self.passes += 1;
         Ok(())
     }
 

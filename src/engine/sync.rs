@@ -675,7 +675,7 @@ impl Tree {
 }
 
 /// Folders whose jobs run together (each holds four directories open meanwhile).
-const FOLDERS_PER_BATCH: usize = 64;
+pub(crate) const FOLDERS_PER_BATCH: usize = 64;
 
 /// How `--link` went for one message.
 enum Linking {
