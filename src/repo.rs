@@ -269,7 +269,7 @@ impl Reuse for PreviousSnapshot {
         }
     }
 
-    fn take_over(&self, rel: &Path, now: [Option<DirStamp>; 2], fdir: &Dir) -> Option<FolderRecord> {
+    fn take_over(&self, rel: &Path, now: [Option<DirStamp>; 2]) -> Option<FolderRecord> {
         // --paranoid checks every message it links: nothing is taken on trust.
         if self.paranoid {
             return None;
@@ -281,14 +281,8 @@ impl Reuse for PreviousSnapshot {
         }
         // Its entry must still hold the folder's directories.
         let entry = store::open_entry(&self.series, id).ok()?;
-        if !Subdir::ALL.iter().all(|s| entry.lstat(s.as_str()).ok().flatten().is_some_and(|m| m.is_dir())) {
-            return None;
-        }
-        if store::link_folder(fdir, &record.path, id).is_err() {
-            Subdir::ALL.iter().for_each(|s| drop(fdir.unlink(s.as_str())));
-            return None;
-        }
-        Some(record.clone())
+        let whole = Subdir::ALL.iter().all(|s| entry.lstat(s.as_str()).ok().flatten().is_some_and(|m| m.is_dir()));
+        whole.then(|| record.clone())
     }
 
     fn stored_uniques(&self, id: &str) -> Result<HashSet<String>, BackupError> {

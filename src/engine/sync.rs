@@ -15,6 +15,7 @@ use super::{BackupError, MessageFiles, Progress};
 use crate::fsx::{self, Dir, FsError, Replace};
 use crate::maildir::{Folder, Maildir, MessageName, Subdir, MESSAGE_DIRS};
 use crate::manifest::{FolderRecord, MessageRecord};
+use crate::store;
 
 /// Warnings kept for the report; a Maildir full of planted files must not flood the log.
 const MAX_WARNINGS: usize = 1000;
@@ -212,10 +213,10 @@ pub trait Reuse: Sync {
         false
     }
 
-    /// If the source folder at `rel`, whose cur/ and new/ have the stamps `now`, is provably as
-    /// the previous snapshot copied it: makes the staged folder `fdir` share that copy, and
-    /// returns the folder's record there.
-    fn take_over(&self, _rel: &Path, _now: [Option<DirStamp>; 2], _fdir: &Dir) -> Option<FolderRecord> {
+    /// The previous snapshot's record of the source folder at `rel` if the folder is provably
+    /// as that snapshot copied it (its cur/ and new/ have the stamps `now`), with the store
+    /// entry holding that copy.
+    fn take_over(&self, _rel: &Path, _now: [Option<DirStamp>; 2]) -> Option<FolderRecord> {
         None
     }
 
@@ -424,8 +425,10 @@ impl Tree {
         if self.folders.contains_key(&folder.rel) {
             return Ok(false);
         }
+        let Some(record) = reuse.take_over(&folder.rel, now) else { return Ok(false) };
+        let Some(id) = record.store.as_deref() else { return Ok(false) };
         let dir = self.staging.ensure_dirs(&folder.rel, 0o700, None)?;
-        let Some(record) = reuse.take_over(&folder.rel, now, &dir) else { return Ok(false) };
+        store::link_folder(&dir, &folder.rel.to_string_lossy(), id)?;
         dir.mkdir("tmp", 0o700)?;
         let listed_at = record.source_dirs.map(|d| SystemTime::UNIX_EPOCH + Duration::from_nanos(d.listed_at_ns.max(0) as u64));
         let state = FolderState { folder: folder.clone(), entries: HashMap::new(), stamps: now, listed_at, taken_over: Some(record) };
