@@ -250,16 +250,13 @@ impl Reuse for PreviousSnapshot {
         }
         let (folder, sub) = messages.dirs.get(kept.dir as usize)?;
         let from = self.message_dirs.get(folder, *sub).ok()??;
-        // The old copy must still be what its manifest says, or we copy afresh.
-        if !from.lstat(old_name).ok()?.is_some_and(|m| m.is_file() && m.size() == size) {
-            return None;
-        }
         let blake3 = blake3::Hash::from(kept.blake3).to_hex().to_string();
         if self.paranoid && fsx::hash_file(&mut from.open_read(old_name).ok()?).ok()?.1 != blake3 {
             return None;
         }
         from.link(old_name, dst, name).ok()?;
-        // What was linked is in our staging now, where nobody else can change it: check it.
+        // What was linked is in our staging now, where nobody else can change it: it must
+        // still be what the manifest says, or we copy afresh.
         match dst.lstat(name) {
             Ok(Some(m)) if m.is_file() && m.size() == size => Some(blake3),
             _ => {
