@@ -238,3 +238,30 @@ fn a_first_form_snapshot_is_read_by_verify_restore_and_the_next_snapshot() {
     let restored = |root: &Path| message_files(root).iter().map(|p| blake3_of(p)).collect::<std::collections::BTreeSet<_>>();
     assert_eq!(restored(&target), restored(&d.maildir(USER)));
 }
+
+#[test]
+fn a_taken_over_folder_whose_uidlist_changed_is_described_anew() {
+    let d = start_with_users(&[USER]);
+    populate(&d, USER, &["INBOX", "Sent"], 5);
+    let out = tempdir();
+    let repo = out.path().join("repo");
+    let source = d.maildir(USER).display().to_string();
+    take_snapshot(&source, &repo, USER, &[]);
+    std::thread::sleep(Duration::from_millis(1100));
+    take_snapshot(&source, &repo, USER, &[]);
+    // Sent's uidlist names one more message with no file (as Dovecot's does for an expunged one
+    // until it rewrites the list); its directories stay as they were.
+    let uidlist = d.maildir(USER).join(".Sent").join("dovecot-uidlist");
+    let mut text = fs::read_to_string(&uidlist).unwrap();
+    let last: u32 = text.lines().last().and_then(|l| l.split(' ').next()).and_then(|u| u.parse().ok()).expect("a uidlist line");
+    text.push_str(&format!("{} :1700000009.M9P9.gone:2,S\n", last + 1));
+    fs::write(&uidlist, text).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (snapshot, report) = take_snapshot(&source, &repo, USER, &[]);
+    assert_eq!(report["folders_taken_over"].as_u64(), Some(2), "{report}");
+    let full = out.path().join("full");
+    full_backup(&source, &full);
+    assert_equals_full_backup(&snapshot, &full, "a taken-over folder whose uidlist changed");
+    let sent = read_manifest(&snapshot).folders.into_iter().find(|f| f["name"] == "Sent").unwrap();
+    assert_eq!(sent["uidlist_expunged"], serde_json::json!(["1700000009.M9P9.gone"]), "{sent}");
+}
