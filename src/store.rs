@@ -54,7 +54,18 @@ fn store_dir(series: &Dir) -> Result<Dir, FsError> {
 
 /// Holds the store of `series` (waiting for it if `wait`); None if busy and not waiting.
 pub fn lock(series: &Dir, wait: bool) -> Result<Option<File>, FsError> {
-    store_dir(series)?.lock_file(LOCK_NAME, wait)
+    lock_in(&store_dir(series)?, wait)
+}
+
+/// Holds `store` (see `lock`). A lock file root makes in a mail user's series is given to the
+/// store's owner: their next snapshot must be able to take it.
+fn lock_in(store: &Dir, wait: bool) -> Result<Option<File>, FsError> {
+    let held = store.lock_file(LOCK_NAME, wait)?;
+    if let (Some(f), true) = (&held, fsx::running_as_root()) {
+        let owner = store.stat()?.owner();
+        fsx::set_owner(f, owner).map_err(|e| FsError::Io { op: "chown", path: store.show(LOCK_NAME), source: e })?;
+    }
+    Ok(held)
 }
 
 /// A new, empty entry in the store of `series`: its id and directory.
@@ -84,7 +95,7 @@ pub fn open_entry(series: &Dir, id: &str) -> Result<Dir, FsError> {
 /// snapshot runs in the series.
 pub fn remove_unused<E: From<FsError>>(series: &Dir, referenced: impl FnOnce() -> Result<HashSet<String>, E>) -> Result<Option<usize>, E> {
     let Some(store) = series.sub_opt(STORE_DIR)? else { return Ok(Some(0)) };
-    let Some(_held) = store.lock_file(LOCK_NAME, false)? else { return Ok(None) };
+    let Some(_held) = lock_in(&store, false)? else { return Ok(None) };
     let keep = referenced()?;
     let mut removed = 0;
     for e in store.list()? {

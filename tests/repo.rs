@@ -519,3 +519,33 @@ fn unchanged_control_files_are_linked_from_the_previous_snapshot() {
     chown_vmail_recursive(&store);
     support::readback::assert_no_problems("Dovecot reading the linked snapshot", &support::readback::check_dovecot_reads_backup(&d, USER, &s2, false));
 }
+
+/// prune runs as root over the series that a mail user's snapshots make (doveadm runs as the
+/// user): a store lock that root has to make is given to the series' owner, whose next
+/// snapshot must still be able to take it.
+#[test]
+fn a_store_lock_made_by_root_stays_the_series_owners() {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = ensure_vmail();
+    let t = tempdir();
+    let (md, repo) = (t.path().join("md"), t.path().join("repo"));
+    for sub in ["cur", "new", "tmp"] {
+        fs::create_dir_all(md.join(sub)).unwrap();
+    }
+    fs::write(md.join("cur").join("1700000001.M1P1.h:2,S"), "m").unwrap();
+    fs::create_dir(&repo).unwrap();
+    chown_vmail_recursive(&md);
+    chown_vmail_recursive(&repo);
+    let snapshot_as_vmail = || {
+        let o = std::process::Command::new("runuser").args(["-u", "vmail", "--", support::run::BIN, "backup", "-q"]).arg(&md).arg("--repo").arg(&repo).args(["--name", "u"]).output().unwrap();
+        assert!(o.status.success(), "snapshot as vmail: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    snapshot_as_vmail();
+    let lock = repo.join("u").join(".store").join(".lock");
+    fs::remove_file(&lock).unwrap();
+    cli_ok(&["prune", repo.to_str().unwrap(), "--keep-last", "1"]);
+    let md_lock = fs::metadata(&lock).unwrap();
+    assert_eq!((md_lock.uid(), md_lock.gid()), (uid, gid), "root's prune left a store lock the series' owner cannot take");
+    std::thread::sleep(Duration::from_millis(1100));
+    snapshot_as_vmail();
+}
