@@ -47,6 +47,17 @@ fn contents(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
+/// A Dovecot with USER's mailbox: `per_folder` messages in each of `folders`; a temporary
+/// directory for the repository (`repo` in it) and the full backups; the source to back up.
+fn mailbox(folders: &[&str], per_folder: usize) -> (Dovecot, tempfile::TempDir, PathBuf, String) {
+    let d = start_with_users(&[USER]);
+    populate(&d, USER, folders, per_folder);
+    let out = tempdir();
+    let repo = out.path().join("repo");
+    let source = d.maildir(USER).display().to_string();
+    (d, out, repo, source)
+}
+
 /// The snapshot equals the full backup and both verify.
 fn assert_equals_full_backup(snapshot: &Path, full: &Path, what: &str) {
     assert_verifies(snapshot);
@@ -93,11 +104,7 @@ fn uid_set(imap: &mut Imap, mailbox: &str, n: usize) -> String {
 
 #[test]
 fn a_snapshot_after_any_change_in_one_folder_equals_a_full_backup() {
-    let d = start_with_users(&[USER]);
-    populate(&d, USER, FOLDERS, 12);
-    let out = tempdir();
-    let repo = out.path().join("repo");
-    let source = d.maildir(USER).display().to_string();
+    let (d, out, repo, source) = mailbox(FOLDERS, 12);
     take_snapshot(&source, &repo, USER, &[]);
     // Listed a second after the last change: the next snapshot may take its folders over.
     std::thread::sleep(Duration::from_millis(1100));
@@ -147,11 +154,7 @@ fn a_snapshot_after_any_change_in_one_folder_equals_a_full_backup() {
 
 #[test]
 fn snapshots_under_churn_equal_full_backups_of_the_same_instant() {
-    let d = start_with_users(&[USER]);
-    populate(&d, USER, FOLDERS, 25);
-    let out = tempdir();
-    let repo = out.path().join("repo");
-    let source = d.maildir(USER).display().to_string();
+    let (d, out, repo, source) = mailbox(FOLDERS, 25);
     let churn = Churn::start(imap_churn(&d, FOLDERS, 3), Tracker::new());
     churn.wait_ops(30, Duration::from_secs(30));
     take_snapshot(&source, &repo, USER, &[]);
@@ -212,11 +215,7 @@ fn to_first_form(snapshot: &Path) {
 
 #[test]
 fn a_first_form_snapshot_is_read_by_verify_restore_and_the_next_snapshot() {
-    let d = start_with_users(&[USER]);
-    populate(&d, USER, &["INBOX", "Sent"], 10);
-    let out = tempdir();
-    let repo = out.path().join("repo");
-    let source = d.maildir(USER).display().to_string();
+    let (d, out, repo, source) = mailbox(&["INBOX", "Sent"], 10);
     let (old, _) = take_snapshot(&source, &repo, USER, &[]);
     to_first_form(&old);
     assert_verifies(&old);
@@ -241,11 +240,7 @@ fn a_first_form_snapshot_is_read_by_verify_restore_and_the_next_snapshot() {
 
 #[test]
 fn a_taken_over_folder_whose_uidlist_changed_is_described_anew() {
-    let d = start_with_users(&[USER]);
-    populate(&d, USER, &["INBOX", "Sent"], 5);
-    let out = tempdir();
-    let repo = out.path().join("repo");
-    let source = d.maildir(USER).display().to_string();
+    let (d, out, repo, source) = mailbox(&["INBOX", "Sent"], 5);
     take_snapshot(&source, &repo, USER, &[]);
     std::thread::sleep(Duration::from_millis(1100));
     take_snapshot(&source, &repo, USER, &[]);
