@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 
@@ -151,8 +151,6 @@ pub struct PreviousSnapshot {
     messages: OnceLock<Option<KeptMessages>>,
     paranoid: bool,
     message_dirs: MessageDirs,
-    /// The snapshot's folder directories opened so far (for control files).
-    open_dirs: Mutex<HashMap<PathBuf, Arc<Dir>>>,
 }
 
 /// The previous snapshot's messages, kept small: one per message of the mailbox.
@@ -177,7 +175,7 @@ impl PreviousSnapshot {
         let (_, folders) = Manifest::read_folders_only(&dir).ok()?;
         let folders = folders.into_iter().map(|f| (f.path.clone(), f)).collect();
         let message_dirs = MessageDirs::new(&dir).ok()?;
-        Some(PreviousSnapshot { series: series.try_clone().ok()?, dir, folders, messages: OnceLock::new(), paranoid, message_dirs, open_dirs: Mutex::new(HashMap::new()) })
+        Some(PreviousSnapshot { series: series.try_clone().ok()?, dir, folders, messages: OnceLock::new(), paranoid, message_dirs })
     }
 
     /// Its messages by unique name, read from its manifest the first time they are asked for.
@@ -204,8 +202,7 @@ impl PreviousSnapshot {
     /// The previous snapshot's copy of the control file `rel`, open, if it is what copying
     /// `source` with `owner` would make: same size, mode, owner, times and bytes.
     fn same_control(&self, rel: &Path, source: &mut fsx::ReadFile, owner: Option<fsx::Owner>) -> Option<fsx::ReadFile> {
-        let (folder, name) = (rel.parent()?, rel.file_name()?);
-        let mut old = if folder.as_os_str().is_empty() { self.dir.open_read(name) } else { self.sub_dir(folder)?.open_read(name) }.ok()?;
+        let mut old = self.dir.open_read(rel).ok()?;
         let (m, s) = (&old.meta, &source.meta);
         let owner_ok = owner.is_none_or(|o| m.owner() == o);
         if !(owner_ok && m.size() == s.size() && m.mode() == fsx::safe_mode(s.mode()) && (m.mtime(), m.mtime_nsec()) == (s.mtime(), s.mtime_nsec())) {
@@ -215,18 +212,6 @@ impl PreviousSnapshot {
         same.then_some(old)
     }
 
-    fn sub_dir(&self, rel: &Path) -> Option<Arc<Dir>> {
-        let mut open = self.open_dirs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = open.get(rel) {
-            return Some(d.clone());
-        }
-        if open.len() >= 64 {
-            open.clear(); // keep the number of open descriptors small
-        }
-        let d = Arc::new(self.dir.sub(rel).ok()?);
-        open.insert(rel.to_path_buf(), d.clone());
-        Some(d)
-    }
 }
 
 impl Reuse for PreviousSnapshot {

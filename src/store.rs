@@ -72,9 +72,7 @@ fn lock_in(store: &Dir, wait: bool) -> Result<Option<File>, FsError> {
 pub fn create_entry(series: &Dir) -> Result<(String, Dir), FsError> {
     let store = store_dir(series)?;
     loop {
-        let mut b = [0u8; ID_LEN / 2];
-        getrandom::getrandom(&mut b).map_err(|e| FsError::Io { op: "make a store entry name for", path: store.path().to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
-        let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let id = format!("{}{}", fsx::random_hex(), fsx::random_hex());
         // mkdir fails on a name that exists: an entry is never shared by accident.
         if store.mkdir(&id, 0o700)? {
             return Ok((id.clone(), store.sub(&id)?));

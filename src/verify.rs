@@ -2,6 +2,7 @@
 //! its size for a quick check) and every `dovecot-uidlist` line against the files, and finds
 //! files the manifest lacks.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -58,22 +59,34 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
         Err(e) => return Err(e.into()),
     };
     let mut report = VerifyReport { backup: path.to_path_buf(), ..Default::default() };
-    // Every record and count checked as they stream by; then one folder's records at a time.
-    let (header, folders) = match Manifest::visit(&dir, |_| {}, |_| {}).and_then(|_| Manifest::read_folders_only(&dir)) {
-        Ok(read) => read,
+    // Every record and count checked as they stream by, keeping the folders and the records
+    // kept in the manifest itself (a plain backup's, a first-form snapshot's); a stored
+    // folder's records are read again from its entry, one folder at a time.
+    let (folders, stored) = (RefCell::new(Vec::new()), RefCell::new(HashSet::new()));
+    let mut inline: HashMap<String, Vec<MessageRecord>> = HashMap::new();
+    let keep_folder = |f: FolderRecord| {
+        if f.store.is_some() {
+            stored.borrow_mut().insert(f.path.clone());
+        }
+        folders.borrow_mut().push(f);
+    };
+    let keep_inline = |m: MessageRecord| {
+        if !stored.borrow().contains(&m.folder) {
+            inline.entry(m.folder.clone()).or_default().push(m);
+        }
+    };
+    let header = match Manifest::visit(&dir, keep_folder, keep_inline) {
+        Ok(h) => h,
         Err(e) => {
             report.problems.push(format!("no usable manifest: {e}"));
             return Ok(report);
         }
     };
+    let folders = folders.into_inner();
     (report.folders, report.messages, report.bytes) = (header.folders, header.messages, header.bytes);
     let dirs = MessageDirs::new(&dir)?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs.max(1)).build().ok();
     let mut problems = Vec::new();
-    let mut inline = inline_records(&dir, &folders).unwrap_or_else(|e| {
-        problems.push(format!("no usable manifest: {e}"));
-        HashMap::new()
-    });
     for f in &folders {
         let records = match &f.store {
             Some(id) => stored_records(&dir, id).unwrap_or_else(|e| {
@@ -108,16 +121,6 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
     problems.sort();
     report.problems = problems;
     Ok(report)
-}
-
-/// The records kept in the manifest itself (a plain backup's, a first-form snapshot's), by folder.
-fn inline_records(dir: &Dir, folders: &[FolderRecord]) -> Result<HashMap<String, Vec<MessageRecord>>, ManifestError> {
-    let mut by_folder: HashMap<String, Vec<MessageRecord>> = HashMap::new();
-    if folders.iter().all(|f| f.store.is_some()) {
-        return Ok(by_folder);
-    }
-    Manifest::visit(dir, |_| {}, |m| by_folder.entry(m.folder.clone()).or_default().push(m))?;
-    Ok(by_folder)
 }
 
 /// The records of a stored folder, from its store entry.

@@ -718,7 +718,7 @@ fn folder_bytes(tree: &Tree, path: &str) -> u64 {
 /// the tree for the manifest.
 fn folder_records(md: &Maildir, tree: &Tree, reuse: Option<&dyn Reuse>, store: Option<&dyn Store>) -> Result<Vec<FolderRecord>, BackupError> {
     let mut out = Vec::with_capacity(tree.folders.len());
-    let linked = tree.linked_control.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let linked = tree.linked_control.lock().unwrap_or_else(|p| p.into_inner());
     for (rel, state) in &tree.folders {
         let path = rel.to_string_lossy().into_owned();
         let fdir = tree.staging.sub(rel)?;

@@ -155,7 +155,8 @@ fn trusted(md: &Meta) -> bool {
     owner_ok && md.mode() & 0o022 == 0
 }
 
-fn random_hex() -> String {
+/// 16 random hex digits, for names made unique by `O_EXCL` or `mkdir`.
+pub(crate) fn random_hex() -> String {
     let mut b = [0u8; 8];
     if getrandom::getrandom(&mut b).is_err() {
         // Uniqueness still comes from O_EXCL: a clash only costs another try.
