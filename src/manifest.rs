@@ -15,7 +15,6 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::fsx::{self, Dir, DirStamp, FsError, Owner};
-use crate::store::{self, PART_NAME};
 use crate::maildir::{Layout, MessageName, Subdir, MESSAGE_DIRS};
 
 pub const MANIFEST_NAME: &str = "maildir-backup.manifest";
@@ -246,7 +245,7 @@ impl Manifest {
         if !stored.is_empty() {
             let series = dir.parent()?;
             for (path, id, said, said_bytes) in stored {
-                let (n, b) = visit_part(&series, Some(&path), &id, &mut message)?;
+                let (n, b) = part::visit(&series, Some(&path), &id, &mut message)?;
                 if (n, b) != (said, said_bytes) {
                     return Err(ManifestError::Bad { path: lines.path.clone(), line: 1, what: format!("folder {path:?} says {said} messages and {said_bytes} bytes, its store entry {id} holds {n} and {b}") });
                 }
@@ -263,7 +262,7 @@ impl Manifest {
 
     /// Hands each message record of the store entry `id` of `series` to `message`, checked.
     pub fn visit_stored(series: &Dir, id: &str, mut message: impl FnMut(MessageRecord)) -> Result<(), ManifestError> {
-        visit_part(series, None, id, &mut message).map(drop)
+        part::visit(series, None, id, &mut message).map(drop)
     }
 
     /// Reads only the header (for listings).
@@ -334,24 +333,6 @@ impl Manifest {
         }
         Ok(())
     }
-}
-
-/// Hands each message record of store entry `id` (folder `folder`'s) to `message`, checked;
-/// returns how many there were and their bytes.
-fn visit_part(series: &Dir, folder: Option<&str>, id: &str, message: &mut impl FnMut(MessageRecord)) -> Result<(u64, u64), ManifestError> {
-    let mut lines = Lines::open(&store::open_entry(series, id)?, PART_NAME)?;
-    let (mut n, mut bytes) = (0u64, 0u64);
-    while let Some(line) = lines.next_line()? {
-        let Record::Message(m) = lines.parse(&line)? else { return Err(lines.bad("not a message record")) };
-        check_message(&m).map_err(|w| lines.bad(&w))?;
-        if let Some(f) = folder.filter(|f| *f != m.folder) {
-            return Err(lines.bad(&format!("message {:?} is in folder {:?}, not {f:?}", m.name, m.folder)));
-        }
-        bytes = bytes.checked_add(m.size).ok_or_else(|| lines.bad("message sizes overflow"))?;
-        n += 1;
-        message(m);
-    }
-    Ok((n, bytes))
 }
 
 /// Writes a manifest record by record, so a backup never holds all of them at once: the header
@@ -427,38 +408,6 @@ impl ManifestWriter {
     }
 }
 
-/// Writes one folder's message records into its store entry: the part of the manifest that
-/// later snapshots share while the folder does not change.
-pub struct PartWriter {
-    out: Compressed,
-    folder: String,
-    messages: u64,
-    bytes: u64,
-}
-
-impl PartWriter {
-    /// Starts the records of folder `folder` in the (new, empty) store entry `entry`.
-    pub fn create(entry: &Dir, folder: &str) -> Result<PartWriter, ManifestError> {
-        Ok(PartWriter { out: Compressed::create(entry, PART_NAME)?, folder: folder.to_string(), messages: 0, bytes: 0 })
-    }
-
-    pub fn message(&mut self, m: &MessageRecord) -> Result<(), ManifestError> {
-        check_message(m).map_err(|w| self.out.bad(w))?;
-        if m.folder != self.folder {
-            return Err(self.out.bad(format!("message {:?} is in folder {:?}, not {:?}", m.name, m.folder, self.folder)));
-        }
-        self.messages += 1;
-        self.bytes = self.bytes.checked_add(m.size).ok_or_else(|| self.out.bad("message sizes overflow".into()))?;
-        self.out.put(&RecordRef::Message(m))
-    }
-
-    /// Flushes and fsyncs the records; returns how many there were and their bytes.
-    pub fn finish(self) -> Result<(u64, u64), ManifestError> {
-        self.out.finish()?;
-        Ok((self.messages, self.bytes))
-    }
-}
-
 /// A new file of zstd-compressed JSON lines.
 struct Compressed {
     w: zstd::Encoder<'static, BufWriter<std::fs::File>>,
@@ -473,7 +422,7 @@ impl Compressed {
         Ok(Compressed { w, path })
     }
 
-    fn put(&mut self, r: &RecordRef) -> Result<(), ManifestError> {
+    fn put(&mut self, r: &impl Serialize) -> Result<(), ManifestError> {
         let w = &mut self.w;
         let written = serde_json::to_writer(&mut *w, r).map_err(io::Error::other).and_then(|_| w.write_all(b"\n"));
         written.map_err(|e| ManifestError::Fs(FsError::Io { op: "write", path: self.path.clone(), source: e }))
@@ -586,6 +535,10 @@ impl Lines {
     }
 
     fn parse(&self, line: &[u8]) -> Result<Record, ManifestError> {
+        self.parse_as(line)
+    }
+
+    fn parse_as<T: serde::de::DeserializeOwned>(&self, line: &[u8]) -> Result<T, ManifestError> {
         serde_json::from_slice(line).map_err(|e| self.bad(&e.to_string()))
     }
 
@@ -619,6 +572,8 @@ mod tests {
         }
     }
 }
+
+pub mod part;
 
 #[cfg(test)]
 mod hostile_tests;

@@ -14,7 +14,7 @@ use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, InRepo, Mailboxes, MessageFiles, Progress, Reuse, Store};
 use crate::fsx::{self, Dir, DirStamp, FsError, Replace};
 use crate::maildir::{Maildir, Subdir};
-use crate::manifest::{FolderRecord, Manifest, MessageRecord, PartWriter, MANIFEST_NAME};
+use crate::manifest::{part, FolderRecord, Manifest, MessageRecord, MANIFEST_NAME};
 use crate::store::{self, MessageDirs};
 use crate::staging::{Staging, STAGING_SUFFIX};
 
@@ -279,16 +279,16 @@ impl Reuse for PreviousSnapshot {
 /// The store of the series a snapshot is taken into.
 struct SeriesStore<'a> {
     series: &'a Dir,
+    previous: Option<&'a PreviousSnapshot>,
 }
 
 impl Store for SeriesStore<'_> {
     fn store_folder(&self, folder: &str, fdir: &Dir, records: &mut dyn Iterator<Item = MessageRecord>) -> Result<String, BackupError> {
         let (id, entry) = store::create_entry(self.series)?;
-        let mut part = PartWriter::create(&entry, folder)?;
-        for m in records {
-            part.message(&m)?;
-        }
-        part.finish()?;
+        // The records the previous snapshot kept for the folder: ours are written as changes
+        // to them where that is shorter.
+        let base = self.previous.and_then(|p| p.folders.get(folder)?.store.as_deref());
+        part::write(self.series, &entry, folder, base, records)?;
         for sub in Subdir::ALL {
             fdir.rename(sub.as_str(), &entry, sub.as_str(), Replace::Never)?;
         }
@@ -384,7 +384,7 @@ pub fn snapshot(
         now = Utc::now();
     }
     let snap_name = now.format(TIME_FORMAT).to_string();
-    let repo = InRepo { reuse: previous.as_ref().map(|p| p as &dyn Reuse), store: Some(&SeriesStore { series: &series }) };
+    let repo = InRepo { reuse: previous.as_ref().map(|p| p as &dyn Reuse), store: Some(&SeriesStore { series: &series, previous: previous.as_ref() }) };
     let mut report = engine::backup_to(md, mailboxes, &series, OsStr::new(&snap_name), opts, repo, progress)?;
     point_latest(&series, &snap_name)?;
     // The snapshot is made whatever happens to the view: a failure there is a warning.
@@ -476,13 +476,30 @@ pub fn remove_snapshot(series: &Dir, snap: &Snapshot) -> Result<(), RepoError> {
 /// many, or None while a snapshot runs (they are left for the next prune).
 pub fn remove_unused_entries(series: &Dir) -> Result<Option<usize>, RepoError> {
     store::remove_unused(series, || {
-        let mut keep = HashSet::new();
+        let mut named = Vec::new();
         for snap in list_snapshots(series)? {
             let (_, folders) = Manifest::read_folders_only(&series.sub(&snap.name)?).map_err(|e| RepoError::References(snap.path.clone(), e))?;
-            keep.extend(folders.into_iter().filter_map(|f| f.store));
+            named.extend(folders.into_iter().filter_map(|f| f.store));
         }
-        Ok(keep)
+        with_bases(series, named)
     })
+}
+
+/// The entries `named` and every base their records are written against.
+fn with_bases(series: &Dir, mut named: Vec<String>) -> Result<HashSet<String>, RepoError> {
+    let mut keep = HashSet::new();
+    while let Some(id) = named.pop() {
+        if !keep.insert(id.clone()) {
+            continue;
+        }
+        match part::base_of(series, &id) {
+            Ok(base) => named.extend(base),
+            // An entry already gone has no base left to keep.
+            Err(crate::manifest::ManifestError::Fs(e)) if e.is_not_found() => {}
+            Err(e) => return Err(RepoError::References(series.show(store::STORE_DIR).join(&id), e)),
+        }
+    }
+    Ok(keep)
 }
 
 /// Finishes the removals a killed prune left half done (snapshots already renamed away, so

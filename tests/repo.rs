@@ -51,18 +51,19 @@ fn snapshot_dirs(series: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// The store entries of a series, and those its snapshots' folders link to.
+/// The store entries of a series, and those its snapshots need: the entries their folders link
+/// to, and the bases whose records those are written against.
 fn store_entries(series: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
     let names = |d: &Path| fs::read_dir(d).map(|r| r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect::<BTreeSet<_>>()).unwrap_or_default();
     let entries = names(&series.join(".store")).into_iter().filter(|n| !n.starts_with('.')).collect();
-    let mut linked = BTreeSet::new();
+    let mut linked = Vec::new();
     for s in snapshot_dirs(series) {
         for f in churn::all_files(&series.join(s)).into_iter().filter(|f| matches!(f.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()), Some("cur") | Some("new"))) {
             let link = fs::read_link(f.parent().unwrap()).unwrap();
-            linked.insert(link.iter().rev().nth(1).unwrap().to_string_lossy().into_owned());
+            linked.push(link.iter().rev().nth(1).unwrap().to_string_lossy().into_owned());
         }
     }
-    (entries, linked)
+    (entries, with_bases(&series.join(".store"), linked))
 }
 
 fn name_of(p: &Path) -> String {
@@ -424,7 +425,7 @@ fn prune_keeps_exactly_what_the_policy_names() {
     assert_eq!(removed, &all - &keep, "{}", r.show());
     let mut left = snapshot_dirs(&series);
     assert_eq!(left, keep, "prune left the wrong snapshots (no leftovers of removal may remain either)");
-    // The store keeps exactly what the kept snapshots link to.
+    // The store keeps exactly what the kept snapshots link to, and the bases of its records.
     let (entries, linked) = store_entries(&series);
     assert!(!linked.is_empty());
     assert_eq!(entries, linked, "the store after the prune:\n{}", r.show());

@@ -108,7 +108,7 @@ fn a_snapshot_after_any_change_in_one_folder_equals_a_full_backup() {
     take_snapshot(&source, &repo, USER, &[]);
     // Listed a second after the last change: the next snapshot may take its folders over.
     std::thread::sleep(Duration::from_millis(1100));
-    take_snapshot(&source, &repo, USER, &[]);
+    let (mut previous, _) = take_snapshot(&source, &repo, USER, &[]);
     type Change = fn(&mut Imap);
     let changes: [(&str, Change); 6] = [
         ("flags changed in Sent", |imap| {
@@ -149,7 +149,19 @@ fn a_snapshot_after_any_change_in_one_folder_equals_a_full_backup() {
         let full = out.path().join(format!("full-{i}"));
         full_backup(&source, &full);
         assert_equals_full_backup(&snapshot, &full, what);
+        // A folder that changed little has only its changes written (a rename or a deletion
+        // changes none: the renamed folder is new).
+        let written_as_changes = new_entries(&previous, &snapshot).iter().filter(|id| stored_base(&repo.join(USER).join(".store"), id).is_some()).count();
+        assert_eq!(written_as_changes > 0, i < 4, "{what}: {written_as_changes} folders written as changes");
+        previous = snapshot;
     }
+}
+
+/// The store entries `snapshot` names that `previous` does not.
+fn new_entries(previous: &Path, snapshot: &Path) -> Vec<String> {
+    let ids = |s: &Path| read_manifest(s).folders.iter().filter_map(|f| f["store"].as_str().map(str::to_string)).collect::<Vec<_>>();
+    let old = ids(previous);
+    ids(snapshot).into_iter().filter(|id| !old.contains(id)).collect()
 }
 
 #[test]
@@ -193,7 +205,7 @@ fn to_first_form(snapshot: &Path) {
                         fs::hard_link(e.path(), link.join(e.file_name())).unwrap();
                     }
                 }
-                parts.push(snapshot.join("..").join(".store").join(&id).join("messages"));
+                parts.push(id);
                 for key in ["store", "bytes", "source_dirs"] {
                     v.as_object_mut().unwrap().remove(key);
                 }
@@ -202,9 +214,11 @@ fn to_first_form(snapshot: &Path) {
         }
         lines.push(v.to_string());
     }
-    for part in parts {
-        let text = String::from_utf8(zstd::decode_all(&fs::read(part).unwrap()[..]).unwrap()).unwrap();
-        lines.extend(text.lines().map(str::to_string));
+    for id in parts {
+        for m in stored_records(&snapshot.join("..").join(".store"), &id) {
+            let record = serde_json::json!({"kind": "message", "folder": m.folder, "dir": m.dir, "name": m.name, "unique": m.unique, "flags": m.flags, "size": m.size, "blake3": m.blake3});
+            lines.push(record.to_string());
+        }
     }
     let path = snapshot.join(MANIFEST);
     let mode = fs::metadata(&path).unwrap().mode();

@@ -269,7 +269,7 @@ fn stored_series(lines: &[String], part: &[String]) -> tempfile::TempDir {
     fs::write(t.path().join("snap").join(MANIFEST_NAME), lines.join("\n") + "\n").unwrap();
     let entry = t.path().join(crate::store::STORE_DIR).join(ID);
     fs::create_dir_all(&entry).unwrap();
-    fs::write(entry.join(PART_NAME), part.join("\n") + "\n").unwrap();
+    fs::write(entry.join(crate::store::PART_NAME), part.join("\n") + "\n").unwrap();
     t
 }
 
@@ -316,5 +316,5 @@ fn a_forged_store_reference_is_refused() {
     bad([lines.clone(), part.clone()].concat(), part.clone(), "in the store");
     // An entry name that climbs out, or a record that is not a message.
     bad(lines.iter().map(|l| l.replace(ID, "../../etc")).collect(), part.clone(), "");
-    bad(lines.clone(), vec![lines[1].clone()], "not a message record");
+    bad(lines.clone(), vec![lines[1].clone()], "unknown variant `folder`");
 }

@@ -97,38 +97,68 @@ pub fn read_manifest(snapshot: &Path) -> ManifestData {
     let p = snapshot.join("maildir-backup.manifest");
     let mut header = serde_json::Value::Null;
     let (mut folders, mut messages) = (Vec::new(), Vec::new());
-    let mut parts = vec![p.clone()];
-    let mut i = 0;
-    while let Some(file) = parts.get(i).cloned() {
-        i += 1;
-        for line in lines_of(&file).lines().filter(|l| !l.is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", file.display()));
-            match v["kind"].as_str() {
-                Some("backup") => header = v,
-                Some("folder") => {
-                    if let Some(id) = v["store"].as_str() {
-                        parts.push(snapshot.join("..").join(".store").join(id).join("messages"));
-                    }
-                    folders.push(v)
+    for line in lines_of(&p).lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", p.display()));
+        match v["kind"].as_str() {
+            Some("backup") => header = v,
+            Some("folder") => {
+                if let Some(id) = v["store"].as_str() {
+                    messages.extend(stored_records(&snapshot.join("..").join(".store"), id));
                 }
-                Some("message") => {
-                    let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{}: no {k} in {line}", file.display())).to_string();
-                    messages.push(ManifestMsg {
-                        folder: s("folder"),
-                        dir: s("dir"),
-                        name: s("name"),
-                        unique: s("unique"),
-                        flags: s("flags"),
-                        size: v["size"].as_u64().unwrap(),
-                        blake3: s("blake3"),
-                    });
-                }
-                other => panic!("{}: unknown record kind {other:?}", file.display()),
+                folders.push(v)
             }
+            Some("message") => messages.push(message_of(&v)),
+            other => panic!("{}: unknown record kind {other:?}", p.display()),
         }
     }
     assert!(!header.is_null(), "{}: no header record", p.display());
     ManifestData { header, folders, messages }
+}
+
+fn message_of(v: &serde_json::Value) -> ManifestMsg {
+    let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("no {k} in {v}")).to_string();
+    ManifestMsg { folder: s("folder"), dir: s("dir"), name: s("name"), unique: s("unique"), flags: s("flags"), size: v["size"].as_u64().unwrap(), blake3: s("blake3") }
+}
+
+/// The message records of store entry `id`: its own, or, if it names a base, the base's with
+/// its changes (renamed, gone, new) applied.
+pub fn stored_records(store: &Path, id: &str) -> Vec<ManifestMsg> {
+    let file = store.join(id).join("messages");
+    let lines: Vec<serde_json::Value> = lines_of(&file).lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let Some(base) = lines.first().filter(|v| v["kind"] == "base") else { return lines.iter().map(message_of).collect() };
+    let mut records = stored_records(store, base["store"].as_str().unwrap());
+    for v in &lines[1..] {
+        match v["kind"].as_str() {
+            Some("message") => records.push(message_of(v)),
+            Some("gone") => records.retain(|m| m.unique != v["unique"].as_str().unwrap()),
+            Some("renamed") => {
+                let name = v["name"].as_str().unwrap();
+                let (unique, flags) = name.split_once(":2,").unwrap_or((name, ""));
+                let m = records.iter_mut().find(|m| m.unique == unique).unwrap_or_else(|| panic!("{}: {name} renamed, not in its base", file.display()));
+                (m.dir, m.name, m.flags) = (v["dir"].as_str().unwrap().to_string(), name.to_string(), flags.to_string());
+            }
+            other => panic!("{}: unknown record kind {other:?}", file.display()),
+        }
+    }
+    records
+}
+
+/// The base entry store entry `id`'s records are written against, if any.
+pub fn stored_base(store: &Path, id: &str) -> Option<String> {
+    let text = lines_of(&store.join(id).join("messages"));
+    let first: serde_json::Value = serde_json::from_str(text.lines().next()?).unwrap();
+    (first["kind"] == "base").then(|| first["store"].as_str().unwrap().to_string())
+}
+
+/// The entries `linked` and every base their records are written against: what a prune keeps.
+pub fn with_bases(store: &Path, mut linked: Vec<String>) -> std::collections::BTreeSet<String> {
+    let mut needed = std::collections::BTreeSet::new();
+    while let Some(id) = linked.pop() {
+        if needed.insert(id.clone()) {
+            linked.extend(stored_base(store, &id));
+        }
+    }
+    needed
 }
 
 /// The Maildir++ directory of IMAP folder `name` below a Maildir root (or a snapshot).

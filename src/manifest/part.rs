@@ -1,0 +1,408 @@
+//! A store entry's message records (its `messages` file): the part of a snapshot's manifest
+//! that holds one folder's messages. A part holds either every record of the folder or, when
+//! the folder changed little since the previous snapshot, only what changed against the entry
+//! that snapshot used (its base): messages new or different, messages renamed (a flag change,
+//! a move from `new/` to `cur/`: same file, so same size and checksum) and messages gone.
+//! Rewriting every record would write every checksum again: 32 bytes no compression removes,
+//! per message, each night.
+//!
+//! A part is untrusted input like the manifest: its base is only ever a store entry of the
+//! same series, a chain of bases is at most `MAX_CHAIN` long (so a forged loop ends), and a
+//! change must name a message its base holds exactly once.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_message, Compressed, Lines, ManifestError, MessageRecord, RecordRef};
+use crate::fsx::Dir;
+use crate::maildir::{MessageName, Subdir};
+use crate::store::{self, PART_NAME};
+
+/// Entries read, at most, to resolve one folder's records: the entry and its bases.
+const MAX_CHAIN: usize = 10;
+
+/// A line of a part. A part with a base starts with `Base`; one without holds only `Message`s.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum PartRecord {
+    /// The entry whose records this part changes.
+    Base { store: String },
+    /// A message, whole: the base had none by its unique name, or a different one.
+    Message(MessageRecord),
+    /// The base's message of this unique name, now under this directory and name.
+    Renamed { dir: Subdir, name: String },
+    /// The base's message of this unique name is not in the folder any more.
+    Gone { unique: String },
+}
+
+/// Hands each message record of store entry `id` of `series` (folder `folder`'s, if given) to
+/// `message`, checked, its bases' records changed as the part says; returns how many there
+/// were and their bytes.
+pub(super) fn visit(series: &Dir, folder: Option<&str>, id: &str, message: &mut dyn FnMut(MessageRecord)) -> Result<(u64, u64), ManifestError> {
+    let mut counted = Counted::default();
+    visit_chain(series, folder, id, 0, &mut |m| {
+        counted.add(&m);
+        message(m)
+    })?;
+    counted.total(series, id)
+}
+
+/// Records counted as they pass (overflow noted, reported at the end).
+#[derive(Default)]
+struct Counted {
+    messages: u64,
+    bytes: Option<u64>,
+    overflow: bool,
+}
+
+impl Counted {
+    fn add(&mut self, m: &MessageRecord) {
+        self.messages += 1;
+        match self.bytes.unwrap_or(0).checked_add(m.size) {
+            Some(b) => self.bytes = Some(b),
+            None => self.overflow = true,
+        }
+    }
+
+    fn total(self, series: &Dir, id: &str) -> Result<(u64, u64), ManifestError> {
+        if self.overflow {
+            return Err(ManifestError::Bad { path: entry_path(series, id), line: 0, what: "message sizes overflow".into() });
+        }
+        Ok((self.messages, self.bytes.unwrap_or(0)))
+    }
+}
+
+fn entry_path(series: &Dir, id: &str) -> String {
+    series.show(store::STORE_DIR).join(id).join(PART_NAME).display().to_string()
+}
+
+/// Visits entry `id`, `depth` bases below the entry first asked for; returns how many bases
+/// lie below it.
+fn visit_chain(series: &Dir, folder: Option<&str>, id: &str, depth: usize, message: &mut dyn FnMut(MessageRecord)) -> Result<usize, ManifestError> {
+    let mut lines = Lines::open(&store::open_entry(series, id)?, PART_NAME)?;
+    let Some(first) = lines.next_line()? else { return Ok(0) };
+    let base = match lines.parse_as(&first)? {
+        PartRecord::Base { store } => store,
+        first => return visit_whole(&mut lines, folder, first, message).map(|()| 0),
+    };
+    if depth + 1 >= MAX_CHAIN {
+        return Err(lines.bad(&format!("a chain of more than {MAX_CHAIN} store entries")));
+    }
+    let changes = Changes::read(&mut lines, folder)?;
+    let mut applying = Applying { changes, failed: None };
+    let below = visit_chain(series, folder, &base, depth + 1, &mut |m| applying.pass(m, message))?;
+    applying.finish(&lines, message)?;
+    Ok(below + 1)
+}
+
+/// The records of a part without a base, from its first, `first`.
+fn visit_whole(lines: &mut Lines, folder: Option<&str>, first: PartRecord, message: &mut dyn FnMut(MessageRecord)) -> Result<(), ManifestError> {
+    let mut record = Some(first);
+    while let Some(r) = record {
+        let PartRecord::Message(m) = r else { return Err(lines.bad("a change in a part without a base")) };
+        message(checked(lines, folder, m)?);
+        record = lines.next_line()?.map(|l| lines.parse_as(&l)).transpose()?;
+    }
+    Ok(())
+}
+
+/// A message record as read from `lines`, checked, and in `folder` if one is expected.
+fn checked(lines: &Lines, folder: Option<&str>, m: MessageRecord) -> Result<MessageRecord, ManifestError> {
+    check_message(&m).map_err(|w| lines.bad(&w))?;
+    if let Some(f) = folder.filter(|f| *f != m.folder) {
+        return Err(lines.bad(&format!("message {:?} is in folder {:?}, not {f:?}", m.name, m.folder)));
+    }
+    Ok(m)
+}
+
+/// What a part with a base changes, by unique name.
+struct Changes {
+    renamed: HashMap<String, (Subdir, String)>,
+    gone: HashSet<String>,
+    added: Vec<MessageRecord>,
+    /// Unique names the base has already passed with a change applied.
+    applied: HashSet<String>,
+}
+
+impl Changes {
+    fn read(lines: &mut Lines, folder: Option<&str>) -> Result<Changes, ManifestError> {
+        let mut c = Changes { renamed: HashMap::new(), gone: HashSet::new(), added: Vec::new(), applied: HashSet::new() };
+        while let Some(line) = lines.next_line()? {
+            match lines.parse_as(&line)? {
+                PartRecord::Base { .. } => return Err(lines.bad("a second base")),
+                PartRecord::Message(m) => c.added.push(checked(lines, folder, m)?),
+                PartRecord::Renamed { dir, name } => {
+                    let unique = MessageName::parse(&name).filter(MessageName::is_safe).map(|n| n.unique().to_string());
+                    let unique = unique.ok_or_else(|| lines.bad(&format!("message file name {name:?} is not usable")))?;
+                    if c.gone.contains(&unique) || c.renamed.insert(unique, (dir, name)).is_some() {
+                        return Err(lines.bad("a message changed twice"));
+                    }
+                }
+                PartRecord::Gone { unique } => {
+                    if c.renamed.contains_key(&unique) || !c.gone.insert(unique) {
+                        return Err(lines.bad("a message changed twice"));
+                    }
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// The changes of one part, applied to its base's records as they pass.
+struct Applying {
+    changes: Changes,
+    failed: Option<String>,
+}
+
+impl Applying {
+    fn pass(&mut self, mut m: MessageRecord, message: &mut dyn FnMut(MessageRecord)) {
+        let c = &mut self.changes;
+        let named = c.gone.contains(&m.unique) || c.renamed.contains_key(&m.unique);
+        if named && !c.applied.insert(m.unique.clone()) {
+            self.failed.get_or_insert_with(|| format!("its base holds message {:?} twice", m.unique));
+            return;
+        }
+        if c.gone.contains(&m.unique) {
+            return;
+        }
+        if let Some((dir, name)) = c.renamed.get(&m.unique) {
+            m.flags = MessageName::parse(name).map(|n| n.flags().to_string()).unwrap_or_default();
+            (m.dir, m.name) = (*dir, name.clone());
+        }
+        message(m);
+    }
+
+    fn finish(self, lines: &Lines, message: &mut dyn FnMut(MessageRecord)) -> Result<(), ManifestError> {
+        let c = self.changes;
+        if let Some(what) = self.failed {
+            return Err(lines.bad(&what));
+        }
+        if let Some(u) = c.gone.iter().chain(c.renamed.keys()).find(|u| !c.applied.contains(*u)) {
+            return Err(lines.bad(&format!("it changes message {u:?}, which its base does not hold")));
+        }
+        c.added.into_iter().for_each(message);
+        Ok(())
+    }
+}
+
+/// The unique name of each message of a base, and whether one is there twice.
+struct BaseRecords {
+    by_unique: HashMap<String, MessageRecord>,
+    twice: bool,
+    /// Bases below it.
+    depth: usize,
+}
+
+impl BaseRecords {
+    /// Entry `id`'s records, if they can all be read; a base that cannot is not used.
+    fn read(series: &Dir, folder: &str, id: &str) -> Option<BaseRecords> {
+        let (mut by_unique, mut twice) = (HashMap::new(), false);
+        let depth = visit_chain(series, Some(folder), id, 0, &mut |m| twice |= by_unique.insert(m.unique.clone(), m).is_some()).ok()?;
+        Some(BaseRecords { by_unique, twice, depth })
+    }
+}
+
+/// Writes folder `folder`'s records, `records`, as the part of the new entry `entry` of
+/// `series`: as changes against entry `base` (the previous snapshot's, for the folder) where
+/// that is shorter and its chain not too long, else whole. Returns how many records there were
+/// and their bytes.
+pub fn write(series: &Dir, entry: &Dir, folder: &str, base: Option<&str>, records: &mut dyn Iterator<Item = MessageRecord>) -> Result<(u64, u64), ManifestError> {
+    let mut out = Compressed::create(entry, PART_NAME)?;
+    let records: Vec<MessageRecord> = records.collect();
+    let mut bytes = 0u64;
+    for m in &records {
+        check_message(m).map_err(|w| out.bad(w))?;
+        if m.folder != folder {
+            return Err(out.bad(format!("message {:?} is in folder {:?}, not {folder:?}", m.name, m.folder)));
+        }
+        bytes = bytes.checked_add(m.size).ok_or_else(|| out.bad("message sizes overflow".into()))?;
+    }
+    let base = base.and_then(|id| Some((id, BaseRecords::read(series, folder, id)?)));
+    let usable = base.filter(|(_, b)| !b.twice && b.depth + 1 < MAX_CHAIN);
+    match usable.and_then(|(id, b)| Some((id, changes(&records, b)?))) {
+        Some((id, (changes, whole))) => {
+            out.put(&PartRecord::Base { store: id.to_string() })?;
+            changes.iter().try_for_each(|c| out.put(c))?;
+            whole.into_iter().try_for_each(|m| out.put(&RecordRef::Message(m)))?;
+        }
+        None => records.iter().try_for_each(|m| out.put(&RecordRef::Message(m)))?,
+    }
+    out.finish()?;
+    Ok((records.len() as u64, bytes))
+}
+
+/// What turns `base` into `records`: the changes, and the records to write whole; None if
+/// that is not shorter than writing them all.
+fn changes(records: &[MessageRecord], mut base: BaseRecords) -> Option<(Vec<PartRecord>, Vec<&MessageRecord>)> {
+    let (mut changes, mut whole) = (Vec::new(), Vec::new());
+    for m in records {
+        let Some(b) = base.by_unique.remove(&m.unique) else {
+            whole.push(m);
+            continue;
+        };
+        if b.size != m.size || b.checksum().is_none() || b.blake3 != m.blake3 {
+            changes.push(PartRecord::Gone { unique: b.unique });
+            whole.push(m);
+        } else if (b.dir, &b.name) != (m.dir, &m.name) {
+            changes.push(PartRecord::Renamed { dir: m.dir, name: m.name.clone() });
+        }
+    }
+    let mut gone: Vec<String> = base.by_unique.into_keys().collect();
+    gone.sort();
+    changes.extend(gone.into_iter().map(|unique| PartRecord::Gone { unique }));
+    (changes.len() + whole.len() < records.len()).then_some((changes, whole))
+}
+
+/// The base entry part `id` of `series` names, if any: kept by prune as long as `id` is.
+/// None for a part of a folder with no records, or one written whole.
+pub fn base_of(series: &Dir, id: &str) -> Result<Option<String>, ManifestError> {
+    let mut lines = Lines::open(&store::open_entry(series, id)?, PART_NAME)?;
+    let Some(first) = lines.next_line()? else { return Ok(None) };
+    match lines.parse_as(&first)? {
+        PartRecord::Base { store } => Ok(Some(store)),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::test_support::tmp;
+
+    fn record(name: &str, dir: Subdir, size: u64, sum: u8) -> MessageRecord {
+        let n = MessageName::parse(name).unwrap();
+        MessageRecord { folder: ".Sent".into(), dir, name: name.into(), unique: n.unique().into(), flags: n.flags().into(), size, blake3: format!("{sum:02x}").repeat(32) }
+    }
+
+    fn mailbox(n: usize) -> Vec<MessageRecord> {
+        (0..n).map(|i| record(&format!("{i}.M{i}P1.h:2,S"), Subdir::Cur, 100 + i as u64, i as u8)).collect()
+    }
+
+    /// Writes `records` as a new entry of `series` against `base`; its id.
+    fn put(series: &Dir, base: Option<&str>, records: &[MessageRecord]) -> String {
+        let (id, entry) = store::create_entry(series).unwrap();
+        write(series, &entry, ".Sent", base, &mut records.iter().cloned()).unwrap();
+        id
+    }
+
+    fn read(series: &Dir, id: &str) -> Result<Vec<MessageRecord>, ManifestError> {
+        let mut got = Vec::new();
+        visit(series, Some(".Sent"), id, &mut |m| got.push(m))?;
+        got.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(got)
+    }
+
+    fn sorted(mut v: Vec<MessageRecord>) -> Vec<MessageRecord> {
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    fn raw_lines(series: &Dir, id: &str) -> Vec<String> {
+        let bytes = fs::read(series.path().join(store::STORE_DIR).join(id).join(PART_NAME)).unwrap();
+        String::from_utf8(zstd::decode_all(&bytes[..]).unwrap()).unwrap().lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_folder_that_changed_little_is_written_as_its_changes_and_read_whole() {
+        let t = tmp();
+        let series = Dir::open(t.path()).unwrap();
+        let first = mailbox(40);
+        let a = put(&series, None, &first);
+        assert_eq!(base_of(&series, &a).unwrap(), None);
+        let mut second = first.clone();
+        second[1] = record("1.M1P1.h:2,SF", Subdir::Cur, 101, 1); // a flag change
+        second[2] = record("2.M2P1.h", Subdir::New, 102, 2); // moved back to new/ (a forged case)
+        second[3].blake3 = "ff".repeat(32); // the same name, other bytes
+        second.remove(4); // expunged
+        second.push(record("99.M99P1.h:2,", Subdir::Cur, 7, 99)); // new mail
+        let b = put(&series, Some(&a), &second);
+        assert_eq!(base_of(&series, &b).unwrap().as_deref(), Some(a.as_str()));
+        let lines = raw_lines(&series, &b);
+        // The base, two renames, two gone (expunged, replaced) and two whole records.
+        assert_eq!(lines.len(), 7, "{lines:#?}");
+        assert_eq!(read(&series, &b).unwrap(), sorted(second));
+        assert_eq!(read(&series, &a).unwrap(), sorted(first));
+    }
+
+    #[test]
+    fn a_folder_that_changed_much_or_a_long_chain_is_written_whole() {
+        let t = tmp();
+        let series = Dir::open(t.path()).unwrap();
+        let first = mailbox(10);
+        let a = put(&series, None, &first);
+        let renamed: Vec<_> = first.iter().map(|m| record(&format!("{}F", m.name), m.dir, m.size, m.blake3.as_bytes()[0])).collect();
+        let b = put(&series, Some(&a), &renamed);
+        assert_eq!(base_of(&series, &b).unwrap(), None);
+        assert_eq!(read(&series, &b).unwrap(), sorted(renamed));
+        // Each night one flag more: a chain of changes, started anew before it is too long.
+        let (mut ids, mut now) = (vec![a], first);
+        for night in 0..2 * MAX_CHAIN {
+            now[night % 10] = record(&format!("{}F", now[night % 10].name), Subdir::Cur, now[night % 10].size, (night % 10) as u8);
+            let id = put(&series, ids.last().map(String::as_str), &now);
+            assert_eq!(read(&series, &id).unwrap(), sorted(now.clone()), "night {night}");
+            ids.push(id);
+        }
+        let whole = ids.iter().filter(|id| base_of(&series, id).unwrap().is_none()).count();
+        assert!(whole >= 3, "{whole} of {} written whole", ids.len());
+    }
+
+    /// Entry `id` of `series` holding exactly `lines`.
+    fn forge(series: &Dir, id: &str, lines: &[String]) {
+        let entry = t_entry(series, id);
+        fs::write(entry.join(PART_NAME), lines.join("\n") + "\n").unwrap();
+    }
+
+    fn t_entry(series: &Dir, id: &str) -> std::path::PathBuf {
+        let entry = series.path().join(store::STORE_DIR).join(id);
+        fs::create_dir_all(&entry).unwrap();
+        entry
+    }
+
+    fn line(r: &PartRecord) -> String {
+        serde_json::to_string(r).unwrap()
+    }
+
+    #[test]
+    fn forged_chains_are_refused() {
+        let t = tmp();
+        let series = Dir::open(t.path()).unwrap();
+        let (a, b) = ("a".repeat(32), "b".repeat(32));
+        let whole = line(&PartRecord::Message(record("1.M1P1.h:2,S", Subdir::Cur, 5, 1)));
+        let base = |id: &str| line(&PartRecord::Base { store: id.into() });
+        let refused = |lines: &[String], what: &str| {
+            forge(&series, &b, lines);
+            match read(&series, &b) {
+                Err(ManifestError::Bad { what: w, .. }) => assert!(w.contains(what), "expected {what:?}, got {w:?}"),
+                Err(ManifestError::Fs(e)) => assert!(what.is_empty(), "expected {what:?}, got {e}"),
+                Ok(got) => panic!("expected {what:?}, read {got:?}"),
+            }
+        };
+        forge(&series, &a, &[whole.clone()]);
+        let renamed = line(&PartRecord::Renamed { dir: Subdir::Cur, name: "1.M1P1.h:2,ST".into() });
+        let gone = |u: &str| line(&PartRecord::Gone { unique: u.into() });
+        // A loop of two entries, each the other's base.
+        forge(&series, &a, &[base(&b)]);
+        refused(&[base(&a)], "chain of more than");
+        forge(&series, &a, &[whole.clone()]);
+        // A base outside the store, or missing.
+        refused(&[base("../../etc")], "");
+        refused(&[base(&"c".repeat(32))], "");
+        // A change to a message the base does not hold, or holds twice.
+        refused(&[base(&a), gone("2.M2P1.h")], "does not hold");
+        refused(&[base(&a), renamed.clone(), gone("1.M1P1.h")], "changed twice");
+        forge(&series, &a, &[whole.clone(), whole.clone()]);
+        refused(&[base(&a), renamed.clone()], "twice");
+        forge(&series, &a, &[whole.clone()]);
+        // A second base, a change without one, a renamed name that is not safe.
+        refused(&[base(&a), base(&a)], "a second base");
+        refused(&[whole.clone(), renamed], "without a base");
+        refused(&[base(&a), line(&PartRecord::Renamed { dir: Subdir::Cur, name: "../x".into() })], "not usable");
+        // What is left is read.
+        forge(&series, &b, &[base(&a), gone("1.M1P1.h")]);
+        assert_eq!(read(&series, &b).unwrap(), vec![]);
+    }
+}
