@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
+use rayon::prelude::*;
 
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, InRepo, Mailboxes, MessageFiles, Progress, Reuse, Store};
 use crate::fsx::{self, Dir, DirStamp, FsError, Replace};
@@ -157,7 +158,25 @@ pub struct PreviousSnapshot {
 struct KeptMessages {
     /// Message directories (folder, cur or new), each once.
     dirs: Vec<(String, Subdir)>,
+    dir_index: HashMap<(String, Subdir), u32>,
     by_unique: HashMap<Box<str>, Kept>,
+}
+
+impl KeptMessages {
+    /// Keeps `m` (see `Kept::of`).
+    fn keep(&mut self, m: MessageRecord) {
+        let dir = self.dir_of(&m.folder, m.dir);
+        self.by_unique.extend(Kept::of(m, |_| dir));
+    }
+
+    /// The index of a message directory, added if new.
+    fn dir_of(&mut self, folder: &str, sub: Subdir) -> u32 {
+        let dirs = &mut self.dirs;
+        *self.dir_index.entry((folder.to_string(), sub)).or_insert_with_key(|key| {
+            dirs.push(key.clone());
+            dirs.len() as u32 - 1
+        })
+    }
 }
 
 struct Kept {
@@ -166,6 +185,15 @@ struct Kept {
     name: Box<str>,
     size: u64,
     blake3: [u8; 32],
+}
+
+impl Kept {
+    /// What is kept of `m`, in the directory `dir` gives its subdir. Not one a link snapshot
+    /// recorded without its checksum: that is copied afresh (a copy always has one).
+    fn of(m: MessageRecord, dir: impl Fn(Subdir) -> u32) -> Option<(Box<str>, Kept)> {
+        let sum = m.checksum().and_then(|h| blake3::Hash::from_hex(h).ok())?;
+        Some((m.unique.into_boxed_str(), Kept { dir: dir(m.dir), name: m.name.into_boxed_str(), size: m.size, blake3: *sum.as_bytes() }))
+    }
 }
 
 impl PreviousSnapshot {
@@ -184,19 +212,33 @@ impl PreviousSnapshot {
     }
 
     fn read_messages(&self) -> Option<KeptMessages> {
-        let (mut dirs, mut dir_index, mut by_unique) = (Vec::new(), HashMap::new(), HashMap::new());
-        // A message a link snapshot recorded without its checksum is copied afresh: a copy
-        // always has one.
-        let keep = |m: MessageRecord| {
-            let Some(sum) = m.checksum().and_then(|h| blake3::Hash::from_hex(h).ok()) else { return };
-            let dir = *dir_index.entry((m.folder.clone(), m.dir)).or_insert_with_key(|key: &(String, Subdir)| {
-                dirs.push(key.clone());
-                dirs.len() as u32 - 1
-            });
-            by_unique.insert(m.unique.into_boxed_str(), Kept { dir, name: m.name.into_boxed_str(), size: m.size, blake3: *sum.as_bytes() });
-        };
-        Manifest::visit(&self.dir, |_| {}, keep).ok()?;
-        Some(KeptMessages { dirs, by_unique })
+        let mut kept = KeptMessages { dirs: Vec::new(), dir_index: HashMap::new(), by_unique: HashMap::new() };
+        let stored: Vec<(&String, &str)> = self.folders.iter().filter_map(|(path, f)| Some((path, f.store.as_deref()?))).collect();
+        if stored.len() < self.folders.len() {
+            // Records in the manifest itself (an older snapshot): read in one pass.
+            Manifest::visit(&self.dir, |_| {}, |m| kept.keep(m)).ok()?;
+            return Some(kept);
+        }
+        let dirs: Vec<[u32; 2]> = stored.iter().map(|(path, _)| Subdir::ALL.map(|sub| kept.dir_of(path, sub))).collect();
+        // Each folder's entry read side by side; the index made of them in turn.
+        let per_folder: Vec<Option<Vec<(Box<str>, Kept)>>> = stored
+            .into_par_iter()
+            .zip(dirs)
+            .map(|((path, id), dirs)| {
+                let (mut out, mut read) = (Vec::new(), 0);
+                Manifest::visit_stored(&self.series, id, |m| {
+                    read += 1;
+                    out.extend(Kept::of(m, |sub| dirs[sub.index()]))
+                })
+                .ok()?;
+                (self.folders[path].messages == read).then_some(out)
+            })
+            .collect();
+        kept.by_unique.reserve(self.folders.values().map(|f| f.messages as usize).sum());
+        for folder in per_folder {
+            kept.by_unique.extend(folder?);
+        }
+        Some(kept)
     }
 
     /// The previous snapshot's copy of the control file `rel`, open, if it is what copying
@@ -283,7 +325,7 @@ struct SeriesStore<'a> {
 }
 
 impl Store for SeriesStore<'_> {
-    fn store_folder(&self, folder: &str, fdir: &Dir, records: &mut dyn Iterator<Item = MessageRecord>) -> Result<String, BackupError> {
+    fn store_folder(&self, folder: &str, fdir: &Dir, records: part::Records) -> Result<String, BackupError> {
         let (id, entry) = store::create_entry(self.series)?;
         // The records the previous snapshot kept for the folder: ours are written as changes
         // to them where that is shorter.

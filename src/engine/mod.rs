@@ -29,6 +29,7 @@ use crate::staging::{Staging, StagingError};
 use crate::sysexits::{self, ExitCode};
 
 pub use reconcile::{Busy, HeldLocks};
+use rayon::prelude::*;
 use reconcile::{BUSY_LOCK_WAIT, FIRST_LOCK_WAIT};
 pub(crate) use sync::{PassStats, Reuse, Store, Tree};
 
@@ -571,7 +572,7 @@ impl<'a> Run<'a> {
         }
         self.progress.phase("finishing");
         finish_message_dirs(md, tree)?;
-        let records = folder_records(md, tree, self.reuse, self.store)?;
+        let records = self.pool.install(|| folder_records(md, tree, self.reuse, self.store))?;
         let header = write_manifest(md, tree, &records, r.taken_at, r.held, self.total.bytes)?;
         // Last: anything written into a directory after this would change its mtime again.
         finish_dirs(md, tree)?;
@@ -717,39 +718,41 @@ fn folder_bytes(tree: &Tree, path: &str) -> u64 {
 /// new store entry with their records; in a plain backup, a listed folder's records stay in
 /// the tree for the manifest.
 fn folder_records(md: &Maildir, tree: &Tree, reuse: Option<&dyn Reuse>, store: Option<&dyn Store>) -> Result<Vec<FolderRecord>, BackupError> {
-    let mut out = Vec::with_capacity(tree.folders.len());
     let linked = tree.linked_control.lock().unwrap_or_else(|p| p.into_inner());
-    for (rel, state) in &tree.folders {
-        let path = rel.to_string_lossy().into_owned();
-        let fdir = tree.staging.sub(rel)?;
-        if let (Some(old), Some(reuse)) = (&state.taken_over, reuse) {
-            let mut record = FolderRecord { path, name: state.folder.name.clone(), ..old.clone() };
-            let uidlist_same = linked.contains(&rel.join(UIDLIST)) || (old.uidlist_header.is_none() && fdir.lstat(UIDLIST)?.is_none());
-            if !uidlist_same {
-                let uniques = reuse.stored_uniques(old.store.as_deref().unwrap_or_default())?;
-                let u = summarize_uidlist(&fdir, &uniques.iter().map(String::as_str).collect())?;
-                (record.uidlist_header, record.uidlist_expunged, record.uidlist_expunged_partial) = (u.header, u.expunged, u.partial);
-            }
-            out.push(record);
-            continue;
+    // Folder by folder, side by side: each reads and writes its own records and entry.
+    let folders: Vec<_> = tree.folders.iter().collect();
+    folders.into_par_iter().map(|(rel, state)| folder_record(md, tree, rel, state, &linked, reuse, store)).collect()
+}
+
+fn folder_record(md: &Maildir, tree: &Tree, rel: &Path, state: &sync::FolderState, linked: &HashSet<PathBuf>, reuse: Option<&dyn Reuse>, store: Option<&dyn Store>) -> Result<FolderRecord, BackupError> {
+    let path = rel.to_string_lossy().into_owned();
+    let fdir = tree.staging.sub(rel)?;
+    if let (Some(old), Some(reuse)) = (&state.taken_over, reuse) {
+        let mut record = FolderRecord { path, name: state.folder.name.clone(), ..old.clone() };
+        let uidlist_same = linked.contains(&rel.join(UIDLIST)) || (old.uidlist_header.is_none() && fdir.lstat(UIDLIST)?.is_none());
+        if !uidlist_same {
+            let uniques = reuse.stored_uniques(old.store.as_deref().unwrap_or_default())?;
+            let u = summarize_uidlist(&fdir, &uniques.iter().map(String::as_str).collect())?;
+            (record.uidlist_header, record.uidlist_expunged, record.uidlist_expunged_partial) = (u.header, u.expunged, u.partial);
         }
-        let uniques: HashSet<&str> = state.entries.values().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
-        let uidlist = summarize_uidlist(&fdir, &uniques)?;
-        let mut record = FolderRecord {
-            uidlist_header: uidlist.header,
-            uidlist_expunged: uidlist.expunged,
-            uidlist_expunged_partial: uidlist.partial,
-            messages: state.entries.len() as u64,
-            ..FolderRecord::new(path, state.folder.name.clone())
-        };
-        if let Some(store) = store {
-            record.bytes = Some(state.entries.values().map(|e| e.size).sum());
-            record.source_dirs = source_dirs(md, state);
-            record.store = Some(store.store_folder(&record.path, &fdir, &mut message_records(&record.path, state))?);
-        }
-        out.push(record);
+        return Ok(record);
     }
-    Ok(out)
+    let uniques: HashSet<&str> = state.entries.values().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
+    let uidlist = summarize_uidlist(&fdir, &uniques)?;
+    let mut record = FolderRecord {
+        uidlist_header: uidlist.header,
+        uidlist_expunged: uidlist.expunged,
+        uidlist_expunged_partial: uidlist.partial,
+        messages: state.entries.len() as u64,
+        ..FolderRecord::new(path, state.folder.name.clone())
+    };
+    if let Some(store) = store {
+        record.bytes = Some(state.entries.values().map(|e| e.size).sum());
+        record.source_dirs = source_dirs(md, state);
+        let path = record.path.clone();
+        record.store = Some(store.store_folder(&record.path, &fdir, &|| Box::new(message_records(&path, state)))?);
+    }
+    Ok(record)
 }
 
 /// The stamps a folder was listed with, if its directories still have them: what the next

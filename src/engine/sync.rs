@@ -14,7 +14,7 @@ use super::scan::{DirStamp, Listed, Listing};
 use super::{BackupError, MessageFiles, Progress};
 use crate::fsx::{self, Dir, FsError, Replace};
 use crate::maildir::{Folder, Maildir, MessageName, Subdir, MESSAGE_DIRS};
-use crate::manifest::{FolderRecord, MessageRecord};
+use crate::manifest::FolderRecord;
 use crate::store;
 
 /// Warnings kept for the report; a Maildir full of planted files must not flood the log.
@@ -228,7 +228,7 @@ pub trait Reuse: Sync {
 pub trait Store: Sync {
     /// Moves the staged folder `fdir`'s cur/ and new/ (folder `folder` of the backup), whose
     /// messages `records` are, into a new store entry, leaving links to it; returns its id.
-    fn store_folder(&self, folder: &str, fdir: &Dir, records: &mut dyn Iterator<Item = MessageRecord>) -> Result<String, BackupError>;
+    fn store_folder(&self, folder: &str, fdir: &Dir, records: crate::manifest::part::Records) -> Result<String, BackupError>;
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_message, Compressed, Lines, ManifestError, MessageRecord, RecordRef};
+use super::{check_message, fast_message, Compressed, Lines, ManifestError, MessageRecord, RecordRef};
 use crate::fsx::Dir;
 use crate::maildir::{MessageName, Subdir};
 use crate::store::{self, PART_NAME};
@@ -82,7 +82,7 @@ fn entry_path(series: &Dir, id: &str) -> String {
 fn visit_chain(series: &Dir, folder: Option<&str>, id: &str, depth: usize, message: &mut dyn FnMut(MessageRecord)) -> Result<usize, ManifestError> {
     let mut lines = Lines::open(&store::open_entry(series, id)?, PART_NAME)?;
     let Some(first) = lines.next_line()? else { return Ok(0) };
-    let base = match lines.parse_as(&first)? {
+    let base = match parse(&lines, &first)? {
         PartRecord::Base { store } => store,
         first => return visit_whole(&mut lines, folder, first, message).map(|()| 0),
     };
@@ -102,9 +102,17 @@ fn visit_whole(lines: &mut Lines, folder: Option<&str>, first: PartRecord, messa
     while let Some(r) = record {
         let PartRecord::Message(m) = r else { return Err(lines.bad("a change in a part without a base")) };
         message(checked(lines, folder, m)?);
-        record = lines.next_line()?.map(|l| lines.parse_as(&l)).transpose()?;
+        record = lines.next_line()?.map(|l| parse(lines, &l)).transpose()?;
     }
     Ok(())
+}
+
+/// A line of a part (a message read directly: see `fast_message`).
+fn parse(lines: &Lines, line: &[u8]) -> Result<PartRecord, ManifestError> {
+    match fast_message(line) {
+        Some(m) => Ok(PartRecord::Message(m)),
+        None => lines.parse_as(line),
+    }
 }
 
 /// A message record as read from `lines`, checked, and in `folder` if one is expected.
@@ -129,7 +137,7 @@ impl Changes {
     fn read(lines: &mut Lines, folder: Option<&str>) -> Result<Changes, ManifestError> {
         let mut c = Changes { renamed: HashMap::new(), gone: HashSet::new(), added: Vec::new(), applied: HashSet::new() };
         while let Some(line) = lines.next_line()? {
-            match lines.parse_as(&line)? {
+            match parse(lines, &line)? {
                 PartRecord::Base { .. } => return Err(lines.bad("a second base")),
                 PartRecord::Message(m) => c.added.push(checked(lines, folder, m)?),
                 PartRecord::Renamed { dir, name } => {
@@ -187,72 +195,104 @@ impl Applying {
     }
 }
 
-/// The unique name of each message of a base, and whether one is there twice.
+/// What a base holds of each message, by unique name, and whether one is there twice.
 struct BaseRecords {
-    by_unique: HashMap<String, MessageRecord>,
+    by_unique: HashMap<String, BaseMessage>,
     twice: bool,
     /// Bases below it.
     depth: usize,
+}
+
+/// What a change is measured against: where the message was, and which file it was.
+struct BaseMessage {
+    dir: Subdir,
+    name: Box<str>,
+    size: u64,
+    blake3: Box<str>,
 }
 
 impl BaseRecords {
     /// Entry `id`'s records, if they can all be read; a base that cannot is not used.
     fn read(series: &Dir, folder: &str, id: &str) -> Option<BaseRecords> {
         let (mut by_unique, mut twice) = (HashMap::new(), false);
-        let depth = visit_chain(series, Some(folder), id, 0, &mut |m| twice |= by_unique.insert(m.unique.clone(), m).is_some()).ok()?;
+        let depth = visit_chain(series, Some(folder), id, 0, &mut |m| {
+            let kept = BaseMessage { dir: m.dir, name: m.name.into(), size: m.size, blake3: m.blake3.into() };
+            twice |= by_unique.insert(m.unique, kept).is_some();
+        })
+        .ok()?;
         Some(BaseRecords { by_unique, twice, depth })
     }
 }
 
-/// Writes folder `folder`'s records, `records`, as the part of the new entry `entry` of
-/// `series`: as changes against entry `base` (the previous snapshot's, for the folder) where
-/// that is shorter and its chain not too long, else whole. Returns how many records there were
-/// and their bytes.
-pub fn write(series: &Dir, entry: &Dir, folder: &str, base: Option<&str>, records: &mut dyn Iterator<Item = MessageRecord>) -> Result<(u64, u64), ManifestError> {
+/// A folder's message records, as often as asked for.
+pub type Records<'a> = &'a dyn Fn() -> Box<dyn Iterator<Item = MessageRecord> + 'a>;
+
+/// Writes folder `folder`'s records as the part of the new entry `entry` of `series`: as
+/// changes against entry `base` (the previous snapshot's, for the folder) where that is
+/// shorter and its chain not too long, else whole. Returns how many records there were and
+/// their bytes.
+pub fn write(series: &Dir, entry: &Dir, folder: &str, base: Option<&str>, records: Records) -> Result<(u64, u64), ManifestError> {
     let mut out = Compressed::create(entry, PART_NAME)?;
-    let records: Vec<MessageRecord> = records.collect();
-    let mut bytes = 0u64;
-    for m in &records {
+    let base = base.and_then(|id| Some((id, BaseRecords::read(series, folder, id)?)));
+    let usable = base.filter(|(_, b)| !b.twice && b.depth + 1 < MAX_CHAIN);
+    let (mut count, mut bytes) = (0u64, 0u64);
+    let mut take = |out: &Compressed, m: &MessageRecord| -> Result<(), ManifestError> {
         check_message(m).map_err(|w| out.bad(w))?;
         if m.folder != folder {
             return Err(out.bad(format!("message {:?} is in folder {:?}, not {folder:?}", m.name, m.folder)));
         }
+        count += 1;
         bytes = bytes.checked_add(m.size).ok_or_else(|| out.bad("message sizes overflow".into()))?;
-    }
-    let base = base.and_then(|id| Some((id, BaseRecords::read(series, folder, id)?)));
-    let usable = base.filter(|(_, b)| !b.twice && b.depth + 1 < MAX_CHAIN);
-    match usable.and_then(|(id, b)| Some((id, changes(&records, b)?))) {
-        Some((id, (changes, whole))) => {
+        Ok(())
+    };
+    match usable.and_then(|(id, b)| Some((id, Diff::of(records(), b)?))) {
+        Some((id, diff)) => {
+            records().try_for_each(|m| take(&out, &m))?;
             out.put(&PartRecord::Base { store: id.to_string() })?;
-            changes.iter().try_for_each(|c| out.put(c))?;
-            whole.into_iter().try_for_each(|m| out.put(&RecordRef::Message(m)))?;
+            diff.lines.iter().try_for_each(|c| out.put(c))?;
+            diff.whole.iter().try_for_each(|m| out.put(&RecordRef::Message(m)))?;
         }
-        None => records.iter().try_for_each(|m| out.put(&RecordRef::Message(m)))?,
+        None => records().try_for_each(|m| {
+            take(&out, &m)?;
+            out.put(&RecordRef::Message(&m))
+        })?,
     }
     out.finish()?;
-    Ok((records.len() as u64, bytes))
+    Ok((count, bytes))
 }
 
-/// What turns `base` into `records`: the changes, and the records to write whole; None if
-/// that is not shorter than writing them all.
-fn changes(records: &[MessageRecord], mut base: BaseRecords) -> Option<(Vec<PartRecord>, Vec<&MessageRecord>)> {
-    let (mut changes, mut whole) = (Vec::new(), Vec::new());
-    for m in records {
-        let Some(b) = base.by_unique.remove(&m.unique) else {
-            whole.push(m);
-            continue;
-        };
-        if b.size != m.size || b.checksum().is_none() || b.blake3 != m.blake3 {
-            changes.push(PartRecord::Gone { unique: b.unique });
-            whole.push(m);
-        } else if (b.dir, &b.name) != (m.dir, &m.name) {
-            changes.push(PartRecord::Renamed { dir: m.dir, name: m.name.clone() });
+/// What turns a base into a folder's records: the changes, and the records to write whole.
+struct Diff {
+    lines: Vec<PartRecord>,
+    whole: Vec<MessageRecord>,
+}
+
+impl Diff {
+    /// None if the changes are not shorter than the records.
+    fn of(records: impl Iterator<Item = MessageRecord>, mut base: BaseRecords) -> Option<Diff> {
+        let (mut lines, mut whole, mut total) = (Vec::new(), Vec::new(), 0usize);
+        let most = base.by_unique.len();
+        for m in records {
+            total += 1;
+            match base.by_unique.remove(&m.unique) {
+                None => whole.push(m),
+                Some(b) if b.size != m.size || b.blake3.is_empty() || *b.blake3 != m.blake3 => {
+                    lines.push(PartRecord::Gone { unique: m.unique.clone() });
+                    whole.push(m);
+                }
+                Some(b) if (b.dir, &*b.name) != (m.dir, m.name.as_str()) => lines.push(PartRecord::Renamed { dir: m.dir, name: m.name }),
+                Some(_) => {}
+            }
+            // Far more changed than the base held: written whole, without holding them all.
+            if lines.len() + whole.len() > most {
+                return None;
+            }
         }
+        let mut gone: Vec<String> = base.by_unique.into_keys().collect();
+        gone.sort();
+        lines.extend(gone.into_iter().map(|unique| PartRecord::Gone { unique }));
+        (lines.len() + whole.len() < total).then_some(Diff { lines, whole })
     }
-    let mut gone: Vec<String> = base.by_unique.into_keys().collect();
-    gone.sort();
-    changes.extend(gone.into_iter().map(|unique| PartRecord::Gone { unique }));
-    (changes.len() + whole.len() < records.len()).then_some((changes, whole))
 }
 
 /// The base entry part `id` of `series` names, if any: kept by prune as long as `id` is.
@@ -285,7 +325,7 @@ mod tests {
     /// Writes `records` as a new entry of `series` against `base`; its id.
     fn put(series: &Dir, base: Option<&str>, records: &[MessageRecord]) -> String {
         let (id, entry) = store::create_entry(series).unwrap();
-        write(series, &entry, ".Sent", base, &mut records.iter().cloned()).unwrap();
+        write(series, &entry, ".Sent", base, &|| Box::new(records.iter().cloned())).unwrap();
         id
     }
 
