@@ -527,21 +527,20 @@ pub fn remove_unused_entries(series: &Dir) -> Result<Option<usize>, RepoError> {
     })
 }
 
-/// The entries `named` and every base their records are written against.
-fn with_bases(series: &Dir, mut named: Vec<String>) -> Result<HashSet<String>, RepoError> {
-    let mut keep = HashSet::new();
-    while let Some(id) = named.pop() {
-        if !keep.insert(id.clone()) {
-            continue;
-        }
+/// The entries `named`, and every base their records are written against.
+fn with_bases(series: &Dir, named: Vec<String>) -> Result<store::InUse, RepoError> {
+    let linked: HashSet<String> = named.into_iter().collect();
+    let (mut bases, mut next): (HashSet<String>, Vec<String>) = (HashSet::new(), linked.iter().cloned().collect());
+    while let Some(id) = next.pop() {
         match part::base_of(series, &id) {
-            Ok(base) => named.extend(base),
+            Ok(Some(base)) if !linked.contains(&base) && bases.insert(base.clone()) => next.push(base),
+            Ok(_) => {}
             // An entry already gone has no base left to keep.
             Err(crate::manifest::ManifestError::Fs(e)) if e.is_not_found() => {}
             Err(e) => return Err(RepoError::References(series.show(store::STORE_DIR).join(&id), e)),
         }
     }
-    Ok(keep)
+    Ok(store::InUse { linked, bases })
 }
 
 /// Finishes the removals a killed prune left half done (snapshots already renamed away, so

@@ -88,17 +88,31 @@ pub fn open_entry(series: &Dir, id: &str) -> Result<Dir, FsError> {
     series.sub(STORE_DIR)?.sub(id)
 }
 
-/// Removes every entry of the store of `series` that `referenced` (asked while no snapshot can
-/// start or finish) does not name; returns how many. None, and nothing removed, while a
-/// snapshot runs in the series.
-pub fn remove_unused<E: From<FsError>>(series: &Dir, referenced: impl FnOnce() -> Result<HashSet<String>, E>) -> Result<Option<usize>, E> {
+/// The store entries the snapshots of a series need: those their folders link to, and the
+/// bases the records of those are written against, of which only the records are needed.
+pub struct InUse {
+    pub linked: HashSet<String>,
+    pub bases: HashSet<String>,
+}
+
+/// Removes every entry of the store of `series` that `in_use` (asked while no snapshot can
+/// start or finish) does not name, and the message directories of those needed only as
+/// bases: they may hold mail deleted long ago, which a prune must not keep. Returns how many
+/// entries it removed; None, and nothing removed, while a snapshot runs in the series.
+pub fn remove_unused<E: From<FsError>>(series: &Dir, in_use: impl FnOnce() -> Result<InUse, E>) -> Result<Option<usize>, E> {
     let Some(store) = series.sub_opt(STORE_DIR)? else { return Ok(Some(0)) };
     let Some(_held) = lock_in(&store, false)? else { return Ok(None) };
-    let keep = referenced()?;
+    let in_use = in_use()?;
     let mut removed = 0;
     for e in store.list()? {
         let Some(id) = e.name.to_str().filter(|n| is_id(n)) else { continue };
-        if !keep.contains(id) {
+        if in_use.linked.contains(id) {
+            continue;
+        }
+        if in_use.bases.contains(id) {
+            let entry = store.sub(id)?;
+            Subdir::ALL.iter().try_for_each(|sub| entry.remove_tree(sub.as_str()))?;
+        } else {
             store.remove_tree(id)?;
             removed += 1;
         }

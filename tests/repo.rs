@@ -51,9 +51,9 @@ fn snapshot_dirs(series: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// The store entries of a series, and those its snapshots need: the entries their folders link
-/// to, and the bases whose records those are written against.
-fn store_entries(series: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+/// The store entries of a series, those its snapshots' folders link to, and those they need:
+/// the linked ones and the bases whose records those are written against.
+fn store_entries(series: &Path) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
     let names = |d: &Path| fs::read_dir(d).map(|r| r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect::<BTreeSet<_>>()).unwrap_or_default();
     let entries = names(&series.join(".store")).into_iter().filter(|n| !n.starts_with('.')).collect();
     let mut linked = Vec::new();
@@ -63,7 +63,8 @@ fn store_entries(series: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
             linked.push(link.iter().rev().nth(1).unwrap().to_string_lossy().into_owned());
         }
     }
-    (entries, with_bases(&series.join(".store"), linked))
+    let needed = with_bases(&series.join(".store"), linked.clone());
+    (entries, linked.into_iter().collect(), needed)
 }
 
 fn name_of(p: &Path) -> String {
@@ -426,9 +427,15 @@ fn prune_keeps_exactly_what_the_policy_names() {
     let mut left = snapshot_dirs(&series);
     assert_eq!(left, keep, "prune left the wrong snapshots (no leftovers of removal may remain either)");
     // The store keeps exactly what the kept snapshots link to, and the bases of its records.
-    let (entries, linked) = store_entries(&series);
+    let (entries, linked, needed) = store_entries(&series);
     assert!(!linked.is_empty());
-    assert_eq!(entries, linked, "the store after the prune:\n{}", r.show());
+    assert_eq!(entries, needed, "the store after the prune:\n{}", r.show());
+    // An entry kept only for its records holds no mail: that may be mail deleted long ago.
+    assert!(needed.len() > linked.len(), "no entry is kept only for its records: {needed:?}");
+    for base in needed.difference(&linked) {
+        let entry = series.join(".store").join(base);
+        assert!(entry.join("messages").is_file() && !entry.join("cur").exists() && !entry.join("new").exists(), "{base} is kept whole");
+    }
     assert_eq!(latest_target(&series), newest);
     for s in &keep {
         let dir = series.join(s);
