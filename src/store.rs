@@ -2,8 +2,10 @@
 //! `SERIES/.store/<id>/` holds one folder's `cur/` and `new/` and their message records
 //! (`messages`), as one snapshot made them. Each snapshot's folder has `cur` and `new` symlinks
 //! into an entry; a later snapshot of a folder whose directories did not change points at the
-//! same entry, which costs two symlinks, not a hard link per message. An entry is never
-//! changed once written; prune removes those no snapshot names.
+//! same entry, which costs two symlinks, not a hard link per message. An entry's records may
+//! be written as changes to an older entry's (see [`crate::manifest::part`]). An entry is
+//! never changed once written; prune removes those no snapshot names, and the message
+//! directories of those kept only for their records.
 //!
 //! A snapshot may have passed through other hands: only a link that is exactly what we make
 //! (`../` up to the series, then `.store/<id>/cur` or `new`) is followed, each component of it

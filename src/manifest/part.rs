@@ -48,19 +48,19 @@ pub(super) fn visit(series: &Dir, folder: Option<&str>, id: &str, message: &mut 
     counted.total(series, id)
 }
 
-/// Records counted as they pass (overflow noted, reported at the end).
+/// Records counted as they pass (an overflow noted, reported at the end).
 #[derive(Default)]
 struct Counted {
     messages: u64,
-    bytes: Option<u64>,
+    bytes: u64,
     overflow: bool,
 }
 
 impl Counted {
     fn add(&mut self, m: &MessageRecord) {
         self.messages += 1;
-        match self.bytes.unwrap_or(0).checked_add(m.size) {
-            Some(b) => self.bytes = Some(b),
+        match self.bytes.checked_add(m.size) {
+            Some(b) => self.bytes = b,
             None => self.overflow = true,
         }
     }
@@ -69,7 +69,7 @@ impl Counted {
         if self.overflow {
             return Err(ManifestError::Bad { path: entry_path(series, id), line: 0, what: "message sizes overflow".into() });
         }
-        Ok((self.messages, self.bytes.unwrap_or(0)))
+        Ok((self.messages, self.bytes))
     }
 }
 
