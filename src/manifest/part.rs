@@ -197,18 +197,19 @@ impl Applying {
 
 /// What a base holds of each message, by unique name, and whether one is there twice.
 struct BaseRecords {
-    by_unique: HashMap<String, BaseMessage>,
+    by_unique: HashMap<Box<str>, BaseMessage>,
     twice: bool,
     /// Bases below it.
     depth: usize,
 }
 
-/// What a change is measured against: where the message was, and which file it was.
+/// What a change is measured against: where the message was, and which file it was (None:
+/// recorded without a checksum, so never taken for the same).
 struct BaseMessage {
     dir: Subdir,
     name: Box<str>,
     size: u64,
-    blake3: Box<str>,
+    blake3: Option<[u8; 32]>,
 }
 
 impl BaseRecords {
@@ -216,12 +217,16 @@ impl BaseRecords {
     fn read(series: &Dir, folder: &str, id: &str) -> Option<BaseRecords> {
         let (mut by_unique, mut twice) = (HashMap::new(), false);
         let depth = visit_chain(series, Some(folder), id, 0, &mut |m| {
-            let kept = BaseMessage { dir: m.dir, name: m.name.into(), size: m.size, blake3: m.blake3.into() };
-            twice |= by_unique.insert(m.unique, kept).is_some();
+            let kept = BaseMessage { dir: m.dir, name: m.name.clone().into(), size: m.size, blake3: digest(&m) };
+            twice |= by_unique.insert(m.unique.into(), kept).is_some();
         })
         .ok()?;
         Some(BaseRecords { by_unique, twice, depth })
     }
+}
+
+fn digest(m: &MessageRecord) -> Option<[u8; 32]> {
+    m.checksum().and_then(|h| blake3::Hash::from_hex(h).ok()).map(|h| *h.as_bytes())
 }
 
 /// A folder's message records, as often as asked for.
@@ -274,9 +279,9 @@ impl Diff {
         let most = base.by_unique.len();
         for m in records {
             total += 1;
-            match base.by_unique.remove(&m.unique) {
+            match base.by_unique.remove(m.unique.as_str()) {
                 None => whole.push(m),
-                Some(b) if b.size != m.size || b.blake3.is_empty() || *b.blake3 != m.blake3 => {
+                Some(b) if b.size != m.size || b.blake3.is_none() || b.blake3 != digest(&m) => {
                     lines.push(PartRecord::Gone { unique: m.unique.clone() });
                     whole.push(m);
                 }
@@ -288,7 +293,7 @@ impl Diff {
                 return None;
             }
         }
-        let mut gone: Vec<String> = base.by_unique.into_keys().collect();
+        let mut gone: Vec<String> = base.by_unique.into_keys().map(String::from).collect();
         gone.sort();
         lines.extend(gone.into_iter().map(|unique| PartRecord::Gone { unique }));
         (lines.len() + whole.len() < total).then_some(Diff { lines, whole })
