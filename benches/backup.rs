@@ -294,10 +294,15 @@ fn snapshots(work: &Path, src: &Path, files: &[PathBuf], n: usize, ours_only: bo
     // As on a quiet night: the last change (the lock hold runs above) over a second before the
     // first snapshot lists the folders, so the next may take unchanged ones over.
     std::thread::sleep(Duration::from_millis(1100));
+    // Each first copy starts with nothing of the steps before left to write back (on ext4 an
+    // fsync waits for all of it).
+    let settle = || run(Command::new("sync").arg("-f").arg(work));
+    settle();
     let first = ours();
     if !ours_only {
         run(Command::new("rsync").arg("-a").arg(format!("{}/", src.display())).arg(rs.join("0")));
     }
+    settle();
     let dv_first = doveadm.as_ref().map(Doveadm::backup);
     println!("  first snapshot: maildir-backup --repo {:.2} s, peak RSS {:.1} MiB{}", first.time.as_secs_f64(), mib(first.rss_kib), dv_first.as_ref().map_or(String::new(), |m| format!("; doveadm backup {:.2} s, {:.1} MiB", m.time.as_secs_f64(), mib(m.rss_kib))));
     std::thread::sleep(Duration::from_millis(1100)); // the next snapshot's name

@@ -15,11 +15,13 @@ use rayon::prelude::*;
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, InRepo, Mailboxes, MessageFiles, Progress, Reuse, Store};
 use crate::fsx::{self, Dir, DirStamp, FsError, Replace};
 use crate::maildir::{Maildir, Subdir};
-use crate::manifest::{part, FolderRecord, Manifest, MessageRecord, MANIFEST_NAME};
+use crate::manifest::{part, FolderRecord, Manifest, MANIFEST_NAME};
 use crate::store::{self, MessageDirs};
+use message_index::MessageIndex;
 use crate::staging::{Staging, STAGING_SUFFIX};
 
 pub mod imap_view;
+mod message_index;
 pub mod status;
 use status::{LastRun, StatusError};
 
@@ -159,16 +161,10 @@ struct KeptMessages {
     /// Message directories (folder, cur or new), each once.
     dirs: Vec<(String, Subdir)>,
     dir_index: HashMap<(String, Subdir), u32>,
-    by_unique: HashMap<Box<str>, Kept>,
+    index: MessageIndex,
 }
 
 impl KeptMessages {
-    /// Keeps `m` (see `Kept::of`).
-    fn keep(&mut self, m: MessageRecord) {
-        let dir = self.dir_of(&m.folder, m.dir);
-        self.by_unique.extend(Kept::of(m, |_| dir));
-    }
-
     /// The index of a message directory, added if new.
     fn dir_of(&mut self, folder: &str, sub: Subdir) -> u32 {
         let dirs = &mut self.dirs;
@@ -176,23 +172,6 @@ impl KeptMessages {
             dirs.push(key.clone());
             dirs.len() as u32 - 1
         })
-    }
-}
-
-struct Kept {
-    /// Index into `dirs`.
-    dir: u32,
-    name: Box<str>,
-    size: u64,
-    blake3: [u8; 32],
-}
-
-impl Kept {
-    /// What is kept of `m`, in the directory `dir` gives its subdir. Not one a link snapshot
-    /// recorded without its checksum: that is copied afresh (a copy always has one).
-    fn of(m: MessageRecord, dir: impl Fn(Subdir) -> u32) -> Option<(Box<str>, Kept)> {
-        let sum = m.checksum().and_then(|h| blake3::Hash::from_hex(h).ok())?;
-        Some((m.unique.into_boxed_str(), Kept { dir: dir(m.dir), name: m.name.into_boxed_str(), size: m.size, blake3: *sum.as_bytes() }))
     }
 }
 
@@ -212,32 +191,34 @@ impl PreviousSnapshot {
     }
 
     fn read_messages(&self) -> Option<KeptMessages> {
-        let mut kept = KeptMessages { dirs: Vec::new(), dir_index: HashMap::new(), by_unique: HashMap::new() };
+        let mut kept = KeptMessages { dirs: Vec::new(), dir_index: HashMap::new(), index: MessageIndex::default() };
         let stored: Vec<(&String, &str)> = self.folders.iter().filter_map(|(path, f)| Some((path, f.store.as_deref()?))).collect();
         if stored.len() < self.folders.len() {
             // Records in the manifest itself (an older snapshot): read in one pass.
-            Manifest::visit(&self.dir, |_| {}, |m| kept.keep(m)).ok()?;
-            return Some(kept);
-        }
-        let dirs: Vec<[u32; 2]> = stored.iter().map(|(path, _)| Subdir::ALL.map(|sub| kept.dir_of(path, sub))).collect();
-        // Each folder's entry read side by side; the index made of them in turn.
-        let per_folder: Vec<Option<Vec<(Box<str>, Kept)>>> = stored
-            .into_par_iter()
-            .zip(dirs)
-            .map(|((path, id), dirs)| {
-                let (mut out, mut read) = (Vec::new(), 0);
-                Manifest::visit_stored(&self.series, id, |m| {
-                    read += 1;
-                    out.extend(Kept::of(m, |sub| dirs[sub.index()]))
+            let mut index = MessageIndex::default();
+            Manifest::visit(&self.dir, |_| {}, |m| index.push(&m, kept.dir_of(&m.folder, m.dir))).ok()?;
+            kept.index = index;
+        } else {
+            let dirs: Vec<[u32; 2]> = stored.iter().map(|(path, _)| Subdir::ALL.map(|sub| kept.dir_of(path, sub))).collect();
+            // Each folder's entry read side by side; the index made of them in turn.
+            let per_folder: Vec<Option<MessageIndex>> = stored
+                .into_par_iter()
+                .zip(dirs)
+                .map(|((path, id), dirs)| {
+                    let (mut index, mut read) = (MessageIndex::default(), 0);
+                    Manifest::visit_stored(&self.series, id, |m| {
+                        read += 1;
+                        index.push(&m, dirs[m.dir.index()]);
+                    })
+                    .ok()?;
+                    (self.folders[path].messages == read).then_some(index)
                 })
-                .ok()?;
-                (self.folders[path].messages == read).then_some(out)
-            })
-            .collect();
-        kept.by_unique.reserve(self.folders.values().map(|f| f.messages as usize).sum());
-        for folder in per_folder {
-            kept.by_unique.extend(folder?);
+                .collect();
+            for folder in per_folder {
+                kept.index.append(folder?);
+            }
         }
+        kept.index.index();
         Some(kept)
     }
 
@@ -270,8 +251,8 @@ impl Reuse for PreviousSnapshot {
 
     fn link_into(&self, unique: &str, source_size: u64, dst: &Dir, name: &str) -> Option<String> {
         let messages = self.messages()?;
-        let kept = messages.by_unique.get(unique)?;
-        let (old_name, size) = (&*kept.name, kept.size);
+        let kept = messages.index.get(unique)?;
+        let (old_name, size) = (kept.name, kept.size);
         if source_size != size {
             return None;
         }
