@@ -217,7 +217,8 @@ impl BaseRecords {
     fn read(series: &Dir, folder: &str, id: &str) -> Option<BaseRecords> {
         let (mut by_unique, mut twice) = (HashMap::new(), false);
         let depth = visit_chain(series, Some(folder), id, 0, &mut |m| {
-            let kept = BaseMessage { dir: m.dir, name: m.name.clone().into(), size: m.size, blake3: digest(&m) };
+            let blake3 = digest(&m);
+            let kept = BaseMessage { dir: m.dir, name: m.name.into(), size: m.size, blake3 };
             twice |= by_unique.insert(m.unique.into(), kept).is_some();
         })
         .ok()?;
