@@ -211,7 +211,18 @@ impl Manifest {
     /// each folder and message to its callback as it comes, and the header's counts checked
     /// against the records at the end (but not, unlike `read`, each name's uniqueness: that
     /// would keep them all).
-    pub fn visit(dir: &Dir, mut folder: impl FnMut(FolderRecord), mut message: impl FnMut(MessageRecord)) -> Result<Header, ManifestError> {
+    pub fn visit(dir: &Dir, folder: impl FnMut(FolderRecord), mut message: impl FnMut(MessageRecord)) -> Result<Header, ManifestError> {
+        Manifest::visit_parts(dir, folder, &mut message, true)
+    }
+
+    /// As `visit`, without the records of stored folders: the header's counts are checked
+    /// against what their folder records say, for a caller that reads (and counts) each
+    /// folder's store entry itself.
+    pub fn visit_unstored(dir: &Dir, folder: impl FnMut(FolderRecord), mut message: impl FnMut(MessageRecord)) -> Result<Header, ManifestError> {
+        Manifest::visit_parts(dir, folder, &mut message, false)
+    }
+
+    fn visit_parts(dir: &Dir, mut folder: impl FnMut(FolderRecord), message: &mut dyn FnMut(MessageRecord), read_parts: bool) -> Result<Header, ManifestError> {
         let mut lines = Lines::open(dir, MANIFEST_NAME)?;
         let header = lines.header()?;
         let (mut folders, mut messages, mut bytes) = (0u64, 0u64, Some(0u64));
@@ -242,10 +253,14 @@ impl Manifest {
                 }
             }
         }
-        if !stored.is_empty() {
+        if !read_parts {
+            for (_, _, said, said_bytes) in stored {
+                (messages, bytes) = (messages + said, bytes.and_then(|x| x.checked_add(said_bytes)));
+            }
+        } else if !stored.is_empty() {
             let series = dir.parent()?;
             for (path, id, said, said_bytes) in stored {
-                let (n, b) = part::visit(&series, Some(&path), &id, &mut message)?;
+                let (n, b) = part::visit(&series, Some(&path), &id, message)?;
                 if (n, b) != (said, said_bytes) {
                     return Err(ManifestError::Bad { path: lines.path.clone(), line: 1, what: format!("folder {path:?} says {said} messages and {said_bytes} bytes, its store entry {id} holds {n} and {b}") });
                 }

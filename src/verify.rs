@@ -61,7 +61,7 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
     let mut report = VerifyReport { backup: path.to_path_buf(), ..Default::default() };
     // Every record and count checked as they stream by, keeping the folders and the records
     // kept in the manifest itself (a plain backup's, a first-form snapshot's); a stored
-    // folder's records are read again from its entry, one folder at a time.
+    // folder's records are read from its entry, one folder at a time, and counted here.
     let (folders, stored) = (RefCell::new(Vec::new()), RefCell::new(HashSet::new()));
     let mut inline: HashMap<String, Vec<MessageRecord>> = HashMap::new();
     let keep_folder = |f: FolderRecord| {
@@ -75,7 +75,7 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
             inline.entry(m.folder.clone()).or_default().push(m);
         }
     };
-    let header = match Manifest::visit(&dir, keep_folder, keep_inline) {
+    let header = match Manifest::visit_unstored(&dir, keep_folder, keep_inline) {
         Ok(h) => h,
         Err(e) => {
             report.problems.push(format!("no usable manifest: {e}"));
@@ -100,8 +100,11 @@ pub fn verify_to(path: &Path, jobs: usize, depth: Depth) -> Result<VerifyReport,
             Some(p) => p.install(check),
             None => check(),
         });
+        let bytes = records.iter().try_fold(0u64, |sum, m| sum.checked_add(m.size));
         if records.len() as u64 != f.messages {
             problems.push(format!("folder {:?}: the manifest says {} messages, its records are {}", f.name, f.messages, records.len()));
+        } else if f.store.is_some() && bytes != f.bytes {
+            problems.push(format!("folder {:?}: the manifest says {:?} bytes, its records {bytes:?}", f.name, f.bytes));
         }
         // Files on disk, against the records and the uidlist.
         let mut expected = HashSet::new();

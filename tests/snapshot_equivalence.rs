@@ -274,3 +274,19 @@ fn a_taken_over_folder_whose_uidlist_changed_is_described_anew() {
     let sent = read_manifest(&snapshot).folders.into_iter().find(|f| f["name"] == "Sent").unwrap();
     assert_eq!(sent["uidlist_expunged"], serde_json::json!(["1700000009.M9P9.gone"]), "{sent}");
 }
+
+#[test]
+fn verify_counts_each_store_entry_against_its_folder_record() {
+    let (_d, _out, repo, source) = mailbox(&["INBOX"], 5);
+    let (snapshot, _) = take_snapshot(&source, &repo, USER, &[]);
+    assert_verifies(&snapshot);
+    // The entry loses a record the folder record still counts.
+    let id = read_manifest(&snapshot).folders[0]["store"].as_str().unwrap().to_string();
+    let part = repo.join(USER).join(".store").join(id).join("messages");
+    let text = String::from_utf8(zstd::decode_all(&fs::read(&part).unwrap()[..]).unwrap()).unwrap();
+    let fewer: Vec<&str> = text.lines().skip(1).collect();
+    fs::write(&part, zstd::encode_all((fewer.join("\n") + "\n").as_bytes(), 3).unwrap()).unwrap();
+    let r = verify(&snapshot);
+    assert_eq!(r.code(), Some(1), "{}", r.show());
+    assert!(r.stdout.contains("the manifest says 5 messages, its records are 4"), "{}", r.show());
+}

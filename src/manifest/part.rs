@@ -380,7 +380,8 @@ mod tests {
         let series = Dir::open(t.path()).unwrap();
         let first = mailbox(10);
         let a = put(&series, None, &first);
-        let renamed: Vec<_> = first.iter().map(|m| record(&format!("{}F", m.name), m.dir, m.size, m.blake3.as_bytes()[0])).collect();
+        // Every message flagged: the same files, all renamed.
+        let renamed: Vec<_> = first.iter().map(|m| MessageRecord { blake3: m.blake3.clone(), ..record(&format!("{}F", m.name), m.dir, m.size, 0) }).collect();
         let b = put(&series, Some(&a), &renamed);
         assert_eq!(base_of(&series, &b).unwrap(), None);
         assert_eq!(read(&series, &b).unwrap(), sorted(renamed));
@@ -398,11 +399,11 @@ mod tests {
 
     /// Entry `id` of `series` holding exactly `lines`.
     fn forge(series: &Dir, id: &str, lines: &[String]) {
-        let entry = t_entry(series, id);
+        let entry = entry_dir(series, id);
         fs::write(entry.join(PART_NAME), lines.join("\n") + "\n").unwrap();
     }
 
-    fn t_entry(series: &Dir, id: &str) -> std::path::PathBuf {
+    fn entry_dir(series: &Dir, id: &str) -> std::path::PathBuf {
         let entry = series.path().join(store::STORE_DIR).join(id);
         fs::create_dir_all(&entry).unwrap();
         entry
