@@ -332,7 +332,10 @@ fn paranoid_recopies_a_corrupted_previous_copy() {
     let (s3, j3) = take_snapshot(&source, &repo, USER, &[]);
     let x3 = churn::scan_message_ids(&s3)[&x_mid][0].clone();
     assert_eq!(inode(&x3), inode(&x2), "without --paranoid the previous copy is linked");
-    assert_eq!(nlink(&x3), 2);
+    // Linked into a new store entry, or (when INBOX had settled over a second before the
+    // previous snapshot listed it, as on a slow machine) the previous entry taken over whole.
+    let taken_over = fs::read_link(x3.parent().unwrap()).unwrap() == fs::read_link(x2.parent().unwrap()).unwrap();
+    assert_eq!(nlink(&x3), if taken_over { 1 } else { 2 });
     assert_eq!(j3["bytes_copied"].as_u64(), Some(0), "{j3}");
     let v = verify(&s3);
     assert_ne!(v.code(), Some(0), "the linked corrupted copy must fail verify:\n{}", v.show());
