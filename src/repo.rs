@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
-use rayon::prelude::*;
 
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, InRepo, Mailboxes, MessageFiles, Progress, Reuse, Store};
 use crate::fsx::{self, Dir, DirStamp, FsError, Replace};
@@ -201,19 +200,16 @@ impl PreviousSnapshot {
         } else {
             let dirs: Vec<[u32; 2]> = stored.iter().map(|(path, _)| Subdir::ALL.map(|sub| kept.dir_of(path, sub))).collect();
             // Each folder's entry read side by side; the index made of them in turn.
-            let per_folder: Vec<Option<MessageIndex>> = stored
-                .into_par_iter()
-                .zip(dirs)
-                .map(|((path, id), dirs)| {
-                    let (mut index, mut read) = (MessageIndex::default(), 0);
-                    Manifest::visit_stored(&self.series, id, |m| {
-                        read += 1;
-                        index.push(&m, dirs[m.dir.index()]);
-                    })
-                    .ok()?;
-                    (self.folders[path].messages == read).then_some(index)
+            let folders: Vec<_> = stored.into_iter().zip(dirs).collect();
+            let per_folder = map_on_own_threads(&folders, |((path, id), dirs)| {
+                let (mut index, mut read) = (MessageIndex::default(), 0);
+                Manifest::visit_stored(&self.series, id, |m| {
+                    read += 1;
+                    index.push(&m, dirs[m.dir.index()]);
                 })
-                .collect();
+                .ok()?;
+                (self.folders[*path].messages == read).then_some(index)
+            });
             for folder in per_folder {
                 kept.index.append(folder?);
             }
@@ -235,6 +231,30 @@ impl PreviousSnapshot {
         same.then_some(old)
     }
 
+}
+
+/// `f` of each item, on a few threads of its own; the results in the items' order.
+///
+/// Not rayon: the previous snapshot's records are read inside a `OnceLock` initializer that
+/// copy tasks on the run's pool wait on. A rayon worker waiting for its subtasks runs other
+/// tasks meanwhile; one that is such a copy task waits on the very read its thread is making.
+fn map_on_own_threads<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let take = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(item) = items.get(i) else { return done };
+            done.push((i, f(item)));
+        }
+    };
+    let mut all: Vec<(usize, R)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads).map(|_| s.spawn(take)).collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    all.sort_unstable_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, r)| r).collect()
 }
 
 impl Reuse for PreviousSnapshot {
@@ -542,6 +562,7 @@ pub fn finish_interrupted_removals(series: &Dir) -> Result<usize, RepoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rayon::prelude::*;
 
     #[test]
     fn an_interrupted_removal_is_finished_by_the_next_prune() {
@@ -556,6 +577,43 @@ mod tests {
         left.sort();
         // Only our own half-removed snapshot goes; nothing else is touched.
         assert_eq!(left, [".2026-01-03T010000Z.maildir-backup-staging", ".2026-01-04T010000Z.maildir-backup-deleting", ".other.maildir-backup-deleting", "2026-01-01T010000Z"]);
+    }
+
+    /// The previous snapshot's records are read the first time a copy task asks for them, with
+    /// every other copy task of the run's pool waiting on that read: reading them must not run
+    /// rayon tasks, or a waiting worker picks up another copy task, which waits on the read it
+    /// is itself making (a deadlock a CI run once hit).
+    #[test]
+    fn the_first_lookup_from_many_copy_tasks_does_not_deadlock() {
+        use crate::test_support::*;
+        let t = tmp();
+        let root = t.path().join("Maildir");
+        let folders: Vec<String> = (1..200).map(|i| format!(".f{i}")).collect();
+        make_maildir(&root, &folders.iter().map(String::as_str).collect::<Vec<_>>());
+        for (i, rel) in [""].into_iter().chain(folders.iter().map(String::as_str)).enumerate() {
+            for m in 0..5 {
+                put(&root.join(rel), "cur", &format!("1.M{i}P{m}.h:2,S"), &body(&format!("{i}-{m}")));
+            }
+        }
+        let md = open(&root);
+        let opts = crate::engine::BackupOptions::default();
+        snapshot(&md, &crate::engine::OnDisk, &t.path().join("repo"), "u", &opts, SnapshotOptions::default(), &crate::engine::NoProgress).unwrap();
+        let series = Dir::open(&t.path().join("repo/u")).unwrap();
+        let name = latest(&series).unwrap();
+        let uniques: Vec<String> = (0..200).flat_map(|i| (0..5).map(move |m| format!("1.M{i}P{m}.h"))).collect();
+        let dst = Dir::open(t.path()).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(16).build().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for _ in 0..150 {
+                // A fresh previous snapshot each time: its records not read yet.
+                let previous = PreviousSnapshot::load(&series, &name, false).unwrap();
+                // A size no message has: each lookup reads the records, then links nothing.
+                pool.install(|| uniques.par_iter().for_each(|u| assert!(previous.link_into(u, 1, &dst, "never").is_none())));
+            }
+            done.send(()).unwrap();
+        });
+        finished.recv_timeout(std::time::Duration::from_secs(120)).expect("the copy tasks deadlocked on the first lookup");
     }
 
     fn snap(s: &str) -> Snapshot {
