@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
+use rayon::prelude::*;
 
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, InRepo, Mailboxes, MessageFiles, Progress, Reuse, Store};
 use crate::fsx::{self, Dir, DirStamp, FsError, Replace};
@@ -185,11 +186,16 @@ impl PreviousSnapshot {
     }
 
     /// Its messages by unique name, read from its manifest the first time they are asked for.
+    ///
+    /// Read here one folder after another: the copy tasks that ask for them all wait on this
+    /// cell, and a rayon worker waiting for subtasks of its own runs other tasks meanwhile; one
+    /// of those copy tasks would wait on the very read its thread is making. `read_ahead` reads
+    /// them side by side before such tasks start.
     fn messages(&self) -> Option<&KeptMessages> {
-        self.messages.get_or_init(|| self.read_messages()).as_ref()
+        self.messages.get_or_init(|| self.read_messages(false)).as_ref()
     }
 
-    fn read_messages(&self) -> Option<KeptMessages> {
+    fn read_messages(&self, side_by_side: bool) -> Option<KeptMessages> {
         let mut kept = KeptMessages { dirs: Vec::new(), dir_index: HashMap::new(), index: MessageIndex::default() };
         let stored: Vec<(&String, &str)> = self.folders.iter().filter_map(|(path, f)| Some((path, f.store.as_deref()?))).collect();
         if stored.len() < self.folders.len() {
@@ -200,16 +206,18 @@ impl PreviousSnapshot {
         } else {
             let dirs: Vec<[u32; 2]> = stored.iter().map(|(path, _)| Subdir::ALL.map(|sub| kept.dir_of(path, sub))).collect();
             // Each folder's entry read side by side; the index made of them in turn.
-            let folders: Vec<_> = stored.into_iter().zip(dirs).collect();
-            let per_folder = map_on_own_threads(&folders, |((path, id), dirs)| {
+            let read = |((path, id), dirs): ((&String, &str), [u32; 2])| {
                 let (mut index, mut read) = (MessageIndex::default(), 0);
                 Manifest::visit_stored(&self.series, id, |m| {
                     read += 1;
                     index.push(&m, dirs[m.dir.index()]);
                 })
                 .ok()?;
-                (self.folders[*path].messages == read).then_some(index)
-            });
+                (self.folders[path].messages == read).then_some(index)
+            };
+            let folders = stored.into_iter().zip(dirs);
+            let per_folder: Vec<Option<MessageIndex>> =
+                if side_by_side { folders.collect::<Vec<_>>().into_par_iter().map(read).collect() } else { folders.map(read).collect() };
             for folder in per_folder {
                 kept.index.append(folder?);
             }
@@ -233,31 +241,11 @@ impl PreviousSnapshot {
 
 }
 
-/// `f` of each item, on a few threads of its own; the results in the items' order.
-///
-/// Not rayon: the previous snapshot's records are read inside a `OnceLock` initializer that
-/// copy tasks on the run's pool wait on. A rayon worker waiting for its subtasks runs other
-/// tasks meanwhile; one that is such a copy task waits on the very read its thread is making.
-fn map_on_own_threads<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let take = || {
-        let mut done = Vec::new();
-        loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(item) = items.get(i) else { return done };
-            done.push((i, f(item)));
-        }
-    };
-    let mut all: Vec<(usize, R)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads).map(|_| s.spawn(take)).collect();
-        workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-    });
-    all.sort_unstable_by_key(|(i, _)| *i);
-    all.into_iter().map(|(_, r)| r).collect()
-}
-
 impl Reuse for PreviousSnapshot {
+    fn read_ahead(&self) {
+        self.messages.get_or_init(|| self.read_messages(true));
+    }
+
     fn link_control(&self, rel: &Path, source: &mut fsx::ReadFile, owner: Option<fsx::Owner>, dst: &Dir, name: &str) -> bool {
         let Some(old) = self.same_control(rel, source, owner) else { return false };
         // The very file compared, under a temporary name, then over whatever is there.
@@ -562,7 +550,6 @@ pub fn finish_interrupted_removals(series: &Dir) -> Result<usize, RepoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rayon::prelude::*;
 
     #[test]
     fn an_interrupted_removal_is_finished_by_the_next_prune() {
@@ -579,10 +566,9 @@ mod tests {
         assert_eq!(left, [".2026-01-03T010000Z.maildir-backup-staging", ".2026-01-04T010000Z.maildir-backup-deleting", ".other.maildir-backup-deleting", "2026-01-01T010000Z"]);
     }
 
-    /// The previous snapshot's records are read the first time a copy task asks for them, with
-    /// every other copy task of the run's pool waiting on that read: reading them must not run
-    /// rayon tasks, or a waiting worker picks up another copy task, which waits on the read it
-    /// is itself making (a deadlock a CI run once hit).
+    /// Copy tasks that ask for the previous snapshot's records before `read_ahead` did all wait
+    /// on the first one's read: it must not run rayon tasks, or its thread, waiting for them,
+    /// picks up another copy task, which waits on that very read (a deadlock a CI run hit).
     #[test]
     fn the_first_lookup_from_many_copy_tasks_does_not_deadlock() {
         use crate::test_support::*;

@@ -206,6 +206,10 @@ pub trait Reuse: Sync {
     /// as `name`; its BLAKE3 if it did.
     fn link_into(&self, unique: &str, size: u64, dst: &Dir, name: &str) -> Option<String>;
 
+    /// Reads what `link_into` looks messages up in, side by side on the calling pool, before
+    /// copy tasks that call it start (they would otherwise wait for one of them to read it).
+    fn read_ahead(&self) {}
+
     /// Hard-links an earlier copy of the control file at `rel` (in the backup) into `dst` as
     /// `name` if it is the same file as `source` would be copied: the same bytes, mode, owner
     /// and modification time. True if it did; it may have read `source` (the caller rewinds it).
@@ -594,6 +598,9 @@ impl Tree {
         progress: &dyn Progress,
         stats: &mut PassStats,
     ) -> Result<(), BackupError> {
+        if let (Some(reuse), false) = (reuse, jobs.is_empty()) {
+            pool.install(|| reuse.read_ahead());
+        }
         let shared = SharedInodes::new(self);
         let mut results = Vec::with_capacity(jobs.len());
         // Folders in batches: jobs of several folders run side by side (one directory's lock is
