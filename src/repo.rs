@@ -218,9 +218,7 @@ impl PreviousSnapshot {
             let folders = stored.into_iter().zip(dirs);
             let per_folder: Vec<Option<MessageIndex>> =
                 if side_by_side { folders.collect::<Vec<_>>().into_par_iter().map(read).collect() } else { folders.map(read).collect() };
-            for folder in per_folder {
-                kept.index.append(folder?);
-            }
+            kept.index = MessageIndex::concat(per_folder.into_iter().collect::<Option<_>>()?);
         }
         kept.index.index();
         Some(kept)

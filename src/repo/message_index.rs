@@ -1,5 +1,5 @@
 //! The previous snapshot's messages by unique name, packed for mailboxes of millions: every
-//! name in one string, 64 bytes per message and 4 in the index (a map of boxed strings took
+//! name in one string, 56 bytes per message and 4 in the index (a map of boxed strings took
 //! about 200). A snapshot links each message it finds here instead of copying it.
 
 use std::hash::{BuildHasher, RandomState};
@@ -19,10 +19,12 @@ pub struct MessageIndex {
     hasher: RandomState,
 }
 
+/// Offsets into `names` are 32-bit: an index stops taking messages at 4 GiB of names (about
+/// 60 million messages); those past it are copied afresh.
 struct Packed {
-    unique_at: usize,
+    unique_at: u32,
     unique_len: u16,
-    name_at: usize,
+    name_at: u32,
     name_len: u16,
     dir: u32,
     size: u64,
@@ -44,7 +46,10 @@ impl MessageIndex {
     pub fn push(&mut self, m: &MessageRecord, dir: u32) {
         let Some(sum) = m.checksum().and_then(|h| blake3::Hash::from_hex(h).ok()) else { return };
         let (Ok(unique_len), Ok(name_len)) = (u16::try_from(m.unique.len()), u16::try_from(m.name.len())) else { return };
-        let unique_at = self.names.len();
+        let Ok(unique_at) = u32::try_from(self.names.len()) else { return };
+        if u32::try_from(self.names.len() + m.unique.len() + m.name.len()).is_err() {
+            return;
+        }
         self.names.push_str(&m.unique);
         let name_at = match m.name.strip_prefix(m.unique.as_str()) {
             Some(rest) => {
@@ -53,17 +58,27 @@ impl MessageIndex {
             }
             None => {
                 self.names.push_str(&m.name);
-                unique_at + m.unique.len()
+                unique_at + u32::from(unique_len)
             }
         };
         self.messages.push(Packed { unique_at, unique_len, name_at, name_len, dir, size: m.size, blake3: *sum.as_bytes() });
     }
 
-    /// Adds every message of `other` after this one's.
-    pub fn append(&mut self, other: MessageIndex) {
-        let shift = self.names.len();
-        self.names.push_str(&other.names);
-        self.messages.extend(other.messages.into_iter().map(|p| Packed { unique_at: p.unique_at + shift, name_at: p.name_at + shift, ..p }));
+    /// The messages of `parts`, one after another, in memory of exactly their size (each part
+    /// freed once taken).
+    pub fn concat(parts: Vec<MessageIndex>) -> MessageIndex {
+        let mut all = MessageIndex {
+            names: String::with_capacity(parts.iter().map(|p| p.names.len()).sum()),
+            messages: Vec::with_capacity(parts.iter().map(|p| p.messages.len()).sum()),
+            ..Default::default()
+        };
+        for part in parts {
+            // Offsets stay 32-bit: parts past 4 GiB of names are left out (copied afresh).
+            let (Ok(shift), Ok(_)) = (u32::try_from(all.names.len()), u32::try_from(all.names.len() + part.names.len())) else { break };
+            all.names.push_str(&part.names);
+            all.messages.extend(part.messages.into_iter().map(|p| Packed { unique_at: p.unique_at + shift, name_at: p.name_at + shift, ..p }));
+        }
+        all
     }
 
     /// Makes the index by unique name; of two messages with the same, the later is found.
@@ -85,12 +100,14 @@ impl MessageIndex {
     pub fn get(&self, unique: &str) -> Option<Found<'_>> {
         let &i = self.by_unique.find(self.hasher.hash_one(unique), |&j| self.unique(j) == unique)?;
         let p = &self.messages[i as usize];
-        Some(Found { dir: p.dir, name: &self.names[p.name_at..p.name_at + p.name_len as usize], size: p.size, blake3: p.blake3 })
+        let at = p.name_at as usize;
+        Some(Found { dir: p.dir, name: &self.names[at..at + p.name_len as usize], size: p.size, blake3: p.blake3 })
     }
 
     fn unique(&self, i: u32) -> &str {
         let p = &self.messages[i as usize];
-        &self.names[p.unique_at..p.unique_at + p.unique_len as usize]
+        let at = p.unique_at as usize;
+        &self.names[at..at + p.unique_len as usize]
     }
 }
 
@@ -114,7 +131,7 @@ mod tests {
         let mut second = MessageIndex::default();
         second.push(&record("4.M4P1.h:2,FS", 40, &a), 2);
         second.push(&record("1.M1P1.h:2,ST", 11, &b), 3); // the same unique name again: found instead
-        first.append(second);
+        let mut first = MessageIndex::concat(vec![first, second]);
         first.index();
         let found = |u: &str| first.get(u).map(|f| (f.dir, f.name.to_string(), f.size, f.blake3[0]));
         assert_eq!(found("1.M1P1.h"), Some((3, "1.M1P1.h:2,ST".into(), 11, 0x22)));
