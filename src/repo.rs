@@ -244,6 +244,10 @@ impl Reuse for PreviousSnapshot {
         self.messages.get_or_init(|| self.read_messages(true));
     }
 
+    fn ready(&self) -> bool {
+        self.messages.get().is_some()
+    }
+
     fn link_control(&self, rel: &Path, source: &mut fsx::ReadFile, owner: Option<fsx::Owner>, dst: &Dir, name: &str) -> bool {
         let Some(old) = self.same_control(rel, source, owner) else { return false };
         // The very file compared, under a temporary name, then over whatever is there.

@@ -210,6 +210,11 @@ pub trait Reuse: Sync {
     /// copy tasks that call it start (they would otherwise wait for one of them to read it).
     fn read_ahead(&self) {}
 
+    /// Whether `link_into` answers without reading that first.
+    fn ready(&self) -> bool {
+        true
+    }
+
     /// Hard-links an earlier copy of the control file at `rel` (in the backup) into `dst` as
     /// `name` if it is the same file as `source` would be copied: the same bytes, mode, owner
     /// and modification time. True if it did; it may have read `source` (the caller rewinds it).
@@ -598,7 +603,8 @@ impl Tree {
         progress: &dyn Progress,
         stats: &mut PassStats,
     ) -> Result<(), BackupError> {
-        if let (Some(reuse), false) = (reuse, jobs.is_empty()) {
+        // Not under the locks: reading a big previous snapshot's records takes seconds.
+        if let (Some(reuse), false, false) = (reuse, jobs.is_empty(), self.deferring) {
             pool.install(|| reuse.read_ahead());
         }
         let shared = SharedInodes::new(self);
@@ -757,7 +763,9 @@ impl JobContext<'_> {
     fn run(&self, job: &CopyJob) -> Result<JobResult, BackupError> {
         let name = job.listed.name.as_str();
         let entry = |size, blake3: String| Entry { sub: job.listed.sub, name: name.to_string(), size, blake3: digest(&blake3) };
-        if let Some(reuse) = self.reuse {
+        // A message first seen under the locks is not looked up in records not read yet (every
+        // session of the user would wait for that read): it is copied once they are let go.
+        if let Some(reuse) = self.reuse.filter(|r| self.defer_slots.is_none() || r.ready()) {
             // Same unique name = same message (Maildir files never change); the sizes must
             // agree too, or it is copied afresh.
             let size = match self.src.lstat(name)? {

@@ -354,6 +354,66 @@ fn messages_found_under_the_locks_are_copied_after_them() {
     assert_eq!(tree.copy_deferred(&w.pool, &NoProgress).unwrap(), PassStats::default());
 }
 
+/// A previous snapshot whose records are read only when asked to read ahead; it links nothing.
+#[derive(Default)]
+struct Unread {
+    read_aheads: std::sync::atomic::AtomicUsize,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+impl Reuse for Unread {
+    fn link_into(&self, _: &str, _: u64, _: &Dir, _: &str) -> Option<String> {
+        self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        None
+    }
+    fn read_ahead(&self) {
+        self.read_aheads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn ready(&self) -> bool {
+        self.read_aheads.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+    fn stored_uniques(&self, _: &str) -> Result<HashSet<String>, BackupError> {
+        Ok(HashSet::new())
+    }
+}
+
+/// Under the locks, a new message is not looked up in a previous snapshot whose records are not
+/// read yet (users would wait for that read): it is copied after them. Outside the locks, the
+/// records are read ahead once, then each new message is looked up.
+#[test]
+fn the_previous_snapshot_is_not_read_under_the_locks() {
+    let w = World::new(&[]);
+    let mut tree = w.tree();
+    w.pass(&mut tree);
+    let (md, previous) = (open(&w.src), Unread::default());
+    let pass = |tree: &mut Tree| {
+        let listings = list_all(&md, &tree.folders.values().map(|s| s.folder.clone()).collect::<Vec<_>>());
+        tree.apply(&md, listings, &w.pool, Some(&previous), &NoProgress).unwrap()
+    };
+    let count = |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::Relaxed);
+
+    tree.defer_copies(true);
+    put(&w.src, "new", "1.M1P1.h", &body("1"));
+    assert_eq!(pass(&mut tree).copied, 1);
+    assert_eq!((count(&previous.read_aheads), count(&previous.lookups)), (0, 0));
+    tree.defer_copies(false);
+    tree.copy_deferred(&w.pool, &NoProgress).unwrap();
+
+    put(&w.src, "new", "2.M2P2.h", &body("2"));
+    put(&w.src, "new", "3.M3P3.h", &body("3"));
+    assert_eq!(pass(&mut tree).copied, 2);
+    assert_eq!((count(&previous.read_aheads), count(&previous.lookups)), (1, 2));
+
+    // Read by now: under the locks again, looked up.
+    tree.defer_copies(true);
+    put(&w.src, "new", "4.M4P4.h", &body("4"));
+    pass(&mut tree);
+    assert_eq!(count(&previous.lookups), 3);
+    tree.defer_copies(false);
+    tree.copy_deferred(&w.pool, &NoProgress).unwrap();
+    assert_eq!(tracked(&tree), w.staged());
+}
+
 /// Past `MAX_DEFERRED`, messages are copied at once (each deferral holds descriptors).
 #[test]
 fn deferred_copies_are_bounded() {
