@@ -285,11 +285,18 @@ struct CopyJob {
     listed: Listed,
 }
 
+/// What a job staged: the entry's size and checksum (its place and name are the job's, moved
+/// into the entry, not copied: one string per message fewer at the peak of a first copy).
+struct Made {
+    size: u64,
+    blake3: Option<blake3::Hash>,
+}
+
 enum JobResult {
-    Copied(Entry),
+    Copied(Made),
     /// Staged empty, to be filled once the locks are let go (size known, checksum not yet).
-    Deferred(Entry, Deferred),
-    Linked(Entry),
+    Deferred(Made, Box<Deferred>),
+    Linked(Made),
     Vanished,
     /// Not a message we may read (planted): the warning to give.
     Skipped(String),
@@ -608,41 +615,47 @@ impl Tree {
             pool.install(|| reuse.read_ahead());
         }
         let shared = SharedInodes::new(self);
-        let mut results = Vec::with_capacity(jobs.len());
+        // One result per job, written in place by the batches (no second copy of them all).
+        let mut results = Vec::with_capacity(jobs.iter().map(|(_, js)| js.len()).sum());
         // Folders in batches: jobs of several folders run side by side (one directory's lock is
         // not a bottleneck), while only a batch's directories are open at once.
         for batch in jobs.chunks(FOLDERS_PER_BATCH) {
-            results.extend(self.run_jobs(md, batch, pool, reuse, &shared, progress)?);
+            self.run_jobs(md, batch, pool, reuse, &shared, progress, &mut results)?;
         }
         let newly_shared: Vec<_> = shared.into_new().collect();
         self.shared.extend(newly_shared.into_iter().map(|(id, c)| (id, (c.at, c.stamp))));
-        let mut warnings = Vec::new();
-        for ((rel, job), result) in jobs.into_iter().flat_map(|(rel, js)| js.into_iter().map(move |j| (rel.clone(), j))).zip(results) {
+        let (mut warnings, mut results) = (Vec::new(), results.into_iter());
+        for (rel, folder_jobs) in jobs {
             let state = self.folders.get_mut(&rel).expect("job folder is staged");
-            match result? {
-                JobResult::Copied(e) => {
-                    stats.copied += 1;
-                    stats.bytes += e.size;
-                    state.entries.insert(job.key, e);
+            for (CopyJob { key, listed }, result) in folder_jobs.into_iter().zip(results.by_ref()) {
+                let entry = |m: Made| Entry { sub: listed.sub, name: listed.name, size: m.size, blake3: m.blake3 };
+                match result? {
+                    JobResult::Copied(m) => {
+                        stats.copied += 1;
+                        stats.bytes += m.size;
+                        state.entries.insert(key, entry(m));
+                    }
+                    JobResult::Deferred(m, d) => {
+                        stats.copied += 1;
+                        state.entries.insert(key, entry(m));
+                        self.deferred.push(*d);
+                    }
+                    JobResult::Linked(m) => {
+                        stats.linked += 1;
+                        state.entries.insert(key, entry(m));
+                    }
+                    JobResult::Vanished => stats.vanished += 1,
+                    JobResult::Skipped(w) => warnings.push(w),
                 }
-                JobResult::Deferred(e, d) => {
-                    stats.copied += 1;
-                    state.entries.insert(job.key, e);
-                    self.deferred.push(d);
-                }
-                JobResult::Linked(e) => {
-                    stats.linked += 1;
-                    state.entries.insert(job.key, e);
-                }
-                JobResult::Vanished => stats.vanished += 1,
-                JobResult::Skipped(w) => warnings.push(w),
             }
         }
         self.warn_all(warnings);
         Ok(())
     }
 
-    /// Copies the new messages of a batch of folders in parallel; the results in job order.
+    /// Copies the new messages of a batch of folders in parallel; their results added to
+    /// `results` in job order.
+    #[allow(clippy::too_many_arguments)]
     fn run_jobs(
         &self,
         md: &Maildir,
@@ -651,7 +664,8 @@ impl Tree {
         reuse: Option<&dyn Reuse>,
         shared: &SharedInodes,
         progress: &dyn Progress,
-    ) -> Result<Vec<Result<JobResult, BackupError>>, BackupError> {
+        results: &mut Vec<Result<JobResult, BackupError>>,
+    ) -> Result<(), BackupError> {
         let mut dirs = Vec::with_capacity(batch.len());
         for (rel, _) in batch {
             // The source's cur/ and new/ (None: gone or planted since the listing, which said so).
@@ -666,8 +680,8 @@ impl Tree {
         let all: Vec<(usize, &CopyJob)> = batch.iter().enumerate().flat_map(|(i, (_, js))| js.iter().map(move |j| (i, j))).collect();
         let slots = std::sync::atomic::AtomicUsize::new(MAX_DEFERRED.saturating_sub(self.deferred.len()));
         let defer_slots = self.deferring.then_some(&slots);
-        Ok(pool.install(|| {
-            all.par_iter()
+        pool.install(|| {
+            results.par_extend(all.par_iter()
                 .map(|&(f, job)| {
                     let (src, dst) = &dirs[f];
                     let i = job.listed.sub.index();
@@ -679,14 +693,14 @@ impl Tree {
                         None => Ok(JobResult::Vanished),
                     };
                     match &r {
-                        Ok(JobResult::Copied(e) | JobResult::Linked(e)) => progress.advance(1, e.size),
+                        Ok(JobResult::Copied(m) | JobResult::Linked(m)) => progress.advance(1, m.size),
                         Ok(JobResult::Deferred(..)) => progress.advance(1, 0),
                         _ => {}
                     }
                     r
-                })
-                .collect()
-        }))
+                }))
+        });
+        Ok(())
     }
 }
 
@@ -762,7 +776,7 @@ impl JobContext<'_> {
 
     fn run(&self, job: &CopyJob) -> Result<JobResult, BackupError> {
         let name = job.listed.name.as_str();
-        let entry = |size, blake3: String| Entry { sub: job.listed.sub, name: name.to_string(), size, blake3: digest(&blake3) };
+        let made = |size, blake3: String| Made { size, blake3: digest(&blake3) };
         // A message first seen under the locks is not looked up in records not read yet (every
         // session of the user would wait for that read): it is copied once they are let go.
         if let Some(reuse) = self.reuse.filter(|r| self.defer_slots.is_none() || r.ready()) {
@@ -774,7 +788,7 @@ impl JobContext<'_> {
             };
             let unique = MessageName::parse(name).map(|m| m.unique()).unwrap_or(&job.key);
             if let Some(blake3) = reuse.link_into(unique, size, self.dst, name) {
-                return Ok(JobResult::Linked(entry(size, blake3)));
+                return Ok(JobResult::Linked(made(size, blake3)));
             }
         }
         let mut input = match self.src.open_read(name) {
@@ -787,7 +801,7 @@ impl JobContext<'_> {
             match self.link(&input, name)? {
                 Linking::Linked => {
                     let (size, blake3) = if checksums { self.hash(&mut input)? } else { (input.meta.size(), String::new()) };
-                    return Ok(JobResult::Linked(entry(size, blake3)));
+                    return Ok(JobResult::Linked(made(size, blake3)));
                 }
                 Linking::Gone => return Ok(JobResult::Vanished),
                 Linking::TooManyLinks => {}
@@ -800,7 +814,7 @@ impl JobContext<'_> {
             match self.shared.find_or_claim((input.meta.dev(), input.meta.ino()), stamp) {
                 Ok(copy) => {
                     if self.staging.link(&copy.path, self.dst, name).is_ok() {
-                        return Ok(JobResult::Linked(entry(copy.size, copy.blake3)));
+                        return Ok(JobResult::Linked(made(copy.size, copy.blake3)));
                     }
                 }
                 Err(c) => claim = c,
@@ -811,7 +825,7 @@ impl JobContext<'_> {
         if claim.is_none() && self.may_defer() {
             let size = input.meta.size();
             let d = Deferred { key: job.key.clone(), shown: self.dst.show(name), input, out, owner };
-            return Ok(JobResult::Deferred(entry(size, String::new()), d));
+            return Ok(JobResult::Deferred(made(size, String::new()), Box::new(d)));
         }
         let c = fsx::copy_file(&mut input, &out, owner).map_err(|fail| {
             let _ = self.dst.unlink(name);
@@ -821,7 +835,7 @@ impl JobContext<'_> {
             let at = (self.rel.to_path_buf(), job.key.clone());
             claim.settle(SharedCopy { path: staged_path(self.rel, job.listed.sub, name), stamp, size: c.size, blake3: c.blake3.clone(), at });
         }
-        Ok(JobResult::Copied(entry(c.size, c.blake3)))
+        Ok(JobResult::Copied(made(c.size, c.blake3)))
     }
 }
 
