@@ -205,7 +205,7 @@ impl PreviousSnapshot {
             kept.index = index;
         } else {
             let dirs: Vec<[u32; 2]> = stored.iter().map(|(path, _)| Subdir::ALL.map(|sub| kept.dir_of(path, sub))).collect();
-            // Each folder's entry read side by side; the index made of them in turn.
+            // Each folder's entry read (side by side if asked); the index made of them in turn.
             let read = |((path, id), dirs): ((&String, &str), [u32; 2])| {
                 let (mut index, mut read) = (MessageIndex::default(), 0);
                 Manifest::visit_stored(&self.series, id, |m| {

@@ -680,26 +680,24 @@ impl Tree {
         let all: Vec<(usize, &CopyJob)> = batch.iter().enumerate().flat_map(|(i, (_, js))| js.iter().map(move |j| (i, j))).collect();
         let slots = std::sync::atomic::AtomicUsize::new(MAX_DEFERRED.saturating_sub(self.deferred.len()));
         let defer_slots = self.deferring.then_some(&slots);
-        pool.install(|| {
-            results.par_extend(all.par_iter()
-                .map(|&(f, job)| {
-                    let (src, dst) = &dirs[f];
-                    let i = job.listed.sub.index();
-                    let r = match &src[i] {
-                        Some(s) => {
-                            let ctx = JobContext { rel: &batch[f].0, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, messages: self.messages, reuse, shared, defer_slots };
-                            ctx.run(job)
-                        }
-                        None => Ok(JobResult::Vanished),
-                    };
-                    match &r {
-                        Ok(JobResult::Copied(m) | JobResult::Linked(m)) => progress.advance(1, m.size),
-                        Ok(JobResult::Deferred(..)) => progress.advance(1, 0),
-                        _ => {}
-                    }
-                    r
-                }))
-        });
+        let run = |&(f, job): &(usize, &CopyJob)| {
+            let (src, dst) = &dirs[f];
+            let i = job.listed.sub.index();
+            let r = match &src[i] {
+                Some(s) => {
+                    let ctx = JobContext { rel: &batch[f].0, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, messages: self.messages, reuse, shared, defer_slots };
+                    ctx.run(job)
+                }
+                None => Ok(JobResult::Vanished),
+            };
+            match &r {
+                Ok(JobResult::Copied(m) | JobResult::Linked(m)) => progress.advance(1, m.size),
+                Ok(JobResult::Deferred(..)) => progress.advance(1, 0),
+                _ => {}
+            }
+            r
+        };
+        pool.install(|| results.par_extend(all.par_iter().map(run)));
         Ok(())
     }
 }
