@@ -133,6 +133,11 @@ impl MessageRecord {
     pub fn checksum(&self) -> Option<&str> {
         Some(self.blake3.as_str()).filter(|s| !s.is_empty())
     }
+
+    /// That checksum as its 32 bytes (None also if it is not valid hex).
+    pub fn checksum_bytes(&self) -> Option<[u8; 32]> {
+        self.checksum().and_then(|h| blake3::Hash::from_hex(h).ok()).map(|h| *h.as_bytes())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -217,17 +217,12 @@ impl BaseRecords {
     fn read(series: &Dir, folder: &str, id: &str) -> Option<BaseRecords> {
         let (mut by_unique, mut twice) = (HashMap::new(), false);
         let depth = visit_chain(series, Some(folder), id, 0, &mut |m| {
-            let blake3 = digest(&m);
-            let kept = BaseMessage { dir: m.dir, name: m.name.into(), size: m.size, blake3 };
+            let kept = BaseMessage { blake3: m.checksum_bytes(), dir: m.dir, name: m.name.into(), size: m.size };
             twice |= by_unique.insert(m.unique.into(), kept).is_some();
         })
         .ok()?;
         Some(BaseRecords { by_unique, twice, depth })
     }
-}
-
-fn digest(m: &MessageRecord) -> Option<[u8; 32]> {
-    m.checksum().and_then(|h| blake3::Hash::from_hex(h).ok()).map(|h| *h.as_bytes())
 }
 
 /// A folder's message records, as often as asked for.
@@ -282,7 +277,7 @@ impl Diff {
             total += 1;
             match base.by_unique.remove(m.unique.as_str()) {
                 None => whole.push(m),
-                Some(b) if b.size != m.size || b.blake3.is_none() || b.blake3 != digest(&m) => {
+                Some(b) if b.size != m.size || b.blake3.is_none() || b.blake3 != m.checksum_bytes() => {
                     lines.push(PartRecord::Gone { unique: m.unique.clone() });
                     whole.push(m);
                 }

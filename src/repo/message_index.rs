@@ -44,12 +44,12 @@ impl MessageIndex {
     /// Adds `m`, in the caller's directory number `dir`. Not one recorded without its
     /// checksum (by a link snapshot): that is copied afresh, as a copy always has one.
     pub fn push(&mut self, m: &MessageRecord, dir: u32) {
-        let Some(sum) = m.checksum().and_then(|h| blake3::Hash::from_hex(h).ok()) else { return };
+        let Some(blake3) = m.checksum_bytes() else { return };
         let (Ok(unique_len), Ok(name_len)) = (u16::try_from(m.unique.len()), u16::try_from(m.name.len())) else { return };
-        let Ok(unique_at) = u32::try_from(self.names.len()) else { return };
         if u32::try_from(self.names.len() + m.unique.len() + m.name.len()).is_err() {
             return;
         }
+        let unique_at = self.names.len() as u32; // fits: checked just above
         self.names.push_str(&m.unique);
         let name_at = match m.name.strip_prefix(m.unique.as_str()) {
             Some(rest) => {
@@ -61,7 +61,7 @@ impl MessageIndex {
                 unique_at + u32::from(unique_len)
             }
         };
-        self.messages.push(Packed { unique_at, unique_len, name_at, name_len, dir, size: m.size, blake3: *sum.as_bytes() });
+        self.messages.push(Packed { unique_at, unique_len, name_at, name_len, dir, size: m.size, blake3 });
     }
 
     /// The messages of `parts`, one after another, in memory of exactly their size (each part
@@ -74,7 +74,10 @@ impl MessageIndex {
         };
         for part in parts {
             // Offsets stay 32-bit: parts past 4 GiB of names are left out (copied afresh).
-            let (Ok(shift), Ok(_)) = (u32::try_from(all.names.len()), u32::try_from(all.names.len() + part.names.len())) else { break };
+            if u32::try_from(all.names.len() + part.names.len()).is_err() {
+                break;
+            }
+            let shift = all.names.len() as u32; // fits: checked just above
             all.names.push_str(&part.names);
             all.messages.extend(part.messages.into_iter().map(|p| Packed { unique_at: p.unique_at + shift, name_at: p.name_at + shift, ..p }));
         }
