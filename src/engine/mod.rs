@@ -6,6 +6,7 @@
 //! `scan` lists a folder, `watch` hears of changes (inotify), `sync` applies listings to the
 //! staged copy, `reconcile` takes the locks and the control files.
 
+mod entries;
 mod priority;
 pub(crate) mod reconcile;
 pub(crate) mod scan;
@@ -772,7 +773,7 @@ fn message_records<'s>(folder: &'s str, state: &'s sync::FolderState) -> impl It
         MessageRecord {
             folder: folder.to_string(),
             dir: e.sub,
-            name: e.name.clone(),
+            name: e.name.to_string(),
             unique: name.map(|n| n.unique().to_string()).unwrap_or_default(),
             flags: name.map(|n| n.flags().to_string()).unwrap_or_default(),
             size: e.size,

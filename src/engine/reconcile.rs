@@ -212,7 +212,7 @@ pub fn relist(
                 let mut warnings = Vec::new();
                 let subs = open_subdirs(&dir, &mut warnings)?;
                 let mut listing = partial_listing(&subs, &changes, |key| {
-                    state.entries.get(key).map(|e| Listed { sub: e.sub, name: e.name.clone() })
+                    state.entries.get(key).map(|e| Listed { sub: e.sub, name: e.name.to_string() })
                 });
                 listing.warnings.extend(warnings);
                 out.push((f.clone(), Some(listing)));

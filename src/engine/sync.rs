@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use rayon::prelude::*;
 
+use super::entries::Entries;
+pub use super::entries::Entry;
 use super::scan::{DirStamp, Listed, Listing};
 use super::{BackupError, MessageFiles, Progress};
 use crate::fsx::{self, Dir, FsError, Replace};
@@ -24,17 +26,6 @@ const MAX_WARNINGS: usize = 1000;
 /// locks is the message as it was at the instant, and users do not wait for its copy. At most
 /// this many (each holds two descriptors); past it, copied at once.
 const MAX_DEFERRED: usize = 128;
-
-/// A message as it is in the staged copy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub sub: Subdir,
-    pub name: String,
-    pub size: u64,
-    /// None until known (a deferred copy, or a link made without checksums). Kept as 32
-    /// bytes, not hex: the tree holds one per message.
-    pub blake3: Option<blake3::Hash>,
-}
 
 /// A checksum as `fsx` gives it (hex; empty for none).
 fn digest(hex: &str) -> Option<blake3::Hash> {
@@ -51,7 +42,7 @@ pub fn hex(h: Option<blake3::Hash>) -> String {
 #[derive(Debug)]
 pub struct FolderState {
     pub folder: Folder,
-    pub entries: HashMap<String, Entry>,
+    pub entries: Entries,
     pub stamps: [Option<DirStamp>; 2],
     pub listed_at: Option<SystemTime>,
     /// Taken over whole from the previous snapshot (its record there) instead of listed: the
@@ -316,10 +307,10 @@ fn keys_for_name(name: &str) -> [String; 2] {
 
 /// Each file is one entry: a staged entry at a place the listing gives another key is
 /// forgotten (not removed: the file is the listed key's now).
-fn forget_other_keys_at(entries: &mut HashMap<String, Entry>, listed: &HashMap<String, Listed>) {
+fn forget_other_keys_at(entries: &mut Entries, listed: &HashMap<String, Listed>) {
     for (key, l) in listed {
         for other in keys_for_name(&l.name) {
-            if other != *key && entries.get(&other).is_some_and(|e| e.sub == l.sub && e.name == l.name) {
+            if other != *key && entries.get(&other).is_some_and(|e| e.sub == l.sub && *e.name == l.name) {
                 entries.remove(&other);
             }
         }
@@ -381,10 +372,8 @@ impl Tree {
             stats.bytes += c.size;
             // Wherever a later pass left it (its folder, or another it moved to under the same
             // key; nowhere if removed). Only deferred entries lack a checksum.
-            let holders = self.folders.values_mut().filter_map(|s| s.entries.get_mut(&d.key));
-            for e in holders.filter(|e| e.blake3.is_none()) {
-                e.size = c.size;
-                e.blake3 = digest(&c.blake3);
+            for state in self.folders.values_mut() {
+                state.entries.fill_deferred(&d.key, c.size, digest(&c.blake3));
             }
         }
         Ok(stats)
@@ -429,7 +418,7 @@ impl Tree {
         }
         self.folders.insert(
             folder.rel.clone(),
-            FolderState { folder: folder.clone(), entries: HashMap::new(), stamps: [None, None], listed_at: None, taken_over: None },
+            FolderState { folder: folder.clone(), entries: Entries::default(), stamps: [None, None], listed_at: None, taken_over: None },
         );
         Ok(())
     }
@@ -447,7 +436,7 @@ impl Tree {
         store::link_folder(&dir, &folder.rel.to_string_lossy(), id)?;
         dir.mkdir("tmp", 0o700)?;
         let listed_at = record.source_dirs.map(|d| SystemTime::UNIX_EPOCH + Duration::from_nanos(d.listed_at_ns.max(0) as u64));
-        let state = FolderState { folder: folder.clone(), entries: HashMap::new(), stamps: now, listed_at, taken_over: Some(record) };
+        let state = FolderState { folder: folder.clone(), entries: Entries::default(), stamps: now, listed_at, taken_over: Some(record) };
         self.folders.insert(folder.rel.clone(), state);
         Ok(true)
     }
@@ -511,7 +500,7 @@ impl Tree {
     fn take_listing(&mut self, folder: &Folder, listing: Option<Listing>, diff: &mut Diff, stats: &mut PassStats) -> Result<(), BackupError> {
         let Some(listing) = listing else {
             if let Some(state) = self.folders.get_mut(&folder.rel) {
-                for (k, e) in state.entries.drain() {
+                for (k, e) in std::mem::take(&mut state.entries) {
                     diff.departed.entry(k).or_default().push((folder.rel.clone(), e));
                 }
             }
@@ -527,8 +516,8 @@ impl Tree {
         // What left: of a partial listing's keys only (under the locks, a pass must not cost
         // as much as the folder is big), of every key after a full one.
         let gone: Vec<String> = match &listing.touched {
-            Some(touched) => touched.iter().filter(|k| state.entries.contains_key(*k) && !listing.entries.contains_key(*k)).cloned().collect(),
-            None => state.entries.keys().filter(|k| !listing.entries.contains_key(*k)).cloned().collect(),
+            Some(touched) => touched.iter().filter(|k| state.entries.contains_key(k) && !listing.entries.contains_key(*k)).cloned().collect(),
+            None => state.entries.keys().filter(|k| !listing.entries.contains_key(*k)).map(str::to_string).collect(),
         };
         for k in gone {
             if let Some(e) = state.entries.remove(&k) {
@@ -538,15 +527,14 @@ impl Tree {
         forget_other_keys_at(&mut state.entries, &listing.entries);
         let mut added = Vec::new();
         for (key, listed) in listing.entries {
-            match state.entries.get_mut(&key) {
-                Some(e) if e.sub == listed.sub && e.name == listed.name => {}
+            match state.entries.get(&key) {
+                Some(e) if e.sub == listed.sub && *e.name == listed.name => {}
                 Some(e) => {
                     // Flags changed or new/ -> cur/: the same message under a new name.
                     let from = staged_path(&folder.rel, e.sub, &e.name);
                     let to = staged_path(&folder.rel, listed.sub, &listed.name);
                     self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
-                    e.sub = listed.sub;
-                    e.name = listed.name;
+                    state.entries.set_place(&key, listed.sub, listed.name.into_boxed_str());
                     stats.renamed += 1;
                 }
                 None => added.push((key, listed)),
@@ -589,7 +577,7 @@ impl Tree {
                 let from = staged_path(&from_rel, e.sub, &e.name);
                 let to = staged_path(&rel, listed.sub, &listed.name);
                 self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
-                let entry = Entry { sub: listed.sub, name: listed.name, ..e };
+                let entry = Entry { sub: listed.sub, name: listed.name.into_boxed_str(), ..e };
                 self.folders.get_mut(&rel).expect("listed folder is staged").entries.insert(key, entry);
                 stats.moved += 1;
             }
@@ -628,7 +616,7 @@ impl Tree {
         for (rel, folder_jobs) in jobs {
             let state = self.folders.get_mut(&rel).expect("job folder is staged");
             for (CopyJob { key, listed }, result) in folder_jobs.into_iter().zip(results.by_ref()) {
-                let entry = |m: Made| Entry { sub: listed.sub, name: listed.name, size: m.size, blake3: m.blake3 };
+                let entry = |m: Made| Entry { sub: listed.sub, name: listed.name.into_boxed_str(), size: m.size, blake3: m.blake3 };
                 match result? {
                     JobResult::Copied(m) => {
                         stats.copied += 1;

@@ -266,11 +266,11 @@ fn a_partial_listing_leaves_untouched_messages_alone() {
     let subs = subs_of(&root);
     let state = &tree.folders[Path::new("")];
     let l = partial_listing(&subs, &changes(&[(Subdir::Cur, "a.M1P1.h:2,"), (Subdir::New, "c.M3P3.h")]), |k| {
-        state.entries.get(k).map(|e| Listed { sub: e.sub, name: e.name.clone() })
+        state.entries.get(k).map(|e| Listed { sub: e.sub, name: e.name.to_string() })
     });
     let s = tree.apply(&md, vec![(inbox, Some(l))], &pool, None, &NoProgress).unwrap();
     assert_eq!((s.removed, s.copied, s.renamed), (1, 1, 0));
-    let names: HashSet<String> = tree.folders[Path::new("")].entries.values().map(|e| e.name.clone()).collect();
+    let names: HashSet<String> = tree.folders[Path::new("")].entries.values().map(|e| e.name.to_string()).collect();
     assert_eq!(names, HashSet::from(["b.M2P2.h:2,".to_string(), "c.M3P3.h".to_string()]));
 }
 
