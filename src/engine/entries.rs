@@ -24,8 +24,10 @@ pub struct Entry {
 /// The staged messages of one folder, by key (see `scan::Listing`).
 #[derive(Default)]
 pub struct Entries {
-    /// Entries whose key is their name's unique part: found by hashing that part of the name.
-    by_unique: HashTable<Entry>,
+    /// Entries whose key is their name's unique part, side by side (no allocation each).
+    all: Vec<Entry>,
+    /// Where in `all` each is: found by hashing that part of the name.
+    by_unique: HashTable<u32>,
     /// The few others, under their own key: a second file with a unique name already taken
     /// (a `\0dup:` key).
     others: HashMap<String, Entry>,
@@ -38,12 +40,23 @@ fn unique_of(name: &str) -> &str {
 
 impl Entries {
     pub fn len(&self) -> usize {
-        self.by_unique.len() + self.others.len()
+        self.all.len() + self.others.len()
+    }
+
+    /// Room for `more` entries (a folder's copies, known before they are recorded).
+    pub fn reserve(&mut self, more: usize) {
+        self.all.reserve_exact(more);
+        let (all, hasher) = (&self.all, &self.hasher);
+        self.by_unique.reserve(more, |&i| hasher.hash_one(unique_of(&all[i as usize].name)));
+    }
+
+    fn position(&self, key: &str) -> Option<usize> {
+        let i = self.by_unique.find(self.hasher.hash_one(key), |&i| unique_of(&self.all[i as usize].name) == key)?;
+        Some(*i as usize)
     }
 
     pub fn get(&self, key: &str) -> Option<&Entry> {
-        let found = self.by_unique.find(self.hasher.hash_one(key), |e| unique_of(&e.name) == key);
-        found.or_else(|| self.others.get(key))
+        self.position(key).map(|i| &self.all[i]).or_else(|| self.others.get(key))
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -53,19 +66,31 @@ impl Entries {
     /// Records `e` under `key`, in place of any entry there.
     pub fn insert(&mut self, key: String, e: Entry) {
         self.remove(&key);
-        if unique_of(&e.name) == key {
-            let hasher = &self.hasher;
-            self.by_unique.insert_unique(hasher.hash_one(&key), e, |e| hasher.hash_one(unique_of(&e.name)));
-        } else {
+        if unique_of(&e.name) != key {
             self.others.insert(key, e);
+            return;
         }
+        let i = u32::try_from(self.all.len()).expect("a folder holds fewer than 2^32 messages");
+        self.all.push(e);
+        let (all, hasher) = (&self.all, &self.hasher);
+        self.by_unique.insert_unique(hasher.hash_one(&key), i, |&i| hasher.hash_one(unique_of(&all[i as usize].name)));
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Entry> {
-        match self.by_unique.find_entry(self.hasher.hash_one(key), |e| unique_of(&e.name) == key) {
-            Ok(found) => Some(found.remove().0),
-            Err(_) => self.others.remove(key),
+        let (all, hasher) = (&self.all, &self.hasher);
+        let Ok(found) = self.by_unique.find_entry(hasher.hash_one(key), |&i| unique_of(&all[i as usize].name) == key) else {
+            return self.others.remove(key);
+        };
+        let i = found.remove().0 as usize;
+        let e = self.all.swap_remove(i);
+        // The last entry took its place: point its slot there.
+        if let Some(moved) = self.all.get(i) {
+            let (last, hasher) = (self.all.len() as u32, &self.hasher);
+            if let Some(slot) = self.by_unique.find_mut(hasher.hash_one(unique_of(&moved.name)), |&j| j == last) {
+                *slot = i as u32;
+            }
         }
+        Some(e)
     }
 
     /// Moves the entry at `key` to `sub`/`name` (a rename keeps the unique part, and so the key).
@@ -78,9 +103,8 @@ impl Entries {
     /// Gives the entry at `key` the size and checksum of its deferred copy, if it still waits
     /// for them.
     pub fn fill_deferred(&mut self, key: &str, size: u64, blake3: Option<blake3::Hash>) {
-        let hash = self.hasher.hash_one(key);
-        let e = match self.by_unique.find_mut(hash, |e| unique_of(&e.name) == key) {
-            Some(e) => Some(e),
+        let e = match self.position(key) {
+            Some(i) => Some(&mut self.all[i]),
             None => self.others.get_mut(key),
         };
         if let Some(e) = e.filter(|e| e.blake3.is_none()) {
@@ -89,7 +113,7 @@ impl Entries {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
-        let by_unique = self.by_unique.iter().map(|e| (unique_of(&e.name), e));
+        let by_unique = self.all.iter().map(|e| (unique_of(&e.name), e));
         by_unique.chain(self.others.iter().map(|(k, e)| (k.as_str(), e)))
     }
 
@@ -107,7 +131,7 @@ impl IntoIterator for Entries {
     type IntoIter = Box<dyn Iterator<Item = (String, Entry)>>;
 
     fn into_iter(self) -> Self::IntoIter {
-        let by_unique = self.by_unique.into_iter().map(|e| (unique_of(&e.name).to_string(), e));
+        let by_unique = self.all.into_iter().map(|e| (unique_of(&e.name).to_string(), e));
         Box::new(by_unique.chain(self.others))
     }
 }
@@ -161,9 +185,15 @@ mod tests {
         assert_eq!(es.len(), 1000);
         assert_eq!(es["7.M1P1.h"], Entry { sub: Subdir::Cur, name: "7.M1P1.h:2,FS".into(), size: 10, blake3: Some(blake3::hash(b"x")) });
         es.fill_deferred("7.M1P1.h", 11, None);
+        for i in (0..1000).step_by(3) {
+            assert!(es.remove(&format!("{i}.M1P1.h")).is_some());
+        }
+        for i in 0..1000 {
+            assert_eq!(es.contains_key(&format!("{i}.M1P1.h")), i % 3 != 0, "{i}");
+        }
         assert_eq!(es["7.M1P1.h"].size, 10, "a checksum once known is kept");
         let all: Vec<(String, Entry)> = es.into_iter().collect();
-        assert_eq!(all.len(), 1000);
+        assert_eq!(all.len(), 1000 - 334);
         assert!(all.iter().all(|(k, e)| unique_of(&e.name) == k));
     }
 }

@@ -615,6 +615,7 @@ impl Tree {
         let (mut warnings, mut results) = (Vec::new(), results.into_iter());
         for (rel, folder_jobs) in jobs {
             let state = self.folders.get_mut(&rel).expect("job folder is staged");
+            state.entries.reserve(folder_jobs.len());
             for (CopyJob { key, listed }, result) in folder_jobs.into_iter().zip(results.by_ref()) {
                 let entry = |m: Made| Entry { sub: listed.sub, name: listed.name.into_boxed_str(), size: m.size, blake3: m.blake3 };
                 match result? {
