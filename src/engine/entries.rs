@@ -22,7 +22,7 @@ pub struct Entry {
 }
 
 /// The staged messages of one folder, by key (see `scan::Listing`).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Entries {
     /// Entries whose key is their name's unique part, side by side (no allocation each).
     all: Vec<Entry>,
@@ -63,17 +63,33 @@ impl Entries {
         self.get(key).is_some()
     }
 
+    /// The key an entry has unless recorded under another (a message name's unique part).
+    pub fn key_of(e: &Entry) -> Option<&str> {
+        MessageName::parse(&e.name).map(|m| m.unique())
+    }
+
     /// Records `e` under `key`, in place of any entry there.
     pub fn insert(&mut self, key: String, e: Entry) {
-        self.remove(&key);
-        if unique_of(&e.name) != key {
+        if Self::key_of(&e) == Some(&key) {
+            self.insert_named(e);
+        } else {
+            self.remove(&key);
             self.others.insert(key, e);
-            return;
+        }
+    }
+
+    /// Records `e` under its name's unique part, in place of any entry there.
+    pub fn insert_named(&mut self, e: Entry) {
+        let key = unique_of(&e.name);
+        let hash = self.hasher.hash_one(key);
+        if self.contains_key(key) {
+            let key = key.to_string();
+            self.remove(&key);
         }
         let i = u32::try_from(self.all.len()).expect("a folder holds fewer than 2^32 messages");
         self.all.push(e);
         let (all, hasher) = (&self.all, &self.hasher);
-        self.by_unique.insert_unique(hasher.hash_one(&key), i, |&i| hasher.hash_one(unique_of(&all[i as usize].name)));
+        self.by_unique.insert_unique(hash, i, |&i| hasher.hash_one(unique_of(&all[i as usize].name)));
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Entry> {

@@ -8,6 +8,7 @@
 
 mod entries;
 mod priority;
+mod spill;
 pub(crate) mod reconcile;
 pub(crate) mod scan;
 pub(crate) mod sync;
@@ -31,6 +32,7 @@ use crate::sysexits::{self, ExitCode};
 
 pub use reconcile::{Busy, HeldLocks};
 use rayon::prelude::*;
+use entries::Entries;
 use reconcile::{BUSY_LOCK_WAIT, FIRST_LOCK_WAIT};
 pub(crate) use sync::{PassStats, Reuse, Store, Tree};
 
@@ -84,6 +86,10 @@ const BULK_BATCH: usize = 20_000;
 /// Catch-up passes stop once a pass changes no more than this many messages.
 const SMALL_PASS: u64 = 20;
 const MAX_CATCH_UP_PASSES: u32 = 4;
+
+/// Messages whose records are written side by side at most (each folder's entries and, in a
+/// repository, its previous snapshot's records are read for it): about 30 MB.
+const RECORDS_WAVE: u64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -364,7 +370,7 @@ impl<'a> Run<'a> {
 
     /// Lists the folders that may have changed since their last listing, and applies that.
     fn relist_and_apply(&mut self, folders: &[Folder]) -> Result<PassStats, BackupError> {
-        let listings = reconcile::relist(self.md, &self.tree, folders, self.opts.lock.nfs_flush, self.watcher.as_mut())?;
+        let listings = reconcile::relist(self.md, &mut self.tree, folders, self.opts.lock.nfs_flush, self.watcher.as_mut())?;
         let s = self.apply(listings)?;
         self.changed += s.changes();
         Ok(s)
@@ -386,8 +392,10 @@ impl<'a> Run<'a> {
                 batch.push((f.clone(), listing));
             }
             if in_batch >= BULK_BATCH || batch.len() >= sync::FOLDERS_PER_BATCH || (i + 1 == found.len() && !batch.is_empty()) {
+                let rels: Vec<PathBuf> = batch.iter().map(|(f, _)| f.rel.clone()).collect();
                 let s = self.tree.apply(self.md, std::mem::take(&mut batch), &self.pool, self.reuse, self.progress)?;
                 self.total.add(&s);
+                self.tree.spill_folders(&rels)?;
                 in_batch = 0;
             }
         }
@@ -711,7 +719,7 @@ fn copy_dir_meta(md: &Maildir, tree: &Tree, rel: &Path) -> Result<(), BackupErro
 }
 
 fn folder_bytes(tree: &Tree, path: &str) -> u64 {
-    tree.folders.get(Path::new(path)).map_or(0, |s| s.entries.values().map(|e| e.size).sum())
+    tree.folders.get(Path::new(path)).map_or(0, sync::FolderState::bytes)
 }
 
 /// Each folder's record: a taken-over folder's as the previous snapshot has it (its uidlist
@@ -720,9 +728,32 @@ fn folder_bytes(tree: &Tree, path: &str) -> u64 {
 /// the tree for the manifest.
 fn folder_records(md: &Maildir, tree: &Tree, reuse: Option<&dyn Reuse>, store: Option<&dyn Store>) -> Result<Vec<FolderRecord>, BackupError> {
     let linked = tree.linked_control.lock().unwrap_or_else(|p| p.into_inner());
-    // Folder by folder, side by side: each reads and writes its own records and entry.
     let folders: Vec<_> = tree.folders.iter().collect();
-    folders.into_par_iter().map(|(rel, state)| folder_record(md, tree, rel, state, &linked, reuse, store)).collect()
+    let mut records = Vec::with_capacity(folders.len());
+    // Folder by folder, side by side: each reads and writes its own records and entry. In
+    // waves, so that only so many messages' entries and base records are read at once.
+    for wave in waves(&folders, |(_, s)| s.taken_over.as_ref().map_or(s.messages(), |r| r.messages), RECORDS_WAVE) {
+        let done: Result<Vec<_>, _> = wave.par_iter().map(|(rel, state)| folder_record(md, tree, rel, state, &linked, reuse, store)).collect();
+        records.extend(done?);
+    }
+    Ok(records)
+}
+
+/// `items` cut in order into runs of at most `most` by `weight` (one heavier alone).
+fn waves<T>(items: &[T], weight: impl Fn(&T) -> u64, most: u64) -> Vec<&[T]> {
+    let (mut out, mut start, mut sum) = (Vec::new(), 0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let w = weight(item);
+        if i > start && sum + w > most {
+            out.push(&items[start..i]);
+            (start, sum) = (i, 0);
+        }
+        sum += w;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
 }
 
 fn folder_record(md: &Maildir, tree: &Tree, rel: &Path, state: &sync::FolderState, linked: &HashSet<PathBuf>, reuse: Option<&dyn Reuse>, store: Option<&dyn Store>) -> Result<FolderRecord, BackupError> {
@@ -738,20 +769,22 @@ fn folder_record(md: &Maildir, tree: &Tree, rel: &Path, state: &sync::FolderStat
         }
         return Ok(record);
     }
-    let uniques: HashSet<&str> = state.entries.values().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
+    let entries = tree.entries_of(state)?;
+    let uniques: HashSet<&str> = entries.values().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
     let uidlist = summarize_uidlist(&fdir, &uniques)?;
+    drop(uniques);
     let mut record = FolderRecord {
         uidlist_header: uidlist.header,
         uidlist_expunged: uidlist.expunged,
         uidlist_expunged_partial: uidlist.partial,
-        messages: state.entries.len() as u64,
+        messages: entries.len() as u64,
         ..FolderRecord::new(path, state.folder.name.clone())
     };
     if let Some(store) = store {
-        record.bytes = Some(state.entries.values().map(|e| e.size).sum());
+        record.bytes = Some(state.bytes());
         record.source_dirs = source_dirs(md, state);
         let path = record.path.clone();
-        record.store = Some(store.store_folder(&record.path, &fdir, &|| Box::new(message_records(&path, state)))?);
+        record.store = Some(store.store_folder(&record.path, &fdir, &|| Box::new(message_records(&path, &entries)))?);
     }
     Ok(record)
 }
@@ -765,8 +798,8 @@ fn source_dirs(md: &Maildir, state: &sync::FolderState) -> Option<SourceDirs> {
 }
 
 /// A listed folder's message records, sorted by place and name.
-fn message_records<'s>(folder: &'s str, state: &'s sync::FolderState) -> impl Iterator<Item = MessageRecord> + 's {
-    let mut entries: Vec<_> = state.entries.values().collect();
+fn message_records<'s>(folder: &'s str, entries: &'s Entries) -> impl Iterator<Item = MessageRecord> + 's {
+    let mut entries: Vec<_> = entries.values().collect();
     entries.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
     entries.into_iter().map(move |e| {
         let name = MessageName::parse(&e.name);
@@ -804,7 +837,8 @@ fn write_manifest(md: &Maildir, tree: &Tree, folders: &[FolderRecord], taken_at:
     let mut w = ManifestWriter::create(&tree.staging, &header)?;
     folders.iter().try_for_each(|f| w.folder(f))?;
     for (f, state) in folders.iter().zip(tree.folders.values()).filter(|(f, _)| f.store.is_none()) {
-        message_records(&f.path, state).try_for_each(|m| w.message(&m))?;
+        let entries = tree.entries_of(state)?;
+        message_records(&f.path, &entries).try_for_each(|m| w.message(&m))?;
     }
     w.finish()?;
     Ok(header)

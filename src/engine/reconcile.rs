@@ -188,7 +188,7 @@ pub fn unchanged_since_listing(md: &Maildir, state: &FolderState, nfs: bool) -> 
 /// watched before their first listing.
 pub fn relist(
     md: &Maildir,
-    tree: &Tree,
+    tree: &mut Tree,
     folders: &[Folder],
     nfs: bool,
     mut watcher: Option<&mut Watcher>,
@@ -198,13 +198,14 @@ pub fn relist(
     }
     let mut out = Vec::new();
     for f in folders {
-        let state = tree.folders.get(&f.rel);
         let changes = watcher.as_deref_mut().and_then(|w| w.take(&f.rel));
-        match (state, changes) {
-            (Some(state), Some(changes)) => {
+        match (tree.folders.contains_key(&f.rel), changes) {
+            (true, Some(changes)) => {
                 if changes.is_empty() {
                     continue;
                 }
+                tree.load(&f.rel)?;
+                let Some(state) = tree.folders.get(&f.rel) else { continue };
                 let Some(dir) = folder_dir_or_gone(md, f)? else {
                     out.push((f.clone(), None));
                     continue;
@@ -217,8 +218,8 @@ pub fn relist(
                 listing.warnings.extend(warnings);
                 out.push((f.clone(), Some(listing)));
             }
-            (state, _) => {
-                if state.is_some_and(|s| unchanged_since_listing(md, s, nfs)) {
+            _ => {
+                if tree.folders.get(&f.rel).is_some_and(|s| unchanged_since_listing(md, s, nfs)) {
                     continue;
                 }
                 out.push((f.clone(), watch_and_list(md, f, watcher.as_deref_mut())?));

@@ -2,6 +2,7 @@
 //! fresh listing of the source. Renames (flag changes, new/ -> cur/) become renames in the
 //! copy, messages moved between folders are moved in the copy, only new messages are read.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use rayon::prelude::*;
 use super::entries::Entries;
 pub use super::entries::Entry;
 use super::scan::{DirStamp, Listed, Listing};
+use super::spill::{Spill, Spilled};
 use super::{BackupError, MessageFiles, Progress};
 use crate::fsx::{self, Dir, FsError, Replace};
 use crate::maildir::{Folder, Maildir, MessageName, Subdir, MESSAGE_DIRS};
@@ -42,12 +44,26 @@ pub fn hex(h: Option<blake3::Hash>) -> String {
 #[derive(Debug)]
 pub struct FolderState {
     pub folder: Folder,
+    /// Empty while the entries are in the scratch file (`spilled`): see `Tree::entries_of`.
     pub entries: Entries,
+    pub spilled: Option<Spilled>,
     pub stamps: [Option<DirStamp>; 2],
     pub listed_at: Option<SystemTime>,
     /// Taken over whole from the previous snapshot (its record there) instead of listed: the
     /// staged cur/ and new/ are that snapshot's, shared (see `Reuse::take_over`).
     pub taken_over: Option<FolderRecord>,
+}
+
+impl FolderState {
+    /// How many messages it holds (wherever its entries are).
+    pub fn messages(&self) -> u64 {
+        self.spilled.map_or(self.entries.len() as u64, |s| s.messages)
+    }
+
+    /// The bytes of its messages.
+    pub fn bytes(&self) -> u64 {
+        self.spilled.map_or_else(|| self.entries.values().map(|e| e.size).sum(), |s| s.bytes)
+    }
 }
 
 /// Everything staged so far, by folder path.
@@ -65,13 +81,26 @@ pub struct Tree {
     /// links to one big file), by (device, inode): the folder and key of their staged copy,
     /// which the other names are hard-linked to, and the file's stamp (an inode number is
     /// reused once the file is gone). A backup never costs more than its source.
-    shared: HashMap<(u64, u64), ((PathBuf, String), Stamp)>,
+    shared: HashMap<(u64, u64), SharedAt>,
     /// Whether new messages are to be deferred (see `MAX_DEFERRED`), and those that were.
     deferring: bool,
     deferred: Vec<Deferred>,
     messages: MessageFiles,
     /// Control files (paths in the staged copy) linked from the previous snapshot, unchanged.
     pub linked_control: Mutex<HashSet<PathBuf>>,
+    /// Where folders' entries wait while nothing changes them (None: not made yet, or the
+    /// file system cannot make one; see `spill`).
+    spill: Option<Spill>,
+    spill_tried: bool,
+}
+
+/// Where the staged copy of a multiply-linked source file is: its folder and key, and the
+/// entry as it was when its folder's entries went to the scratch file (a spilled folder does
+/// not change).
+struct SharedAt {
+    at: (PathBuf, String),
+    stamp: Stamp,
+    spilled: Option<Entry>,
 }
 
 /// A copy left for after the locks: the source as opened under them, and the staged file
@@ -154,8 +183,9 @@ impl<'t> SharedInodes<'t> {
 
     /// A copy staged in an earlier pass, if still where it was.
     fn staged_before(&self, id: (u64, u64)) -> Option<SharedCopy> {
-        let ((rel, key), stamp) = self.tree.shared.get(&id)?;
-        let e = self.tree.folders.get(rel)?.entries.get(key)?;
+        let SharedAt { at: (rel, key), stamp, spilled } = self.tree.shared.get(&id)?;
+        let state = self.tree.folders.get(rel)?;
+        let e = if state.spilled.is_some() { spilled.as_ref()? } else { state.entries.get(key)? };
         let path = staged_path(rel, e.sub, &e.name);
         Some(SharedCopy { path, stamp: *stamp, size: e.size, blake3: hex(e.blake3), at: (rel.clone(), key.clone()) })
     }
@@ -338,6 +368,51 @@ impl Tree {
             deferred: Vec::new(),
             messages: MessageFiles::Copy,
             linked_control: Mutex::new(HashSet::new()),
+            spill: None,
+            spill_tried: false,
+        }
+    }
+
+    /// Writes the entries of the folders at `rels` to the scratch file and lets go of them
+    /// (never while copies are deferred: those fill entries in). They come back when a pass
+    /// changes the folder (`load`), or are read for its records (`entries_of`).
+    pub fn spill_folders(&mut self, rels: &[PathBuf]) -> Result<(), BackupError> {
+        if self.deferring || !self.deferred.is_empty() {
+            return Ok(());
+        }
+        if !self.spill_tried {
+            self.spill_tried = true;
+            self.spill = Spill::new(&self.staging)?;
+        }
+        let Some(spill) = self.spill.as_mut() else { return Ok(()) };
+        let folders = &mut self.folders;
+        let spilling: HashSet<&PathBuf> = rels.iter().filter(|r| folders.get(*r).is_some_and(|s| s.spilled.is_none() && s.entries.len() > 0)).collect();
+        for shared in self.shared.values_mut().filter(|s| spilling.contains(&s.at.0)) {
+            shared.spilled = folders.get(&shared.at.0).and_then(|s| s.entries.get(&shared.at.1)).cloned();
+        }
+        for rel in spilling {
+            let Some(state) = folders.get_mut(rel) else { continue };
+            state.spilled = Some(spill.write(&state.entries)?);
+            state.entries = Entries::default();
+        }
+        Ok(())
+    }
+
+    /// Brings the entries of the folder at `rel` back from the scratch file, for a pass to
+    /// change them.
+    pub fn load(&mut self, rel: &Path) -> Result<(), BackupError> {
+        let Some(state) = self.folders.get_mut(rel) else { return Ok(()) };
+        let (Some(at), Some(spill)) = (state.spilled, self.spill.as_ref()) else { return Ok(()) };
+        state.entries = spill.read(&at)?;
+        state.spilled = None;
+        Ok(())
+    }
+
+    /// The entries of folder `state`, read from the scratch file if they are there.
+    pub fn entries_of<'s>(&'s self, state: &'s FolderState) -> Result<Cow<'s, Entries>, BackupError> {
+        match (state.spilled, self.spill.as_ref()) {
+            (Some(at), Some(spill)) => Ok(Cow::Owned(spill.read(&at)?)),
+            _ => Ok(Cow::Borrowed(&state.entries)),
         }
     }
 
@@ -418,7 +493,7 @@ impl Tree {
         }
         self.folders.insert(
             folder.rel.clone(),
-            FolderState { folder: folder.clone(), entries: Entries::default(), stamps: [None, None], listed_at: None, taken_over: None },
+            FolderState { folder: folder.clone(), entries: Entries::default(), spilled: None, stamps: [None, None], listed_at: None, taken_over: None },
         );
         Ok(())
     }
@@ -436,7 +511,7 @@ impl Tree {
         store::link_folder(&dir, &folder.rel.to_string_lossy(), id)?;
         dir.mkdir("tmp", 0o700)?;
         let listed_at = record.source_dirs.map(|d| SystemTime::UNIX_EPOCH + Duration::from_nanos(d.listed_at_ns.max(0) as u64));
-        let state = FolderState { folder: folder.clone(), entries: Entries::default(), stamps: now, listed_at, taken_over: Some(record) };
+        let state = FolderState { folder: folder.clone(), entries: Entries::default(), spilled: None, stamps: now, listed_at, taken_over: Some(record) };
         self.folders.insert(folder.rel.clone(), state);
         Ok(true)
     }
@@ -498,6 +573,7 @@ impl Tree {
     /// Compares one folder's listing with its staged copy: renames in the copy what was renamed
     /// in the folder; notes what is new and what left (in `diff`).
     fn take_listing(&mut self, folder: &Folder, listing: Option<Listing>, diff: &mut Diff, stats: &mut PassStats) -> Result<(), BackupError> {
+        self.load(&folder.rel)?;
         let Some(listing) = listing else {
             if let Some(state) = self.folders.get_mut(&folder.rel) {
                 for (k, e) in std::mem::take(&mut state.entries) {
@@ -611,7 +687,7 @@ impl Tree {
             self.run_jobs(md, batch, pool, reuse, &shared, progress, &mut results)?;
         }
         let newly_shared: Vec<_> = shared.into_new().collect();
-        self.shared.extend(newly_shared.into_iter().map(|(id, c)| (id, (c.at, c.stamp))));
+        self.shared.extend(newly_shared.into_iter().map(|(id, c)| (id, SharedAt { at: c.at, stamp: c.stamp, spilled: None })));
         let (mut warnings, mut results) = (Vec::new(), results.into_iter());
         for (rel, folder_jobs) in jobs {
             let state = self.folders.get_mut(&rel).expect("job folder is staged");

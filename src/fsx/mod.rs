@@ -475,6 +475,18 @@ impl Dir {
         Err(FsError::io("create temporary file in", self.path.clone(), Errno::EXIST))
     }
 
+    /// A new file without a name in this directory (`O_TMPFILE`), for reading and writing; it
+    /// is gone once closed, and no one can open it meanwhile. None where the file system
+    /// cannot make one.
+    pub fn scratch_file(&self) -> Result<Option<File>> {
+        let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
+        match rustix::fs::openat(&self.fd, ".", flags, mode(0o600)) {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => Ok(None),
+            Err(e) => Err(FsError::io("create a scratch file in", self.path.clone(), e)),
+        }
+    }
+
     /// Replaces `name` the way Dovecot replaces its control files: a new file with a random
     /// name, written by `fill`, given `mode` and `owner`, flushed, renamed over `name`; then
     /// the directory flushed. A symlink at `name` is replaced, never followed.

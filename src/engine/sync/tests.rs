@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::engine::reconcile::watch_and_list;
 use crate::engine::NoProgress;
 use crate::maildir::folders;
 use crate::maildir::MailLocation;
@@ -47,12 +48,13 @@ impl World {
 }
 
 /// The tree's entries as staged paths, sorted: must equal the message files in staging.
+/// (Wherever the entries are: see `Tree::spill_folders`.)
 fn tracked(tree: &Tree) -> Vec<String> {
-    let mut out: Vec<String> = tree
-        .folders
-        .iter()
-        .flat_map(|(rel, s)| s.entries.values().map(move |e| staged_path(rel, e.sub, &e.name).to_string_lossy().into_owned()))
-        .collect();
+    let mut out = Vec::new();
+    for (rel, s) in &tree.folders {
+        let entries = tree.entries_of(s).unwrap();
+        out.extend(entries.values().map(|e| staged_path(rel, e.sub, &e.name).to_string_lossy().into_owned()));
+    }
     out.sort();
     out
 }
@@ -266,6 +268,50 @@ fn a_later_link_to_a_staged_file_is_linked_not_copied() {
     let s = w.pass(&mut tree);
     assert_eq!((s.copied, s.linked, s.bytes), (0, 1, 0));
     assert_eq!(ino(&w.staging.join(".Archive/cur/x.M1P1.h:2,S")), ino(&w.staging.join("cur/x.M1P1.h:2,")));
+}
+
+/// A folder's entries written to the scratch file come back as they were: a pass over the
+/// folders that changed does what it does without that, even with a new name linked to a
+/// copy in a folder still on disk; a change in that folder brings its entries back.
+#[test]
+fn entries_on_disk_between_passes_come_back_as_they_were() {
+    let w = World::new(&[".Archive", ".Trash"]);
+    let x = put(&w.src, "cur", "x.M1P1.h:2,", &body("x"));
+    fs::hard_link(&x, w.src.join("cur/y.M2P2.h:2,")).unwrap();
+    put(&w.src, "cur", "1.M1P1.h:2,", &body("1"));
+    put(&w.src.join(".Archive"), "cur", "3.M3P3.h:2,S", &body("3"));
+    put(&w.src.join(".Archive"), "cur", "4.M4P4.h:2,S", &body("4"));
+    let mut tree = w.tree();
+    w.pass(&mut tree);
+    if Dir::open(&w.staging).unwrap().scratch_file().unwrap().is_none() {
+        eprintln!("no O_TMPFILE on this file system: entries stay in memory");
+        return;
+    }
+    let all: Vec<PathBuf> = tree.folders.keys().cloned().collect();
+    tree.spill_folders(&all).unwrap();
+    assert!(tree.folders.values().all(|s| s.entries.len() == 0));
+    assert!(tree.folders[Path::new("")].spilled.is_some() && tree.folders[Path::new(".Archive")].spilled.is_some());
+    assert_eq!(tracked(&tree), w.staged());
+
+    // A flag change and a move between the folders on disk but the inbox, and a COPY out of it.
+    let archive = w.src.join(".Archive/cur");
+    fs::rename(archive.join("3.M3P3.h:2,S"), archive.join("3.M3P3.h:2,ST")).unwrap();
+    fs::rename(archive.join("4.M4P4.h:2,S"), w.src.join(".Trash/cur/4.M4P4.h:2,S")).unwrap();
+    fs::hard_link(&x, w.src.join(".Trash/cur/x.M1P1.h:2,S")).unwrap();
+    let md = open(&w.src);
+    let listings = tree.folders.values().filter(|s| !s.folder.is_inbox()).map(|s| (s.folder.clone(), watch_and_list(&md, &s.folder, None).unwrap())).collect();
+    let s = tree.apply(&md, listings, &w.pool, None, &NoProgress).unwrap();
+    assert_eq!(s, PassStats { renamed: 1, moved: 1, linked: 1, ..no_changes() });
+    assert!(tree.folders[Path::new("")].spilled.is_some(), "a folder no pass listed stays on disk");
+    assert_eq!(ino(&w.staging.join(".Trash/cur/x.M1P1.h:2,S")), ino(&w.staging.join("cur/x.M1P1.h:2,")));
+    assert_eq!(tracked(&tree), w.staged());
+    assert_eq!(tree.folders[Path::new(".Trash")].bytes(), (body("4").len() + body("x").len()) as u64);
+
+    fs::remove_file(w.src.join("cur/1.M1P1.h:2,")).unwrap();
+    assert_eq!(w.pass(&mut tree), PassStats { removed: 1, ..no_changes() });
+    assert!(tree.folders.values().all(|s| s.spilled.is_none()));
+    assert_eq!(tracked(&tree), w.staged());
+    assert_eq!(w.staged().len(), 5);
 }
 
 #[test]
