@@ -11,6 +11,9 @@
 //! change must name a message its base holds exactly once.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
 
 use serde::{Deserialize, Serialize};
 
@@ -195,9 +198,14 @@ impl Applying {
     }
 }
 
-/// What a base holds of each message, by unique name, and whether one is there twice.
+/// What a base holds of each message, by unique name, and whether one is there twice: packed
+/// (every name in one string), as a folder of a million messages may have one.
 struct BaseRecords {
-    by_unique: HashMap<Box<str>, BaseMessage>,
+    names: String,
+    messages: Vec<BaseMessage>,
+    /// Positions in `messages`, by the unique part of their names.
+    by_unique: HashTable<u32>,
+    hasher: RandomState,
     twice: bool,
     /// Bases below it.
     depth: usize,
@@ -206,22 +214,59 @@ struct BaseRecords {
 /// What a change is measured against: where the message was, and which file it was (None:
 /// recorded without a checksum, so never taken for the same).
 struct BaseMessage {
+    name_at: u32,
+    name_len: u16,
     dir: Subdir,
-    name: Box<str>,
     size: u64,
     blake3: Option<[u8; 32]>,
 }
 
+fn unique_of(name: &str) -> &str {
+    MessageName::parse(name).map_or(name, |n| n.unique())
+}
+
 impl BaseRecords {
-    /// Entry `id`'s records, if they can all be read; a base that cannot is not used.
+    /// Entry `id`'s records, if they can all be read; a base that cannot (or whose names pass
+    /// 4 GiB) is not used.
     fn read(series: &Dir, folder: &str, id: &str) -> Option<BaseRecords> {
-        let (mut by_unique, mut twice) = (HashMap::new(), false);
-        let depth = visit_chain(series, Some(folder), id, 0, &mut |m| {
-            let kept = BaseMessage { blake3: m.checksum_bytes(), dir: m.dir, name: m.name.into(), size: m.size };
-            twice |= by_unique.insert(m.unique.into(), kept).is_some();
-        })
-        .ok()?;
-        Some(BaseRecords { by_unique, twice, depth })
+        let mut b = BaseRecords { names: String::new(), messages: Vec::new(), by_unique: HashTable::new(), hasher: RandomState::new(), twice: false, depth: 0 };
+        let mut fits = true;
+        b.depth = visit_chain(series, Some(folder), id, 0, &mut |m| fits &= b.push(m)).ok()?;
+        fits.then_some(b)
+    }
+
+    /// Adds `m`; false if it cannot be kept.
+    fn push(&mut self, m: MessageRecord) -> bool {
+        let (Ok(name_at), Ok(name_len)) = (u32::try_from(self.names.len()), u16::try_from(m.name.len())) else { return false };
+        let Ok(i) = u32::try_from(self.messages.len()) else { return false };
+        if unique_of(&m.name) != m.unique || u32::try_from(self.names.len() + m.name.len()).is_err() {
+            return false;
+        }
+        let hash = self.hasher.hash_one(&m.unique);
+        let (names, messages) = (&self.names, &self.messages);
+        let name = |j: u32| -> &str {
+            let b = &messages[j as usize];
+            &names[b.name_at as usize..][..b.name_len as usize]
+        };
+        if self.by_unique.find(hash, |&j| unique_of(name(j)) == m.unique).is_some() {
+            self.twice = true;
+            return true;
+        }
+        let hasher = &self.hasher;
+        self.by_unique.insert_unique(hash, i, |&j| hasher.hash_one(unique_of(name(j))));
+        self.messages.push(BaseMessage { name_at, name_len, dir: m.dir, size: m.size, blake3: m.checksum_bytes() });
+        self.names.push_str(&m.name);
+        true
+    }
+
+    fn name(&self, i: u32) -> &str {
+        let b = &self.messages[i as usize];
+        &self.names[b.name_at as usize..][..b.name_len as usize]
+    }
+
+    /// The position of the message with unique name `unique`.
+    fn find(&self, unique: &str) -> Option<u32> {
+        self.by_unique.find(self.hasher.hash_one(unique), |&j| unique_of(self.name(j)) == unique).copied()
     }
 }
 
@@ -270,18 +315,21 @@ struct Diff {
 
 impl Diff {
     /// None if the changes are not shorter than the records.
-    fn of(records: impl Iterator<Item = MessageRecord>, mut base: BaseRecords) -> Option<Diff> {
+    fn of(records: impl Iterator<Item = MessageRecord>, base: BaseRecords) -> Option<Diff> {
         let (mut lines, mut whole, mut total) = (Vec::new(), Vec::new(), 0usize);
-        let most = base.by_unique.len();
+        let most = base.messages.len();
+        // Each base message is matched once at most (a second file of the same unique name is new).
+        let mut matched = vec![false; most];
         for m in records {
             total += 1;
-            match base.by_unique.remove(m.unique.as_str()) {
+            let found = base.find(&m.unique).filter(|&i| !std::mem::replace(&mut matched[i as usize], true));
+            match found.map(|i| (i, &base.messages[i as usize])) {
                 None => whole.push(m),
-                Some(b) if b.size != m.size || b.blake3.is_none() || b.blake3 != m.checksum_bytes() => {
+                Some((_, b)) if b.size != m.size || b.blake3.is_none() || b.blake3 != m.checksum_bytes() => {
                     lines.push(PartRecord::Gone { unique: m.unique.clone() });
                     whole.push(m);
                 }
-                Some(b) if (b.dir, &*b.name) != (m.dir, m.name.as_str()) => lines.push(PartRecord::Renamed { dir: m.dir, name: m.name }),
+                Some((i, b)) if (b.dir, base.name(i)) != (m.dir, m.name.as_str()) => lines.push(PartRecord::Renamed { dir: m.dir, name: m.name }),
                 Some(_) => {}
             }
             // Far more changed than the base held: written whole, without holding them all.
@@ -289,7 +337,8 @@ impl Diff {
                 return None;
             }
         }
-        let mut gone: Vec<String> = base.by_unique.into_keys().map(String::from).collect();
+        let unmatched = (0..most as u32).filter(|&i| !matched[i as usize]);
+        let mut gone: Vec<String> = unmatched.map(|i| unique_of(base.name(i)).to_string()).collect();
         gone.sort();
         lines.extend(gone.into_iter().map(|unique| PartRecord::Gone { unique }));
         (lines.len() + whole.len() < total).then_some(Diff { lines, whole })
