@@ -128,6 +128,17 @@ impl Entries {
         }
     }
 
+    /// Adds every entry of `more` (in place of any under the same key).
+    pub fn extend(&mut self, more: Entries) {
+        if self.len() == 0 {
+            *self = more;
+            return;
+        }
+        self.reserve(more.all.len());
+        more.all.into_iter().for_each(|e| self.insert_named(e));
+        more.others.into_iter().for_each(|(k, e)| self.insert(k, e));
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
         let by_unique = self.all.iter().map(|e| (unique_of(&e.name), e));
         by_unique.chain(self.others.iter().map(|(k, e)| (k.as_str(), e)))

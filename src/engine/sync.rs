@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, SystemTime};
@@ -302,9 +303,34 @@ struct Diff {
 
 /// A message to copy (or link) into a folder's staged copy.
 struct CopyJob {
-    key: String,
+    /// Its key if that is not its name's unique part (see `Entries`).
+    own_key: Option<Box<str>>,
     listed: Listed,
 }
+
+impl CopyJob {
+    fn new(key: String, listed: Listed) -> CopyJob {
+        let own_key = (MessageName::parse(&listed.name).map(|m| m.unique()) != Some(key.as_str())).then(|| key.into_boxed_str());
+        CopyJob { own_key, listed }
+    }
+
+    fn key(&self) -> &str {
+        match &self.own_key {
+            Some(k) => k,
+            None => MessageName::parse(&self.listed.name).map_or("", |m| m.unique()),
+        }
+    }
+
+    /// The entry it made, its name moved out of the job.
+    fn take_entry(&mut self, m: Made) -> (Option<String>, Entry) {
+        let name = std::mem::take(&mut self.listed.name).into_boxed_str();
+        (self.own_key.take().map(String::from), Entry { sub: self.listed.sub, name, size: m.size, blake3: m.blake3 })
+    }
+}
+
+/// Jobs run at once, at most: only their results are held (and, while the locks are held, no
+/// more are waited for).
+const RUN_JOBS: usize = 20_000;
 
 /// What a job staged: the entry's size and checksum (its place and name are the job's, moved
 /// into the entry, not copied: one string per message fewer at the peak of a first copy).
@@ -647,7 +673,7 @@ impl Tree {
             let mut queued = Vec::new();
             for (key, listed) in new {
                 let Some((from_rel, e)) = departed.get_mut(&key).and_then(Vec::pop) else {
-                    queued.push(CopyJob { key, listed });
+                    queued.push(CopyJob::new(key, listed));
                     continue;
                 };
                 let from = staged_path(&from_rel, e.sub, &e.name);
@@ -679,60 +705,76 @@ impl Tree {
             pool.install(|| reuse.read_ahead());
         }
         let shared = SharedInodes::new(self);
-        // One result per job, written in place by the batches (no second copy of them all).
-        let mut results = Vec::with_capacity(jobs.iter().map(|(_, js)| js.len()).sum());
-        // Folders in batches: jobs of several folders run side by side (one directory's lock is
-        // not a bottleneck), while only a batch's directories are open at once.
-        for batch in jobs.chunks(FOLDERS_PER_BATCH) {
-            self.run_jobs(md, batch, pool, reuse, &shared, progress, &mut results)?;
+        let mut jobs = jobs;
+        let (mut made, mut deferred, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
+        made.resize_with(jobs.len(), Entries::default);
+        for (entries, (_, js)) in made.iter_mut().zip(&jobs) {
+            entries.reserve(js.len());
         }
-        let newly_shared: Vec<_> = shared.into_new().collect();
-        self.shared.extend(newly_shared.into_iter().map(|(id, c)| (id, SharedAt { at: c.at, stamp: c.stamp, spilled: None })));
-        let (mut warnings, mut results) = (Vec::new(), results.into_iter());
-        for (rel, folder_jobs) in jobs {
-            let state = self.folders.get_mut(&rel).expect("job folder is staged");
-            state.entries.reserve(folder_jobs.len());
-            for (CopyJob { key, listed }, result) in folder_jobs.into_iter().zip(results.by_ref()) {
-                let entry = |m: Made| Entry { sub: listed.sub, name: listed.name.into_boxed_str(), size: m.size, blake3: m.blake3 };
-                match result? {
-                    JobResult::Copied(m) => {
-                        stats.copied += 1;
-                        stats.bytes += m.size;
-                        state.entries.insert(key, entry(m));
+        // In runs of a few folders' jobs (one directory's lock is not a bottleneck, and only a
+        // run's directories are open at once), each run's results recorded before the next.
+        for run in runs(&jobs) {
+            let results = self.run_jobs(md, &jobs, &run, pool, reuse, &shared, progress)?;
+            let mut results = results.into_iter();
+            for (f, range) in run {
+                for (job, result) in jobs[f].1[range].iter_mut().zip(results.by_ref()) {
+                    let (key, entry) = match result? {
+                        JobResult::Copied(m) => {
+                            stats.copied += 1;
+                            stats.bytes += m.size;
+                            job.take_entry(m)
+                        }
+                        JobResult::Deferred(m, d) => {
+                            stats.copied += 1;
+                            deferred.push(*d);
+                            job.take_entry(m)
+                        }
+                        JobResult::Linked(m) => {
+                            stats.linked += 1;
+                            job.take_entry(m)
+                        }
+                        JobResult::Vanished => {
+                            stats.vanished += 1;
+                            continue;
+                        }
+                        JobResult::Skipped(w) => {
+                            warnings.push(w);
+                            continue;
+                        }
+                    };
+                    match key {
+                        Some(key) => made[f].insert(key, entry),
+                        None => made[f].insert_named(entry),
                     }
-                    JobResult::Deferred(m, d) => {
-                        stats.copied += 1;
-                        state.entries.insert(key, entry(m));
-                        self.deferred.push(*d);
-                    }
-                    JobResult::Linked(m) => {
-                        stats.linked += 1;
-                        state.entries.insert(key, entry(m));
-                    }
-                    JobResult::Vanished => stats.vanished += 1,
-                    JobResult::Skipped(w) => warnings.push(w),
                 }
             }
         }
+        let newly_shared: Vec<_> = shared.into_new().collect();
+        self.shared.extend(newly_shared.into_iter().map(|(id, c)| (id, SharedAt { at: c.at, stamp: c.stamp, spilled: None })));
+        for ((rel, _), entries) in jobs.into_iter().zip(made) {
+            self.folders.get_mut(&rel).expect("job folder is staged").entries.extend(entries);
+        }
+        self.deferred.extend(deferred);
         self.warn_all(warnings);
         Ok(())
     }
 
-    /// Copies the new messages of a batch of folders in parallel; their results added to
-    /// `results` in job order.
+    /// Copies the jobs of `run` (folder and range of its jobs) in parallel; their results in
+    /// job order.
     #[allow(clippy::too_many_arguments)]
     fn run_jobs(
         &self,
         md: &Maildir,
-        batch: &[(PathBuf, Vec<CopyJob>)],
+        jobs: &[(PathBuf, Vec<CopyJob>)],
+        run: &[(usize, Range<usize>)],
         pool: &rayon::ThreadPool,
         reuse: Option<&dyn Reuse>,
         shared: &SharedInodes,
         progress: &dyn Progress,
-        results: &mut Vec<Result<JobResult, BackupError>>,
-    ) -> Result<(), BackupError> {
-        let mut dirs = Vec::with_capacity(batch.len());
-        for (rel, _) in batch {
+    ) -> Result<Vec<Result<JobResult, BackupError>>, BackupError> {
+        let mut dirs = Vec::with_capacity(run.len());
+        for (f, _) in run {
+            let rel = &jobs[*f].0;
             // The source's cur/ and new/ (None: gone or planted since the listing, which said so).
             let src: [Option<Dir>; 2] = match md.root.sub_opt(rel) {
                 Ok(Some(d)) => super::scan::open_subdirs(&d, &mut Vec::new())?,
@@ -742,15 +784,15 @@ impl Tree {
             };
             dirs.push((src, [self.staging.sub(rel.join("cur"))?, self.staging.sub(rel.join("new"))?]));
         }
-        let all: Vec<(usize, &CopyJob)> = batch.iter().enumerate().flat_map(|(i, (_, js))| js.iter().map(move |j| (i, j))).collect();
+        let all: Vec<(usize, &CopyJob)> = run.iter().enumerate().flat_map(|(i, (f, range))| jobs[*f].1[range.clone()].iter().map(move |j| (i, j))).collect();
         let slots = std::sync::atomic::AtomicUsize::new(MAX_DEFERRED.saturating_sub(self.deferred.len()));
         let defer_slots = self.deferring.then_some(&slots);
-        let run = |&(f, job): &(usize, &CopyJob)| {
+        let one = |&(f, job): &(usize, &CopyJob)| {
             let (src, dst) = &dirs[f];
             let i = job.listed.sub.index();
             let r = match &src[i] {
                 Some(s) => {
-                    let ctx = JobContext { rel: &batch[f].0, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, messages: self.messages, reuse, shared, defer_slots };
+                    let ctx = JobContext { rel: &jobs[run[f].0].0, src: s, dst: &dst[i], staging: &self.staging, keep_owner: self.keep_owner, messages: self.messages, reuse, shared, defer_slots };
                     ctx.run(job)
                 }
                 None => Ok(JobResult::Vanished),
@@ -762,9 +804,32 @@ impl Tree {
             }
             r
         };
-        pool.install(|| results.par_extend(all.par_iter().map(run)));
-        Ok(())
+        let mut results = Vec::with_capacity(all.len());
+        pool.install(|| results.par_extend(all.par_iter().map(one)));
+        Ok(results)
     }
+}
+
+/// The jobs cut into runs of at most `FOLDERS_PER_BATCH` folders and `RUN_JOBS` jobs: (folder,
+/// range of its jobs) each.
+fn runs(jobs: &[(PathBuf, Vec<CopyJob>)]) -> Vec<Vec<(usize, Range<usize>)>> {
+    let (mut out, mut run, mut in_run) = (Vec::new(), Vec::new(), 0);
+    for (f, (_, js)) in jobs.iter().enumerate() {
+        let mut start = 0;
+        while start < js.len() {
+            let end = js.len().min(start + RUN_JOBS - in_run);
+            run.push((f, start..end));
+            (in_run, start) = (in_run + end - start, end);
+            if in_run == RUN_JOBS || run.len() == FOLDERS_PER_BATCH {
+                out.push(std::mem::take(&mut run));
+                in_run = 0;
+            }
+        }
+    }
+    if !run.is_empty() {
+        out.push(run);
+    }
+    out
 }
 
 /// Folders whose jobs run together (each holds four directories open meanwhile).
@@ -849,7 +914,7 @@ impl JobContext<'_> {
                 Some(md) if md.is_file() => md.size(),
                 _ => return Ok(JobResult::Vanished),
             };
-            let unique = MessageName::parse(name).map(|m| m.unique()).unwrap_or(&job.key);
+            let unique = MessageName::parse(name).map_or(job.key(), |m| m.unique());
             if let Some(blake3) = reuse.link_into(unique, size, self.dst, name) {
                 return Ok(JobResult::Linked(made(size, blake3)));
             }
@@ -887,7 +952,7 @@ impl JobContext<'_> {
         let owner = self.keep_owner.then(|| input.meta.owner());
         if claim.is_none() && self.may_defer() {
             let size = input.meta.size();
-            let d = Deferred { key: job.key.clone(), shown: self.dst.show(name), input, out, owner };
+            let d = Deferred { key: job.key().to_string(), shown: self.dst.show(name), input, out, owner };
             return Ok(JobResult::Deferred(made(size, String::new()), Box::new(d)));
         }
         let c = fsx::copy_file(&mut input, &out, owner).map_err(|fail| {
@@ -895,7 +960,7 @@ impl JobContext<'_> {
             copy_fail(&input.path, &self.dst.show(name), fail)
         })?;
         if let Some(claim) = claim {
-            let at = (self.rel.to_path_buf(), job.key.clone());
+            let at = (self.rel.to_path_buf(), job.key().to_string());
             claim.settle(SharedCopy { path: staged_path(self.rel, job.listed.sub, name), stamp, size: c.size, blake3: c.blake3.clone(), at });
         }
         Ok(JobResult::Copied(made(c.size, c.blake3)))
