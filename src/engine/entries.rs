@@ -1,6 +1,6 @@
-//! A folder's staged messages by key, each stored once: the key of nearly every message is its
-//! name's unique part, so it is not kept beside the name (at a million messages, a second
-//! string per message was a fifth of the engine's memory).
+//! A folder's messages by key (as listed, or as staged), each stored once: the key of nearly
+//! every message is its name's unique part, so it is not kept beside the name (at a million
+//! messages, a second string per message was a fifth of the engine's memory).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,6 +8,7 @@ use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
 
+use super::scan::Listed;
 use crate::maildir::{MessageName, Subdir};
 
 /// A message as it is in the staged copy.
@@ -21,41 +22,71 @@ pub struct Entry {
     pub blake3: Option<blake3::Hash>,
 }
 
-/// The staged messages of one folder, by key (see `scan::Listing`).
-#[derive(Default, Clone)]
-pub struct Entries {
-    /// Entries whose key is their name's unique part, side by side (no allocation each).
-    all: Vec<Entry>,
+/// What is kept of a message under its key: it has a file name.
+pub trait Named {
+    fn name(&self) -> &str;
+}
+
+impl Named for Entry {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Named for Listed {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A folder's messages by key (see `scan::Listing`).
+#[derive(Clone)]
+pub struct Keyed<T> {
+    /// Those whose key is their name's unique part, side by side (no allocation each).
+    all: Vec<T>,
     /// Where in `all` each is: found by hashing that part of the name.
     by_unique: HashTable<u32>,
     /// The few others, under their own key: a second file with a unique name already taken
     /// (a `\0dup:` key).
-    others: HashMap<String, Entry>,
+    others: HashMap<String, T>,
     hasher: RandomState,
+}
+
+/// The staged messages of a folder.
+pub type Entries = Keyed<Entry>;
+
+impl<T> Default for Keyed<T> {
+    fn default() -> Self {
+        Keyed { all: Vec::new(), by_unique: HashTable::new(), others: HashMap::new(), hasher: RandomState::new() }
+    }
 }
 
 fn unique_of(name: &str) -> &str {
     MessageName::parse(name).map_or(name, |m| m.unique())
 }
 
-impl Entries {
+impl<T: Named> Keyed<T> {
     pub fn len(&self) -> usize {
         self.all.len() + self.others.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Room for `more` entries (a folder's copies, known before they are recorded).
     pub fn reserve(&mut self, more: usize) {
         self.all.reserve_exact(more);
         let (all, hasher) = (&self.all, &self.hasher);
-        self.by_unique.reserve(more, |&i| hasher.hash_one(unique_of(&all[i as usize].name)));
+        self.by_unique.reserve(more, |&i| hasher.hash_one(unique_of(all[i as usize].name())));
     }
 
     fn position(&self, key: &str) -> Option<usize> {
-        let i = self.by_unique.find(self.hasher.hash_one(key), |&i| unique_of(&self.all[i as usize].name) == key)?;
+        let i = self.by_unique.find(self.hasher.hash_one(key), |&i| unique_of(self.all[i as usize].name()) == key)?;
         Some(*i as usize)
     }
 
-    pub fn get(&self, key: &str) -> Option<&Entry> {
+    pub fn get(&self, key: &str) -> Option<&T> {
         self.position(key).map(|i| &self.all[i]).or_else(|| self.others.get(key))
     }
 
@@ -63,13 +94,13 @@ impl Entries {
         self.get(key).is_some()
     }
 
-    /// The key an entry has unless recorded under another (a message name's unique part).
-    pub fn key_of(e: &Entry) -> Option<&str> {
-        MessageName::parse(&e.name).map(|m| m.unique())
+    /// The key `e` has unless recorded under another (its name's unique part).
+    pub fn key_of(e: &T) -> Option<&str> {
+        MessageName::parse(e.name()).map(|m| m.unique())
     }
 
     /// Records `e` under `key`, in place of any entry there.
-    pub fn insert(&mut self, key: String, e: Entry) {
+    pub fn insert(&mut self, key: String, e: T) {
         if Self::key_of(&e) == Some(&key) {
             self.insert_named(e);
         } else {
@@ -79,8 +110,8 @@ impl Entries {
     }
 
     /// Records `e` under its name's unique part, in place of any entry there.
-    pub fn insert_named(&mut self, e: Entry) {
-        let key = unique_of(&e.name);
+    pub fn insert_named(&mut self, e: T) {
+        let key = unique_of(e.name());
         let hash = self.hasher.hash_one(key);
         if self.contains_key(key) {
             let key = key.to_string();
@@ -89,12 +120,12 @@ impl Entries {
         let i = u32::try_from(self.all.len()).expect("a folder holds fewer than 2^32 messages");
         self.all.push(e);
         let (all, hasher) = (&self.all, &self.hasher);
-        self.by_unique.insert_unique(hash, i, |&i| hasher.hash_one(unique_of(&all[i as usize].name)));
+        self.by_unique.insert_unique(hash, i, |&i| hasher.hash_one(unique_of(all[i as usize].name())));
     }
 
-    pub fn remove(&mut self, key: &str) -> Option<Entry> {
+    pub fn remove(&mut self, key: &str) -> Option<T> {
         let (all, hasher) = (&self.all, &self.hasher);
-        let Ok(found) = self.by_unique.find_entry(hasher.hash_one(key), |&i| unique_of(&all[i as usize].name) == key) else {
+        let Ok(found) = self.by_unique.find_entry(hasher.hash_one(key), |&i| unique_of(all[i as usize].name()) == key) else {
             return self.others.remove(key);
         };
         let i = found.remove().0 as usize;
@@ -102,13 +133,52 @@ impl Entries {
         // The last entry took its place: point its slot there.
         if let Some(moved) = self.all.get(i) {
             let (last, hasher) = (self.all.len() as u32, &self.hasher);
-            if let Some(slot) = self.by_unique.find_mut(hasher.hash_one(unique_of(&moved.name)), |&j| j == last) {
+            if let Some(slot) = self.by_unique.find_mut(hasher.hash_one(unique_of(moved.name())), |&j| j == last) {
                 *slot = i as u32;
             }
         }
         Some(e)
     }
 
+    /// Adds every entry of `more` (in place of any under the same key).
+    pub fn extend(&mut self, more: Keyed<T>) {
+        if self.is_empty() {
+            *self = more;
+            return;
+        }
+        self.reserve(more.all.len());
+        more.all.into_iter().for_each(|e| self.insert_named(e));
+        more.others.into_iter().for_each(|(k, e)| self.insert(k, e));
+    }
+
+    /// Each with its own key where it has one (no key string made for the others).
+    pub fn into_keyed(self) -> impl Iterator<Item = (Option<String>, T)> {
+        self.all.into_iter().map(|e| (None, e)).chain(self.others.into_iter().map(|(k, e)| (Some(k), e)))
+    }
+
+    /// Records `e` under `own_key`, or under its name's unique part (see `into_keyed`).
+    pub fn insert_keyed(&mut self, own_key: Option<String>, e: T) {
+        match own_key {
+            Some(key) => self.insert(key, e),
+            None => self.insert_named(e),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
+        let by_unique = self.all.iter().map(|e| (unique_of(e.name()), e));
+        by_unique.chain(self.others.iter().map(|(k, e)| (k.as_str(), e)))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.iter().map(|(_, e)| e)
+    }
+}
+
+impl Entries {
     /// Moves the entry at `key` to `sub`/`name` (a rename keeps the unique part, and so the key).
     pub fn set_place(&mut self, key: &str, sub: Subdir, name: Box<str>) {
         if let Some(e) = self.remove(key) {
@@ -128,50 +198,26 @@ impl Entries {
         }
     }
 
-    /// Adds every entry of `more` (in place of any under the same key).
-    pub fn extend(&mut self, more: Entries) {
-        if self.len() == 0 {
-            *self = more;
-            return;
-        }
-        self.reserve(more.all.len());
-        more.all.into_iter().for_each(|e| self.insert_named(e));
-        more.others.into_iter().for_each(|(k, e)| self.insert(k, e));
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
-        let by_unique = self.all.iter().map(|e| (unique_of(&e.name), e));
-        by_unique.chain(self.others.iter().map(|(k, e)| (k.as_str(), e)))
-    }
-
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.iter().map(|(k, _)| k)
-    }
-
-    pub fn values(&self) -> impl Iterator<Item = &Entry> {
-        self.iter().map(|(_, e)| e)
-    }
 }
 
-impl IntoIterator for Entries {
-    type Item = (String, Entry);
-    type IntoIter = Box<dyn Iterator<Item = (String, Entry)>>;
+impl<T: Named + 'static> IntoIterator for Keyed<T> {
+    type Item = (String, T);
+    type IntoIter = Box<dyn Iterator<Item = (String, T)>>;
 
     fn into_iter(self) -> Self::IntoIter {
-        let by_unique = self.all.into_iter().map(|e| (unique_of(&e.name).to_string(), e));
-        Box::new(by_unique.chain(self.others))
+        Box::new(self.into_keyed().map(|(k, e)| (k.unwrap_or_else(|| unique_of(e.name()).to_string()), e)))
     }
 }
 
-impl std::ops::Index<&str> for Entries {
-    type Output = Entry;
+impl<T: Named> std::ops::Index<&str> for Keyed<T> {
+    type Output = T;
 
-    fn index(&self, key: &str) -> &Entry {
+    fn index(&self, key: &str) -> &T {
         self.get(key).expect("no entry with that key")
     }
 }
 
-impl fmt::Debug for Entries {
+impl<T: Named + fmt::Debug> fmt::Debug for Keyed<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map().entries(self.iter()).finish()
     }

@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
+use super::entries::Keyed;
 pub use crate::fsx::DirStamp;
 use crate::fsx::{self, Dir, FsError, Kind};
 use crate::maildir::folders::bounded_warnings;
@@ -17,7 +18,7 @@ pub struct Listed {
 
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
-    pub entries: HashMap<String, Listed>,
+    pub entries: Keyed<Listed>,
     /// Stamps of cur/ and new/ taken just before reading them.
     pub stamps: [Option<DirStamp>; 2],
     pub listed_at: Option<SystemTime>,
@@ -27,13 +28,13 @@ pub struct Listing {
     pub touched: Option<HashSet<String>>,
 }
 
-/// The key for a message: its unique name. A second file with the same unique name (which
-/// Dovecot would repair) is kept under its full name so nothing is dropped.
-fn key_for(entries: &HashMap<String, Listed>, unique: &str, full: &str) -> String {
+/// Adds message `l` under its key: its unique name `unique`. A second file with the same
+/// unique name (which Dovecot would repair) is kept under its full name so nothing is dropped.
+fn add(entries: &mut Keyed<Listed>, unique: &str, l: Listed) {
     if entries.contains_key(unique) {
-        format!("\0dup:{full}")
+        entries.insert(format!("\0dup:{}", l.name), l);
     } else {
-        unique.to_string()
+        entries.insert_named(l);
     }
 }
 
@@ -82,8 +83,7 @@ pub fn list_folder(subs: &[Option<Dir>; 2]) -> Result<Listing, FsError> {
                 skipped.push(format!("skipped {}: it is {}, not a regular file", shown(), entry.kind.describe()));
                 continue;
             }
-            let key = key_for(&listing.entries, msg.unique(), name);
-            listing.entries.insert(key, Listed { sub, name: name.to_string() });
+            add(&mut listing.entries, msg.unique(), Listed { sub, name: name.to_string() });
         }
         listing.warnings.extend(bounded_warnings(skipped, dir.path()));
     }
@@ -113,8 +113,7 @@ pub fn partial_listing(subs: &[Option<Dir>; 2], changes: &super::watch::Changes,
             let Some(dir) = &subs[l.sub.index()] else { continue };
             match dir.lstat(&l.name) {
                 Ok(Some(md)) if md.is_file() => {
-                    let key = key_for(&listing.entries, &unique, &l.name);
-                    listing.entries.insert(key, l);
+                    add(&mut listing.entries, &unique, l);
                 }
                 Ok(Some(md)) => listing.warnings.push(format!(
                     "skipped {}: it is {}, not a regular file",

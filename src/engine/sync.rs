@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use rayon::prelude::*;
 
-use super::entries::Entries;
+use super::entries::{Entries, Keyed};
 pub use super::entries::Entry;
 use super::scan::{DirStamp, Listed, Listing};
 use super::spill::{Spill, Spilled};
@@ -297,7 +297,7 @@ struct Diff {
     departed: HashMap<String, Vec<(PathBuf, Entry)>>,
     /// New in each folder: (key, where it is), by folder (a path per folder, not per message:
     /// in a first pass every message is new).
-    added: Vec<(PathBuf, Vec<(String, Listed)>)>,
+    added: Vec<(PathBuf, Vec<CopyJob>)>,
     gone_folders: Vec<PathBuf>,
 }
 
@@ -309,11 +309,6 @@ struct CopyJob {
 }
 
 impl CopyJob {
-    fn new(key: String, listed: Listed) -> CopyJob {
-        let own_key = (MessageName::parse(&listed.name).map(|m| m.unique()) != Some(key.as_str())).then(|| key.into_boxed_str());
-        CopyJob { own_key, listed }
-    }
-
     fn key(&self) -> &str {
         match &self.own_key {
             Some(k) => k,
@@ -363,10 +358,10 @@ fn keys_for_name(name: &str) -> [String; 2] {
 
 /// Each file is one entry: a staged entry at a place the listing gives another key is
 /// forgotten (not removed: the file is the listed key's now).
-fn forget_other_keys_at(entries: &mut Entries, listed: &HashMap<String, Listed>) {
-    for (key, l) in listed {
+fn forget_other_keys_at(entries: &mut Entries, listed: &Keyed<Listed>) {
+    for (key, l) in listed.iter() {
         for other in keys_for_name(&l.name) {
-            if other != *key && entries.get(&other).is_some_and(|e| e.sub == l.sub && *e.name == l.name) {
+            if other != key && entries.get(&other).is_some_and(|e| e.sub == l.sub && *e.name == l.name) {
                 entries.remove(&other);
             }
         }
@@ -412,7 +407,7 @@ impl Tree {
         }
         let Some(spill) = self.spill.as_mut() else { return Ok(()) };
         let folders = &mut self.folders;
-        let spilling: HashSet<&PathBuf> = rels.iter().filter(|r| folders.get(*r).is_some_and(|s| s.spilled.is_none() && s.entries.len() > 0)).collect();
+        let spilling: HashSet<&PathBuf> = rels.iter().filter(|r| folders.get(*r).is_some_and(|s| s.spilled.is_none() && !s.entries.is_empty())).collect();
         for shared in self.shared.values_mut().filter(|s| spilling.contains(&s.at.0)) {
             shared.spilled = folders.get(&shared.at.0).and_then(|s| s.entries.get(&shared.at.1)).cloned();
         }
@@ -618,8 +613,8 @@ impl Tree {
         // What left: of a partial listing's keys only (under the locks, a pass must not cost
         // as much as the folder is big), of every key after a full one.
         let gone: Vec<String> = match &listing.touched {
-            Some(touched) => touched.iter().filter(|k| state.entries.contains_key(k) && !listing.entries.contains_key(*k)).cloned().collect(),
-            None => state.entries.keys().filter(|k| !listing.entries.contains_key(*k)).map(str::to_string).collect(),
+            Some(touched) => touched.iter().filter(|k| state.entries.contains_key(k) && !listing.entries.contains_key(k)).cloned().collect(),
+            None => state.entries.keys().filter(|k| !listing.entries.contains_key(k)).map(str::to_string).collect(),
         };
         for k in gone {
             if let Some(e) = state.entries.remove(&k) {
@@ -628,18 +623,21 @@ impl Tree {
         }
         forget_other_keys_at(&mut state.entries, &listing.entries);
         let mut added = Vec::new();
-        for (key, listed) in listing.entries {
-            match state.entries.get(&key) {
+        for (own_key, listed) in listing.entries.into_keyed() {
+            let job = CopyJob { own_key: own_key.map(String::into_boxed_str), listed };
+            let (key, listed) = (job.key(), &job.listed);
+            match state.entries.get(key) {
                 Some(e) if e.sub == listed.sub && *e.name == listed.name => {}
                 Some(e) => {
                     // Flags changed or new/ -> cur/: the same message under a new name.
                     let from = staged_path(&folder.rel, e.sub, &e.name);
                     let to = staged_path(&folder.rel, listed.sub, &listed.name);
                     self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
-                    state.entries.set_place(&key, listed.sub, listed.name.into_boxed_str());
+                    let key = key.to_string();
+                    state.entries.set_place(&key, job.listed.sub, job.listed.name.into_boxed_str());
                     stats.renamed += 1;
                 }
-                None => added.push((key, listed)),
+                None => added.push(job),
             }
         }
         if !added.is_empty() {
@@ -664,23 +662,24 @@ impl Tree {
     /// name): moves our copy too. The others are to be copied: returned by folder.
     fn move_or_queue(
         &mut self,
-        added: Vec<(PathBuf, Vec<(String, Listed)>)>,
+        added: Vec<(PathBuf, Vec<CopyJob>)>,
         departed: &mut HashMap<String, Vec<(PathBuf, Entry)>>,
         stats: &mut PassStats,
     ) -> Result<Vec<(PathBuf, Vec<CopyJob>)>, BackupError> {
         let mut jobs: BTreeMap<PathBuf, Vec<CopyJob>> = BTreeMap::new();
         for (rel, new) in added {
             let mut queued = Vec::new();
-            for (key, listed) in new {
-                let Some((from_rel, e)) = departed.get_mut(&key).and_then(Vec::pop) else {
-                    queued.push(CopyJob::new(key, listed));
+            for job in new {
+                let Some((from_rel, e)) = departed.get_mut(job.key()).and_then(Vec::pop) else {
+                    queued.push(job);
                     continue;
                 };
+                let CopyJob { own_key, listed } = job;
                 let from = staged_path(&from_rel, e.sub, &e.name);
                 let to = staged_path(&rel, listed.sub, &listed.name);
                 self.staging.rename(&from, &self.staging, &to, Replace::Allowed)?;
                 let entry = Entry { sub: listed.sub, name: listed.name.into_boxed_str(), ..e };
-                self.folders.get_mut(&rel).expect("listed folder is staged").entries.insert(key, entry);
+                self.folders.get_mut(&rel).expect("listed folder is staged").entries.insert_keyed(own_key.map(String::from), entry);
                 stats.moved += 1;
             }
             if !queued.is_empty() {

@@ -289,7 +289,7 @@ fn entries_on_disk_between_passes_come_back_as_they_were() {
     }
     let all: Vec<PathBuf> = tree.folders.keys().cloned().collect();
     tree.spill_folders(&all).unwrap();
-    assert!(tree.folders.values().all(|s| s.entries.len() == 0));
+    assert!(tree.folders.values().all(|s| s.entries.is_empty()));
     assert!(tree.folders[Path::new("")].spilled.is_some() && tree.folders[Path::new(".Archive")].spilled.is_some());
     assert_eq!(tracked(&tree), w.staged());
 
