@@ -70,10 +70,7 @@ impl Spill {
         entries.reserve(at.messages as usize);
         for _ in 0..at.messages {
             let (key, e) = decode(&mut input).map_err(self.err("read"))?;
-            match key {
-                Some(key) => entries.insert(key, e),
-                None => entries.insert_named(e),
-            }
+            entries.insert_keyed(key, e);
         }
         Ok(entries)
     }

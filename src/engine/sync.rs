@@ -312,14 +312,69 @@ impl CopyJob {
     fn key(&self) -> &str {
         match &self.own_key {
             Some(k) => k,
-            None => MessageName::parse(&self.listed.name).map_or("", |m| m.unique()),
+            None => MessageName::parse(&self.listed.name).map_or(&self.listed.name, |m| m.unique()),
         }
     }
 
     /// The entry it made, its name moved out of the job.
-    fn take_entry(&mut self, m: Made) -> (Option<String>, Entry) {
+    fn take_entry(&mut self, m: Staged) -> (Option<String>, Entry) {
         let name = std::mem::take(&mut self.listed.name).into_boxed_str();
         (self.own_key.take().map(String::from), Entry { sub: self.listed.sub, name, size: m.size, blake3: m.blake3 })
+    }
+}
+
+/// What a pass's jobs made, by folder, until it goes into the tree (the jobs' directories are
+/// being read meanwhile).
+struct Made {
+    entries: Vec<Entries>,
+    deferred: Vec<Deferred>,
+    warnings: Vec<String>,
+}
+
+impl Made {
+    fn for_jobs(jobs: &[(PathBuf, Vec<CopyJob>)]) -> Made {
+        let entries = jobs.iter().map(|(_, js)| {
+            let mut e = Entries::default();
+            e.reserve(js.len());
+            e
+        });
+        Made { entries: entries.collect(), deferred: Vec::new(), warnings: Vec::new() }
+    }
+
+    /// Records the `results` of the jobs of `run`, moving each name from its job.
+    fn record(&mut self, jobs: &mut [(PathBuf, Vec<CopyJob>)], run: &[(usize, Range<usize>)], results: Vec<Result<JobResult, BackupError>>, stats: &mut PassStats) -> Result<(), BackupError> {
+        let mut results = results.into_iter();
+        for (f, range) in run {
+            for (job, result) in jobs[*f].1[range.clone()].iter_mut().zip(results.by_ref()) {
+                let staged = match result? {
+                    JobResult::Copied(s) => {
+                        stats.copied += 1;
+                        stats.bytes += s.size;
+                        s
+                    }
+                    JobResult::Deferred(s, d) => {
+                        stats.copied += 1;
+                        self.deferred.push(*d);
+                        s
+                    }
+                    JobResult::Linked(s) => {
+                        stats.linked += 1;
+                        s
+                    }
+                    JobResult::Vanished => {
+                        stats.vanished += 1;
+                        continue;
+                    }
+                    JobResult::Skipped(w) => {
+                        self.warnings.push(w);
+                        continue;
+                    }
+                };
+                let (key, entry) = job.take_entry(staged);
+                self.entries[*f].insert_keyed(key, entry);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -329,16 +384,16 @@ const RUN_JOBS: usize = 20_000;
 
 /// What a job staged: the entry's size and checksum (its place and name are the job's, moved
 /// into the entry, not copied: one string per message fewer at the peak of a first copy).
-struct Made {
+struct Staged {
     size: u64,
     blake3: Option<blake3::Hash>,
 }
 
 enum JobResult {
-    Copied(Made),
+    Copied(Staged),
     /// Staged empty, to be filled once the locks are let go (size known, checksum not yet).
-    Deferred(Made, Box<Deferred>),
-    Linked(Made),
+    Deferred(Staged, Box<Deferred>),
+    Linked(Staged),
     Vanished,
     /// Not a message we may read (planted): the warning to give.
     Skipped(String),
@@ -705,56 +760,20 @@ impl Tree {
         }
         let shared = SharedInodes::new(self);
         let mut jobs = jobs;
-        let (mut made, mut deferred, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
-        made.resize_with(jobs.len(), Entries::default);
-        for (entries, (_, js)) in made.iter_mut().zip(&jobs) {
-            entries.reserve(js.len());
-        }
+        let mut made = Made::for_jobs(&jobs);
         // In runs of a few folders' jobs (one directory's lock is not a bottleneck, and only a
         // run's directories are open at once), each run's results recorded before the next.
         for run in runs(&jobs) {
             let results = self.run_jobs(md, &jobs, &run, pool, reuse, &shared, progress)?;
-            let mut results = results.into_iter();
-            for (f, range) in run {
-                for (job, result) in jobs[f].1[range].iter_mut().zip(results.by_ref()) {
-                    let (key, entry) = match result? {
-                        JobResult::Copied(m) => {
-                            stats.copied += 1;
-                            stats.bytes += m.size;
-                            job.take_entry(m)
-                        }
-                        JobResult::Deferred(m, d) => {
-                            stats.copied += 1;
-                            deferred.push(*d);
-                            job.take_entry(m)
-                        }
-                        JobResult::Linked(m) => {
-                            stats.linked += 1;
-                            job.take_entry(m)
-                        }
-                        JobResult::Vanished => {
-                            stats.vanished += 1;
-                            continue;
-                        }
-                        JobResult::Skipped(w) => {
-                            warnings.push(w);
-                            continue;
-                        }
-                    };
-                    match key {
-                        Some(key) => made[f].insert(key, entry),
-                        None => made[f].insert_named(entry),
-                    }
-                }
-            }
+            made.record(&mut jobs, &run, results, stats)?;
         }
         let newly_shared: Vec<_> = shared.into_new().collect();
         self.shared.extend(newly_shared.into_iter().map(|(id, c)| (id, SharedAt { at: c.at, stamp: c.stamp, spilled: None })));
-        for ((rel, _), entries) in jobs.into_iter().zip(made) {
+        for ((rel, _), entries) in jobs.into_iter().zip(made.entries) {
             self.folders.get_mut(&rel).expect("job folder is staged").entries.extend(entries);
         }
-        self.deferred.extend(deferred);
-        self.warn_all(warnings);
+        self.deferred.extend(made.deferred);
+        self.warn_all(made.warnings);
         Ok(())
     }
 
@@ -903,7 +922,7 @@ impl JobContext<'_> {
 
     fn run(&self, job: &CopyJob) -> Result<JobResult, BackupError> {
         let name = job.listed.name.as_str();
-        let made = |size, blake3: String| Made { size, blake3: digest(&blake3) };
+        let made = |size, blake3: String| Staged { size, blake3: digest(&blake3) };
         // A message first seen under the locks is not looked up in records not read yet (every
         // session of the user would wait for that read): it is copied once they are let go.
         if let Some(reuse) = self.reuse.filter(|r| self.defer_slots.is_none() || r.ready()) {

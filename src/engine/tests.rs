@@ -1,5 +1,6 @@
 //! The reconcile's rounds on a hand-made Maildir with real dot-locks: a lock held longer than
 //! a round waits is waited for holding none, and one that stays held ends in a clear timeout.
+//! And the waves the folders' records are written in.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -73,4 +74,12 @@ fn a_zero_lock_timeout_tries_one_round() {
     let Err(BackupError::LockTimeout { rounds: 1, folders, .. }) = r else { panic!("expected one round, got {r:?}") };
     assert_eq!(folders, "A (1×)");
     holder.join().unwrap();
+}
+
+#[test]
+fn folder_records_are_written_in_waves_of_bounded_size() {
+    let sizes = [50_000u64, 60_000, 200_000, 1, 1];
+    let waves: Vec<Vec<u64>> = super::waves(&sizes, |&n| n, 100_000).into_iter().map(<[u64]>::to_vec).collect();
+    assert_eq!(waves, vec![vec![50_000], vec![60_000], vec![200_000], vec![1, 1]]);
+    assert!(super::waves(&[] as &[u64], |&n| n, 1).is_empty());
 }

@@ -314,6 +314,26 @@ fn entries_on_disk_between_passes_come_back_as_they_were() {
     assert_eq!(w.staged().len(), 5);
 }
 
+/// Every job is in exactly one run; no run holds more than `RUN_JOBS` jobs or
+/// `FOLDERS_PER_BATCH` folders.
+#[test]
+fn jobs_run_in_bounded_runs() {
+    let job = |i: usize| CopyJob { own_key: None, listed: Listed { sub: Subdir::Cur, name: format!("{i}.M1P1.h") } };
+    let sizes = [5, 2 * RUN_JOBS + 7, 0, 3].into_iter().chain(std::iter::repeat_n(1, 100));
+    let jobs: Vec<(PathBuf, Vec<CopyJob>)> = sizes.enumerate().map(|(f, n)| (PathBuf::from(format!(".F{f}")), (0..n).map(job).collect())).collect();
+    let mut seen: Vec<Vec<bool>> = jobs.iter().map(|(_, js)| vec![false; js.len()]).collect();
+    for run in runs(&jobs) {
+        assert!(run.len() <= FOLDERS_PER_BATCH);
+        assert!(run.iter().map(|(_, r)| r.len()).sum::<usize>() <= RUN_JOBS);
+        for (f, range) in run {
+            for i in range {
+                assert!(!std::mem::replace(&mut seen[f][i], true), "job {i} of folder {f} run twice");
+            }
+        }
+    }
+    assert!(seen.iter().flatten().all(|&s| s), "every job runs");
+}
+
 #[test]
 fn planted_entries_are_skipped_with_a_warning() {
     let w = World::new(&[]);
