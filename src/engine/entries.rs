@@ -9,7 +9,7 @@ use std::hash::{BuildHasher, RandomState};
 use hashbrown::HashTable;
 
 use super::scan::Listed;
-use crate::maildir::{MessageName, Subdir};
+use crate::maildir::{unique_part, MessageName, Subdir};
 
 /// A message as it is in the staged copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,10 +61,6 @@ impl<T> Default for Keyed<T> {
     }
 }
 
-fn unique_of(name: &str) -> &str {
-    MessageName::parse(name).map_or(name, |m| m.unique())
-}
-
 impl<T: Named> Keyed<T> {
     pub fn len(&self) -> usize {
         self.all.len() + self.others.len()
@@ -78,11 +74,11 @@ impl<T: Named> Keyed<T> {
     pub fn reserve(&mut self, more: usize) {
         self.all.reserve_exact(more);
         let (all, hasher) = (&self.all, &self.hasher);
-        self.by_unique.reserve(more, |&i| hasher.hash_one(unique_of(all[i as usize].name())));
+        self.by_unique.reserve(more, |&i| hasher.hash_one(unique_part(all[i as usize].name())));
     }
 
     fn position(&self, key: &str) -> Option<usize> {
-        let i = self.by_unique.find(self.hasher.hash_one(key), |&i| unique_of(self.all[i as usize].name()) == key)?;
+        let i = self.by_unique.find(self.hasher.hash_one(key), |&i| unique_part(self.all[i as usize].name()) == key)?;
         Some(*i as usize)
     }
 
@@ -111,7 +107,7 @@ impl<T: Named> Keyed<T> {
 
     /// Records `e` under its name's unique part, in place of any entry there.
     pub fn insert_named(&mut self, e: T) {
-        let key = unique_of(e.name());
+        let key = unique_part(e.name());
         let hash = self.hasher.hash_one(key);
         if self.contains_key(key) {
             let key = key.to_string();
@@ -120,12 +116,12 @@ impl<T: Named> Keyed<T> {
         let i = u32::try_from(self.all.len()).expect("a folder holds fewer than 2^32 messages");
         self.all.push(e);
         let (all, hasher) = (&self.all, &self.hasher);
-        self.by_unique.insert_unique(hash, i, |&i| hasher.hash_one(unique_of(all[i as usize].name())));
+        self.by_unique.insert_unique(hash, i, |&i| hasher.hash_one(unique_part(all[i as usize].name())));
     }
 
     pub fn remove(&mut self, key: &str) -> Option<T> {
         let (all, hasher) = (&self.all, &self.hasher);
-        let Ok(found) = self.by_unique.find_entry(hasher.hash_one(key), |&i| unique_of(all[i as usize].name()) == key) else {
+        let Ok(found) = self.by_unique.find_entry(hasher.hash_one(key), |&i| unique_part(all[i as usize].name()) == key) else {
             return self.others.remove(key);
         };
         let i = found.remove().0 as usize;
@@ -133,7 +129,7 @@ impl<T: Named> Keyed<T> {
         // The last entry took its place: point its slot there.
         if let Some(moved) = self.all.get(i) {
             let (last, hasher) = (self.all.len() as u32, &self.hasher);
-            if let Some(slot) = self.by_unique.find_mut(hasher.hash_one(unique_of(moved.name())), |&j| j == last) {
+            if let Some(slot) = self.by_unique.find_mut(hasher.hash_one(unique_part(moved.name())), |&j| j == last) {
                 *slot = i as u32;
             }
         }
@@ -165,7 +161,7 @@ impl<T: Named> Keyed<T> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
-        let by_unique = self.all.iter().map(|e| (unique_of(e.name()), e));
+        let by_unique = self.all.iter().map(|e| (unique_part(e.name()), e));
         by_unique.chain(self.others.iter().map(|(k, e)| (k.as_str(), e)))
     }
 
@@ -205,7 +201,7 @@ impl<T: Named + 'static> IntoIterator for Keyed<T> {
     type IntoIter = Box<dyn Iterator<Item = (String, T)>>;
 
     fn into_iter(self) -> Self::IntoIter {
-        Box::new(self.into_keyed().map(|(k, e)| (k.unwrap_or_else(|| unique_of(e.name()).to_string()), e)))
+        Box::new(self.into_keyed().map(|(k, e)| (k.unwrap_or_else(|| unique_part(e.name()).to_string()), e)))
     }
 }
 
@@ -267,6 +263,6 @@ mod tests {
         assert_eq!(es["7.M1P1.h"].size, 10, "a checksum once known is kept");
         let all: Vec<(String, Entry)> = es.into_iter().collect();
         assert_eq!(all.len(), 1000 - 334);
-        assert!(all.iter().all(|(k, e)| unique_of(&e.name) == k));
+        assert!(all.iter().all(|(k, e)| unique_part(&e.name) == k));
     }
 }

@@ -4,7 +4,8 @@
 //! Public: the options, the report, the errors, and the two traits a front end may supply
 //! (`Mailboxes`, `Progress`). The phases live here (`Run`); the modules below are internals:
 //! `scan` lists a folder, `watch` hears of changes (inotify), `sync` applies listings to the
-//! staged copy, `reconcile` takes the locks and the control files.
+//! staged copy (`entries` holds a folder's messages, `spill` keeps them on disk meanwhile),
+//! `reconcile` takes the locks and the control files.
 
 mod entries;
 mod priority;
@@ -378,7 +379,8 @@ impl<'a> Run<'a> {
 
     /// Everything, without any lock: each folder watched, then listed in full, then copied, a
     /// few folders at a time (`BULK_BATCH` messages), so that only their listings are held at
-    /// once. The progress total grows as folders are listed.
+    /// once; then their entries go to the scratch file. The progress total grows as folders are
+    /// listed.
     fn bulk(&mut self) -> Result<(), BackupError> {
         self.progress.phase("copying");
         let found = self.discover()?;

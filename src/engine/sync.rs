@@ -18,7 +18,7 @@ use super::scan::{DirStamp, Listed, Listing};
 use super::spill::{Spill, Spilled};
 use super::{BackupError, MessageFiles, Progress};
 use crate::fsx::{self, Dir, FsError, Replace};
-use crate::maildir::{Folder, Maildir, MessageName, Subdir, MESSAGE_DIRS};
+use crate::maildir::{unique_part, Folder, Maildir, MessageName, Subdir, MESSAGE_DIRS};
 use crate::manifest::FolderRecord;
 use crate::store;
 
@@ -312,7 +312,7 @@ impl CopyJob {
     fn key(&self) -> &str {
         match &self.own_key {
             Some(k) => k,
-            None => MessageName::parse(&self.listed.name).map_or(&self.listed.name, |m| m.unique()),
+            None => unique_part(&self.listed.name),
         }
     }
 
@@ -407,7 +407,7 @@ fn staged_path(rel: &Path, sub: Subdir, name: &str) -> PathBuf {
 /// the old and the new name, the second under a `\0dup:` key) leaves two keys behind; once one
 /// file is left, both may point at it. The keys that can share the file named `name`.
 fn keys_for_name(name: &str) -> [String; 2] {
-    let unique = MessageName::parse(name).map_or(name, |m| m.unique());
+    let unique = unique_part(name);
     [unique.to_string(), format!("\0dup:{name}")]
 }
 

@@ -475,9 +475,8 @@ impl Dir {
         Err(FsError::io("create temporary file in", self.path.clone(), Errno::EXIST))
     }
 
-    /// A new file without a name in this directory (`O_TMPFILE`), for reading and writing; it
-    /// is gone once closed, and no one can open it meanwhile. None where the file system
-    /// cannot make one.
+    /// A new file without a name in this directory (`O_TMPFILE`), for reading and writing: no
+    /// name to open it by, and gone once closed. None where the file system cannot make one.
     pub fn scratch_file(&self) -> Result<Option<File>> {
         let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
         match rustix::fs::openat(&self.fd, ".", flags, mode(0o600)) {

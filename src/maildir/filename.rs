@@ -73,6 +73,12 @@ impl<'a> MessageName<'a> {
     }
 }
 
+/// The unique part of file name `name` (the whole name if it is not a message's): what
+/// identifies a message across its renames.
+pub fn unique_part(name: &str) -> &str {
+    MessageName::parse(name).map_or(name, |m| m.unique())
+}
+
 /// `<unique>:2,<flags>` with the flags given (as Dovecot writes them).
 pub fn with_flags(unique: &str, flags: &str) -> String {
     format!("{unique}:2,{flags}")

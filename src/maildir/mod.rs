@@ -9,7 +9,7 @@ pub mod location;
 pub mod opened;
 pub mod uidlist;
 
-pub use filename::{MessageName, Subdir};
+pub use filename::{unique_part, MessageName, Subdir};
 pub use folders::Folder;
 pub use location::{Layout, MailLocation};
 pub use opened::Maildir;

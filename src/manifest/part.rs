@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{check_message, fast_message, Compressed, Lines, ManifestError, MessageRecord, RecordRef};
 use crate::fsx::Dir;
-use crate::maildir::{MessageName, Subdir};
+use crate::maildir::{unique_part, MessageName, Subdir};
 use crate::store::{self, PART_NAME};
 
 /// Entries read, at most, to resolve one folder's records: the entry and its bases.
@@ -221,10 +221,6 @@ struct BaseMessage {
     blake3: Option<[u8; 32]>,
 }
 
-fn unique_of(name: &str) -> &str {
-    MessageName::parse(name).map_or(name, |n| n.unique())
-}
-
 impl BaseRecords {
     /// Entry `id`'s records, if they can all be read; a base that cannot (or whose names pass
     /// 4 GiB) is not used.
@@ -239,7 +235,7 @@ impl BaseRecords {
     fn push(&mut self, m: MessageRecord) -> bool {
         let (Ok(name_at), Ok(name_len)) = (u32::try_from(self.names.len()), u16::try_from(m.name.len())) else { return false };
         let Ok(i) = u32::try_from(self.messages.len()) else { return false };
-        if unique_of(&m.name) != m.unique || u32::try_from(self.names.len() + m.name.len()).is_err() {
+        if unique_part(&m.name) != m.unique || u32::try_from(self.names.len() + m.name.len()).is_err() {
             return false;
         }
         let hash = self.hasher.hash_one(&m.unique);
@@ -248,12 +244,12 @@ impl BaseRecords {
             let b = &messages[j as usize];
             &names[b.name_at as usize..][..b.name_len as usize]
         };
-        if self.by_unique.find(hash, |&j| unique_of(name(j)) == m.unique).is_some() {
+        if self.by_unique.find(hash, |&j| unique_part(name(j)) == m.unique).is_some() {
             self.twice = true;
             return true;
         }
         let hasher = &self.hasher;
-        self.by_unique.insert_unique(hash, i, |&j| hasher.hash_one(unique_of(name(j))));
+        self.by_unique.insert_unique(hash, i, |&j| hasher.hash_one(unique_part(name(j))));
         self.messages.push(BaseMessage { name_at, name_len, dir: m.dir, size: m.size, blake3: m.checksum_bytes() });
         self.names.push_str(&m.name);
         true
@@ -266,7 +262,7 @@ impl BaseRecords {
 
     /// The position of the message with unique name `unique`.
     fn find(&self, unique: &str) -> Option<u32> {
-        self.by_unique.find(self.hasher.hash_one(unique), |&j| unique_of(self.name(j)) == unique).copied()
+        self.by_unique.find(self.hasher.hash_one(unique), |&j| unique_part(self.name(j)) == unique).copied()
     }
 }
 
@@ -338,7 +334,7 @@ impl Diff {
             }
         }
         let unmatched = (0..most as u32).filter(|&i| !matched[i as usize]);
-        let mut gone: Vec<String> = unmatched.map(|i| unique_of(base.name(i)).to_string()).collect();
+        let mut gone: Vec<String> = unmatched.map(|i| unique_part(base.name(i)).to_string()).collect();
         gone.sort();
         lines.extend(gone.into_iter().map(|unique| PartRecord::Gone { unique }));
         (lines.len() + whole.len() < total).then_some(Diff { lines, whole })
