@@ -197,17 +197,19 @@ impl PreviousSnapshot {
 
     fn read_messages(&self, side_by_side: bool) -> Option<KeptMessages> {
         let mut kept = KeptMessages { dirs: Vec::new(), dir_index: HashMap::new(), index: MessageIndex::default() };
+        // One hasher for every folder's part of the index.
+        let hasher = std::hash::RandomState::new();
         let stored: Vec<(&String, &str)> = self.folders.iter().filter_map(|(path, f)| Some((path, f.store.as_deref()?))).collect();
         if stored.len() < self.folders.len() {
             // Records in the manifest itself (an older snapshot): read in one pass.
-            let mut index = MessageIndex::default();
+            let mut index = MessageIndex::new(hasher);
             Manifest::visit(&self.dir, |_| {}, |m| index.push(&m, kept.dir_of(&m.folder, m.dir))).ok()?;
             kept.index = index;
         } else {
             let dirs: Vec<[u32; 2]> = stored.iter().map(|(path, _)| Subdir::ALL.map(|sub| kept.dir_of(path, sub))).collect();
             // Each folder's entry read (side by side if asked); the index made of them in turn.
             let read = |((path, id), dirs): ((&String, &str), [u32; 2])| {
-                let (mut index, mut read) = (MessageIndex::default(), 0);
+                let (mut index, mut read) = (MessageIndex::new(hasher.clone()), 0);
                 Manifest::visit_stored(&self.series, id, |m| {
                     read += 1;
                     index.push(&m, dirs[m.dir.index()]);
@@ -262,7 +264,7 @@ impl Reuse for PreviousSnapshot {
     fn link_into(&self, unique: &str, source_size: u64, dst: &Dir, name: &str) -> Option<String> {
         let messages = self.messages()?;
         let kept = messages.index.get(unique)?;
-        let (old_name, size) = (kept.name, kept.size);
+        let (old_name, size) = (kept.name.as_str(), kept.size);
         if source_size != size {
             return None;
         }
