@@ -23,6 +23,8 @@ pub const MANIFEST_NAME: &str = "maildir-backup.manifest";
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 const ZSTD_LEVEL: i32 = 3;
 const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+/// 128 KiB: what writing asks of a reader since.
+const ZSTD_WINDOW_LOG: u32 = 17;
 /// A plain backup's manifest, with every message record in it.
 pub const FORMAT: u32 = 1;
 /// A repository snapshot's: folders whose message records are in the series' store (see
@@ -438,7 +440,10 @@ impl Compressed {
     fn create(dir: &Dir, name: &str) -> Result<Compressed, ManifestError> {
         let path = dir.show(name);
         let file = BufWriter::new(dir.create(name, 0o600)?);
-        let w = zstd::Encoder::new(file, ZSTD_LEVEL).map_err(|e| ManifestError::Fs(FsError::Io { op: "compress", path: path.clone(), source: e }))?;
+        let err = |e| ManifestError::Fs(FsError::Io { op: "compress", path: path.clone(), source: e });
+        let mut w = zstd::Encoder::new(file, ZSTD_LEVEL).map_err(err)?;
+        // A small window: its reader needs as much memory, and records repeat only nearby.
+        w.window_log(ZSTD_WINDOW_LOG).map_err(err)?;
         Ok(Compressed { w, path })
     }
 
@@ -549,7 +554,7 @@ impl Lines {
         let compressed = file.fill_buf().map_err(io_err)?.starts_with(&ZSTD_MAGIC);
         let raw: Box<dyn Read> = if compressed {
             let mut d = zstd::Decoder::with_buffer(file).map_err(io_err)?;
-            // Ours need 2 MiB; a forged one may not make us allocate more than this.
+            // Ours need 128 KiB (2 MiB before); a forged one may not make us allocate more than this.
             d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(io_err)?;
             Box::new(d)
         } else {
@@ -560,6 +565,13 @@ impl Lines {
 
     fn bad(&self, what: &str) -> ManifestError {
         ManifestError::Bad { path: self.path.clone(), line: self.line, what: what.to_string() }
+    }
+
+    /// Lets go of the file and its decompressor (once read to the end), keeping where it was
+    /// for `bad`.
+    fn close(&mut self) {
+        let nothing: Box<dyn Read> = Box::new(io::empty());
+        self.input = BufReader::with_capacity(0, nothing.take(0));
     }
 
     /// The next non-empty line; None at the end.

@@ -93,6 +93,9 @@ fn visit_chain(series: &Dir, folder: Option<&str>, id: &str, depth: usize, messa
         return Err(lines.bad(&format!("a chain of more than {MAX_CHAIN} store entries")));
     }
     let changes = Changes::read(&mut lines, folder)?;
+    // Read to its end: its decompressor's memory is let go before the base's is taken (a chain
+    // of ten, in every folder read side by side, held hundreds of megabytes).
+    lines.close();
     let mut applying = Applying { changes, failed: None };
     let below = visit_chain(series, folder, &base, depth + 1, &mut |m| applying.pass(m, message))?;
     applying.finish(&lines, message)?;
