@@ -224,6 +224,13 @@ struct BaseMessage {
     blake3: Option<[u8; 32]>,
 }
 
+impl BaseMessage {
+    /// Its file name, in the base's string of names.
+    fn name_in<'n>(&self, names: &'n str) -> &'n str {
+        &names[self.name_at as usize..][..self.name_len as usize]
+    }
+}
+
 impl BaseRecords {
     /// Entry `id`'s records, if they can all be read; a base that cannot (or whose names pass
     /// 4 GiB) is not used.
@@ -243,10 +250,7 @@ impl BaseRecords {
         }
         let hash = self.hasher.hash_one(&m.unique);
         let (names, messages) = (&self.names, &self.messages);
-        let name = |j: u32| -> &str {
-            let b = &messages[j as usize];
-            &names[b.name_at as usize..][..b.name_len as usize]
-        };
+        let name = |j: u32| messages[j as usize].name_in(names);
         if self.by_unique.find(hash, |&j| unique_part(name(j)) == m.unique).is_some() {
             self.twice = true;
             return true;
@@ -259,8 +263,7 @@ impl BaseRecords {
     }
 
     fn name(&self, i: u32) -> &str {
-        let b = &self.messages[i as usize];
-        &self.names[b.name_at as usize..][..b.name_len as usize]
+        self.messages[i as usize].name_in(&self.names)
     }
 
     /// The position of the message with unique name `unique`.
