@@ -264,10 +264,16 @@ fn backups_under_imap_and_lda_churn_are_exact() {
         }
 
         let p = check_presence(&s, &dest, start, end, lock_window);
-        // Duplicates are judged after the churn: a message Dovecot itself ended up holding in two
-        // folders (two sessions moving it at once) is rightly in the backup twice.
+        // A message Dovecot itself held twice (two sessions moving it at once) is rightly in the
+        // backup twice: judged by the source just after this backup (Dovecot may drop one copy
+        // before the churn ends), and again after the churn.
+        let in_source_now = if p.duplicated.is_empty() { Default::default() } else { churn::scan_message_ids(&s.d.maildir(USER)) };
         for (mid, files) in &p.duplicated {
-            dup_failures.push((mid.clone(), format!("backup {i}: {mid} in {} places: {files:?}", files.len())));
+            let failure = format!("backup {i}: {mid} in {} places: {files:?}", files.len());
+            match in_source_now.get(mid) {
+                Some(held) if held.len() > 1 => eprintln!("excused, Dovecot holds it twice too just after the backup: {failure}; in the source: {held:?}"),
+                _ => dup_failures.push((mid.clone(), failure)),
+            }
         }
         if !p.lost.is_empty() || !p.junk.is_empty() {
             failures.push(format!(
