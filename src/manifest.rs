@@ -638,6 +638,7 @@ mod tests {
 }
 
 pub mod part;
+mod unique_names;
 
 #[cfg(test)]
 mod hostile_tests;

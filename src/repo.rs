@@ -7,15 +7,14 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
-use rayon::prelude::*;
 
 use crate::engine::{self, BackupError, BackupOptions, BackupReport, InRepo, Mailboxes, MessageFiles, Progress, Reuse, Store};
 use crate::fsx::{self, Dir, DirStamp, FsError, Replace};
 use crate::maildir::{Maildir, Subdir};
-use crate::manifest::{part, FolderRecord, Manifest, MANIFEST_NAME};
+use crate::manifest::{part, FolderRecord, Manifest, MessageRecord, MANIFEST_NAME};
 use crate::store::{self, MessageDirs};
 use message_index::MessageIndex;
 use crate::staging::{Staging, STAGING_SUFFIX};
@@ -156,23 +155,12 @@ pub struct PreviousSnapshot {
     message_dirs: MessageDirs,
 }
 
-/// The previous snapshot's messages, kept small: one per message of the mailbox.
+/// The previous snapshot's messages, kept small: see [`MessageIndex`].
 struct KeptMessages {
-    /// Message directories (folder, cur or new), each once.
+    /// Message directories (folder, cur or new), as the index numbers them.
     dirs: Vec<(String, Subdir)>,
-    dir_index: HashMap<(String, Subdir), u32>,
-    index: MessageIndex,
-}
-
-impl KeptMessages {
-    /// The index of a message directory, added if new.
-    fn dir_of(&mut self, folder: &str, sub: Subdir) -> u32 {
-        let dirs = &mut self.dirs;
-        *self.dir_index.entry((folder.to_string(), sub)).or_insert_with_key(|key| {
-            dirs.push(key.clone());
-            dirs.len() as u32 - 1
-        })
-    }
+    /// None once no message is linked any more (see `done_linking`).
+    index: RwLock<Option<MessageIndex>>,
 }
 
 impl PreviousSnapshot {
@@ -185,45 +173,36 @@ impl PreviousSnapshot {
         Some(PreviousSnapshot { series: series.try_clone().ok()?, dir, folders, messages: OnceLock::new(), paranoid, message_dirs })
     }
 
-    /// Its messages by unique name, read from its manifest the first time they are asked for.
-    ///
-    /// Read here one folder after another: the copy tasks that ask for them all wait on this
-    /// cell, and a rayon worker waiting for subtasks of its own runs other tasks meanwhile; one
-    /// of those copy tasks would wait on the very read its thread is making. `read_ahead` reads
-    /// them side by side before such tasks start.
+    /// Its messages by unique name, read from its manifest the first time they are asked for
+    /// (see `MessageIndex::read` for why that cannot deadlock the copy tasks that all wait on
+    /// this cell).
     fn messages(&self) -> Option<&KeptMessages> {
-        self.messages.get_or_init(|| self.read_messages(false)).as_ref()
+        self.messages.get_or_init(|| self.read_messages()).as_ref()
     }
 
-    fn read_messages(&self, side_by_side: bool) -> Option<KeptMessages> {
-        let mut kept = KeptMessages { dirs: Vec::new(), dir_index: HashMap::new(), index: MessageIndex::default() };
-        // One hasher for every folder's part of the index.
-        let hasher = std::hash::RandomState::new();
+    fn read_messages(&self) -> Option<KeptMessages> {
+        // Each folder's cur and new, numbered in turn.
+        let dirs: Vec<(String, Subdir)> = self.folders.keys().flat_map(|path| Subdir::ALL.map(|sub| (path.clone(), sub))).collect();
+        let first_dir: HashMap<&str, u32> = self.folders.keys().enumerate().map(|(i, path)| (path.as_str(), 2 * i as u32)).collect();
+        let dir_of = |m: &MessageRecord| Some(first_dir.get(m.folder.as_str())? + m.dir.index() as u32);
+        let scratch = || self.series.scratch_file().ok().flatten();
         let stored: Vec<(&String, &str)> = self.folders.iter().filter_map(|(path, f)| Some((path, f.store.as_deref()?))).collect();
-        if stored.len() < self.folders.len() {
+        let index = if stored.len() < self.folders.len() {
             // Records in the manifest itself (an older snapshot): read in one pass.
-            let mut index = MessageIndex::new(hasher);
-            Manifest::visit(&self.dir, |_| {}, |m| index.push(&m, kept.dir_of(&m.folder, m.dir))).ok()?;
-            kept.index = index;
+            let total = self.folders.values().map(|f| f.messages).sum();
+            MessageIndex::read(&[total], scratch, |_, index| {
+                Manifest::visit(&self.dir, |_| {}, |m| dir_of(&m).map_or((), |dir| index.push(&m, dir))).is_ok()
+            })
         } else {
-            let dirs: Vec<[u32; 2]> = stored.iter().map(|(path, _)| Subdir::ALL.map(|sub| kept.dir_of(path, sub))).collect();
-            // Each folder's entry read (side by side if asked); the index made of them in turn.
-            let read = |((path, id), dirs): ((&String, &str), [u32; 2])| {
-                let (mut index, mut read) = (MessageIndex::new(hasher.clone()), 0);
-                Manifest::visit_stored(&self.series, id, |m| {
-                    read += 1;
-                    index.push(&m, dirs[m.dir.index()]);
-                })
-                .ok()?;
-                (self.folders[path].messages == read).then_some(index)
-            };
-            let folders = stored.into_iter().zip(dirs);
-            let per_folder: Vec<Option<MessageIndex>> =
-                if side_by_side { folders.collect::<Vec<_>>().into_par_iter().map(read).collect() } else { folders.map(read).collect() };
-            kept.index = MessageIndex::concat(per_folder.into_iter().collect::<Option<_>>()?);
-        }
-        kept.index.index();
-        Some(kept)
+            // Each folder's entry read.
+            let counts: Vec<u64> = stored.iter().map(|(path, _)| self.folders[*path].messages).collect();
+            MessageIndex::read(&counts, scratch, |i, index| {
+                let (path, id) = stored[i];
+                let first = first_dir[path.as_str()];
+                Manifest::visit_stored(&self.series, id, |m| index.push(&m, first + m.dir.index() as u32)).is_ok()
+            })
+        }?;
+        Some(KeptMessages { dirs, index: RwLock::new(Some(index)) })
     }
 
     /// The previous snapshot's copy of the control file `rel`, open, if it is what copying
@@ -243,11 +222,18 @@ impl PreviousSnapshot {
 
 impl Reuse for PreviousSnapshot {
     fn read_ahead(&self) {
-        self.messages.get_or_init(|| self.read_messages(true));
+        self.messages.get_or_init(|| self.read_messages());
     }
 
     fn ready(&self) -> bool {
         self.messages.get().is_some()
+    }
+
+    fn done_linking(&self) {
+        if let Some(Some(kept)) = self.messages.get() {
+            // The index takes 12 bytes a message: the records' writing needs that room more.
+            drop(kept.index.write().map(|mut index| index.take()));
+        }
     }
 
     fn link_control(&self, rel: &Path, source: &mut fsx::ReadFile, owner: Option<fsx::Owner>, dst: &Dir, name: &str) -> bool {
@@ -263,7 +249,7 @@ impl Reuse for PreviousSnapshot {
 
     fn link_into(&self, unique: &str, source_size: u64, dst: &Dir, name: &str) -> Option<String> {
         let messages = self.messages()?;
-        let kept = messages.index.get(unique)?;
+        let kept = messages.index.read().ok()?.as_ref()?.get(unique)?;
         let (old_name, size) = (kept.name.as_str(), kept.size);
         if source_size != size {
             return None;
@@ -322,7 +308,7 @@ impl Store for SeriesStore<'_> {
         let (id, entry) = store::create_entry(self.series)?;
         // The records the previous snapshot kept for the folder: ours are written as changes
         // to them where that is shorter.
-        let base = self.previous.and_then(|p| p.folders.get(folder)?.store.as_deref());
+        let base = self.previous.and_then(|p| p.folders.get(folder)).and_then(|f| Some((f.store.as_deref()?, f.messages)));
         part::write(self.series, &entry, folder, base, records)?;
         for sub in Subdir::ALL {
             fdir.rename(sub.as_str(), &entry, sub.as_str(), Replace::Never)?;
@@ -554,6 +540,7 @@ pub fn finish_interrupted_removals(series: &Dir) -> Result<usize, RepoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rayon::prelude::*;
 
     #[test]
     fn an_interrupted_removal_is_finished_by_the_next_prune() {

@@ -583,6 +583,9 @@ impl<'a> Run<'a> {
         }
         self.progress.phase("finishing");
         finish_message_dirs(md, tree)?;
+        if let Some(reuse) = self.reuse {
+            reuse.done_linking();
+        }
         let records = self.pool.install(|| folder_records(md, tree, self.reuse, self.store))?;
         let header = write_manifest(md, tree, &records, r.taken_at, r.held, self.total.bytes)?;
         // Last: anything written into a directory after this would change its mtime again.

@@ -228,9 +228,13 @@ pub trait Reuse: Sync {
     /// as `name`; its BLAKE3 if it did.
     fn link_into(&self, unique: &str, size: u64, dst: &Dir, name: &str) -> Option<String>;
 
-    /// Reads what `link_into` looks messages up in, side by side on the calling pool, before
-    /// copy tasks that call it start (they would otherwise wait for one of them to read it).
+    /// Reads what `link_into` looks messages up in, before the copy tasks that call it start
+    /// (they would otherwise all wait for the first to read it).
     fn read_ahead(&self) {}
+
+    /// No message is linked any more: what `link_into` looks them up in may go, before the
+    /// records are written.
+    fn done_linking(&self) {}
 
     /// Whether `link_into` answers without reading that first.
     fn ready(&self) -> bool {

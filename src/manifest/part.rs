@@ -10,13 +10,9 @@
 //! same series, a chain of bases is at most `MAX_CHAIN` long (so a forged loop ends), and a
 //! change must name a message its base holds exactly once.
 
-use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, RandomState};
-
-use hashbrown::HashTable;
-
 use serde::{Deserialize, Serialize};
 
+use super::unique_names::{NotAdded, UniqueNames, MAX_RESERVED};
 use super::{check_message, fast_message, Compressed, Lines, ManifestError, MessageRecord, RecordRef};
 use crate::fsx::Dir;
 use crate::maildir::{unique_part, MessageName, Subdir};
@@ -130,36 +126,44 @@ fn checked(lines: &Lines, folder: Option<&str>, m: MessageRecord) -> Result<Mess
     Ok(m)
 }
 
-/// What a part with a base changes, by unique name.
+/// What a part with a base changes, by unique name: packed (see [`UniqueNames`]), as a chain
+/// of ten parts of a large folder is held at once while it is read.
 struct Changes {
-    renamed: HashMap<String, (Subdir, String)>,
-    gone: HashSet<String>,
+    /// The new names of renamed messages, the unique names of gone ones.
+    names: UniqueNames,
+    /// Each change's directory: None for a message gone.
+    dirs: Vec<Option<Subdir>>,
+    /// Changes the base has already passed.
+    applied: Vec<bool>,
     added: Vec<MessageRecord>,
-    /// Unique names the base has already passed with a change applied.
-    applied: HashSet<String>,
 }
 
 impl Changes {
     fn read(lines: &mut Lines, folder: Option<&str>) -> Result<Changes, ManifestError> {
-        let mut c = Changes { renamed: HashMap::new(), gone: HashSet::new(), added: Vec::new(), applied: HashSet::new() };
+        let mut c = Changes { names: UniqueNames::default(), dirs: Vec::new(), applied: Vec::new(), added: Vec::new() };
         while let Some(line) = lines.next_line()? {
-            match parse(lines, &line)? {
+            let (name, dir) = match parse(lines, &line)? {
                 PartRecord::Base { .. } => return Err(lines.bad("a second base")),
-                PartRecord::Message(m) => c.added.push(checked(lines, folder, m)?),
+                PartRecord::Message(m) => {
+                    c.added.push(checked(lines, folder, m)?);
+                    continue;
+                }
                 PartRecord::Renamed { dir, name } => {
-                    let unique = MessageName::parse(&name).filter(MessageName::is_safe).map(|n| n.unique().to_string());
-                    let unique = unique.ok_or_else(|| lines.bad(&format!("message file name {name:?} is not usable")))?;
-                    if c.gone.contains(&unique) || c.renamed.insert(unique, (dir, name)).is_some() {
-                        return Err(lines.bad("a message changed twice"));
+                    if !MessageName::parse(&name).is_some_and(|n| n.is_safe()) {
+                        return Err(lines.bad(&format!("message file name {name:?} is not usable")));
                     }
+                    (name, Some(dir))
                 }
-                PartRecord::Gone { unique } => {
-                    if c.renamed.contains_key(&unique) || !c.gone.insert(unique) {
-                        return Err(lines.bad("a message changed twice"));
-                    }
-                }
+                PartRecord::Gone { unique } if unique_part(&unique) == unique => (unique, None),
+                PartRecord::Gone { unique } => return Err(lines.bad(&format!("{unique:?} is not a unique name"))),
+            };
+            match c.names.add(&name) {
+                Ok(_) => c.dirs.push(dir),
+                Err(NotAdded::Taken(_)) => return Err(lines.bad("a message changed twice")),
+                Err(NotAdded::Full) => return Err(lines.bad("more changes than can be held")),
             }
         }
+        c.applied = vec![false; c.dirs.len()];
         Ok(c)
     }
 }
@@ -173,17 +177,15 @@ struct Applying {
 impl Applying {
     fn pass(&mut self, mut m: MessageRecord, message: &mut dyn FnMut(MessageRecord)) {
         let c = &mut self.changes;
-        let named = c.gone.contains(&m.unique) || c.renamed.contains_key(&m.unique);
-        if named && !c.applied.insert(m.unique.clone()) {
-            self.failed.get_or_insert_with(|| format!("its base holds message {:?} twice", m.unique));
-            return;
-        }
-        if c.gone.contains(&m.unique) {
-            return;
-        }
-        if let Some((dir, name)) = c.renamed.get(&m.unique) {
+        if let Some(i) = c.names.find(&m.unique) {
+            if std::mem::replace(&mut c.applied[i as usize], true) {
+                self.failed.get_or_insert_with(|| format!("its base holds message {:?} twice", m.unique));
+                return;
+            }
+            let Some(dir) = c.dirs[i as usize] else { return };
+            let name = c.names.name(i);
             m.flags = MessageName::parse(name).map(|n| n.flags().to_string()).unwrap_or_default();
-            (m.dir, m.name) = (*dir, name.clone());
+            (m.dir, m.name) = (dir, name.to_string());
         }
         message(m);
     }
@@ -193,22 +195,21 @@ impl Applying {
         if let Some(what) = self.failed {
             return Err(lines.bad(&what));
         }
-        if let Some(u) = c.gone.iter().chain(c.renamed.keys()).find(|u| !c.applied.contains(*u)) {
-            return Err(lines.bad(&format!("it changes message {u:?}, which its base does not hold")));
+        if let Some(i) = c.applied.iter().position(|done| !done) {
+            let unique = unique_part(c.names.name(i as u32));
+            return Err(lines.bad(&format!("it changes message {unique:?}, which its base does not hold")));
         }
         c.added.into_iter().for_each(message);
         Ok(())
     }
 }
 
-/// What a base holds of each message, by unique name, and whether one is there twice: packed
-/// (every name in one string), as a folder of a million messages may have one.
+/// What a base holds of each message, by unique name, and whether one is there twice: packed,
+/// as a folder of a million messages may have one.
 struct BaseRecords {
-    names: String,
+    names: UniqueNames,
+    /// By position in `names`.
     messages: Vec<BaseMessage>,
-    /// Positions in `messages`, by the unique part of their names.
-    by_unique: HashTable<u32>,
-    hasher: RandomState,
     twice: bool,
     /// Bases below it.
     depth: usize,
@@ -217,25 +218,27 @@ struct BaseRecords {
 /// What a change is measured against: where the message was, and which file it was (None:
 /// recorded without a checksum, so never taken for the same).
 struct BaseMessage {
-    name_at: u32,
-    name_len: u16,
     dir: Subdir,
     size: u64,
-    blake3: Option<[u8; 32]>,
+    /// The first half of its BLAKE3 (32 bytes a message, not 48; matching 128 bits of a
+    /// message of the same name and size is out of anyone's reach).
+    blake3: Option<[u8; 16]>,
 }
 
-impl BaseMessage {
-    /// Its file name, in the base's string of names.
-    fn name_in<'n>(&self, names: &'n str) -> &'n str {
-        &names[self.name_at as usize..][..self.name_len as usize]
-    }
+/// The part of a checksum a base keeps.
+fn half(blake3: Option<[u8; 32]>) -> Option<[u8; 16]> {
+    blake3.and_then(|b| b[..16].try_into().ok())
 }
 
 impl BaseRecords {
-    /// Entry `id`'s records, if they can all be read; a base that cannot (or whose names pass
+    /// Entry `id`'s records (`messages` of them), if they can all be read; a base that cannot (or whose names pass
     /// 4 GiB) is not used.
-    fn read(series: &Dir, folder: &str, id: &str) -> Option<BaseRecords> {
-        let mut b = BaseRecords { names: String::new(), messages: Vec::new(), by_unique: HashTable::new(), hasher: RandomState::new(), twice: false, depth: 0 };
+    fn read(series: &Dir, folder: &str, (id, messages): (&str, u64)) -> Option<BaseRecords> {
+        let mut b = BaseRecords { names: UniqueNames::default(), messages: Vec::new(), twice: false, depth: 0 };
+        // Room made once: grown as they come, they would be held twice each time they move.
+        let room = usize::try_from(messages).map_or(MAX_RESERVED, |n| n.min(MAX_RESERVED));
+        b.names.reserve(room);
+        let _ = b.messages.try_reserve(room);
         let mut fits = true;
         b.depth = visit_chain(series, Some(folder), id, 0, &mut |m| fits &= b.push(m)).ok()?;
         fits.then_some(b)
@@ -243,32 +246,15 @@ impl BaseRecords {
 
     /// Adds `m`; false if it cannot be kept.
     fn push(&mut self, m: MessageRecord) -> bool {
-        let (Ok(name_at), Ok(name_len)) = (u32::try_from(self.names.len()), u16::try_from(m.name.len())) else { return false };
-        let Ok(i) = u32::try_from(self.messages.len()) else { return false };
-        if unique_part(&m.name) != m.unique || u32::try_from(self.names.len() + m.name.len()).is_err() {
+        if unique_part(&m.name) != m.unique {
             return false;
         }
-        let hash = self.hasher.hash_one(&m.unique);
-        let (names, messages) = (&self.names, &self.messages);
-        let name = |j: u32| messages[j as usize].name_in(names);
-        if self.by_unique.find(hash, |&j| unique_part(name(j)) == m.unique).is_some() {
-            self.twice = true;
-            return true;
+        match self.names.add(&m.name) {
+            Ok(_) => self.messages.push(BaseMessage { dir: m.dir, size: m.size, blake3: half(m.checksum_bytes()) }),
+            Err(NotAdded::Taken(_)) => self.twice = true,
+            Err(NotAdded::Full) => return false,
         }
-        let hasher = &self.hasher;
-        self.by_unique.insert_unique(hash, i, |&j| hasher.hash_one(unique_part(name(j))));
-        self.messages.push(BaseMessage { name_at, name_len, dir: m.dir, size: m.size, blake3: m.checksum_bytes() });
-        self.names.push_str(&m.name);
         true
-    }
-
-    fn name(&self, i: u32) -> &str {
-        self.messages[i as usize].name_in(&self.names)
-    }
-
-    /// The position of the message with unique name `unique`.
-    fn find(&self, unique: &str) -> Option<u32> {
-        self.by_unique.find(self.hasher.hash_one(unique), |&j| unique_part(self.name(j)) == unique).copied()
     }
 }
 
@@ -276,12 +262,12 @@ impl BaseRecords {
 pub type Records<'a> = &'a dyn Fn() -> Box<dyn Iterator<Item = MessageRecord> + 'a>;
 
 /// Writes folder `folder`'s records as the part of the new entry `entry` of `series`: as
-/// changes against entry `base` (the previous snapshot's, for the folder) where that is
-/// shorter and its chain not too long, else whole. Returns how many records there were and
+/// changes against entry `base` (the previous snapshot's, for the folder, and how many messages
+/// its manifest says it holds) where that is shorter and its chain not too long, else whole. Returns how many records there were and
 /// their bytes.
-pub fn write(series: &Dir, entry: &Dir, folder: &str, base: Option<&str>, records: Records) -> Result<(u64, u64), ManifestError> {
+pub fn write(series: &Dir, entry: &Dir, folder: &str, base: Option<(&str, u64)>, records: Records) -> Result<(u64, u64), ManifestError> {
     let mut out = Compressed::create(entry, PART_NAME)?;
-    let base = base.and_then(|id| Some((id, BaseRecords::read(series, folder, id)?)));
+    let base = base.and_then(|base| Some((base.0, BaseRecords::read(series, folder, base)?)));
     let usable = base.filter(|(_, b)| !b.twice && b.depth + 1 < MAX_CHAIN);
     let (mut count, mut bytes) = (0u64, 0u64);
     let mut take = |out: &Compressed, m: &MessageRecord| -> Result<(), ManifestError> {
@@ -324,14 +310,14 @@ impl Diff {
         let mut matched = vec![false; most];
         for m in records {
             total += 1;
-            let found = base.find(&m.unique).filter(|&i| !std::mem::replace(&mut matched[i as usize], true));
+            let found = base.names.find(&m.unique).filter(|&i| !std::mem::replace(&mut matched[i as usize], true));
             match found.map(|i| (i, &base.messages[i as usize])) {
                 None => whole.push(m),
-                Some((_, b)) if b.size != m.size || b.blake3.is_none() || b.blake3 != m.checksum_bytes() => {
+                Some((_, b)) if b.size != m.size || b.blake3.is_none() || b.blake3 != half(m.checksum_bytes()) => {
                     lines.push(PartRecord::Gone { unique: m.unique.clone() });
                     whole.push(m);
                 }
-                Some((i, b)) if (b.dir, base.name(i)) != (m.dir, m.name.as_str()) => lines.push(PartRecord::Renamed { dir: m.dir, name: m.name }),
+                Some((i, b)) if (b.dir, base.names.name(i)) != (m.dir, m.name.as_str()) => lines.push(PartRecord::Renamed { dir: m.dir, name: m.name }),
                 Some(_) => {}
             }
             // Far more changed than the base held: written whole, without holding them all.
@@ -340,7 +326,7 @@ impl Diff {
             }
         }
         let unmatched = (0..most as u32).filter(|&i| !matched[i as usize]);
-        let mut gone: Vec<String> = unmatched.map(|i| unique_part(base.name(i)).to_string()).collect();
+        let mut gone: Vec<String> = unmatched.map(|i| unique_part(base.names.name(i)).to_string()).collect();
         gone.sort();
         lines.extend(gone.into_iter().map(|unique| PartRecord::Gone { unique }));
         (lines.len() + whole.len() < total).then_some(Diff { lines, whole })
@@ -377,7 +363,7 @@ mod tests {
     /// Writes `records` as a new entry of `series` against `base`; its id.
     fn put(series: &Dir, base: Option<&str>, records: &[MessageRecord]) -> String {
         let (id, entry) = store::create_entry(series).unwrap();
-        write(series, &entry, ".Sent", base, &|| Box::new(records.iter().cloned())).unwrap();
+        write(series, &entry, ".Sent", base.map(|b| (b, records.len() as u64)), &|| Box::new(records.iter().cloned())).unwrap();
         id
     }
 
