@@ -22,6 +22,13 @@ pub struct Entry {
     pub blake3: Option<blake3::Hash>,
 }
 
+impl Entry {
+    /// Where it is: the order of a folder's records.
+    pub fn place(&self) -> (Subdir, &str) {
+        (self.sub, &self.name)
+    }
+}
+
 /// What is kept of a message under its key: it has a file name.
 pub trait Named {
     fn name(&self) -> &str;

@@ -17,8 +17,10 @@ pub(crate) mod watch;
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
+use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::dotlock::{LockError, LockSettings};
@@ -33,7 +35,6 @@ use crate::sysexits::{self, ExitCode};
 
 pub use reconcile::{Busy, HeldLocks};
 use rayon::prelude::*;
-use entries::Entries;
 use reconcile::{BUSY_LOCK_WAIT, FIRST_LOCK_WAIT};
 pub(crate) use sync::{PassStats, Reuse, Store, Tree};
 
@@ -387,6 +388,11 @@ impl<'a> Run<'a> {
         let (mut batch, mut in_batch, mut listed) = (Vec::new(), 0, 0);
         for (i, f) in found.iter().enumerate() {
             if !self.take_over(f)? {
+                // Before the first listing: what the previous snapshot's records take while
+                // they are read is let go before listings and copies take theirs.
+                if let Some(reuse) = self.reuse {
+                    reuse.read_ahead();
+                }
                 let listing = reconcile::watch_and_list(self.md, f, self.watcher.as_mut())?;
                 let n = listing.as_ref().map_or(0, |l| l.entries.len());
                 (in_batch, listed) = (in_batch + n, listed + n as u64);
@@ -769,27 +775,37 @@ fn folder_record(md: &Maildir, tree: &Tree, rel: &Path, state: &sync::FolderStat
         let uidlist_same = linked.contains(&rel.join(UIDLIST)) || (old.uidlist_header.is_none() && fdir.lstat(UIDLIST)?.is_none());
         if !uidlist_same {
             let uniques = reuse.stored_uniques(old.store.as_deref().unwrap_or_default())?;
-            let u = summarize_uidlist(&fdir, &uniques.iter().map(String::as_str).collect())?;
+            let u = summarize_uidlist(&fdir, &|unique| uniques.contains(unique))?;
             (record.uidlist_header, record.uidlist_expunged, record.uidlist_expunged_partial) = (u.header, u.expunged, u.partial);
         }
         return Ok(record);
     }
-    let entries = tree.entries_of(state)?;
-    let uniques: HashSet<&str> = entries.values().filter_map(|e| MessageName::parse(&e.name)).map(|n| n.unique()).collect();
-    let uidlist = summarize_uidlist(&fdir, &uniques)?;
+    // The unique names by a keyed hash: 8 bytes a message, not 60. Two of one hash would at
+    // worst leave an expunged message out of the uidlist's description.
+    let hasher = RandomState::new();
+    let mut uniques = HashSet::with_capacity(state.messages() as usize);
+    for e in tree.sorted_entries(state) {
+        uniques.extend(MessageName::parse(&e?.name).map(|n| hasher.hash_one(n.unique())));
+    }
+    let uidlist = summarize_uidlist(&fdir, &|unique| uniques.contains(&hasher.hash_one(unique)))?;
     drop(uniques);
     let mut record = FolderRecord {
         uidlist_header: uidlist.header,
         uidlist_expunged: uidlist.expunged,
         uidlist_expunged_partial: uidlist.partial,
-        messages: entries.len() as u64,
+        messages: state.messages(),
         ..FolderRecord::new(path, state.folder.name.clone())
     };
     if let Some(store) = store {
         record.bytes = Some(state.bytes());
         record.source_dirs = source_dirs(md, state);
-        let path = record.path.clone();
-        record.store = Some(store.store_folder(&record.path, &fdir, &|| Box::new(message_records(&path, &entries)))?);
+        let (path, failed) = (record.path.clone(), Mutex::new(None));
+        let records = || -> Box<dyn Iterator<Item = MessageRecord>> { Box::new(message_records(tree, &path, state, &failed)) };
+        let id = store.store_folder(&record.path, &fdir, &records);
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        record.store = Some(id?);
     }
     Ok(record)
 }
@@ -802,22 +818,29 @@ fn source_dirs(md: &Maildir, state: &sync::FolderState) -> Option<SourceDirs> {
     (scan::dir_stamps(md, &state.folder) == state.stamps).then_some(SourceDirs { cur, new, listed_at_ns })
 }
 
-/// A listed folder's message records, sorted by place and name.
-fn message_records<'s>(folder: &'s str, entries: &'s Entries) -> impl Iterator<Item = MessageRecord> + 's {
-    let mut entries: Vec<_> = entries.values().collect();
-    entries.sort_by(|a, b| (a.sub, &a.name).cmp(&(b.sub, &b.name)));
-    entries.into_iter().map(move |e| {
-        let name = MessageName::parse(&e.name);
-        MessageRecord {
-            folder: folder.to_string(),
-            dir: e.sub,
-            name: e.name.to_string(),
-            unique: name.map(|n| n.unique().to_string()).unwrap_or_default(),
-            flags: name.map(|n| n.flags().to_string()).unwrap_or_default(),
-            size: e.size,
-            blake3: sync::hex(e.blake3),
+/// A listed folder's message records, sorted by place and name (see `Tree::sorted_entries`).
+/// A read that fails ends them, and is left in `failed` for the caller.
+fn message_records<'s>(tree: &'s Tree, folder: &'s str, state: &'s sync::FolderState, failed: &'s Mutex<Option<BackupError>>) -> impl Iterator<Item = MessageRecord> + 's {
+    tree.sorted_entries(state).map_while(move |e| match e {
+        Ok(e) => Some(message_record(folder, &e)),
+        Err(e) => {
+            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            None
         }
     })
+}
+
+fn message_record(folder: &str, e: &sync::Entry) -> MessageRecord {
+    let name = MessageName::parse(&e.name);
+    MessageRecord {
+        folder: folder.to_string(),
+        dir: e.sub,
+        name: e.name.to_string(),
+        unique: name.map(|n| n.unique().to_string()).unwrap_or_default(),
+        flags: name.map(|n| n.flags().to_string()).unwrap_or_default(),
+        size: e.size,
+        blake3: sync::hex(e.blake3),
+    }
 }
 
 /// Writes the backup's manifest: the header, `folders`' records, then the message records of
@@ -842,8 +865,10 @@ fn write_manifest(md: &Maildir, tree: &Tree, folders: &[FolderRecord], taken_at:
     let mut w = ManifestWriter::create(&tree.staging, &header)?;
     folders.iter().try_for_each(|f| w.folder(f))?;
     for (f, state) in folders.iter().zip(tree.folders.values()).filter(|(f, _)| f.store.is_none()) {
-        let entries = tree.entries_of(state)?;
-        message_records(&f.path, &entries).try_for_each(|m| w.message(&m))?;
+        for e in tree.sorted_entries(state) {
+            let e = e?;
+            w.message(&message_record(&f.path, &e))?;
+        }
     }
     w.finish()?;
     Ok(header)
@@ -858,7 +883,7 @@ struct UidlistSummary {
     partial: bool,
 }
 
-fn summarize_uidlist(dir: &Dir, uniques: &HashSet<&str>) -> Result<UidlistSummary, BackupError> {
+fn summarize_uidlist(dir: &Dir, has_file: &dyn Fn(&str) -> bool) -> Result<UidlistSummary, BackupError> {
     let mut sum = UidlistSummary { header: None, expunged: Vec::new(), partial: false };
     let reader = match uidlist::Reader::open(dir) {
         Ok(Some(r)) => r,
@@ -870,7 +895,7 @@ fn summarize_uidlist(dir: &Dir, uniques: &HashSet<&str>) -> Result<UidlistSummar
     let mut bytes = 0;
     for entry in reader {
         match entry {
-            Ok(e) if !uniques.contains(e.unique.as_str()) => {
+            Ok(e) if !has_file(&e.unique) => {
                 bytes += e.unique.len();
                 if bytes > EXPUNGED_LIMIT {
                     sum.partial = true;

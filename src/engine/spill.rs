@@ -46,13 +46,16 @@ impl Spill {
         move |source| BackupError::Io { op, path: self.path.clone(), source }
     }
 
-    /// Appends `entries`; returns where they are.
+    /// Appends `entries`, sorted by place and name (the order of a folder's records, which are
+    /// read from here one at a time: see `entries`); returns where they are.
     pub fn write(&mut self, entries: &Entries) -> Result<Spilled, BackupError> {
         let offset = self.end;
         self.file.seek(SeekFrom::Start(offset)).map_err(self.err("seek"))?;
         let mut out = BufWriter::new(&self.file);
         let (mut messages, mut bytes) = (0, 0);
-        for (key, e) in entries.iter() {
+        let mut sorted: Vec<(&str, &Entry)> = entries.iter().collect();
+        sorted.sort_by(|(_, a), (_, b)| a.place().cmp(&b.place()));
+        for (key, e) in sorted {
             encode(&mut out, key, e).map_err(self.err("write"))?;
             messages += 1;
             bytes += e.size;
@@ -65,14 +68,24 @@ impl Spill {
 
     /// The entries written at `at`.
     pub fn read(&self, at: &Spilled) -> Result<Entries, BackupError> {
-        let mut input = BufReader::new(Region { file: &self.file, pos: at.offset, end: at.offset + at.len });
         let mut entries = Entries::default();
         entries.reserve(at.messages as usize);
-        for _ in 0..at.messages {
-            let (key, e) = decode(&mut input).map_err(self.err("read"))?;
+        for keyed in self.decoded(at) {
+            let (key, e) = keyed?;
             entries.insert_keyed(key, e);
         }
         Ok(entries)
+    }
+
+    /// The entries written at `at`, one at a time, sorted by place and name.
+    pub fn entries(&self, at: &Spilled) -> impl Iterator<Item = Result<Entry, BackupError>> + '_ {
+        self.decoded(at).map(|keyed| keyed.map(|(_, e)| e))
+    }
+
+    /// The entries written at `at` and their keys, one at a time.
+    fn decoded(&self, at: &Spilled) -> impl Iterator<Item = Result<(Option<String>, Entry), BackupError>> + '_ {
+        let mut input = BufReader::new(Region { file: &self.file, pos: at.offset, end: at.offset + at.len });
+        (0..at.messages).map(move |_| decode(&mut input).map_err(self.err("read")))
     }
 }
 
@@ -167,5 +180,8 @@ mod tests {
         };
         assert_eq!(sorted(&back), sorted(&a));
         assert_eq!(spill.read(&at_b).unwrap().len(), 0);
+        // One at a time, by place and name.
+        let names: Vec<String> = spill.entries(&at_a).map(|e| e.unwrap().name.into()).collect();
+        assert_eq!(names, ["1.M1P1.h:2,", "1.M1P1.h:2,S", "2.M2P2.h"]);
     }
 }

@@ -45,7 +45,7 @@ pub fn hex(h: Option<blake3::Hash>) -> String {
 #[derive(Debug)]
 pub struct FolderState {
     pub folder: Folder,
-    /// Empty while the entries are in the scratch file (`spilled`): see `Tree::entries_of`.
+    /// Empty while the entries are in the scratch file (`spilled`): see `Tree::sorted_entries`.
     pub entries: Entries,
     pub spilled: Option<Spilled>,
     pub stamps: [Option<DirStamp>; 2],
@@ -455,7 +455,7 @@ impl Tree {
 
     /// Writes the entries of the folders at `rels` to the scratch file and lets go of them
     /// (never while copies are deferred: those fill entries in). They come back when a pass
-    /// changes the folder (`load`), or are read for its records (`entries_of`).
+    /// changes the folder (`load`), or are read for its records (`sorted_entries`).
     pub fn spill_folders(&mut self, rels: &[PathBuf]) -> Result<(), BackupError> {
         if self.deferring || !self.deferred.is_empty() {
             return Ok(());
@@ -488,11 +488,16 @@ impl Tree {
         Ok(())
     }
 
-    /// The entries of folder `state`, read from the scratch file if they are there.
-    pub fn entries_of<'s>(&'s self, state: &'s FolderState) -> Result<Cow<'s, Entries>, BackupError> {
+    /// The entries of folder `state`, one at a time, sorted by place and name: read from the
+    /// scratch file if they are there, never all of them held at once.
+    pub fn sorted_entries<'s>(&'s self, state: &'s FolderState) -> Box<dyn Iterator<Item = Result<Cow<'s, Entry>, BackupError>> + 's> {
         match (state.spilled, self.spill.as_ref()) {
-            (Some(at), Some(spill)) => Ok(Cow::Owned(spill.read(&at)?)),
-            _ => Ok(Cow::Borrowed(&state.entries)),
+            (Some(at), Some(spill)) => Box::new(spill.entries(&at).map(|e| e.map(Cow::Owned))),
+            _ => {
+                let mut sorted: Vec<&Entry> = state.entries.values().collect();
+                sorted.sort_by(|a, b| a.place().cmp(&b.place()));
+                Box::new(sorted.into_iter().map(|e| Ok(Cow::Borrowed(e))))
+            }
         }
     }
 

@@ -52,8 +52,7 @@ impl World {
 fn tracked(tree: &Tree) -> Vec<String> {
     let mut out = Vec::new();
     for (rel, s) in &tree.folders {
-        let entries = tree.entries_of(s).unwrap();
-        out.extend(entries.values().map(|e| staged_path(rel, e.sub, &e.name).to_string_lossy().into_owned()));
+        out.extend(tree.sorted_entries(s).map(|e| e.unwrap()).map(|e| staged_path(rel, e.sub, &e.name).to_string_lossy().into_owned()));
     }
     out.sort();
     out
