@@ -16,20 +16,25 @@ fn raise_fd_limit() {
     }
 }
 
-/// One malloc arena for all threads: glibc gives each of our worker threads an arena of its
-/// own, whose freed memory the others cannot reuse. Measured on a snapshot of 100,000
-/// messages: peak RSS 88 MiB instead of 108, at the same speed (the threads spend their time
-/// in system calls, not in malloc). The doveadm plugin leaves doveadm's allocator alone.
-fn share_one_malloc_arena() {
+/// glibc malloc tuned for a process whose big buffers (a folder's tables and vectors) come and
+/// go: one arena for all threads, as glibc gives each worker thread an arena of its own whose
+/// freed memory the others cannot reuse (snapshot of 100,000 messages: peak RSS 88 MiB instead
+/// of 108); and blocks of 128 KiB or more always mapped on their own and given back when freed.
+/// glibc otherwise raises that threshold after the first big free, and later big blocks come
+/// from the heap, where what is freed around them stays held (1,000,000 messages: first
+/// snapshot 64 -> 46 MiB, snapshot after changes 76 -> 59 MiB, same speed). The doveadm plugin
+/// leaves doveadm's allocator alone.
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes a tunable; called before any thread is started.
+    // SAFETY: mallopt only changes tunables; called before any thread is started.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
     }
 }
 
 fn main() {
-    share_one_malloc_arena();
+    tune_malloc();
     raise_fd_limit();
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
