@@ -189,7 +189,7 @@ impl PreviousSnapshot {
         let stored: Vec<(&String, &str)> = self.folders.iter().filter_map(|(path, f)| Some((path, f.store.as_deref()?))).collect();
         let index = if stored.len() < self.folders.len() {
             // Records in the manifest itself (an older snapshot): read in one pass.
-            let total = self.folders.values().map(|f| f.messages).sum();
+            let total = self.folders.values().fold(0u64, |sum, f| sum.saturating_add(f.messages));
             MessageIndex::read(&[total], scratch, |_, index| {
                 Manifest::visit(&self.dir, |_| {}, |m| dir_of(&m).map_or((), |dir| index.push(&m, dir))).is_ok()
             })
