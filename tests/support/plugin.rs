@@ -132,10 +132,19 @@ pub fn module_dir_with(so: &Path) -> tempfile::TempDir {
     dir
 }
 
-/// A module dir holding just our 2.3 plugin (made once per test process, never removed).
+/// A module dir holding just our 2.3 plugin: beside the plugin's build, shared by every test process
+/// (a temporary one per process was never removed, as statics are not dropped).
 fn module_dir23() -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| module_dir_with(&plugin_so())).path().to_path_buf()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let so = plugin_so();
+        let dir = so.parent().expect("the plugin's directory").join("module-dir-23");
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        install_file(&so, &dir, PLUGIN_FILE);
+        dir
+    })
+    .clone()
 }
 
 // ---------------------------------------------------------------------------------------------------------
