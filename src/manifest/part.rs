@@ -472,7 +472,9 @@ mod tests {
         refused(&[base(&"c".repeat(32))], "");
         // A change to a message the base does not hold, or holds twice.
         refused(&[base(&a), gone("2.M2P1.h")], "does not hold");
+        refused(&[base(&a), gone("1.M1P1.h:2,S")], "not a unique name");
         refused(&[base(&a), renamed.clone(), gone("1.M1P1.h")], "changed twice");
+        refused(&[base(&a), gone("1.M1P1.h"), gone("1.M1P1.h")], "changed twice");
         forge(&series, &a, &[whole.clone(), whole.clone()]);
         refused(&[base(&a), renamed.clone()], "twice");
         forge(&series, &a, &[whole.clone()]);
