@@ -15,12 +15,12 @@ pub(crate) mod scan;
 pub(crate) mod sync;
 pub(crate) mod watch;
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::dotlock::{LockError, LockSettings};
@@ -799,10 +799,10 @@ fn folder_record(md: &Maildir, tree: &Tree, rel: &Path, state: &sync::FolderStat
     if let Some(store) = store {
         record.bytes = Some(state.bytes());
         record.source_dirs = source_dirs(md, state);
-        let (path, failed) = (record.path.clone(), Mutex::new(None));
+        let (path, failed) = (record.path.clone(), Cell::new(None));
         let records = || -> Box<dyn Iterator<Item = MessageRecord>> { Box::new(message_records(tree, &path, state, &failed)) };
         let id = store.store_folder(&record.path, &fdir, &records);
-        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(e) = failed.take() {
             return Err(e);
         }
         record.store = Some(id?);
@@ -820,11 +820,11 @@ fn source_dirs(md: &Maildir, state: &sync::FolderState) -> Option<SourceDirs> {
 
 /// A listed folder's message records, sorted by place and name (see `Tree::sorted_entries`).
 /// A read that fails ends them, and is left in `failed` for the caller.
-fn message_records<'s>(tree: &'s Tree, folder: &'s str, state: &'s sync::FolderState, failed: &'s Mutex<Option<BackupError>>) -> impl Iterator<Item = MessageRecord> + 's {
+fn message_records<'s>(tree: &'s Tree, folder: &'s str, state: &'s sync::FolderState, failed: &'s Cell<Option<BackupError>>) -> impl Iterator<Item = MessageRecord> + 's {
     tree.sorted_entries(state).map_while(move |e| match e {
         Ok(e) => Some(message_record(folder, &e)),
         Err(e) => {
-            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            failed.set(Some(e));
             None
         }
     })

@@ -765,7 +765,7 @@ impl Tree {
     ) -> Result<(), BackupError> {
         // Not under the locks: reading a big previous snapshot's records takes seconds.
         if let (Some(reuse), false, false) = (reuse, jobs.is_empty(), self.deferring) {
-            pool.install(|| reuse.read_ahead());
+            reuse.read_ahead();
         }
         let shared = SharedInodes::new(self);
         let mut jobs = jobs;

@@ -175,8 +175,9 @@ impl Filler<'_> {
 
 impl MessageIndex {
     /// The index of parts of `counts[i]` messages each, read side by side by `read(i, filler)`
-    /// on threads of its own (not a pool's: see `READERS`). None if a part could not be read or held another number of
-    /// messages. `scratch` gives a file for the details of a large mailbox (None: memory).
+    /// on threads of its own (not a pool's: see `READERS`). None if a part could not be read or
+    /// held another number of messages. `scratch` gives a file for the details of a large
+    /// mailbox (None: memory).
     pub fn read(counts: &[u64], scratch: impl FnOnce() -> Option<File>, read: impl Fn(usize, &mut Filler) -> bool + Sync) -> Option<MessageIndex> {
         MessageIndex::read_into(details_for(total(counts)?, scratch), counts, read)
     }
