@@ -289,7 +289,7 @@ fn snapshots(work: &Path, src: &Path, files: &[PathBuf], n: usize, ours_only: bo
     let rs = work.join("rsync");
     fs::create_dir_all(&rs).unwrap();
     let ours = || measure(Command::new(BIN).args(["backup", "-q", "--repo"]).arg(&repo).args(["--name", "u"]).arg(src));
-    let rsync_to = |to: &str| measure(Command::new("rsync").arg("-a").arg(format!("--link-dest={}", rs.join("0").display())).arg(format!("{}/", src.display())).arg(rs.join(to)));
+    let rsync_to = |from: &str, to: &str| measure(Command::new("rsync").arg("-a").arg(format!("--link-dest={}", rs.join(from).display())).arg(format!("{}/", src.display())).arg(rs.join(to)));
     let doveadm = (!ours_only).then(|| Doveadm::new(work, src)).flatten();
     // As on a quiet night: the last change (the lock hold runs above) over a second before the
     // first snapshot lists the folders, so the next may take unchanged ones over.
@@ -307,7 +307,7 @@ fn snapshots(work: &Path, src: &Path, files: &[PathBuf], n: usize, ours_only: bo
     println!("  first snapshot: maildir-backup --repo {:.2} s, peak RSS {:.1} MiB{}", first.time.as_secs_f64(), mib(first.rss_kib), dv_first.as_ref().map_or(String::new(), |m| format!("; doveadm backup {:.2} s, {:.1} MiB", m.time.as_secs_f64(), mib(m.rss_kib))));
     std::thread::sleep(Duration::from_millis(1100)); // the next snapshot's name
     let before = latest(&repo);
-    let same = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("same"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
+    let same = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("0", "same"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
     print_snapshot_rows("when nothing changed", &same, &new_bytes(&latest(&repo), Some(&before)), None);
 
     let mut flagged = 0;
@@ -326,10 +326,38 @@ fn snapshots(work: &Path, src: &Path, files: &[PathBuf], n: usize, ours_only: bo
     }
     std::thread::sleep(Duration::from_millis(1100));
     let before = latest(&repo);
-    let changed = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("1"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
-    let label = format!("after {flagged} flag changes + {} new messages", n / 100);
+    let changed = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("0", "1"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
+    let label = format!("after {flagged} flag changes + {} new messages (in every folder)", n / 100);
     let rsync_written = (!ours_only).then(|| new_bytes(&rs.join("1"), None).1);
     print_snapshot_rows(&label, &changed, &new_bytes(&latest(&repo), Some(&before)), Some((new_mail, rsync_written)));
+    if let Some(rsync) = &changed[1].1 {
+        // A snapshot that is a complete Maildir of hard links (rsync --link-dest's too) makes one
+        // link per message of each folder that changed: cp -al makes just that tree.
+        let floor = measure(Command::new("cp").arg("-al").arg(src).arg(work.join("floor")));
+        let (t, r) = (floor.time.as_secs_f64(), rsync.time.as_secs_f64());
+        println!("    {:<22} {t:>8.2} s: only the links of such a tree, {:.2} × rsync --link-dest", "(cp -al of the source)", t / r);
+        fs::remove_dir_all(work.join("floor")).unwrap();
+    }
+
+    // The same changes in INBOX alone, as on a usual night: the other folders are taken over.
+    let mut inbox: Vec<PathBuf> = fs::read_dir(src.join("cur")).unwrap().map(|e| e.unwrap().path()).collect();
+    inbox.sort();
+    let mut flagged = 0;
+    for f in inbox.iter().step_by(9) {
+        fs::rename(f, format!("{}T", f.display())).unwrap();
+        flagged += 1;
+    }
+    let mut new_mail = 0;
+    for i in 0..n / 100 {
+        fs::write(src.join("new").join(format!("{}.M{i}P998.bench,S=2000", 1_800_000_000 + i)), vec![b'x'; 2000]).unwrap();
+        new_mail += 2000;
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let before = latest(&repo);
+    let inbox_only = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("1", "2"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
+    let label = format!("after {flagged} flag changes + {} new messages in INBOX only", n / 100);
+    let rsync_written = (!ours_only).then(|| new_bytes(&rs.join("2"), None).1);
+    print_snapshot_rows(&label, &inbox_only, &new_bytes(&latest(&repo), Some(&before)), Some((new_mail, rsync_written)));
 }
 
 fn latest(repo: &Path) -> PathBuf {

@@ -560,3 +560,39 @@ fn a_store_lock_made_by_root_stays_the_series_owners() {
     std::thread::sleep(Duration::from_millis(1100));
     snapshot_as_vmail();
 }
+
+/// A message is linked from the previous snapshot only if its size is the one recorded there:
+/// the size in its name (`S=`, part of the unique name) where it has one, else its file's. No
+/// Dovecot: a plain Maildir the test writes.
+#[test]
+fn a_message_is_linked_only_if_its_size_agrees() {
+    let out = tempdir();
+    let (src, repo) = (out.path().join("Maildir"), out.path().join("repo"));
+    for sub in ["cur", "new", "tmp"] {
+        fs::create_dir_all(src.join(sub)).unwrap();
+    }
+    let cur = src.join("cur");
+    let (sized, plain, misnamed) = ("1700000001.M1P1.host,S=5", "1700000002.M2P2.host", "1700000003.M3P3.host,S=9");
+    fs::write(cur.join(format!("{sized}:2,S")), b"hello").unwrap();
+    fs::write(cur.join(format!("{plain}:2,S")), b"abc").unwrap();
+    fs::write(cur.join(format!("{misnamed}:2,S")), b"wrong").unwrap();
+    let source = src.display().to_string();
+    let (s1, _) = take_snapshot(&source, &repo, USER, &[]);
+
+    // Each gets a flag; the one without S= is also rewritten at another size.
+    for unique in [sized, plain, misnamed] {
+        fs::rename(cur.join(format!("{unique}:2,S")), cur.join(format!("{unique}:2,RS"))).unwrap();
+    }
+    fs::write(cur.join(format!("{plain}:2,RS")), b"abcdef").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (s2, j2) = take_snapshot(&source, &repo, USER, &[]);
+    let (old, new) = (|u: &str| s1.join("cur").join(format!("{u}:2,S")), |u: &str| s2.join("cur").join(format!("{u}:2,RS")));
+    assert_eq!(inode(&new(sized)), inode(&old(sized)), "its name's size is the recorded one: linked");
+    assert_ne!(inode(&new(plain)), inode(&old(plain)), "its file's size changed: copied afresh");
+    assert_eq!(fs::read(new(plain)).unwrap(), b"abcdef");
+    assert_ne!(inode(&new(misnamed)), inode(&old(misnamed)), "its name's size is not the recorded one: copied afresh");
+    assert_eq!(j2["bytes_copied"].as_u64(), Some(6 + 5), "{j2}");
+    for s in [&s1, &s2] {
+        assert_verifies(s);
+    }
+}

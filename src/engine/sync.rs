@@ -936,12 +936,17 @@ impl JobContext<'_> {
         // session of the user would wait for that read): it is copied once they are let go.
         if let Some(reuse) = self.reuse.filter(|r| self.defer_slots.is_none() || r.ready()) {
             // Same unique name = same message (Maildir files never change); the sizes must
-            // agree too, or it is copied afresh.
-            let size = match self.src.lstat(name)? {
-                Some(md) if md.is_file() => md.size(),
-                _ => return Ok(JobResult::Vanished),
+            // agree too, or it is copied afresh. Dovecot's names carry the size (`S=`), which
+            // is part of the unique name: only a name without it costs a stat.
+            let parsed = MessageName::parse(name);
+            let size = match parsed.and_then(|m| m.size()) {
+                Some(size) => size,
+                None => match self.src.lstat(name)? {
+                    Some(md) if md.is_file() => md.size(),
+                    _ => return Ok(JobResult::Vanished),
+                },
             };
-            let unique = MessageName::parse(name).map_or(job.key(), |m| m.unique());
+            let unique = parsed.map_or(job.key(), |m| m.unique());
             if let Some(blake3) = reuse.link_into(unique, size, self.dst, name) {
                 return Ok(JobResult::Linked(made(size, blake3)));
             }
