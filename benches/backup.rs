@@ -200,23 +200,30 @@ fn main() {
             ("cp -al", Box::new(|d: &Path| synced(format!("cp -al '{}' '{}'", src.display(), d.display()), d))),
             ("maildir-backup --link", Box::new(|d: &Path| { let mut c = Command::new(BIN); c.args(["backup", "--json", "--link"]).arg(&src).arg(d); c })),
         ];
-        for (name, mk) in &tools {
-            let ours = name.starts_with("maildir-backup");
-            if (!ours && ours_only) || (name.starts_with("rsync") && !has("rsync")) {
-                continue;
-            }
-            let (mut v, mut rss) = (Vec::new(), 0);
-            for r in 0..runs {
+        let skip = |name: &str| (!name.starts_with("maildir-backup") && ours_only) || (name.starts_with("rsync") && !has("rsync"));
+        let mut measured: Vec<(Vec<Duration>, u64)> = vec![(Vec::new(), 0); tools.len()];
+        // Round by round, each round in another order: the disk's writeback slows whatever
+        // runs after a big copy, so no tool is always the one after another's.
+        for r in 0..runs {
+            let mut order: Vec<usize> = (0..tools.len()).filter(|&i| !skip(tools[i].0)).collect();
+            let turn = r % order.len().max(1);
+            order.rotate_left(turn);
+            for i in order {
+                let (name, mk) = &tools[i];
                 let dest = work.path().join(format!("out-{}-{r}", name.replace([' ', '|'], "")));
                 let m = measure(&mut mk(&dest));
-                if ours {
+                if name.starts_with("maildir-backup") {
                     holds.push((*name, json_field(&m.stdout, "lock_hold_ms")));
                 }
-                v.push(m.time);
-                rss = rss.max(m.rss_kib);
+                measured[i].0.push(m.time);
+                measured[i].1 = measured[i].1.max(m.rss_kib);
                 let _ = fs::remove_dir_all(&dest);
             }
-            times.push((name, median(v), rss));
+        }
+        for ((name, _), (v, rss)) in tools.iter().zip(measured) {
+            if !v.is_empty() {
+                times.push((name, median(v), rss));
+            }
         }
         let time_of = |tool: &str| times.iter().find(|(n, ..)| *n == tool).map(|t| t.1).unwrap();
         let (ours, linked) = (time_of("maildir-backup"), time_of("maildir-backup --link"));
