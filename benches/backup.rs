@@ -325,24 +325,29 @@ fn snapshots(work: &Path, src: &Path, files: &[PathBuf], n: usize, ours_only: bo
         fs::rename(f, &to).unwrap();
         flagged += 1;
     }
-    let mut new_mail = 0;
-    for i in 0..n / 100 {
-        let name = format!("{}.M{i}P999.bench,S=2000", 1_800_000_000 + i);
-        fs::write(src.join("new").join(name), vec![b'x'; 2000]).unwrap();
-        new_mail += 2000;
-    }
-    std::thread::sleep(Duration::from_millis(1100));
-    let before = latest(&repo);
-    let changed = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("0", "1"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
-    let label = format!("after {flagged} flag changes + {} new messages (in every folder)", n / 100);
-    let rsync_written = (!ours_only).then(|| new_bytes(&rs.join("1"), None).1);
-    print_snapshot_rows(&label, &changed, &new_bytes(&latest(&repo), Some(&before)), Some((new_mail, rsync_written)));
+    // New mail in INBOX, then each tool's snapshot of the change (rsync into `to`, linking
+    // from `from`), over a second later so that the next may take unchanged folders over.
+    let after_change = |label: String, pid: u32, from: &str, to: &str| {
+        let mut new_mail = 0;
+        for i in 0..n / 100 {
+            fs::write(src.join("new").join(format!("{}.M{i}P{pid}.bench,S=2000", 1_800_000_000 + i)), vec![b'x'; 2000]).unwrap();
+            new_mail += 2000;
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+        let before = latest(&repo);
+        let rows = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to(from, to))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
+        let rsync_written = (!ours_only).then(|| new_bytes(&rs.join(to), None).1);
+        print_snapshot_rows(&format!("after {label} + {} new messages", n / 100), &rows, &new_bytes(&latest(&repo), Some(&before)), Some((new_mail, rsync_written)));
+        rows
+    };
+    let changed = after_change(format!("{flagged} flag changes (in every folder)"), 999, "0", "1");
     if let Some(rsync) = &changed[1].1 {
         // A snapshot that is a complete Maildir of hard links (rsync --link-dest's too) makes one
         // link per message of each folder that changed: cp -al makes just that tree.
         let floor = measure(Command::new("cp").arg("-al").arg(src).arg(work.join("floor")));
-        let (t, r) = (floor.time.as_secs_f64(), rsync.time.as_secs_f64());
-        println!("    {:<22} {t:>8.2} s: only the links of such a tree, {:.2} × rsync --link-dest", "(cp -al of the source)", t / r);
+        let t = floor.time.as_secs_f64();
+        let dv = changed[2].1.as_ref().map_or(String::new(), |d| format!(", {:.2} × doveadm backup", t / d.time.as_secs_f64()));
+        println!("    {:<22} {t:>8.2} s: only the links of such a tree, {:.2} × rsync --link-dest{dv}", "(cp -al of the source)", t / rsync.time.as_secs_f64());
         fs::remove_dir_all(work.join("floor")).unwrap();
     }
 
@@ -354,17 +359,7 @@ fn snapshots(work: &Path, src: &Path, files: &[PathBuf], n: usize, ours_only: bo
         fs::rename(f, format!("{}T", f.display())).unwrap();
         flagged += 1;
     }
-    let mut new_mail = 0;
-    for i in 0..n / 100 {
-        fs::write(src.join("new").join(format!("{}.M{i}P998.bench,S=2000", 1_800_000_000 + i)), vec![b'x'; 2000]).unwrap();
-        new_mail += 2000;
-    }
-    std::thread::sleep(Duration::from_millis(1100));
-    let before = latest(&repo);
-    let inbox_only = [("maildir-backup --repo", Some(ours())), ("rsync -a --link-dest", (!ours_only).then(|| rsync_to("1", "2"))), ("doveadm backup", doveadm.as_ref().map(Doveadm::backup))];
-    let label = format!("after {flagged} flag changes + {} new messages in INBOX only", n / 100);
-    let rsync_written = (!ours_only).then(|| new_bytes(&rs.join("2"), None).1);
-    print_snapshot_rows(&label, &inbox_only, &new_bytes(&latest(&repo), Some(&before)), Some((new_mail, rsync_written)));
+    after_change(format!("{flagged} flag changes in INBOX only"), 998, "1", "2");
 }
 
 fn latest(repo: &Path) -> PathBuf {
